@@ -1,0 +1,17 @@
+"""vlaflow: generative visuomotor and vision-language-action policies, from demonstrations to a real arm."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_policy"]
+
+
+def load_policy(path, device: str = "cpu"):
+    """Load a policy checkpoint directory; returns an object with ``infer(obs) -> (H, Da)`` actions.
+
+    See :mod:`vlaflow.policies.runtime` for the interface (``infer``, ``reset``, ``config``).
+    """
+    from vlaflow.policies.runtime import load_policy as _load
+
+    return _load(path, device=device)

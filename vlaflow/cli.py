@@ -1,0 +1,89 @@
+"""The ``vlaflow`` command.
+
+Sub-commands are listed once in :data:`COMMANDS` (name -> module, help). A command's module is imported
+only when that command runs, so ``vlaflow --help`` and light commands never pay for torch or simulators.
+Each module defines ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int`` (dashes in the name
+become underscores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import sys
+
+from vlaflow.errors import VlaflowError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("vlaflow.data.commands", "import a dataset (diffusion_policy zarr, LeRobot, robosuite hdf5, rosbag2)"),
+    "info": ("vlaflow.data.commands", "show an episode store's schema, episodes, tasks and per-key statistics"),
+    "validate": ("vlaflow.data.commands", "check an episode store for damage (exit 1 if it has any)"),
+    "repair": ("vlaflow.data.commands", "drop an unfinished episode tail left by a crashed writer"),
+    "export-lerobot": ("vlaflow.data.commands", "write an episode store as a LeRobot v3.0 dataset"),
+    "collect": ("vlaflow.sim.commands", "record successful scripted-expert rollouts into an episode store"),
+    "teleop": ("vlaflow.sim.commands", "drive a simulated task from the keyboard and record episodes"),
+    "eval": ("vlaflow.sim.commands", "evaluate a policy by rollouts (parallel workers, report.json, videos)"),
+    "train": ("vlaflow.train.commands", "train a policy from a preset on an episode store"),
+    "demo": ("vlaflow.train.commands", "the full demo: collect demos, train a policy, evaluate it"),
+}
+
+
+def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    for i, a in enumerate(argv):
+        if not a.startswith("-"):
+            return a, argv[i + 1 :]
+    return None, argv
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    width = max(len(n) for n in COMMANDS)
+    lines = "\n".join(f"  {n.ljust(width)}  {h}" for n, (_, h) in COMMANDS.items())
+    return argparse.ArgumentParser(
+        prog="vlaflow",
+        description="vlaflow: generative visuomotor and vision-language-action policies.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="vlaflow [-h] [--version] COMMAND [ARGS ...]",
+        epilog=f"commands:\n{lines}\n\nRun 'vlaflow COMMAND --help' for a command's options.",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name, rest = _split_command(argv)
+    top = _top_parser()
+    top.add_argument("--version", action="store_true", help="print the version and exit")
+    if name is None:
+        ns = top.parse_args(argv)
+        if ns.version:
+            from vlaflow import __version__
+
+            print(__version__)
+            return 0
+        top.print_help()
+        return 2
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"vlaflow: unknown command '{name}'.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    fn = name.replace("-", "_")
+    parser = argparse.ArgumentParser(
+        prog=f"vlaflow {name}", description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    getattr(module, f"add_{fn}_arguments")(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(getattr(module, f"run_{fn}")(args) or 0)
+    except KeyboardInterrupt:
+        print("vlaflow: interrupted", file=sys.stderr)
+        return 130
+    except VlaflowError as e:
+        print(f"vlaflow {name}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
