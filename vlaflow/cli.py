@@ -21,9 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("vlaflow.data.commands", "check an episode store for damage (exit 1 if it has any)"),
     "repair": ("vlaflow.data.commands", "drop an unfinished episode tail left by a crashed writer"),
     "export-lerobot": ("vlaflow.data.commands", "write an episode store as a LeRobot v3.0 dataset"),
-    "collect": ("vlaflow.sim.commands", "record successful scripted-expert rollouts into an episode store"),
-    "teleop": ("vlaflow.sim.commands", "drive a simulated task from the keyboard and record episodes"),
-    "eval": ("vlaflow.sim.commands", "evaluate a policy by rollouts (parallel workers, report.json, videos)"),
+    "collect": ("vlaflow.sim.collect", "record successful scripted-expert rollouts into an episode store"),
+    "teleop": ("vlaflow.sim.teleop", "drive a simulated task from the keyboard and record episodes"),
+    "eval": ("vlaflow.sim.evaluate", "evaluate a policy by rollouts (parallel workers, report.json, videos)"),
     "train": ("vlaflow.train.commands", "train a policy from a preset on an episode store"),
     "demo": ("vlaflow.train.commands", "the full demo: collect demos, train a policy, evaluate it"),
 }

@@ -1,0 +1,46 @@
+"""Ingest adapters, one module per source format.
+
+Each module defines::
+
+    FORMAT: str                                   # the --format name
+    def detect(src: Path) -> bool                 # cheap sniffing for --format auto
+    def add_options(group) -> None                # its own CLI flags (argparse argument group)
+    def options_from_args(args) -> dict           # those flags -> keyword options of ingest()
+    def ingest(src, dest, **options) -> dict      # writes dest atomically (vlaflow.data.store.atomic_store);
+                                                  # returns a summary {"n_episodes", "n_steps", ...}
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+from vlaflow.errors import IngestError
+
+FORMATS: dict[str, str] = {
+    "dp-zarr": "vlaflow.data.ingest.dp_zarr",
+    "lerobot": "vlaflow.data.ingest.lerobot",
+    "robosuite-hdf5": "vlaflow.data.ingest.robosuite_hdf5",
+    "rosbag2": "vlaflow.data.ingest.rosbag2",
+}
+
+
+def adapter(fmt: str) -> ModuleType:
+    if fmt not in FORMATS:
+        raise IngestError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)} (or 'auto')")
+    return importlib.import_module(FORMATS[fmt])
+
+
+def detect_format(src: str | Path) -> str:
+    path = Path(src)
+    if not path.exists():
+        raise IngestError(f"{src}: no such file or directory")
+    for fmt in FORMATS:
+        if adapter(fmt).detect(path):
+            return fmt
+    raise IngestError(
+        f"{src}: cannot tell its format (looked for: diffusion_policy zarr with data/ and meta/episode_ends; "
+        "LeRobot meta/info.json; robosuite hdf5 with data/demo_*; rosbag2 metadata.yaml, .db3 or .mcap). "
+        f"Pass --format explicitly, one of: {', '.join(FORMATS)}"
+    )

@@ -1,0 +1,46 @@
+"""Simulated tasks behind one interface (gymnasium API, observations keyed like the episode store).
+
+Every task env is a ``gymnasium.Env`` whose observations are dicts keyed as in the store
+(``obs.state``, ``obs.image.<camera>``, ...), and which carries a :class:`TaskSpec` as ``env.task_spec``.
+``info["success"]`` is the task's success test at every step. Tasks are listed once in :data:`TASKS`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+
+from vlaflow.errors import VlaflowError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task declares about itself."""
+
+    name: str  # registry name, e.g. "pusht"
+    fps: float  # control rate (env steps per second)
+    obs_shapes: dict[str, tuple[int, ...]]  # store key -> per-step shape for the chosen obs mode
+    obs_dtypes: dict[str, str]  # store key -> dtype ("float32", "uint8")
+    action_dim: int  # Da
+    action_low: tuple[float, ...]  # per-dim bounds of a valid action
+    action_high: tuple[float, ...]
+    max_steps: int  # episode step limit used by evaluation
+    instruction: str = ""  # language instruction for the task
+    extra: dict = field(default_factory=dict)
+
+
+# name -> "module:factory"; factory(obs_mode: str = "lowdim", render_size: int | None = None, **kw) -> gymnasium.Env
+TASKS: dict[str, str] = {
+    "pusht": "vlaflow.sim.pusht:make_pusht",
+}
+
+
+def make_env(name: str, **kwargs):
+    """Build the task env ``name`` (see :data:`TASKS`); unknown names list the tasks and suggest the nearest."""
+    if name not in TASKS:
+        close = difflib.get_close_matches(name, list(TASKS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise VlaflowError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(TASKS))}")
+    module_name, factory = TASKS[name].split(":")
+    return getattr(importlib.import_module(module_name), factory)(**kwargs)
