@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         return int(getattr(module, f"run_{fn}")(args) or 0)
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except KeyboardInterrupt:
         print("vlaflow: interrupted", file=sys.stderr)
         return 130
