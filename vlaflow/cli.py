@@ -16,8 +16,14 @@ import sys
 from vlaflow.errors import VlaflowError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "ingest": ("vlaflow.data.commands", "import a dataset (diffusion_policy zarr, LeRobot, robosuite hdf5, rosbag2)"),
-    "info": ("vlaflow.data.commands", "show an episode store's schema, episodes, tasks and per-key statistics"),
+    "ingest": (
+        "vlaflow.data.commands",
+        "import a dataset (diffusion_policy zarr, LeRobot, robosuite hdf5, rosbag2)",
+    ),
+    "info": (
+        "vlaflow.data.commands",
+        "show an episode store's schema, episodes, tasks and per-key statistics",
+    ),
     "validate": ("vlaflow.data.commands", "check an episode store for damage (exit 1 if it has any)"),
     "repair": ("vlaflow.data.commands", "drop an unfinished episode tail left by a crashed writer"),
     "export-lerobot": ("vlaflow.data.commands", "write an episode store as a LeRobot v3.0 dataset"),

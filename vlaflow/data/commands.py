@@ -84,14 +84,18 @@ def store_summary(store, with_stats: bool = True) -> dict:
     tasks = store.tasks
     task_idx = store.episode_task_indices()
     task_counts = {t: int((task_idx == i).sum()) for i, t in enumerate(tasks)}
-    successes = [store.episode_meta(i)["success"] for i in range(store.n_episodes)] if not store.legacy else []
+    successes = (
+        [store.episode_meta(i)["success"] for i in range(store.n_episodes)] if not store.legacy else []
+    )
     summary = {
         "path": store.path,
         "format": "diffusion_policy (v2, read-only)" if store.legacy else "vlaflow.episode_store",
         "n_episodes": store.n_episodes,
         "n_steps": store.n_steps,
         "fps": store.fps,
-        "keys": {k: {"shape": list(s.shape), "dtype": s.dtype, "role": s.role} for k, s in store.keys.items()},
+        "keys": {
+            k: {"shape": list(s.shape), "dtype": s.dtype, "role": s.role} for k, s in store.keys.items()
+        },
         "episode_length": {
             "min": int(lengths.min()) if lengths.size else 0,
             "median": float(np.median(lengths)) if lengths.size else 0,
@@ -132,8 +136,10 @@ def run_info(args: argparse.Namespace) -> int:
     fps = f"{s['fps']:g} Hz" if s["fps"] else "unknown fps"
     el = s["episode_length"]
     print(f"{s['path']}  [{s['format']}]")
-    print(f"  {s['n_episodes']} episodes, {s['n_steps']} steps, {fps}; episode length {el['min']}..{el['max']} "
-          f"(median {el['median']:g})")
+    print(
+        f"  {s['n_episodes']} episodes, {s['n_steps']} steps, {fps}; episode length {el['min']}..{el['max']} "
+        f"(median {el['median']:g})"
+    )
     print("  keys:")
     width = max(len(k) for k in s["keys"])
     for k, d in s["keys"].items():
@@ -206,7 +212,9 @@ def run_repair(args: argparse.Namespace) -> int:
 def add_export_lerobot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="episode store to export")
     p.add_argument("out", help="output directory for the LeRobot v3.0 dataset (must not exist)")
-    p.add_argument("--video-codec", default="h264", choices=["h264", "av1"], help="codec of the camera videos")
+    p.add_argument(
+        "--video-codec", default="h264", choices=["h264", "av1"], help="codec of the camera videos"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 

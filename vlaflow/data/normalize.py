@@ -37,7 +37,9 @@ def compute_stats(store, keys: Iterable[str] | None = None, max_rows: int = 200_
         raise StoreError(f"{store.path}: cannot compute statistics of an empty store")
     for k in keys:
         if k not in store.keys:
-            raise StoreError(f"{store.path}: no key {k!r} to compute statistics of; the store has {sorted(store.keys)}")
+            raise StoreError(
+                f"{store.path}: no key {k!r} to compute statistics of; the store has {sorted(store.keys)}"
+            )
         if store.keys[k].dtype == "uint8" and len(store.keys[k].shape) == 3:
             idx = np.sort(rng.choice(n, size=min(n, 512), replace=False))
             x = np.asarray(store.array(k).get_orthogonal_selection((idx,)), dtype=np.float64) / 255.0
@@ -73,7 +75,9 @@ class Normalizer:
                 )
         self.modes = dict(modes)
         self.stats = {
-            k: {s: np.asarray(v, dtype=np.float32) for s, v in d.items()} for k, d in stats.items() if k in modes
+            k: {s: np.asarray(v, dtype=np.float32) for s, v in d.items()}
+            for k, d in stats.items()
+            if k in modes
         }
         self._affine = {k: self._make_affine(k) for k in self.modes}
         self._torch_cache: dict = {}
@@ -105,7 +109,9 @@ class Normalizer:
         if ck not in self._torch_cache:
             import torch
 
-            self._torch_cache[ck] = tuple(torch.as_tensor(a, device=like.device, dtype=like.dtype) for a in aff)
+            self._torch_cache[ck] = tuple(
+                torch.as_tensor(a, device=like.device, dtype=like.dtype) for a in aff
+            )
         return self._torch_cache[ck]
 
     def normalize(self, key: str, x):
@@ -124,5 +130,7 @@ class Normalizer:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Normalizer:
-        stats = {k: {s: np.asarray(v, dtype=np.float32) for s, v in st.items()} for k, st in d["stats"].items()}
+        stats = {
+            k: {s: np.asarray(v, dtype=np.float32) for s, v in st.items()} for k, st in d["stats"].items()
+        }
         return cls(stats, d["modes"])

@@ -2,7 +2,7 @@
 
 Layout::
 
-    <root>/zarr.json                 attributes: {"vlaflow": {format, version, fps, keys: {key: spec}}, ...user attrs}
+    <root>/zarr.json                 attrs: {"vlaflow": {format, version, fps, keys}, ...user attrs}
     <root>/data/<key>                arrays concatenated along time, shape (N, *per_step_shape)
     <root>/meta/episode_ends         int64, cumulative end index of every finished episode
     <root>/meta/episode_task_index   int32 per episode, into meta attrs "tasks" (instruction texts)
@@ -78,6 +78,11 @@ def _is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+def _storage_options(path: str | os.PathLike) -> dict | None:
+    # fsspec's local filesystem does not create parent directories unless asked
+    return {"auto_mkdir": True} if str(path).startswith("file://") else None
+
+
 def _local_path(path: str | os.PathLike) -> Path:
     s = str(path)
     return Path(s[len("file://") :]) if s.startswith("file://") else Path(s)
@@ -115,8 +120,12 @@ class EpisodeStore:
         specs = {k: KeySpec(s.dtype, s.shape, s.role or K.default_role(k), s.names) for k, s in specs.items()}
         for k, s in specs.items():
             if K.is_image(k) and (s.dtype != "uint8" or len(s.shape) != 3 or s.shape[-1] not in (1, 3)):
-                raise StoreError(f"{path}: image key {k!r} must be uint8 (h, w, 3|1), got {s.dtype} {s.shape}")
-        root = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)
+                raise StoreError(
+                    f"{path}: image key {k!r} must be uint8 (h, w, 3|1), got {s.dtype} {s.shape}"
+                )
+        root = zarr.open_group(
+            str(path), mode="w" if overwrite else "w-", zarr_format=3, storage_options=_storage_options(path)
+        )
         schema = {
             "format": K.FORMAT_NAME,
             "version": K.FORMAT_VERSION,
@@ -156,7 +165,9 @@ class EpisodeStore:
         if not _is_remote(path) and not _local_path(path).exists():
             raise StoreError(f"{path}: no such episode store")
         try:
-            root = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+            root = zarr.open_group(
+                str(path), mode="r" if mode == "r" else "r+", storage_options=_storage_options(path)
+            )
         except Exception as e:  # zarr raises several types for a non-store directory
             raise StoreError(f"{path}: not a zarr group ({type(e).__name__}: {e})") from e
         if K.DATA_GROUP not in root or "episode_ends" not in root.get(K.META_GROUP, {}):
@@ -164,7 +175,9 @@ class EpisodeStore:
         store = cls(root=root, path=str(path), writable=mode == "a")
         store._load_schema()
         if store.legacy and mode == "a":
-            raise StoreError(f"{path}: a diffusion_policy v2 store opens read-only; ingest it with `vlaflow ingest`")
+            raise StoreError(
+                f"{path}: a diffusion_policy v2 store opens read-only; ingest it with `vlaflow ingest`"
+            )
         return store
 
     def _load_schema(self) -> None:
@@ -177,7 +190,9 @@ class EpisodeStore:
             self._fps = None
             return
         if schema.get("format") != K.FORMAT_NAME:
-            raise StoreError(f"{self.path}: unknown format {schema.get('format')!r} (expected {K.FORMAT_NAME})")
+            raise StoreError(
+                f"{self.path}: unknown format {schema.get('format')!r} (expected {K.FORMAT_NAME})"
+            )
         if int(schema.get("version", 0)) > K.FORMAT_VERSION:
             raise StoreError(
                 f"{self.path}: store format version {schema['version']} is newer than this vlaflow "
@@ -268,8 +283,10 @@ class EpisodeStore:
         if self.legacy:
             return {"task": "", "source": "diffusion_policy", "success": None}
         meta = self.root[K.META_GROUP]
-        t, s, ok = int(meta["episode_task_index"][i]), int(meta["episode_source_index"][i]), int(
-            meta["episode_success"][i]
+        t, s, ok = (
+            int(meta["episode_task_index"][i]),
+            int(meta["episode_source_index"][i]),
+            int(meta["episode_success"][i]),
         )
         tasks, sources = self.tasks, self._meta_strings("sources")
         return {
@@ -314,7 +331,9 @@ class EpisodeStore:
         if n_new == 0:
             return self.n_episodes
         if (lengths <= 0).any():
-            raise StoreError(f"{self.path}: episodes must have at least one step, got lengths {lengths.tolist()}")
+            raise StoreError(
+                f"{self.path}: episodes must have at least one step, got lengths {lengths.tolist()}"
+            )
         tasks = list(tasks) if tasks is not None else [""] * n_new
         sources = list(sources) if sources is not None else [""] * n_new
         successes = list(successes) if successes is not None else [None] * n_new
@@ -324,7 +343,8 @@ class EpisodeStore:
         missing, extra = sorted(set(self._keys) - set(data)), sorted(set(data) - set(self._keys))
         if missing or extra:
             raise StoreError(
-                f"{self.path}: episode keys do not match the store schema: missing {missing}, unexpected {extra}"
+                f"{self.path}: episode keys do not match the store schema: "
+                f"missing {missing}, unexpected {extra}"
             )
         arrays = {}
         for k, spec in self._keys.items():
@@ -335,7 +355,9 @@ class EpisodeStore:
                     f"got {a.shape}"
                 )
             if np.dtype(spec.dtype) == np.uint8 and a.dtype != np.uint8:
-                raise StoreError(f"{self.path}: key {k!r} is uint8 in the schema, got {a.dtype} (convert first)")
+                raise StoreError(
+                    f"{self.path}: key {k!r} is uint8 in the schema, got {a.dtype} (convert first)"
+                )
             arrays[k] = a.astype(spec.dtype, copy=False)
 
         ends_arr = self.root[K.EPISODE_ENDS]
@@ -405,7 +427,9 @@ class EpisodeStore:
         for k in self._keys:
             arr = self.root[K.DATA_GROUP][k]
             if arr.shape[0] > n:
-                out.append(f"data/{k} has an unfinished tail of {arr.shape[0] - n} steps past the last episode")
+                out.append(
+                    f"data/{k} has an unfinished tail of {arr.shape[0] - n} steps past the last episode"
+                )
             if tuple(arr.shape[1:]) != self._keys[k].shape:
                 out.append(f"data/{k} has per-step shape {arr.shape[1:]}, schema says {self._keys[k].shape}")
         if not self.legacy:
@@ -414,7 +438,9 @@ class EpisodeStore:
                 if m.shape[0] < ends.shape[0]:
                     out.append(f"meta/{name} has {m.shape[0]} entries for {ends.shape[0]} episodes")
                 elif m.shape[0] > ends.shape[0]:
-                    out.append(f"meta/{name} has {m.shape[0] - ends.shape[0]} entries for unfinished episodes")
+                    out.append(
+                        f"meta/{name} has {m.shape[0] - ends.shape[0]} entries for unfinished episodes"
+                    )
         return out
 
     def repair(self) -> list[str]:

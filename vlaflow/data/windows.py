@@ -129,7 +129,12 @@ class WindowSampler:
         return batch
 
     def torch_loader(
-        self, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = True, epochs: int | None = None
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        epochs: int | None = None,
     ) -> Iterator[dict]:
         """Batches of torch tensors, epoch after epoch (forever when ``epochs`` is None)."""
         import torch
@@ -139,7 +144,9 @@ class WindowSampler:
         epoch = 0
         while epochs is None or epoch < epochs:
             order = (
-                np.random.default_rng([seed, epoch]).permutation(len(self)) if shuffle else np.arange(len(self))
+                np.random.default_rng([seed, epoch]).permutation(len(self))
+                if shuffle
+                else np.arange(len(self))
             )
             stop = len(order) - (len(order) % batch_size if drop_last else 0)
             for i in range(0, stop, batch_size):

@@ -36,11 +36,18 @@ def detect_format(src: str | Path) -> str:
     path = Path(src)
     if not path.exists():
         raise IngestError(f"{src}: no such file or directory")
+    unavailable = []
     for fmt in FORMATS:
-        if adapter(fmt).detect(path):
+        try:
+            mod = adapter(fmt)
+        except ModuleNotFoundError as e:  # an optional dependency of that adapter is not installed
+            unavailable.append(f"{fmt} ({e.name} not installed)")
+            continue
+        if mod.detect(path):
             return fmt
     raise IngestError(
         f"{src}: cannot tell its format (looked for: diffusion_policy zarr with data/ and meta/episode_ends; "
         "LeRobot meta/info.json; robosuite hdf5 with data/demo_*; rosbag2 metadata.yaml, .db3 or .mcap). "
         f"Pass --format explicitly, one of: {', '.join(FORMATS)}"
+        + (f". Unavailable here: {', '.join(unavailable)}" if unavailable else "")
     )

@@ -92,7 +92,9 @@ def ingest(
         ends = np.asarray(root["meta"]["episode_ends"][:], dtype=np.int64)
         arrays = dict(data.arrays())
     except Exception as e:  # corrupt metadata surfaces as many exception types inside zarr
-        raise IngestError(f"{src}: cannot read as a diffusion_policy zarr store ({type(e).__name__}: {e})") from e
+        raise IngestError(
+            f"{src}: cannot read as a diffusion_policy zarr store ({type(e).__name__}: {e})"
+        ) from e
     if not arrays:
         raise IngestError(f"{src}: data/ holds no arrays")
     if ends.ndim != 1 or ends.size == 0:
@@ -100,7 +102,10 @@ def ingest(
     lengths = np.diff(ends, prepend=0)
     if (lengths <= 0).any():
         i = int(np.flatnonzero(lengths <= 0)[0])
-        raise IngestError(f"{src}: meta/episode_ends is not strictly increasing at episode {i} ({ends[max(i-1,0)]}, {ends[i]})")
+        raise IngestError(
+            f"{src}: meta/episode_ends is not strictly increasing at episode {i} "
+            f"({ends[max(i - 1, 0)]}, {ends[i]})"
+        )
     n = int(ends[-1])
     for name, arr in arrays.items():
         if arr.shape[0] < n:
@@ -113,7 +118,11 @@ def ingest(
     names = {name: key_map.get(name, _default_name(name, arr, pusht)) for name, arr in arrays.items()}
     specs: dict[str, KeySpec] = {}
     for name, arr in arrays.items():
-        dtype = "uint8" if K.is_image(names[name]) else ("float32" if arr.dtype == np.float64 and name == "img" else arr.dtype.name)
+        dtype = (
+            "uint8"
+            if K.is_image(names[name])
+            else ("float32" if arr.dtype == np.float64 and name == "img" else arr.dtype.name)
+        )
         specs[names[name]] = KeySpec(dtype, tuple(arr.shape[1:]))
     if pusht and "obs.agent_pos" not in specs:
         specs["obs.agent_pos"] = KeySpec("float32", (2,), names=["x", "y"])
@@ -136,8 +145,10 @@ def ingest(
                     block = _to_uint8(block, src, name, scale)
                 elif not np.isfinite(block).all():
                     r = i + int(np.argwhere(~np.isfinite(block.reshape(len(block), -1)))[0][0])
-                    raise IngestError(f"{src}: data/{name}: non-finite value at step {r} (episode "
-                                      f"{int(np.searchsorted(ends, r, side='right'))})")
+                    raise IngestError(
+                        f"{src}: data/{name}: non-finite value at step {r} (episode "
+                        f"{int(np.searchsorted(ends, r, side='right'))})"
+                    )
                 buf[i : i + len(block)] = block
                 bar.update(len(block))
             out[key] = buf
@@ -147,5 +158,11 @@ def ingest(
     text = task if task is not None else (PUSHT_INSTRUCTION if pusht else "")
     attrs = {"source": {"format": FORMAT, "path": str(src.resolve()), "key_map": names}}
     with atomic_store(dest, specs, fps or 10.0, attrs=attrs, overwrite=overwrite) as store:
-        store.append_episodes(out, lengths, [text] * len(lengths), [f"diffusion_policy:{src.name}"] * len(lengths))
-    return {"n_episodes": int(len(lengths)), "n_steps": n, "keys": {k: list(s.shape) for k, s in specs.items()}}
+        store.append_episodes(
+            out, lengths, [text] * len(lengths), [f"diffusion_policy:{src.name}"] * len(lengths)
+        )
+    return {
+        "n_episodes": int(len(lengths)),
+        "n_steps": n,
+        "keys": {k: list(s.shape) for k, s in specs.items()},
+    }
