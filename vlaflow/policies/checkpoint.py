@@ -1,0 +1,116 @@
+"""Policy checkpoints as directories, never pickles::
+
+    DIR/config.json        {"format", "version", "config": cfg.to_dict(), "extra": extra_json}
+    DIR/model.safetensors  the module's state dict
+    DIR/normalizer.json    Normalizer.to_dict() (modes + statistics)
+    DIR/extra.safetensors  optional tensors (the trainer's optimizer / EMA state)
+
+Written into a temporary sibling directory and renamed into place, so a crash never leaves a
+half-written checkpoint under ``DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlaflow.errors import VlaflowError
+
+FORMAT = "vlaflow.policy"
+VERSION = 1
+CONFIG_FILE, MODEL_FILE, NORMALIZER_FILE, EXTRA_FILE = (
+    "config.json", "model.safetensors", "normalizer.json", "extra.safetensors"
+)
+
+
+def _tensors_for_save(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage and non-contiguous views; copies are cheap at this size.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    policy,
+    *,
+    extra_json: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``policy`` (config, weights, normalizer) and optional resume state to ``directory``."""
+    dest = Path(directory)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        meta = {"format": FORMAT, "version": VERSION, "config": policy.config.to_dict(), "extra": extra_json or {}}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / NORMALIZER_FILE).write_text(json.dumps(policy.normalizer.to_dict()))
+        save_file(_tensors_for_save(policy.state_dict()), str(tmp / MODEL_FILE))
+        if extra_tensors:
+            save_file(_tensors_for_save(extra_tensors), str(tmp / EXTRA_FILE))
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise VlaflowError(f"{directory}: not a policy checkpoint (no {CONFIG_FILE})")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise VlaflowError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version", 0) > VERSION:
+        raise VlaflowError(f"{path}: checkpoint version {meta.get('version')} is newer than supported {VERSION}")
+    return meta
+
+
+def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuild the policy saved in ``directory`` (safetensors + JSON only; never unpickles)."""
+    from vlaflow.policies.registry import build_policy, policy_config_from_dict
+
+    d = Path(directory)
+    meta = read_checkpoint_meta(d)
+    cfg = policy_config_from_dict(meta["config"])
+    norm_path = d / NORMALIZER_FILE
+    if not norm_path.is_file():
+        raise VlaflowError(f"{d}: missing {NORMALIZER_FILE}")
+    norm = json.loads(norm_path.read_text())
+    stats = {k: {s: np.asarray(v, dtype=np.float32) for s, v in st.items()} for k, st in norm["stats"].items()}
+    policy = build_policy(cfg, stats)
+    saved_modes = norm.get("modes", {})
+    if saved_modes != policy.normalizer.modes:
+        raise VlaflowError(f"{norm_path}: modes {saved_modes} differ from the config's {policy.normalizer.modes}")
+    model_path = d / MODEL_FILE
+    if not model_path.is_file():
+        raise VlaflowError(f"{d}: missing {MODEL_FILE}")
+    state = load_file(str(model_path))
+    result = policy.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise VlaflowError(
+            f"{model_path}: weights do not match the config; missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return policy.to(device).eval()
+
+
+def load_checkpoint_extras(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The ``extra_json`` and ``extra_tensors`` given to :func:`save_checkpoint` (empty when absent)."""
+    d = Path(directory)
+    meta = read_checkpoint_meta(d)
+    tensors = load_file(str(d / EXTRA_FILE)) if (d / EXTRA_FILE).is_file() else {}
+    return meta.get("extra", {}), tensors

@@ -1,0 +1,219 @@
+"""Observation encoders: low-dim state, cameras (ResNet-18 + GroupNorm + spatial softmax), multi-camera.
+
+Shapes: B batch, To observation steps, Fs state features, Fi image features per camera.
+``ObsEncoder`` maps an obs dict (low-dim keys already normalized; images uint8 (B, To, h, w, 3)) to
+per-step feature tokens (B, To, Fs + n_cam * Fi); the language token is added by the policy.
+
+No torchvision: the ResNet-18 is written here (BatchNorm replaced by GroupNorm, as Diffusion Policy
+does, because BatchNorm statistics do not survive EMA averaging well). ``timm`` may supply another
+backbone (``backbone="timm:<name>"``) when it is installed; weights never download (pretrained=False).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlaflow.data import keys as K
+
+
+def _gn(c: int, group_size: int) -> nn.GroupNorm:
+    return nn.GroupNorm(max(1, c // group_size), c)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, group_size: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.norm1 = _gn(c_out, group_size)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.norm2 = _gn(c_out, group_size)
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), _gn(c_out, group_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return F.relu(out + (x if self.down is None else self.down(x)))
+
+
+class ResNet18GN(nn.Module):
+    """ResNet-18 trunk (no pooling/fc) with GroupNorm; widths (w, 2w, 4w, 8w); output stride 32."""
+
+    def __init__(self, base_width: int = 64, group_size: int = 16):
+        super().__init__()
+        w = base_width
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w, 7, 2, 3, bias=False), _gn(w, group_size), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
+        layers, c_in = [], w
+        for i, c in enumerate((w, 2 * w, 4 * w, 8 * w)):
+            stride = 1 if i == 0 else 2
+            layers += [BasicBlock(c_in, c, stride, group_size), BasicBlock(c, c, 1, group_size)]
+            c_in = c
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = c_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(self.stem(x))
+
+
+class SpatialSoftmax(nn.Module):
+    """Keypoints as softmax-weighted expected image coordinates in [-1, 1] (Levine et al.; robomimic)."""
+
+    def __init__(self, c_in: int, num_keypoints: int):
+        super().__init__()
+        self.proj = nn.Conv2d(c_in, num_keypoints, 1)
+        self.num_keypoints = num_keypoints
+
+    def forward(self, feat: Tensor) -> Tensor:  # (N, C, h, w) -> (N, 2K)
+        n, _, h, w = feat.shape
+        logits = self.proj(feat).flatten(2)  # (N, K, h*w)
+        attn = logits.softmax(dim=-1)
+        ys = torch.linspace(-1, 1, h, device=feat.device)
+        xs = torch.linspace(-1, 1, w, device=feat.device)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        ex = (attn * gx.reshape(1, 1, -1)).sum(-1)
+        ey = (attn * gy.reshape(1, 1, -1)).sum(-1)
+        return torch.stack([ex, ey], dim=-1).reshape(n, 2 * self.num_keypoints)
+
+
+def random_crop(x: Tensor, size: tuple[int, int], generator: torch.Generator | None = None) -> Tensor:
+    """Independent random crop per image: (N, h, w, C) -> (N, ch, cw, C) (works on uint8)."""
+    n, h, w, _ = x.shape
+    ch, cw = size
+    oy = torch.randint(0, h - ch + 1, (n,), generator=generator).to(x.device)
+    ox = torch.randint(0, w - cw + 1, (n,), generator=generator).to(x.device)
+    rows = oy[:, None] + torch.arange(ch, device=x.device)[None]  # (N, ch)
+    cols = ox[:, None] + torch.arange(cw, device=x.device)[None]  # (N, cw)
+    idx = torch.arange(n, device=x.device)[:, None, None]
+    return x[idx, rows[:, :, None], cols[:, None, :]]
+
+
+def center_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
+    _, h, w, _ = x.shape
+    ch, cw = size
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return x[:, y0 : y0 + ch, x0 : x0 + cw]
+
+
+def _timm_backbone(name: str) -> tuple[nn.Module, int]:
+    try:
+        import timm  # optional: only a source of architectures
+    except ImportError as e:
+        raise ImportError(f"image backbone 'timm:{name}' needs the optional package timm (pip install timm)") from e
+    model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+    return model, int(model.num_features)
+
+
+class ImageEncoder(nn.Module):
+    """uint8 (N, h, w, 3) -> (N, Fi): crop (random in training, center in eval), /255, trunk, keypoints, linear."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        backbone: str = "resnet18",
+        base_width: int = 64,
+        group_size: int = 16,
+        crop_shape: tuple[int, int] | None = (84, 84),
+        num_keypoints: int = 32,
+        feature_dim: int = 64,
+    ):
+        super().__init__()
+        h, w, c = image_shape
+        if c != 3:
+            raise ValueError(f"images must be (h, w, 3) uint8, got per-step shape {image_shape}")
+        if crop_shape is not None and (crop_shape[0] > h or crop_shape[1] > w):
+            raise ValueError(f"crop_shape {tuple(crop_shape)} is larger than the image ({h}, {w})")
+        self.crop_shape = tuple(crop_shape) if crop_shape is not None else None
+        if backbone == "resnet18":
+            self.trunk = ResNet18GN(base_width, group_size)
+            c_out = self.trunk.out_channels
+        elif backbone.startswith("timm:"):
+            self.trunk, c_out = _timm_backbone(backbone[len("timm:") :])
+        else:
+            raise ValueError(f"unknown image backbone {backbone!r}; expected 'resnet18' or 'timm:<name>'")
+        self.pool = SpatialSoftmax(c_out, num_keypoints)
+        self.out = nn.Linear(2 * num_keypoints, feature_dim)
+        self.feature_dim = feature_dim
+
+    def forward(self, img: Tensor) -> Tensor:
+        if self.crop_shape is not None:
+            img = random_crop(img, self.crop_shape) if self.training else center_crop(img, self.crop_shape)
+        x = img.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, ch, cw)
+        return self.out(self.pool(self.trunk(x)))
+
+
+class StateEncoder(nn.Module):
+    """Concatenate flattened low-dim keys (identity, Diffusion Policy's choice) or pass them through an MLP."""
+
+    def __init__(self, in_dim: int, mode: str = "concat", hidden: tuple[int, ...] = (256,), out_dim: int = 64):
+        super().__init__()
+        if mode == "concat":
+            self.net, self.out_dim = nn.Identity(), in_dim
+        elif mode == "mlp":
+            layers, d = [], in_dim
+            for hdim in hidden:
+                layers += [nn.Linear(d, hdim), nn.Mish()]
+                d = hdim
+            layers.append(nn.Linear(d, out_dim))
+            self.net, self.out_dim = nn.Sequential(*layers), out_dim
+        else:
+            raise ValueError(f"unknown state encoder mode {mode!r}; expected 'concat' or 'mlp'")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ObsEncoder(nn.Module):
+    """Obs dict -> per-step tokens (B, To, F). Low-dim keys must arrive normalized; images uint8."""
+
+    def __init__(self, obs_shapes: dict[str, tuple[int, ...]], enc_cfg):
+        super().__init__()
+        self.lowdim_keys = [k for k in obs_shapes if not K.is_image(k)]
+        self.image_keys = [k for k in obs_shapes if K.is_image(k)]
+        lowdim = sum(math.prod(obs_shapes[k]) for k in self.lowdim_keys)
+        self.state = StateEncoder(lowdim, enc_cfg.state_encoder, tuple(enc_cfg.state_hidden_dims),
+                                  enc_cfg.state_feature_dim) if self.lowdim_keys else None
+        self.share = bool(enc_cfg.share_camera_encoder)
+
+        def make(key):
+            return ImageEncoder(
+                tuple(obs_shapes[key]), enc_cfg.image_backbone, enc_cfg.image_base_width, enc_cfg.norm_group_size,
+                enc_cfg.crop_shape, enc_cfg.num_keypoints, enc_cfg.image_feature_dim,
+            )
+
+        self.cameras = nn.ModuleDict()
+        if self.image_keys:
+            if self.share:
+                shapes = {tuple(obs_shapes[k]) for k in self.image_keys}
+                if len(shapes) > 1:
+                    raise ValueError(f"share_camera_encoder needs equal image shapes, got {sorted(shapes)}")
+                self.cameras["shared"] = make(self.image_keys[0])
+            else:
+                for k in self.image_keys:
+                    self.cameras[self._cam(k)] = make(k)
+        self.out_dim = (self.state.out_dim if self.state is not None else 0) + len(self.image_keys) * (
+            enc_cfg.image_feature_dim
+        )
+
+    @staticmethod
+    def _cam(key: str) -> str:
+        return K.camera_of(key).replace(".", "_")
+
+    def forward(self, obs: dict[str, Tensor]) -> Tensor:
+        feats = []
+        if self.state is not None:
+            b, to = obs[self.lowdim_keys[0]].shape[:2]
+            flat = torch.cat([obs[k].reshape(b, to, -1).float() for k in self.lowdim_keys], dim=-1)
+            feats.append(self.state(flat))
+        for k in self.image_keys:
+            img = obs[k]  # (B, To, h, w, 3) uint8
+            b, to = img.shape[:2]
+            enc = self.cameras["shared" if self.share else self._cam(k)]
+            feats.append(enc(img.reshape(b * to, *img.shape[2:])).reshape(b, to, -1))
+        return torch.cat(feats, dim=-1)  # (B, To, F)

@@ -1,0 +1,93 @@
+"""Instruction encoder from ``transformers``: a tiny BERT built from a config and trained with the policy,
+or a model the user keeps on local disk (loaded with ``local_files_only``; nothing ever downloads).
+
+The built-from-config encoder uses :class:`ByteTokenizer`, which needs no vocabulary file: UTF-8 bytes
+shifted past three special ids. A local model brings its own tokenizer files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+PAD, CLS, SEP = 0, 1, 2
+BYTE_OFFSET = 3
+BYTE_VOCAB = 256 + BYTE_OFFSET
+
+
+class ByteTokenizer:
+    """UTF-8 byte-level tokenizer: ``[CLS] bytes... [SEP]`` padded with 0; no download, no vocab file."""
+
+    vocab_size = BYTE_VOCAB
+
+    def __init__(self, max_length: int = 48):
+        if max_length < 3:
+            raise ValueError(f"max_length must be >= 3, got {max_length}")
+        self.max_length = max_length
+
+    def __call__(self, texts: list[str]) -> dict[str, Tensor]:
+        ids = torch.full((len(texts), self.max_length), PAD, dtype=torch.long)
+        for i, text in enumerate(texts):
+            body = [b + BYTE_OFFSET for b in text.encode("utf-8")][: self.max_length - 2]
+            row = [CLS, *body, SEP]
+            ids[i, : len(row)] = torch.tensor(row)
+        return {"input_ids": ids, "attention_mask": (ids != PAD).long()}
+
+
+class TextEncoder(nn.Module):
+    """list[str] -> (B, hidden) masked mean of the last hidden states."""
+
+    def __init__(self, lang_cfg):
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import transformers  # optional dependency (vlaflow[vision]); imported only when language is used
+
+        self.pretrained_path = lang_cfg.pretrained_path
+        if lang_cfg.pretrained_path:
+            path = Path(lang_cfg.pretrained_path).expanduser()
+            if not path.is_dir():
+                raise FileNotFoundError(
+                    f"language.pretrained_path {str(path)!r} is not a directory; give a local transformers "
+                    "model directory (config.json, weights, tokenizer files); nothing is downloaded"
+                )
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+            self._hf_tokenizer = True
+        else:
+            bert_cfg = transformers.BertConfig(
+                vocab_size=BYTE_VOCAB,
+                hidden_size=lang_cfg.hidden_size,
+                num_hidden_layers=lang_cfg.num_layers,
+                num_attention_heads=lang_cfg.num_heads,
+                intermediate_size=lang_cfg.intermediate_size,
+                max_position_embeddings=max(64, lang_cfg.max_length),
+                pad_token_id=PAD,
+            )
+            self.tokenizer = ByteTokenizer(lang_cfg.max_length)
+            self.model = transformers.BertModel(bert_cfg, add_pooling_layer=False)
+            self._hf_tokenizer = False
+        self.max_length = lang_cfg.max_length
+        self.out_dim = int(self.model.config.hidden_size)
+        if lang_cfg.freeze:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    def tokenize(self, texts: list[str], device) -> dict[str, Tensor]:
+        if self._hf_tokenizer:
+            tok = self.tokenizer(
+                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            tok = {k: tok[k] for k in ("input_ids", "attention_mask")}
+        else:
+            tok = self.tokenizer(list(texts))
+        return {k: v.to(device) for k, v in tok.items()}
+
+    def forward(self, texts: list[str]) -> Tensor:
+        device = next(self.model.parameters()).device
+        tok = self.tokenize(texts, device)
+        hidden = self.model(**tok).last_hidden_state  # (B, L, hidden)
+        mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

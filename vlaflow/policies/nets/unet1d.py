@@ -1,0 +1,114 @@
+"""Diffusion Policy's 1-D temporal convolutional U-Net with FiLM conditioning (Chi et al., 2023).
+
+Shapes: B batch, H action chunk length, Da action dim, Dc flattened condition width.
+Residual blocks are Conv1d -> GroupNorm -> Mish (twice); each block's first activation is modulated
+per channel by FiLM (scale, bias) predicted from ``[diffusion-step embedding ; flattened obs features]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class SinusoidalPosEmb(nn.Module):
+    """Transformer-style sinusoidal embedding of a (float) time, max period 10000."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: Tensor) -> Tensor:  # (B,) -> (B, dim)
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000) / (half - 1)))
+        args = t.float()[:, None] * freqs[None, :]
+        return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+class Conv1dBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int, n_groups: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(n_groups, c_out), nn.Mish()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x)
+
+
+class ConditionalResidualBlock1D(nn.Module):
+    def __init__(self, c_in: int, c_out: int, cond_dim: int, kernel: int, n_groups: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [Conv1dBlock(c_in, c_out, kernel, n_groups), Conv1dBlock(c_out, c_out, kernel, n_groups)]
+        )
+        self.c_out = c_out
+        self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))  # FiLM scale and bias
+        self.residual = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:  # x (B, C, H), cond (B, Dcond)
+        out = self.blocks[0](x)
+        scale, bias = self.cond_encoder(cond).unsqueeze(-1).chunk(2, dim=1)
+        out = scale * out + bias
+        out = self.blocks[1](out)
+        return out + self.residual(x)
+
+
+class ConditionalUnet1D(nn.Module):
+    """``forward(x (B, H, Da), t (B,), cond (B, Dc)) -> (B, H, Da)``."""
+
+    def __init__(
+        self,
+        action_dim: int,
+        cond_dim: int,
+        down_dims: tuple[int, ...] = (128, 256, 512),
+        kernel_size: int = 5,
+        n_groups: int = 8,
+        step_embed_dim: int = 128,
+    ):
+        super().__init__()
+        self.step_encoder = nn.Sequential(
+            SinusoidalPosEmb(step_embed_dim),
+            nn.Linear(step_embed_dim, 4 * step_embed_dim),
+            nn.Mish(),
+            nn.Linear(4 * step_embed_dim, step_embed_dim),
+        )
+        film_dim = step_embed_dim + cond_dim
+        dims = [action_dim, *down_dims]
+        pairs = list(zip(dims[:-1], dims[1:]))
+
+        def res(ci, co):
+            return ConditionalResidualBlock1D(ci, co, film_dim, kernel_size, n_groups)
+
+        self.down = nn.ModuleList()
+        for i, (ci, co) in enumerate(pairs):
+            last = i == len(pairs) - 1
+            down = nn.Conv1d(co, co, 3, 2, 1) if not last else nn.Identity()
+            self.down.append(nn.ModuleList([res(ci, co), res(co, co), down]))
+        mid = down_dims[-1]
+        self.mid = nn.ModuleList([res(mid, mid), res(mid, mid)])
+        self.up = nn.ModuleList()
+        # As in Diffusion Policy: every up level upsamples (undoing the len-1 downsamplings); the
+        # finest skip is left unused.
+        for ci, co in reversed(pairs[1:]):
+            self.up.append(nn.ModuleList([res(co * 2, ci), res(ci, ci), nn.ConvTranspose1d(ci, ci, 4, 2, 1)]))
+        self.final = nn.Sequential(Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
+                                   nn.Conv1d(down_dims[0], action_dim, 1))
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        h = x.transpose(1, 2)  # (B, Da, H)
+        film = torch.cat([self.step_encoder(t), cond], dim=-1)
+        skips = []
+        for r1, r2, down in self.down:
+            h = r2(r1(h, film), film)
+            skips.append(h)
+            h = down(h)
+        for m in self.mid:
+            h = m(h, film)
+        for r1, r2, up in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = r2(r1(h, film), film)
+            h = up(h)
+        return self.final(h).transpose(1, 2)  # (B, H, Da)

@@ -1,0 +1,37 @@
+"""The policy-family registry: one ``dict[str, type]`` from ``family`` to its policy class.
+
+Each policy class names its config class (``config_class``), so the same entry rebuilds configs from
+JSON and policies from configs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from vlaflow.errors import ConfigError
+from vlaflow.policies.base_config import PolicyConfig, dataclass_from_dict
+from vlaflow.policies.diffusion.model import DiffusionPolicy
+from vlaflow.policies.flow.model import FlowPolicy
+
+POLICY_FAMILIES: dict[str, type] = {"diffusion": DiffusionPolicy, "flow": FlowPolicy}
+
+
+def policy_class(family: str) -> type:
+    if family not in POLICY_FAMILIES:
+        near = difflib.get_close_matches(str(family), list(POLICY_FAMILIES), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"unknown policy family {family!r}; known: {sorted(POLICY_FAMILIES)}{hint}")
+    return POLICY_FAMILIES[family]
+
+
+def policy_config_from_dict(d: dict[str, Any]) -> PolicyConfig:
+    """Rebuild a family config from ``cfg.to_dict()`` output (keyed by its ``family`` field)."""
+    if "family" not in d:
+        raise ConfigError(f"policy config has no 'family' field; expected one of {sorted(POLICY_FAMILIES)}")
+    return dataclass_from_dict(policy_class(d["family"]).config_class, dict(d))
+
+
+def build_policy(config: PolicyConfig, stats: dict):
+    """A fresh policy module for ``config`` with normalizer ``stats`` (from ``compute_stats``)."""
+    return policy_class(config.family)(config, stats)
