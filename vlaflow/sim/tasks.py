@@ -33,6 +33,9 @@ class TaskSpec:
 # name -> "module:factory"; factory(obs_mode: str = "lowdim", render_size: int | None = None, **kw) -> gymnasium.Env
 TASKS: dict[str, str] = {
     "pusht": "vlaflow.sim.pusht:make_pusht",
+    "pick_place": "vlaflow.sim.pybullet_tasks:make_pick_place",
+    "lift": "vlaflow.sim.robosuite_tasks:make_lift",
+    "can": "vlaflow.sim.robosuite_tasks:make_can",
 }
 
 
