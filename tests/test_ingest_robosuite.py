@@ -175,7 +175,7 @@ def test_regenerate_obs_lift(tmp_path):
         for i, d in enumerate(["demo_1", "demo_2"]):
             ep, states = store.get_episode(i), h["data"][d]["states"][:3]
             assert np.array_equal(ep["obs.sim_state"], states)
-            # Lift state = [time, qpos(7 arm, 2 finger, cube free joint 7), qvel]: the rendered env must show them
+            # Lift state = [time, qpos(7 arm, 2 finger, cube free joint 7), qvel]: the env must show them
             np.testing.assert_allclose(ep["obs.state"][:, 7:9], states[:, 8:10], atol=1e-6)
             np.testing.assert_allclose(ep["obs.object"][:, :3], states[:, 10:13], atol=1e-6)
             for cam in ("agentview", "robot0_eye_in_hand"):

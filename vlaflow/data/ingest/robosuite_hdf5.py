@@ -14,15 +14,16 @@ What lands in the store:
 - ``action``: the recorded actions, dtype kept (float64 stays float64, so the values are bit-identical).
 - ``obs.sim_state``: the flattened MuJoCo states, float64, bit-identical.
 - robomimic ``obs/<key>`` -> ``obs.<key>``; ``<cam>_image`` -> ``obs.image.<cam>`` (flipped to top-row-first,
-  see ``flip_images``); ``rewards`` -> ``reward``, ``dones`` -> ``done``. When the eef pose and gripper keys are
-  there, ``obs.state`` = [eef_pos, eef_quat, gripper_qpos] per robot (float32), as the regenerated path writes it.
+  see ``flip_images``); ``rewards`` -> ``reward``, ``dones`` -> ``done``. When the eef pose and gripper
+  keys are there, ``obs.state`` = [eef_pos, eef_quat, gripper_qpos] per robot (float32), as the
+  regenerated path writes it.
 - With ``regenerate_obs=True`` (needs robosuite): ``obs.state`` (same layout), ``obs.object`` (the env's
   object-state vector) and ``obs.image.<cam>`` rendered by resetting an env to every recorded state.
 
-Store attrs ``robosuite``: env_name, env_info / env_args (parsed JSON), repository_version, date/time, source file,
-demo names, and the per-episode model XML: ``model_xml`` maps a sha1 to zlib+base64 text (identical XMLs
-are kept once) and ``episode_model`` lists that sha1 per episode (None where the file had none). Use
-:func:`episode_model_xml` to read one back.
+Store attrs ``robosuite``: env_name, env_info / env_args (parsed JSON), repository_version, date/time,
+source file, demo names, and the per-episode model XML: ``model_xml`` maps a sha1 to zlib+base64 text
+(identical XMLs are kept once) and ``episode_model`` lists that sha1 per episode (None where the file had
+none). Use :func:`episode_model_xml` to read one back.
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def add_options(group: Any) -> None:
     group.add_argument(
         "--regenerate-obs",
         action="store_true",
-        help="robosuite-hdf5: rebuild the env and render observations (proprioception, object state, cameras) "
-        "at every recorded state (needs robosuite)",
+        help="robosuite-hdf5: rebuild the env and render observations (proprioception, object state, "
+        "cameras) at every recorded state (needs robosuite)",
     )
     group.add_argument(
         "--cameras",
@@ -197,11 +198,13 @@ def _read_demo(
         raise IngestError(f"{src}: cannot read data/{demo} (truncated or corrupt file?): {e}") from e
     if actions.ndim != 2 or states.ndim != 2:
         raise IngestError(
-            f"{src}: data/{demo}: expected actions (T, Da) and states (T, S), found {actions.shape} and {states.shape}"
+            f"{src}: data/{demo}: expected actions (T, Da) and states (T, S), found {actions.shape} and "
+            f"{states.shape}"
         )
     if len(actions) != len(states):
         raise IngestError(
-            f"{src}: data/{demo}: actions has {len(actions)} steps but states has {len(states)} (expected equal)"
+            f"{src}: data/{demo}: actions has {len(actions)} steps but states has {len(states)} (expected "
+            "equal)"
         )
     if len(actions) == 0:
         raise IngestError(f"{src}: data/{demo} is empty (0 steps)")
@@ -214,7 +217,8 @@ def _read_demo(
             arr = g["obs"][name][()]
             if len(arr) != len(actions):
                 raise IngestError(
-                    f"{src}: data/{demo}/obs/{name} has {len(arr)} steps, actions has {len(actions)} (expected equal)"
+                    f"{src}: data/{demo}/obs/{name} has {len(arr)} steps, actions has {len(actions)} "
+                    "(expected equal)"
                 )
             arr = arr[:T]
             if name.endswith("_image") and arr.ndim == 4:
@@ -234,14 +238,15 @@ def _read_demo(
             arr = g[src_key][()]
             if arr.shape[:1] != (len(actions),):
                 raise IngestError(
-                    f"{src}: data/{demo}/{src_key} has shape {arr.shape}, expected ({len(actions)},) like actions"
+                    f"{src}: data/{demo}/{src_key} has shape {arr.shape}, expected ({len(actions)},) like "
+                    "actions"
                 )
             out[dst_key] = arr[:T]
     return out
 
 
 def _state_key_groups(names: list[str]) -> list[tuple[str, str, str | None]]:
-    """(eef_pos, eef_quat, gripper_qpos|None) key triples, one per arm (robot0_eef_pos, robot0_right_eef_pos...)."""
+    """(eef_pos, eef_quat, gripper_qpos|None) key triples, per arm (robot0_eef_pos, robot0_right_eef_pos)."""
     groups = []
     for pos in sorted(n for n in names if re.fullmatch(r"robot\d+_(?:\w+_)?eef_pos", n)):
         quat = pos[: -len("eef_pos")] + "eef_quat"
@@ -269,7 +274,7 @@ def _state_names(obs_dims: dict[str, int]) -> list[str]:
 
 
 def episode_model_xml(store: Any, episode: int) -> str | None:
-    """The MuJoCo XML recorded with ``episode`` of a store written by this adapter (None if there was none)."""
+    """The MuJoCo XML recorded with ``episode`` in a store this adapter wrote (None if there was none)."""
     meta = store.attrs.get("robosuite", {})
     sha = meta.get("episode_model", [])[episode]
     if sha is None:
@@ -486,7 +491,7 @@ class _Regenerator:
         robots = [robots] if isinstance(robots, str) else list(robots)
         cc = kw.get("controller_configs")
         if cc is not None:
-            # robosuite <= 1.4 stored one arm ("part") controller config; 1.5 wants a composite config per robot.
+            # robosuite <= 1.4 stored one arm ("part") controller config; 1.5 wants a composite one per robot.
             cc = {_CONTROLLER_RENAMES.get(k, k): v for k, v in cc.items()}
             cc = [refactor_composite_controller_config(dict(cc), r, ["right"]) for r in robots]
             kw["controller_configs"] = cc if len(cc) > 1 else cc[0]
@@ -514,7 +519,8 @@ class _Regenerator:
             env.reset()
         except Exception as e:
             raise IngestError(
-                f"{self.src}: cannot build robosuite {self.robosuite.__version__} env {self.kwargs.get('env_name')!r} "
+                f"{self.src}: cannot build robosuite {self.robosuite.__version__} env "
+                f"{self.kwargs.get('env_name')!r} "
                 f"from the file's env metadata: {type(e).__name__}: {e}"
             ) from e
         return env
@@ -534,12 +540,15 @@ class _Regenerator:
             import mujoco
 
             xml = self.env.edit_model_xml(xml)
-            try:  # compile it alone first: a failed reset_from_xml_string leaves the env closed (~5 s to rebuild)
+            # compile it alone first: a failed reset_from_xml_string leaves the env closed (~5 s to rebuild)
+            try:
                 mujoco.MjModel.from_xml_string(xml)
             except Exception as e:  # a 1.4 XML often names assets that 1.5 no longer ships
                 self.warnings.append(
-                    f"data/{demo}: the recorded model XML does not load in robosuite {self.robosuite.__version__} "
-                    f"({type(e).__name__}: {str(e)[:200]}); using the env's own model with the recorded states"
+                    f"data/{demo}: the recorded model XML does not load in robosuite "
+                    f"{self.robosuite.__version__} "
+                    f"({type(e).__name__}: {str(e)[:200]}); using the env's own model with the recorded "
+                    "states"
                 )
                 self.xml_mode = "env_model"
             else:
@@ -559,7 +568,8 @@ class _Regenerator:
         if size != n_state:
             raise IngestError(
                 f"{self.src}: data/{demo}: recorded states have {n_state} values per step but the robosuite "
-                f"{self.robosuite.__version__} {self.kwargs['env_name']} model ({self.xml_mode}) has {size}; the model "
+                f"{self.robosuite.__version__} {self.kwargs['env_name']} model ({self.xml_mode}) has "
+                f"{size}; the model "
                 "changed between versions, so the recorded states cannot be replayed into it"
             )
 
