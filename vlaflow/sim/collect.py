@@ -1,0 +1,206 @@
+"""``vlaflow collect``: scripted-expert rollouts into an episode store (successful episodes only).
+
+Each attempt ``i`` resets the task with seed ``seed + i`` and runs the task's scripted expert
+(:mod:`vlaflow.sim.experts`) until the task reports success or its step limit. Only successes are
+written; attempts continue with new seeds until ``episodes`` successes or ``max_attempts`` attempts.
+The store is written through :func:`vlaflow.data.store.atomic_store`, so an interrupted or failed
+collection leaves no half-written store at ``--out``.
+
+Stored per step: the observation the expert saw (``obs.state`` and, in image mode, the camera keys)
+and the action it took at that observation (``obs[t]`` -> ``action[t]``). Per episode: the task's
+language instruction, ``source = "sim:<task>:expert"``, ``success = True``. Root attributes record
+the task spec and the seed of every stored episode (``collect.episode_seeds``), which reproduce it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vlaflow.errors import VlaflowError
+
+
+@dataclass
+class Rollout:
+    """One expert episode: per-step arrays keyed like the store, and how it ended."""
+
+    data: dict[str, np.ndarray]  # store key -> (T, *shape)
+    success: bool  # the task's success test held at the last step
+    length: int  # T, steps taken
+    seed: int  # reset seed
+
+
+def rollout_expert(env, expert, seed: int, max_steps: int, record: bool = True) -> Rollout:
+    """Run ``expert`` in ``env`` from ``reset(seed=seed)`` until success or ``max_steps`` steps."""
+    obs, info = env.reset(seed=seed)
+    expert.reset()
+    frames: dict[str, list[np.ndarray]] = {k: [] for k in obs}
+    actions: list[np.ndarray] = []
+    success = False
+    for _ in range(max_steps):
+        action = np.asarray(expert.act(obs), dtype=np.float32)
+        if record:
+            for k, v in obs.items():
+                frames[k].append(v)
+            actions.append(action)
+        obs, _, terminated, truncated, info = env.step(action)
+        success = bool(info.get("success", False))
+        if success or terminated or truncated:
+            break
+    length = len(actions) if record else 0
+    data = {}
+    if record and actions:
+        data = {k: np.stack(v) for k, v in frames.items()}
+        data["action"] = np.stack(actions)
+    return Rollout(data=data, success=success, length=length, seed=seed)
+
+
+def store_keys(spec) -> dict:
+    """Store schema (key -> KeySpec) for a task spec: its observations plus the action."""
+    from vlaflow.data.store import KeySpec
+
+    keys = {}
+    for k, shape in spec.obs_shapes.items():
+        names = spec.extra.get("state_names") if k == "obs.state" else None
+        keys[k] = KeySpec(spec.obs_dtypes[k], tuple(shape), names=list(names) if names else None)
+    keys["action"] = KeySpec("float32", (spec.action_dim,), names=spec.extra.get("action_names"))
+    return keys
+
+
+def task_attrs(spec, obs_mode: str) -> dict:
+    """JSON-safe description of a task env, stored in the store's root attributes."""
+    return {
+        "task": spec.name,
+        "obs_mode": obs_mode,
+        "fps": spec.fps,
+        "action_dim": spec.action_dim,
+        "action_low": list(spec.action_low),
+        "action_high": list(spec.action_high),
+        "max_steps": spec.max_steps,
+        "instruction": spec.instruction,
+        "extra": {k: v for k, v in spec.extra.items() if isinstance(v, str | int | float | bool | list)},
+    }
+
+
+@dataclass
+class CollectResult:
+    """What a collection did."""
+
+    path: str  # the store written
+    n_episodes: int  # successful episodes stored
+    n_attempts: int  # episodes run
+    n_steps: int  # steps stored
+    wall_s: float  # seconds
+    seeds: list[int] = field(default_factory=list)  # reset seed of each stored episode
+
+
+def collect(
+    task: str,
+    episodes: int,
+    out: str,
+    obs_mode: str = "lowdim",
+    seed: int = 0,
+    max_attempts: int | None = None,
+    overwrite: bool = False,
+    env_kwargs: dict | None = None,
+    progress: bool = True,
+) -> CollectResult:
+    """Collect ``episodes`` successful expert episodes of ``task`` into a new store at ``out``."""
+    from tqdm import tqdm
+
+    from vlaflow.data.store import atomic_store
+    from vlaflow.sim.experts import EXPERTS, make_expert
+    from vlaflow.sim.tasks import TASKS, make_env
+
+    if task in TASKS and task not in EXPERTS:
+        raise VlaflowError(
+            f"collect: task {task!r} has no scripted expert; experts exist for {', '.join(EXPERTS)}"
+        )
+    if episodes < 1:
+        raise VlaflowError(f"--episodes must be >= 1, got {episodes}")
+    cap = max_attempts if max_attempts is not None else 2 * episodes + 10
+    if cap < episodes:
+        raise VlaflowError(f"--max-attempts ({cap}) must be >= --episodes ({episodes})")
+    env = make_env(task, obs_mode=obs_mode, **(env_kwargs or {}))
+    t0 = time.perf_counter()
+    try:
+        spec = env.task_spec
+        expert = make_expert(task, env)
+        seeds: list[int] = []
+        attempts = n_steps = 0
+        attrs = {"env": task_attrs(spec, obs_mode), "collect": {"expert": f"sim:{task}:expert", "seed": seed}}
+        with atomic_store(
+            out, keys=store_keys(spec), fps=spec.fps, attrs=attrs, overwrite=overwrite
+        ) as store:
+            bar = tqdm(total=episodes, desc=f"collect {task}", unit="ep", disable=not progress)
+            while len(seeds) < episodes and attempts < cap:
+                ro = rollout_expert(env, expert, seed + attempts, spec.max_steps)
+                attempts += 1
+                if ro.success:
+                    store.append_episode(
+                        ro.data, task=spec.instruction, source=f"sim:{task}:expert", success=True
+                    )
+                    seeds.append(ro.seed)
+                    n_steps += ro.length
+                    bar.update(1)
+                bar.set_postfix(attempts=attempts, success_rate=f"{len(seeds) / attempts:.2f}")
+            bar.close()
+            if len(seeds) < episodes:
+                raise VlaflowError(
+                    f"collect {task}: only {len(seeds)} of {episodes} episodes succeeded in {attempts} "
+                    f"attempts (seeds {seed}..{seed + attempts - 1}); raise --max-attempts. "
+                    f"Nothing was written to {out}."
+                )
+            store.root.attrs.update(
+                {"collect": {**attrs["collect"], "episode_seeds": seeds, "attempts": attempts}}
+            )
+    finally:
+        env.close()
+    return CollectResult(str(out), len(seeds), attempts, n_steps, time.perf_counter() - t0, seeds)
+
+
+def add_collect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task name (pick_place, lift, can)")
+    p.add_argument("--episodes", type=int, required=True, help="number of successful episodes to store")
+    p.add_argument("--out", required=True, help="episode store to create")
+    p.add_argument("--obs-mode", choices=["lowdim", "image"], default="lowdim", help="observations to record")
+    p.add_argument(
+        "--seed", type=int, default=0, help="reset seed of the first attempt (attempt i uses seed+i)"
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=None,
+        help="give up after this many episodes (default 2*episodes+10)",
+    )
+    p.add_argument("--image-size", type=int, default=None, help="camera image side in pixels (image mode)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    kw = {}
+    if args.image_size is not None:
+        if args.obs_mode != "image":
+            raise VlaflowError("--image-size only applies with --obs-mode image")
+        kw["image_size"] = args.image_size
+    res = collect(
+        args.task,
+        args.episodes,
+        args.out,
+        obs_mode=args.obs_mode,
+        seed=args.seed,
+        max_attempts=args.max_attempts,
+        overwrite=args.overwrite,
+        env_kwargs=kw,
+        progress=not args.no_progress,
+    )
+    print(
+        f"collect {args.task}: wrote {res.n_episodes} episodes ({res.n_steps} steps) to {res.path} "
+        f"from {res.n_attempts} attempts ({res.n_episodes / res.n_attempts:.0%} success) "
+        f"in {res.wall_s:.1f} s"
+    )
+    return 0
