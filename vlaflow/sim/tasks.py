@@ -30,7 +30,8 @@ class TaskSpec:
     extra: dict = field(default_factory=dict)
 
 
-# name -> "module:factory"; factory(obs_mode: str = "lowdim", render_size: int | None = None, **kw) -> gymnasium.Env
+# name -> "module:factory", where
+# factory(obs_mode: str = "lowdim", render_size: int | None = None, **kw) -> gymnasium.Env
 TASKS: dict[str, str] = {
     "pusht": "vlaflow.sim.pusht:make_pusht",
     "pick_place": "vlaflow.sim.pybullet_tasks:make_pick_place",
@@ -40,7 +41,7 @@ TASKS: dict[str, str] = {
 
 
 def make_env(name: str, **kwargs):
-    """Build the task env ``name`` (see :data:`TASKS`); unknown names list the tasks and suggest the nearest."""
+    """Build the task env ``name`` (see :data:`TASKS`); an unknown name lists the tasks + a suggestion."""
     if name not in TASKS:
         close = difflib.get_close_matches(name, list(TASKS), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""

@@ -1,0 +1,228 @@
+"""``vlaflow eval`` and its Python API :func:`evaluate`.
+
+    vlaflow eval --task pusht --policy CKPT|replay:STORE|random --episodes 50 --seed 100000 \
+        --workers 2 --out DIR
+
+PushT defaults follow the Diffusion Policy paper: seeds 100000..100049, at most 300 steps at 10 Hz,
+score = mean over episodes of the max reward clip(coverage / 0.95, 0, 1); success (coverage > 0.95) is
+reported beside it. ``replay:STORE`` replays each recorded episode open-loop from its recorded start state
+(episodes in store order; seeds play no part) and reports the block drift against the recording.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from vlaflow.errors import ConfigError, VlaflowError
+
+DEFAULT_START_SEED = 100000
+DEFAULT_EPISODES = 50
+OBS_MODE_CHOICES = ("auto", "lowdim", "image")
+
+
+def _choose_obs_mode(obs_mode: str, policy_spec) -> tuple[str, int | None]:
+    """("lowdim"|"image", camera size or None): "auto" picks image mode when the policy reads a camera."""
+    from vlaflow.data.keys import is_image
+
+    images = {k: v for k, v in policy_spec.obs_shapes.items() if is_image(k)}
+    sizes = {tuple(v[:2]) for v in images.values()}
+    ((h, w),) = sizes if len(sizes) == 1 else ((None, None),)
+    render_size = h if h == w else None  # envs render square cameras; else keep the task's default size
+    if obs_mode == "auto":
+        obs_mode = "image" if images else "lowdim"
+    if obs_mode not in OBS_MODE_CHOICES[1:]:
+        raise ConfigError(f"obs_mode must be one of {', '.join(OBS_MODE_CHOICES)}, got {obs_mode!r}")
+    return obs_mode, render_size if obs_mode == "image" else None
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    import vlaflow
+
+    out = {"vlaflow": vlaflow.__version__, "python": sys.version.split()[0]}
+    for pkg in ("numpy", "gymnasium", "gym-pusht", "pymunk", "torch", "av"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate(
+    policy,
+    task: str = "pusht",
+    seeds: Sequence[int] | None = None,
+    workers: int = 1,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    n_episodes: int | None = None,
+    start_seed: int = DEFAULT_START_SEED,
+    max_steps: int | None = None,
+    videos: int = 0,
+    obs_mode: str = "auto",
+    device: str = "cpu",
+    env_kwargs: dict | None = None,
+    executor: str = "sync",
+    progress: bool = True,
+    start_method: str = "spawn",
+) -> dict:
+    """Evaluate ``policy`` on ``task`` by rollouts; returns the report (also written to out_dir/report.json).
+
+    ``policy``: "random", "replay:STORE", a checkpoint directory, a zero-argument factory returning a
+    RuntimePolicy (built inside each worker; must be picklable), or a RuntimePolicy object (run in this
+    process, whatever ``workers`` says). ``seeds`` default to ``start_seed`` + 0..n_episodes-1 (50 episodes);
+    a replay runs the store's first ``n_episodes`` episodes (all by default). ``workers=0`` runs in-process.
+    Videos of the first ``videos`` episodes go to out_dir/videos/.
+    """
+    from vlaflow.sim.harness import EXECUTORS, EpisodeJob, EvalSetup, aggregate, run_jobs
+    from vlaflow.sim.policies import ReplayPolicy, build_policy, check_compatible, describe_policy
+    from vlaflow.sim.tasks import make_env
+
+    t0 = time.perf_counter()
+    if workers < 0:
+        raise ConfigError(f"workers must be >= 0, got {workers}")
+    if n_episodes is not None and n_episodes < 1:
+        raise ConfigError(f"episodes must be >= 1, got {n_episodes}")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
+    if videos < 0:
+        raise ConfigError(f"videos must be >= 0, got {videos}")
+    if videos and out_dir is None:
+        raise ConfigError("videos need an output directory (out_dir)")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; known: {', '.join(EXECUTORS)}")
+
+    # Build the policy here once: its RuntimeSpec decides the obs mode and is checked against the task before
+    # any worker starts. (Workers build their own copy from the same spec.)
+    probe = make_env(task, obs_mode="lowdim")
+    try:
+        in_memory = hasattr(policy, "infer")
+        policy_obj = policy if in_memory else build_policy(policy, probe.task_spec, device=device)
+    finally:
+        probe.close()
+    name = describe_policy(policy)
+    mode, render_size = _choose_obs_mode(obs_mode, policy_obj.config)
+    kwargs = {"obs_mode": mode, **({"render_size": render_size} if render_size else {}), **(env_kwargs or {})}
+    env = make_env(task, **kwargs)
+    try:
+        task_spec = env.task_spec
+    finally:
+        env.close()
+    check_compatible(policy_obj.config, task_spec, name)
+
+    replay = isinstance(policy_obj, ReplayPolicy)
+    limit = max_steps or task_spec.max_steps
+    if replay:
+        n = policy_obj.n_episodes if n_episodes is None else min(n_episodes, policy_obj.n_episodes)
+        jobs = [EpisodeJob(i, i, max_steps or 10**9, video=i < videos, replay_episode=i) for i in range(n)]
+    else:
+        if seeds is None:
+            seeds = range(start_seed, start_seed + (n_episodes or DEFAULT_EPISODES))
+        elif n_episodes is not None:
+            seeds = list(seeds)[:n_episodes]
+        jobs = [EpisodeJob(i, int(s), limit, video=i < videos) for i, s in enumerate(seeds)]
+    if not jobs:
+        raise ConfigError("no episodes to evaluate (empty seed list)")
+
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    setup = EvalSetup(
+        task=task,
+        env_kwargs=kwargs,
+        policy=policy if not in_memory else None,
+        device=device,
+        executor=executor,
+        video_dir=str(out / "videos") if out is not None and videos else None,
+    )
+    # Reuse the already-built policy when running in-process; workers rebuild from the spec.
+    local = policy_obj if (in_memory or workers == 0) else None
+    episodes, errors = run_jobs(
+        setup, jobs, workers, policy=local, progress=progress, start_method=start_method
+    )
+
+    spec = policy_obj.config
+    report = {
+        "task": task,
+        "policy": name,
+        "obs_mode": mode,
+        "workers": 0 if local is not None else min(workers, len(jobs)),
+        "max_steps": None if replay and max_steps is None else limit,
+        "executor": executor,
+        "runtime": {
+            "n_obs_steps": spec.n_obs_steps,
+            "horizon": spec.horizon,
+            "n_action_steps": spec.n_action_steps,
+        },
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "episodes": episodes,
+        "errors": errors,
+        "aggregate": aggregate(episodes, time.perf_counter() - t0, replay=replay),
+        "videos": [e["video"] for e in episodes if "video" in e],
+    }
+    report["aggregate"]["n_errors"] = len(errors)
+    if out is not None:
+        _write_json_atomic(out / "report.json", report)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="pusht", help="task name (see vlaflow.sim.tasks.TASKS)")
+    parser.add_argument("--policy", required=True, help="checkpoint directory, 'replay:STORE' or 'random'")
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help=f"episodes to run (default {DEFAULT_EPISODES}; a replay runs every stored episode)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_START_SEED, help="first episode seed (seed, seed+1, ...)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (0 = run in this process)")
+    parser.add_argument("--out", required=True, help="output directory for report.json and videos/")
+    parser.add_argument("--videos", type=int, default=2, help="record mp4 videos of the first K episodes")
+    parser.add_argument("--obs-mode", default="auto", choices=OBS_MODE_CHOICES, help="observation variant")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the task's step limit")
+    parser.add_argument("--device", default="cpu", help="torch device for checkpoint policies")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    report = evaluate(
+        args.policy,
+        task=args.task,
+        workers=args.workers,
+        out_dir=args.out,
+        n_episodes=args.episodes,
+        start_seed=args.seed,
+        max_steps=args.max_steps,
+        videos=args.videos,
+        obs_mode=args.obs_mode,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    from vlaflow.sim.harness import format_summary
+
+    print(f"{format_summary(report)} -> {Path(args.out) / 'report.json'}")
+    if report["errors"]:
+        for e in report["errors"]:
+            first = e["error"].strip().splitlines()[0]
+            print(f"  failed: seed {e['seed']}: {first}", file=sys.stderr)
+        raise VlaflowError(f"{len(report['errors'])} episode(s) failed; see {Path(args.out) / 'report.json'}")
+    return 0

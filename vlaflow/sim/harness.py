@@ -1,0 +1,446 @@
+"""Rollout evaluation: episodes in worker processes, chunked execution through ``infer``, report.json, videos.
+
+Reproducibility: an episode is a pure function of (task, policy, seed). The env is reset with the seed and the
+policy is re-seeded from it before every episode (:func:`vlaflow.sim.policies.reset_policy`), so per-episode
+results are identical whatever the number of workers or the order in which they pick episodes up.
+
+Execution: an *executor* turns observations into one action per control step using only
+``infer(obs) -> (H, Da)`` and the policy's RuntimeSpec (To, H, Ta); see :class:`SyncChunkExecutor` for the
+timing. A latency-simulating executor (inference that lands k steps late, RTC/RTI merging) has the same two
+methods and is registered in :data:`EXECUTORS`.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import sys
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import numpy as np
+
+from vlaflow.errors import VlaflowError
+from vlaflow.policies.interface import RuntimeSpec
+
+WORKER_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------------------------------------- executors
+class SyncChunkExecutor:
+    """Synchronous action chunking: infer on the last To observations, execute chunk[0:Ta], replan.
+
+    The obs window holds steps t-To+1..t (oldest first); at the first step of an episode it is padded by
+    repeating the first observation, as training windows are edge-padded. chunk[0] is the action for the
+    current step t. Inference is instantaneous here (the env waits for it).
+    """
+
+    def __init__(self, infer: Callable[[dict], np.ndarray], spec: RuntimeSpec, task_text: str | None = None):
+        self.infer = infer
+        self.spec = spec
+        self.keys = spec.obs_keys
+        self.task_text = task_text
+        self.reset()
+
+    def reset(self) -> None:
+        self._window: deque = deque(maxlen=self.spec.n_obs_steps)
+        self._queue: deque = deque()
+        self.n_infer = 0
+
+    def _obs_window(self) -> dict:
+        obs = {k: np.stack([o[k] for o in self._window]) for k in self.keys}  # (To, *shape) per key
+        if self.task_text is not None:
+            obs["task"] = self.task_text
+        return obs
+
+    def act(self, obs: dict[str, np.ndarray], t: int) -> np.ndarray:
+        """The action for control step ``t`` given the observation at ``t``."""
+        obs = {k: obs[k] for k in self.keys}
+        if not self._window:
+            self._window.extend([obs] * self.spec.n_obs_steps)
+        else:
+            self._window.append(obs)
+        if not self._queue:
+            chunk = check_chunk(self.infer(self._obs_window()), self.spec)  # (H, Da)
+            self.n_infer += 1
+            self._queue.extend(chunk[: self.spec.n_action_steps])
+        return self._queue.popleft()
+
+
+EXECUTORS: dict[str, type] = {"sync": SyncChunkExecutor}
+
+
+def check_chunk(chunk, spec: RuntimeSpec) -> np.ndarray:
+    """The policy's chunk as float64 (H, Da); a wrong shape or a non-finite value is an error."""
+    arr = np.asarray(chunk.detach().cpu().numpy() if hasattr(chunk, "detach") else chunk, dtype=np.float64)
+    if arr.shape != (spec.horizon, spec.action_dim):
+        raise VlaflowError(
+            f"policy returned an action chunk of shape {arr.shape}; its config promises (H, Da) = "
+            f"({spec.horizon}, {spec.action_dim})"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise VlaflowError(
+            f"policy returned non-finite actions: {arr[~np.isfinite(arr).all(axis=1)][:2].tolist()}"
+        )
+    return arr
+
+
+# ---------------------------------------------------------------------------------------------- episodes
+@dataclass(frozen=True)
+class EpisodeJob:
+    """One rollout to run."""
+
+    index: int  # position in the report
+    seed: int  # env reset seed and policy noise seed
+    max_steps: int  # step limit
+    video: bool = False  # record an mp4 of this episode
+    replay_episode: int | None = None  # replay: the store episode whose start state and actions are used
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """Everything a worker needs to build its env and policy (picklable: sent to spawned processes)."""
+
+    task: str  # task registry name
+    env_kwargs: dict  # make_env keywords (obs_mode, render_size, ...)
+    policy: object  # "random" | "replay:STORE" | checkpoint path | zero-argument factory
+    device: str = "cpu"  # torch device for checkpoint policies
+    executor: str = "sync"  # key of EXECUTORS
+    video_dir: str | None = None  # where episode videos go
+    stop_on_success: bool = True  # end an episode at the task's termination (replays always run to the end)
+    extra: dict = field(default_factory=dict)
+
+
+def _video_path(setup: EvalSetup, job: EpisodeJob) -> Path:
+    tag = f"ep{job.replay_episode:04d}" if job.replay_episode is not None else f"seed{job.seed}"
+    return Path(setup.video_dir) / f"{setup.task}_{job.index:03d}_{tag}.mp4"
+
+
+def run_episode(env, policy, job: EpisodeJob, setup: EvalSetup) -> dict:
+    """Roll out one episode; returns its report entry (seed, max_reward, final_reward, success, length)."""
+    from vlaflow.sim.policies import ReplayPolicy, reset_policy
+    from vlaflow.sim.video import Mp4Writer
+
+    spec: RuntimeSpec = policy.config
+    reset_policy(policy, job.seed)
+    options, recorded, max_steps = None, None, job.max_steps
+    if job.replay_episode is not None:
+        if not isinstance(policy, ReplayPolicy):
+            raise VlaflowError("a replay episode needs a ReplayPolicy")
+        recorded = policy.load_episode(job.replay_episode)
+        options = {"reset_to_state": recorded["obs.state"][0]}
+        max_steps = min(max_steps, len(recorded["action"]))
+    obs, info = env.reset(seed=job.seed, options=options)
+    # Language-conditioned policies (a default instruction in their spec) also get the task's instruction.
+    task_text = None
+    if spec.task:
+        task_text = getattr(getattr(env, "task_spec", None), "instruction", "") or spec.task
+    executor = EXECUTORS[setup.executor](policy.infer, spec, task_text=task_text)
+    fps = getattr(getattr(env, "task_spec", None), "fps", None) or spec.fps  # the env's real control rate
+    writer = Mp4Writer(_video_path(setup, job), fps=fps) if job.video and setup.video_dir else None
+    drift_fn = getattr(env, "replay_drift", None) if recorded is not None else None
+    rewards: list[float] = []
+    success, max_drift = False, 0.0
+    try:
+        if writer is not None:
+            _write_frame(writer, env)
+        for t in range(max_steps):
+            obs, reward, terminated, truncated, info = env.step(executor.act(obs, t))
+            rewards.append(float(reward))
+            success = success or bool(info.get("success", False))
+            if drift_fn is not None and t + 1 < max_steps:
+                d = drift_fn(recorded, t + 1)  # state after action t vs the recorded state t+1
+                max_drift = max(max_drift, d) if d is not None else max_drift
+            if writer is not None:
+                _write_frame(writer, env)
+            if truncated or (terminated and setup.stop_on_success and recorded is None):
+                break
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    result = {
+        "seed": int(job.seed),
+        "max_reward": float(max(rewards)) if rewards else 0.0,
+        "final_reward": float(rewards[-1]) if rewards else 0.0,
+        "success": bool(success),
+        "length": len(rewards),
+    }
+    if recorded is not None:
+        result["episode"] = int(job.replay_episode)
+        result["max_drift_px"] = float(max_drift) if drift_fn is not None else None
+    if writer is not None:
+        path = writer.close()
+        if path is not None:
+            result["video"] = str(path.relative_to(Path(setup.video_dir).parent))
+    return result
+
+
+def _write_frame(writer, env) -> None:
+    frame = env.render()
+    if frame is not None:
+        writer.write(np.asarray(frame, dtype=np.uint8))
+
+
+def build_env_and_policy(setup: EvalSetup, policy=None):
+    """The env for ``setup`` and the policy (built from ``setup.policy`` unless an object is given)."""
+    from vlaflow.sim.policies import build_policy
+    from vlaflow.sim.tasks import make_env
+
+    env = make_env(setup.task, **setup.env_kwargs)
+    if policy is None:
+        policy = build_policy(setup.policy, env.task_spec, device=setup.device)
+    return env, policy
+
+
+def _error_entry(job: EpisodeJob, message: str) -> dict:
+    entry = {"seed": int(job.seed), "error": message}
+    if job.replay_episode is not None:
+        entry["episode"] = int(job.replay_episode)
+    return entry
+
+
+def _short_tb(exc: BaseException) -> str:
+    return (
+        "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        + "\n"
+        + traceback.format_exc(limit=-3)
+    )
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def _worker_main(conn, setup: EvalSetup) -> None:
+    """Worker process: build env + policy once, then run the jobs the parent sends until it sends None."""
+    try:
+        env, policy = build_env_and_policy(setup)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+    except BaseException as e:
+        conn.send(("fatal", _short_tb(e)))
+        return
+    conn.send(("ready", None))
+    while True:
+        job = conn.recv()
+        if job is None:
+            break
+        try:
+            conn.send(("ok", run_episode(env, policy, job, setup)))
+        except Exception as e:
+            conn.send(("error", _error_entry(job, _short_tb(e))))
+    env.close()
+
+
+@contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables for child processes started inside the block; restore afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _Pool:
+    """Worker processes with one pipe each, so the parent always knows which job a dead worker held."""
+
+    def __init__(self, setup: EvalSetup, n: int, start_method: str):
+        self.setup = setup
+        self.ctx = mp.get_context(start_method)
+        self.workers: dict[int, tuple] = {}  # id -> (process, parent conn)
+        self.busy: dict[int, EpisodeJob] = {}
+        self._next_id = 0
+        for _ in range(n):
+            self.spawn()
+
+    def spawn(self) -> int:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(child, self.setup), daemon=True)
+        with _environ(WORKER_THREAD_ENV):
+            proc.start()
+        child.close()
+        wid = self._next_id
+        self._next_id += 1
+        self.workers[wid] = (proc, parent)
+        return wid
+
+    def remove(self, wid: int) -> None:
+        proc, conn = self.workers.pop(wid)
+        conn.close()
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+    def close(self) -> None:
+        for wid in list(self.workers):
+            proc, conn = self.workers[wid]
+            if proc.is_alive():
+                try:
+                    conn.send(None)
+                except (BrokenPipeError, OSError):  # the worker is already gone; it is reaped below
+                    pass
+            self.remove(wid)
+
+
+def run_jobs(
+    setup: EvalSetup,
+    jobs: Sequence[EpisodeJob],
+    workers: int,
+    policy=None,
+    progress: bool = True,
+    start_method: str = "spawn",
+) -> tuple[list[dict], list[dict]]:
+    """Run ``jobs``; returns (episode results, errors), both in job order.
+
+    ``workers == 0`` or an in-memory ``policy`` runs in this process. Otherwise ``workers`` spawned processes
+    build their own env and policy from ``setup``; an exception in an episode, or a worker dying mid-episode,
+    becomes an error entry with that episode's seed, and the other episodes go on (a dead worker is replaced).
+    """
+    from tqdm.auto import tqdm
+
+    results: dict[int, dict] = {}
+    errors: dict[int, dict] = {}
+    bar = tqdm(total=len(jobs), desc=f"eval {setup.task}", unit="ep", disable=not progress, leave=False)
+
+    def record(job: EpisodeJob, kind: str, payload: dict) -> None:
+        (results if kind == "ok" else errors)[job.index] = payload
+        bar.update(1)
+        done = list(results.values())
+        if done:
+            bar.set_postfix(score=f"{np.mean([r['max_reward'] for r in done]):.3f}", errors=len(errors))
+
+    try:
+        if workers == 0 or policy is not None:
+            env, policy = build_env_and_policy(setup, policy)
+            try:
+                for job in jobs:
+                    try:
+                        record(job, "ok", run_episode(env, policy, job, setup))
+                    except Exception as e:
+                        record(job, "error", _error_entry(job, _short_tb(e)))
+            finally:
+                env.close()
+        else:
+            _run_pool(setup, jobs, min(workers, len(jobs)), start_method, record)
+    finally:
+        bar.close()
+    order = [j.index for j in jobs]
+    return [results[i] for i in order if i in results], [errors[i] for i in order if i in errors]
+
+
+def _run_pool(setup, jobs, n_workers, start_method, record) -> None:
+    pending = deque(jobs)
+    pool = _Pool(setup, n_workers, start_method)
+    ready: set[int] = set()
+    try:
+        while pool.workers:
+            for wid in [w for w in pool.workers if w in ready and w not in pool.busy]:
+                _, conn = pool.workers[wid]
+                if pending:
+                    pool.busy[wid] = pending.popleft()
+                    conn.send(pool.busy[wid])
+                else:
+                    conn.send(None)
+                    pool.remove(wid)
+            if not pool.workers:
+                break
+            by_handle = {}
+            for wid, (proc, conn) in pool.workers.items():
+                by_handle[conn] = wid
+                by_handle[proc.sentinel] = wid
+            for handle in wait(list(by_handle), timeout=1.0):
+                wid = by_handle[handle]
+                if wid not in pool.workers:
+                    continue
+                proc, conn = pool.workers[wid]
+                try:
+                    msg = conn.recv() if handle is conn or conn.poll() else None
+                except (EOFError, OSError):
+                    msg = None
+                if msg is None:  # the process died without a message
+                    proc.join(timeout=5)
+                    job = pool.busy.pop(wid, None)
+                    pool.remove(wid)
+                    if job is not None:
+                        record(
+                            job,
+                            "error",
+                            _error_entry(job, f"worker process died (exit code {proc.exitcode})"),
+                        )
+                    elif wid not in ready:
+                        raise VlaflowError(
+                            f"evaluation worker died while starting (exit code {proc.exitcode})"
+                        )
+                    if pending:
+                        pool.spawn()
+                    continue
+                kind, payload = msg
+                if kind == "fatal":
+                    raise VlaflowError(f"evaluation worker could not build its env/policy:\n{payload}")
+                if kind == "ready":
+                    ready.add(wid)
+                else:
+                    record(pool.busy.pop(wid), kind, payload)
+    finally:
+        pool.close()
+
+
+# ---------------------------------------------------------------------------------------------- report
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default); (0, 1) when n == 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def aggregate(episodes: Sequence[dict], wall_s: float, replay: bool = False) -> dict:
+    """The report's ``aggregate``: score = mean over episodes of the max reward; success with a Wilson CI."""
+    n = len(episodes)
+    n_success = sum(bool(e["success"]) for e in episodes)
+    lo, hi = wilson_interval(n_success, n)
+    agg = {
+        "mean_score": float(np.mean([e["max_reward"] for e in episodes])) if n else 0.0,
+        "mean_final_reward": float(np.mean([e["final_reward"] for e in episodes])) if n else 0.0,
+        "success_rate": n_success / n if n else 0.0,
+        "success_ci95": [lo, hi],
+        "n_episodes": n,
+        "wall_s": float(wall_s),
+    }
+    if replay:
+        drifts = [e["max_drift_px"] for e in episodes if e.get("max_drift_px") is not None]
+        agg["replay_within_1px"] = float(np.mean([d <= 1.0 for d in drifts])) if drifts else None
+        agg["replay_max_drift_px"] = float(max(drifts)) if drifts else None
+        agg["replay_median_drift_px"] = float(np.median(drifts)) if drifts else None
+    return agg
+
+
+def format_summary(report: dict) -> str:
+    """The one-line summary printed after an evaluation."""
+    a = report["aggregate"]
+    lo, hi = a["success_ci95"]
+    n_ok = round(a["success_rate"] * a["n_episodes"])
+    line = (
+        f"{report['task']} | {report['policy']}: score {a['mean_score']:.3f}, "
+        f"success {n_ok}/{a['n_episodes']} "
+        f"({100 * a['success_rate']:.1f}%, 95% CI {100 * lo:.1f}-{100 * hi:.1f}%)"
+    )
+    if a.get("replay_within_1px") is not None:
+        line += f", replay within 1 px {100 * a['replay_within_1px']:.1f}%"
+    if report.get("errors"):
+        line += f", {len(report['errors'])} failed episode(s)"
+    return line + f", {a['wall_s']:.1f} s"
