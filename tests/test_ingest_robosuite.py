@@ -88,6 +88,7 @@ def _write_robomimic(path, n_demos=2, T=6, nan_at=None, bad_dim_demo=None):
             o.create_dataset("robot0_gripper_qpos", data=rng.normal(size=(T, 2)))
             o.create_dataset("object", data=rng.normal(size=(T, 14)))
             o.create_dataset("agentview_image", data=rng.integers(0, 255, (T, 8, 8, 3), dtype=np.uint8))
+        h.create_dataset("mask/train", data=np.array([b"demo_0"]))
 
 
 def test_robomimic_obs_rewards_and_flip(tmp_path):
@@ -102,6 +103,7 @@ def test_robomimic_obs_rewards_and_flip(tmp_path):
     }  # fmt: skip
     assert store.keys["obs.state"].names[0] == "robot0_eef_pos[0]"
     assert summary["successes"] == [True, False]
+    assert store.attrs["robosuite"]["filter_keys"] == {"train": ["demo_0"]}
     assert [store.episode_meta(i)["success"] for i in range(2)] == [True, False]
     assert store.episode_meta(0)["task"] == "pick the can and place it into its bin"
     with h5py.File(src, "r") as h:
@@ -185,6 +187,22 @@ def test_regenerate_obs_lift(tmp_path):
         False,
         False,
     ]  # first steps: not lifted yet
+
+
+def test_regenerate_obs_state_size_mismatch_is_explained(tmp_path):
+    pytest.importorskip("robosuite", reason="robosuite not installed")
+    lift = shared(DEMOS, "lift", "demo.hdf5")
+    src = tmp_path / "odd.hdf5"
+    with h5py.File(lift, "r") as h, h5py.File(src, "w") as out:
+        out.create_group("data")
+        for k, v in h["data"].attrs.items():
+            out["data"].attrs[k] = v
+        g = out.create_group("data/demo_1")
+        g.create_dataset("actions", data=h["data/demo_1/actions"][:2])
+        g.create_dataset("states", data=h["data/demo_1/states"][:2, :30])  # 30 values, the model has 32
+    with pytest.raises(IngestError, match=r"odd\.hdf5: data/demo_1: recorded states have 30 values .* 32"):
+        robosuite_hdf5.ingest(src, tmp_path / "x.zarr", regenerate_obs=True, cameras=(), progress=False)
+    assert not (tmp_path / "x.zarr").exists()
 
 
 def test_cli_ingest_robosuite(tmp_path, capsys):

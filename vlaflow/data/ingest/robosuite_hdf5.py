@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import zlib
 from pathlib import Path
@@ -230,7 +229,7 @@ def _read_demo(
                 out[K.image_key(name[: -len("_image")])] = arr[:, ::-1] if flip_images else arr
             else:
                 out[f"obs.{name}"] = arr.reshape(T, -1) if arr.ndim == 1 else arr
-        state = _compose_state({k[len("obs.") :]: v for k, v in out.items() if k.startswith("obs.")})
+        state = compose_state({k[len("obs.") :]: v for k, v in out.items() if k.startswith("obs.")})
         if state is not None:
             out[K.OBS_STATE] = state
     for src_key, dst_key in (("rewards", "reward"), ("dones", "done")):
@@ -256,7 +255,7 @@ def _state_key_groups(names: list[str]) -> list[tuple[str, str, str | None]]:
     return groups
 
 
-def _compose_state(obs: dict[str, np.ndarray]) -> np.ndarray | None:
+def compose_state(obs: dict[str, np.ndarray]) -> np.ndarray | None:
     groups = _state_key_groups(list(obs))
     if not groups:
         return None
@@ -264,7 +263,7 @@ def _compose_state(obs: dict[str, np.ndarray]) -> np.ndarray | None:
     return np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1).astype(np.float32)
 
 
-def _state_names(obs_dims: dict[str, int]) -> list[str]:
+def state_names_of(obs_dims: dict[str, int]) -> list[str]:
     names: list[str] = []
     for g in _state_key_groups(list(obs_dims)):
         for k in g:
@@ -357,6 +356,15 @@ def ingest(
             models.setdefault(sha, base64.b64encode(zlib.compress(xml.encode(), 9)).decode())
             episode_model.append(sha)
         text = task or task_text(env_name)
+
+        def _model_of(i: int) -> str | None:
+            sha = episode_model[i]
+            return None if sha is None else zlib.decompress(base64.b64decode(models[sha])).decode()
+
+        filter_keys = {}
+        if "mask" in h5:  # robomimic's train/valid splits: mask/<name> = demo names
+            for name, ds in h5["mask"].items():
+                filter_keys[name] = [v.decode() if isinstance(v, bytes) else str(v) for v in ds[()]]
         attrs = {
             "robosuite": {
                 "env_name": env_name,
@@ -369,6 +377,7 @@ def ingest(
                 "demos": demos,
                 "model_xml": models,
                 "episode_model": episode_model,
+                "filter_keys": filter_keys,
                 "images_flipped_to_top_row_first": bool(flip_images),
             }
         }
@@ -376,8 +385,10 @@ def ingest(
         first = _read_demo(h5, src, demos[0], max_steps_per_episode, flip_images)
         regen = None
         if regenerate_obs:
-            regen = _Regenerator(env_name, env_info, env_args, tuple(cameras), image_size, flip_images, src)
-            first.update(regen.observe(first["obs.sim_state"], h5["data"][demos[0]].attrs, demos[0]))
+            from vlaflow.data.ingest.robosuite_regen import Regenerator
+
+            regen = Regenerator(env_name, env_info, env_args, tuple(cameras), image_size, flip_images, src)
+            first.update(regen.observe(first["obs.sim_state"], _model_of(0), demos[0]))
             attrs["robosuite"]["regenerated"] = regen.describe()
         keyspecs = {}
         for k, v in first.items():
@@ -388,7 +399,7 @@ def ingest(
                 names = (
                     regen.state_names
                     if regen is not None
-                    else _state_names(
+                    else state_names_of(
                         {kk[len("obs.") :]: first[kk].shape[1] for kk in first if kk.startswith("obs.")}
                     )
                 )
@@ -401,7 +412,7 @@ def ingest(
             for i, d in enumerate(bar):
                 ep = first if i == 0 else _read_demo(h5, src, d, max_steps_per_episode, flip_images)
                 if regen is not None and i > 0:
-                    ep.update(regen.observe(ep["obs.sim_state"], h5["data"][d].attrs, d))
+                    ep.update(regen.observe(ep["obs.sim_state"], _model_of(i), d))
                 success = ep.pop("_success", None)
                 for k, spec in keyspecs.items():
                     if k not in ep:
@@ -436,168 +447,3 @@ def ingest(
         "successes": successes,
         "warnings": warnings + (regen.warnings if regen is not None else []),
     }
-
-
-# ----------------------------------------------------------------------------------------------- regenerate
-_CONTROLLER_RENAMES = {"damping": "damping_ratio", "damping_limits": "damping_ratio_limits"}
-
-
-class _Regenerator:
-    """A robosuite env reset to recorded states (robomimic's dataset_states_to_obs, without stepping)."""
-
-    def __init__(
-        self,
-        env_name: str,
-        env_info: dict | None,
-        env_args: dict | None,
-        cameras: tuple[str, ...],
-        image_size: int,
-        flip_images: bool,
-        src: Path,
-    ) -> None:
-        os.environ.setdefault("MUJOCO_GL", "egl")
-        try:
-            import robosuite
-            from robosuite import macros
-        except ImportError as e:
-            raise IngestError(
-                f"--regenerate-obs needs robosuite and mujoco (pip install 'vlaflow[sim]'): {e}"
-            ) from e
-        self.robosuite = robosuite
-        self.src = src
-        self.cameras = cameras
-        self.image_size = image_size
-        self.flip = flip_images and macros.IMAGE_CONVENTION == "opengl"
-        self.warnings: list[str] = []
-        self.xml_mode: str | None = None  # "model_file" once a demo XML loaded, "env_model" after a fallback
-        self.state_names: list[str] = []
-        self.kwargs = self._env_kwargs(env_name, env_info, env_args)
-        self.env = self._make()
-
-    def _env_kwargs(self, env_name: str, env_info: dict | None, env_args: dict | None) -> dict:
-        from robosuite.controllers.composite.composite_controller_factory import (
-            refactor_composite_controller_config,
-        )
-
-        if env_info is not None:
-            kw = {k: v for k, v in env_info.items() if k != "env_name"}
-        elif env_args is not None:
-            kw = dict(env_args.get("env_kwargs", {}))
-        else:
-            raise IngestError(
-                f"{self.src}: data.attrs has neither env_info nor env_args; cannot rebuild the env"
-            )
-        robots = kw.get("robots", "Panda")
-        robots = [robots] if isinstance(robots, str) else list(robots)
-        cc = kw.get("controller_configs")
-        if cc is not None:
-            # robosuite <= 1.4 stored one arm ("part") controller config; 1.5 wants a composite one per robot.
-            cc = {_CONTROLLER_RENAMES.get(k, k): v for k, v in cc.items()}
-            cc = [refactor_composite_controller_config(dict(cc), r, ["right"]) for r in robots]
-            kw["controller_configs"] = cc if len(cc) > 1 else cc[0]
-        kw.update(
-            env_name=env_name,
-            robots=robots if len(robots) > 1 else robots[0],
-            has_renderer=False,
-            has_offscreen_renderer=bool(self.cameras),
-            use_camera_obs=bool(self.cameras),
-            camera_names=list(self.cameras) or None,
-            camera_heights=self.image_size,
-            camera_widths=self.image_size,
-            ignore_done=True,
-            use_object_obs=True,
-        )
-        if not self.cameras:
-            kw.pop("camera_names")
-        for legacy in ("camera_depths", "render_gpu_device_id"):
-            kw.pop(legacy, None)
-        return kw
-
-    def _make(self) -> Any:
-        try:
-            env = self.robosuite.make(**self.kwargs)
-            env.reset()
-        except Exception as e:
-            raise IngestError(
-                f"{self.src}: cannot build robosuite {self.robosuite.__version__} env "
-                f"{self.kwargs.get('env_name')!r} "
-                f"from the file's env metadata: {type(e).__name__}: {e}"
-            ) from e
-        return env
-
-    def describe(self) -> dict:
-        return {
-            "robosuite_version": self.robosuite.__version__,
-            "cameras": list(self.cameras),
-            "image_size": self.image_size,
-            "model": self.xml_mode,
-            "state_names": self.state_names,
-        }
-
-    def _load_model(self, demo_attrs: Any, demo: str, n_state: int) -> None:
-        xml = _str_attr(demo_attrs, "model_file")
-        if self.xml_mode != "env_model" and xml is not None and xml.lstrip().startswith("<"):
-            import mujoco
-
-            xml = self.env.edit_model_xml(xml)
-            # compile it alone first: a failed reset_from_xml_string leaves the env closed (~5 s to rebuild)
-            try:
-                mujoco.MjModel.from_xml_string(xml)
-            except Exception as e:  # a 1.4 XML often names assets that 1.5 no longer ships
-                self.warnings.append(
-                    f"data/{demo}: the recorded model XML does not load in robosuite "
-                    f"{self.robosuite.__version__} "
-                    f"({type(e).__name__}: {str(e)[:200]}); using the env's own model with the recorded "
-                    "states"
-                )
-                self.xml_mode = "env_model"
-            else:
-                try:
-                    self.env.reset_from_xml_string(xml)
-                    self.env.sim.reset()
-                except Exception as e:
-                    raise IngestError(
-                        f"{self.src}: data/{demo}: the recorded model XML compiles but robosuite "
-                        f"{self.robosuite.__version__} cannot set up {self.kwargs['env_name']} from it "
-                        f"({type(e).__name__}: {e})"
-                    ) from e
-                self.xml_mode = "model_file"
-        elif self.xml_mode is None:
-            self.xml_mode = "env_model"
-        size = self.env.sim.get_state().flatten().size
-        if size != n_state:
-            raise IngestError(
-                f"{self.src}: data/{demo}: recorded states have {n_state} values per step but the robosuite "
-                f"{self.robosuite.__version__} {self.kwargs['env_name']} model ({self.xml_mode}) has "
-                f"{size}; the model "
-                "changed between versions, so the recorded states cannot be replayed into it"
-            )
-
-    def observe(self, states: np.ndarray, demo_attrs: Any, demo: str) -> dict[str, np.ndarray]:
-        self._load_model(demo_attrs, demo, states.shape[1])
-        sim = self.env.sim
-        per_step: list[dict[str, np.ndarray]] = []
-        for s in states:
-            sim.set_state_from_flattened(s)
-            sim.forward()
-            per_step.append(self.env._get_observations(force_update=True))
-        obs = {k: np.stack([o[k] for o in per_step]) for k in per_step[0]}
-        out: dict[str, np.ndarray] = {}
-        state = _compose_state(obs)
-        if state is None:
-            raise IngestError(f"{self.src}: the robosuite env gives no robot*_eef_pos/eef_quat observations")
-        out[K.OBS_STATE] = state
-        self.state_names = _state_names({k: v.shape[1] for k, v in obs.items() if v.ndim == 2})
-        if "object-state" in obs:
-            out["obs.object"] = obs["object-state"].astype(np.float32)
-        for cam in self.cameras:
-            img = obs[f"{cam}_image"]
-            out[K.image_key(cam)] = np.ascontiguousarray(img[:, ::-1] if self.flip else img)
-        out["_success"] = bool(self.env._check_success())
-        return out
-
-    def close(self) -> None:
-        try:
-            self.env.close()
-        except Exception as e:  # closing a renderer must not hide a finished ingest
-            self.warnings.append(f"closing the robosuite env failed: {e}")
