@@ -189,3 +189,45 @@ def test_replay_reproduces_human_episodes(tmp_path, capsys):
         new.append_episode({"action": ep["action"], "obs.state": ep["state"]}, task="pusht", source="human")
     ingested = evaluate(f"replay:{tmp_path / 'store'}", workers=0, progress=False)
     assert ingested["episodes"] == raw["episodes"][:2]
+
+
+def _tiny_checkpoint(path):
+    from vlaflow.policies import DiffusionConfig, build_policy, save_checkpoint
+    from vlaflow.policies.base_config import NetConfig, UNetConfig
+
+    def stats(shape, lo, hi):
+        lo_a, hi_a = np.full(shape, lo, np.float32), np.full(shape, hi, np.float32)
+        return {
+            "min": lo_a,
+            "max": hi_a,
+            "mean": (lo_a + hi_a) / 2,
+            "std": (hi_a - lo_a) / 4,
+            "q01": lo_a,
+            "q99": hi_a,
+        }
+
+    net = NetConfig(
+        kind="unet", unet=UNetConfig(down_dims=(16, 32), kernel_size=3, n_groups=4, step_embed_dim=16)
+    )
+    cfg = DiffusionConfig(horizon=8, n_action_steps=4, num_inference_steps=3, net=net)  # PushT low-dim keys
+    st = {
+        "action": stats((2,), 0, 512),
+        "obs.keypoint": stats((9, 2), 0, 512),
+        "obs.agent_pos": stats((2,), 0, 512),
+    }
+    save_checkpoint(path, build_policy(cfg, st))
+    return path
+
+
+def test_checkpoint_policy_through_the_cli(tmp_path, capsys):
+    # A (random-weight) diffusion checkpoint: the worker loads it itself; torch's sampling noise is seeded per
+    # episode, so a worker process and an in-process run agree exactly. (One worker: importing torch in a
+    # fresh process is the slow part of this test.)
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    args = ["eval", "--policy", str(ckpt), "--episodes", "2", "--max-steps", "12", "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "w1"), "--videos", "0", "--quiet"]) == 0
+    assert "pusht | " in capsys.readouterr().out
+    worker = json.loads((tmp_path / "w1" / "report.json").read_text())
+    local = evaluate(str(ckpt), n_episodes=2, max_steps=12, workers=0, progress=False)
+    assert worker["episodes"] == local["episodes"] and worker["workers"] == 1 and local["workers"] == 0
+    assert worker["runtime"] == {"n_obs_steps": 2, "horizon": 8, "n_action_steps": 4}

@@ -323,6 +323,11 @@ def run_jobs(
     try:
         if workers == 0 or policy is not None:
             env, policy = build_env_and_policy(setup, policy)
+            # One torch thread, as in the workers, so in-process results match worker results bit for bit.
+            torch = sys.modules.get("torch")
+            threads = torch.get_num_threads() if torch is not None else None
+            if torch is not None:
+                torch.set_num_threads(1)
             try:
                 for job in jobs:
                     try:
@@ -331,6 +336,8 @@ def run_jobs(
                         record(job, "error", _error_entry(job, _short_tb(e)))
             finally:
                 env.close()
+                if threads is not None:
+                    torch.set_num_threads(threads)
         else:
             _run_pool(setup, jobs, min(workers, len(jobs)), start_method, record)
     finally:
