@@ -148,7 +148,7 @@ def lift_env():
     reason = _robosuite_ok()
     if reason:
         pytest.skip(reason)
-    env = make_env("lift", obs_mode="image", image_size=48, render_size=64)
+    env = make_env("lift", obs_mode="image", image_size=32, render_size=64)
     yield env
     env.close()
 
@@ -156,19 +156,19 @@ def lift_env():
 def test_lift_image_obs_and_expert(lift_env):
     spec = lift_env.task_spec
     assert spec.fps == 20.0 and spec.action_dim == 7 and spec.max_steps == 200
-    assert spec.obs_shapes["obs.image.agentview"] == (48, 48, 3)
-    assert spec.obs_shapes["obs.image.wrist"] == (48, 48, 3)
+    assert spec.obs_shapes["obs.image.agentview"] == (32, 32, 3)
+    assert spec.obs_shapes["obs.image.wrist"] == (32, 32, 3)
     state = np.random.get_state()[1].copy()
     obs, _ = lift_env.reset(seed=3)
     np.testing.assert_array_equal(np.random.get_state()[1], state)  # global RNG left as it was
     assert obs["obs.state"].shape == (9,)
     for cam in ("agentview", "wrist"):
         im = obs[f"obs.image.{cam}"]
-        assert im.dtype == np.uint8 and im.shape == (48, 48, 3) and im.std() > 5
+        assert im.dtype == np.uint8 and im.shape == (32, 32, 3) and im.std() > 5
     assert lift_env.render().shape == (64, 64, 3)
     ro = rollout_expert(lift_env, make_expert("lift", lift_env), 3, spec.max_steps)
     assert ro.success and ro.length < 100
-    assert ro.data["obs.image.agentview"].shape == (ro.length, 48, 48, 3)
+    assert ro.data["obs.image.agentview"].shape == (ro.length, 32, 32, 3)
 
 
 def test_lift_seeded_reset_is_deterministic(lift_env):
