@@ -91,7 +91,7 @@ def _write_robomimic(path, n_demos=2, T=6, nan_at=None, bad_dim_demo=None):
         h.create_dataset("mask/train", data=np.array([b"demo_0"]))
 
 
-def test_robomimic_obs_rewards_and_flip(tmp_path):
+def test_robomimic_obs_rewards_and_images(tmp_path):
     src = tmp_path / "rm.hdf5"
     _write_robomimic(src)
     summary = robosuite_hdf5.ingest(src, tmp_path / "s.zarr", progress=False)
@@ -110,7 +110,7 @@ def test_robomimic_obs_rewards_and_flip(tmp_path):
         for i in range(2):
             g, ep = h[f"data/demo_{i}"], store.get_episode(i)
             o = g["obs"]
-            np.testing.assert_array_equal(ep["obs.image.agentview"], o["agentview_image"][()][:, ::-1])
+            np.testing.assert_array_equal(ep["obs.image.agentview"], o["agentview_image"][()])
             want = np.concatenate(
                 [o["robot0_eef_pos"][()], o["robot0_eef_quat"][()], o["robot0_gripper_qpos"][()]], 1
             )
@@ -118,15 +118,15 @@ def test_robomimic_obs_rewards_and_flip(tmp_path):
             np.testing.assert_array_equal(ep["obs.object"], o["object"][()])
             np.testing.assert_array_equal(ep["reward"], g["rewards"][()])
             assert robosuite_hdf5.episode_model_xml(store, i) == f"<mujoco model='m{i}'/>"
-    # without flipping the images are kept as stored
+    # files recorded from raw robosuite renders (bottom row first) can be flipped on import
     robosuite_hdf5.ingest(
-        src, tmp_path / "nf.zarr", flip_images=False, max_steps_per_episode=4, progress=False
+        src, tmp_path / "nf.zarr", flip_dataset_images=True, max_steps_per_episode=4, progress=False
     )
     nf = EpisodeStore.open(tmp_path / "nf.zarr")
     assert nf.n_steps == 8
     with h5py.File(src, "r") as h:
         np.testing.assert_array_equal(
-            nf.get_episode(1)["obs.image.agentview"], h["data/demo_1/obs/agentview_image"][:4]
+            nf.get_episode(1)["obs.image.agentview"], h["data/demo_1/obs/agentview_image"][:4][:, ::-1]
         )
 
 

@@ -13,10 +13,10 @@ What lands in the store:
 
 - ``action``: the recorded actions, dtype kept (float64 stays float64, so the values are bit-identical).
 - ``obs.sim_state``: the flattened MuJoCo states, float64, bit-identical.
-- robomimic ``obs/<key>`` -> ``obs.<key>``; ``<cam>_image`` -> ``obs.image.<cam>`` (flipped to top-row-first,
-  see ``flip_images``); ``rewards`` -> ``reward``, ``dones`` -> ``done``. When the eef pose and gripper
-  keys are there, ``obs.state`` = [eef_pos, eef_quat, gripper_qpos] per robot (float32), as the
-  regenerated path writes it.
+- robomimic ``obs/<key>`` -> ``obs.<key>``; ``<cam>_image`` -> ``obs.image.<cam>`` as stored (robomimic
+  already flips robosuite's renders to top-row-first; see ``flip_dataset_images``); ``rewards`` ->
+  ``reward``, ``dones`` -> ``done``. When the eef pose and gripper keys are there, ``obs.state`` =
+  [eef_pos, eef_quat, gripper_qpos] per robot (float32), as the regenerated path writes it.
 - With ``regenerate_obs=True`` (needs robosuite): ``obs.state`` (same layout), ``obs.object`` (the env's
   object-state vector) and ``obs.image.<cam>`` rendered by resetting an env to every recorded state.
 
@@ -113,6 +113,12 @@ def add_options(group: Any) -> None:
         "--max-episodes", type=int, default=None, help="robosuite-hdf5: keep only the first N demos"
     )
     group.add_argument(
+        "--flip-dataset-images",
+        action="store_true",
+        help="robosuite-hdf5: flip stored obs/*_image vertically (files of raw robosuite renders; robomimic "
+        "files are already upright)",
+    )
+    group.add_argument(
         "--task", default=None, help="instruction text for every episode (default: from the source)"
     )
     group.add_argument(
@@ -128,6 +134,7 @@ def options_from_args(args: Any) -> dict:
         "image_size": int(getattr(args, "image_size", 84)),
         "max_steps_per_episode": getattr(args, "max_steps_per_episode", None),
         "max_episodes": getattr(args, "max_episodes", None),
+        "flip_dataset_images": bool(getattr(args, "flip_dataset_images", False)),
     }
     if getattr(args, "task", None):
         opts["task"] = args.task
@@ -184,7 +191,7 @@ def _check_finite(arr: np.ndarray, src: Path, key: str) -> None:
 
 
 def _read_demo(
-    h5: Any, src: Path, demo: str, max_steps: int | None, flip_images: bool
+    h5: Any, src: Path, demo: str, max_steps: int | None, flip_images: bool = False
 ) -> dict[str, np.ndarray]:
     g = h5["data"][demo]
     for need in ("actions", "states"):
@@ -225,7 +232,7 @@ def _read_demo(
                     raise IngestError(
                         f"{src}: data/{demo}/obs/{name}: expected uint8 images, found {arr.dtype}"
                     )
-                # robosuite renders in OpenGL convention (bottom row first); robomimic stores it that way.
+                # robomimic's get_observation already flipped robosuite's bottom-row-first renders.
                 out[K.image_key(name[: -len("_image")])] = arr[:, ::-1] if flip_images else arr
             else:
                 out[f"obs.{name}"] = arr.reshape(T, -1) if arr.ndim == 1 else arr
@@ -293,14 +300,16 @@ def ingest(
     max_episodes: int | None = None,
     task: str | None = None,
     fps: float | None = None,
-    flip_images: bool = True,
+    flip_dataset_images: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Import a robosuite/robomimic hdf5 file into a new store at ``dest`` (written atomically).
 
-    ``flip_images``: robosuite renders bottom-row-first (its default OpenGL image convention) and robomimic
-    datasets keep that; the store holds images top-row-first, so they are flipped vertically.
+    Images in the store are top-row-first. robosuite renders bottom-row-first (its default OpenGL convention):
+    regenerated images are flipped accordingly, and robomimic datasets are already flipped by robomimic
+    (``EnvRobosuite.get_observation``: ``di[k][::-1]``). ``flip_dataset_images=True`` flips a file's stored
+    ``obs/*_image`` for files recorded from raw robosuite observations.
     """
     import h5py
     from tqdm import tqdm
@@ -378,16 +387,16 @@ def ingest(
                 "model_xml": models,
                 "episode_model": episode_model,
                 "filter_keys": filter_keys,
-                "images_flipped_to_top_row_first": bool(flip_images),
+                "dataset_images_flipped": bool(flip_dataset_images),
             }
         }
 
-        first = _read_demo(h5, src, demos[0], max_steps_per_episode, flip_images)
+        first = _read_demo(h5, src, demos[0], max_steps_per_episode, flip_dataset_images)
         regen = None
         if regenerate_obs:
             from vlaflow.data.ingest.robosuite_regen import Regenerator
 
-            regen = Regenerator(env_name, env_info, env_args, tuple(cameras), image_size, flip_images, src)
+            regen = Regenerator(env_name, env_info, env_args, tuple(cameras), image_size, src)
             first.update(regen.observe(first["obs.sim_state"], _model_of(0), demos[0]))
             attrs["robosuite"]["regenerated"] = regen.describe()
         keyspecs = {}
@@ -410,7 +419,7 @@ def ingest(
         with atomic_store(dest, keys=keyspecs, fps=fps, attrs=attrs, overwrite=overwrite) as store:
             bar = tqdm(demos, desc=f"ingest {src.name}", unit="demo", disable=not progress)
             for i, d in enumerate(bar):
-                ep = first if i == 0 else _read_demo(h5, src, d, max_steps_per_episode, flip_images)
+                ep = first if i == 0 else _read_demo(h5, src, d, max_steps_per_episode, flip_dataset_images)
                 if regen is not None and i > 0:
                     ep.update(regen.observe(ep["obs.sim_state"], _model_of(i), d))
                 success = ep.pop("_success", None)

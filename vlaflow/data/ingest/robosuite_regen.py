@@ -31,7 +31,6 @@ class Regenerator:
         env_args: dict | None,
         cameras: tuple[str, ...],
         image_size: int,
-        flip_images: bool,
         src: Path,
     ) -> None:
         os.environ.setdefault("MUJOCO_GL", "egl")
@@ -46,7 +45,7 @@ class Regenerator:
         self.src = src
         self.cameras = cameras
         self.image_size = image_size
-        self.flip = flip_images and macros.IMAGE_CONVENTION == "opengl"
+        self.flip = macros.IMAGE_CONVENTION == "opengl"  # bottom row first: flip to the store's top-row-first
         self.warnings: list[str] = []
         self.xml_mode: str | None = None  # "model_file" once a demo XML loaded, "env_model" after a fallback
         self.state_names: list[str] = []
