@@ -228,6 +228,57 @@ def test_action_from_next_joint_state_and_receive_fallback(tmp_path):
     np.testing.assert_array_equal(ep["action"][:, 0], [5, 10, 15, 20, 25, 25])
 
 
+def test_joint_order_follows_first_message(tmp_path):
+    msgs = []
+    for i in range(20):
+        names, pos = (["a", "b"], [i, -i]) if i % 2 == 0 else (["b", "a"], [-i, i])
+        msgs.append(
+            ("/js", "sensor_msgs/msg/JointState", SEC + i * 10**7, joint_msg(SEC + i * 10**7, pos, names))
+        )
+    write_bag(tmp_path / "bag", "mcap", msgs)
+    rosbag2.ingest(tmp_path / "bag", tmp_path / "s.zarr", joint_topic="/js", rate=50, progress=False)
+    store = EpisodeStore.open(tmp_path / "s.zarr")
+    assert store.keys["obs.state"].names == ["a", "b"]
+    np.testing.assert_array_equal(
+        store.read("obs.state"), np.stack([np.arange(0, 20, 2), -np.arange(0, 20, 2)], 1)
+    )
+
+
+def test_decode_image_encodings():
+    want = image_value(3)
+    rgba = np.concatenate([want, np.full((H, W, 1), 255, np.uint8)], axis=2)
+    padded = np.zeros((H, W * 4 + 5), np.uint8)  # row stride larger than the pixels (step > width * channels)
+    padded[:, : W * 4] = rgba[..., [2, 1, 0, 3]].reshape(H, -1)
+    msg = T["sensor_msgs/msg/Image"](
+        header=_header(SEC), height=H, width=W, encoding="bgra8", is_bigendian=0, step=W * 4 + 5,
+        data=padded.reshape(-1),
+    )  # fmt: skip
+    np.testing.assert_array_equal(rosbag2._decode_image(msg, "sensor_msgs/msg/Image", "/c", 0, None), want)
+    mono = T["sensor_msgs/msg/Image"](
+        header=_header(SEC), height=H, width=W, encoding="mono8", is_bigendian=0, step=W,
+        data=want[..., 0].reshape(-1).copy(),
+    )  # fmt: skip
+    out = rosbag2._decode_image(mono, "sensor_msgs/msg/Image", "/c", 0, None)
+    np.testing.assert_array_equal(out, np.repeat(want[..., :1], 3, axis=2))
+    ok, buf = cv2.imencode(
+        ".jpg", np.full((16, 16, 3), (10, 100, 200), np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 95]
+    )
+    jpg = T["sensor_msgs/msg/CompressedImage"](header=_header(SEC), format="jpeg", data=buf.reshape(-1))
+    out = rosbag2._decode_image(jpg, "sensor_msgs/msg/CompressedImage", "/c", 0, None)
+    assert out.shape == (16, 16, 3) and np.abs(out.astype(int) - (200, 100, 10)).max() <= 3  # BGR in, RGB out
+    bad = T["sensor_msgs/msg/Image"](
+        header=_header(SEC),
+        height=2,
+        width=2,
+        encoding="16UC1",
+        is_bigendian=0,
+        step=4,
+        data=np.zeros(8, np.uint8),
+    )
+    with pytest.raises(IngestError, match=r"/c: message 7: image encoding '16UC1' not supported"):
+        rosbag2._decode_image(bad, "sensor_msgs/msg/Image", "/c", 7, "bag")
+
+
 def test_bad_inputs(tmp_path):
     msgs, _ = make_stream(seed=4, dur=0.5)
     write_bag(tmp_path / "ok", "mcap", msgs)

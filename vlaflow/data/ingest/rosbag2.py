@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,20 +185,34 @@ class _Series:
     fallbacks: int = 0
 
 
-def _stamp(msg: Any, t_recv: int, mode: str, topic: str, index: int, path: Path, series: _Series) -> int:
+def _header_ns(msg: Any) -> int | None:
     header = getattr(msg, "header", None)
-    if header is None or mode == "receive":
+    return None if header is None else int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+def _header_ns_from_cdr(raw: bytes | memoryview) -> int:
+    """Header stamp of a message whose first field is std_msgs/Header, read without deserializing the rest.
+
+    CDR: 4 bytes of encapsulation (byte 1: 1 = little endian), then stamp.sec int32, stamp.nanosec uint32.
+    Images are big; pass 1 only needs their times.
+    """
+    sec, nsec = struct.unpack_from("<iI" if raw[1] == 1 else ">iI", raw, 4)
+    return sec * 1_000_000_000 + nsec
+
+
+def _stamp(
+    header_ns: int | None, t_recv: int, mode: str, topic: str, index: int, path: Path, series: _Series
+) -> int:
+    if header_ns is None or mode == "receive":
         return int(t_recv)
-    ns = int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
-    if ns != 0:
-        return ns
+    if header_ns != 0:
+        return header_ns
     if mode == "header-or-receive":
         series.fallbacks += 1
         return int(t_recv)
     raise IngestError(
-        f"{path}: topic {topic}: message {index} has a zero header stamp; pass --stamp header-or-receive to "
-        "use "
-        "the bag's receive time for such messages"
+        f"{path}: topic {topic}: message {index} has a zero header stamp; pass --stamp header-or-receive "
+        "to use the bag's receive time for such messages"
     )
 
 
@@ -325,25 +340,37 @@ def _check_topics(reader: Any, path: Path, opts: RosbagOptions) -> dict[str, Any
 
 
 def _read_series(
-    reader: Any, path: Path, opts: RosbagOptions, have: dict, typestore: Any
+    reader: Any, path: Path, opts: RosbagOptions, have: dict, typestore: Any, progress: bool = False
 ) -> dict[str, _Series]:
     """Pass 1: times of every chosen topic, values of the joint/action topics (images are decoded later)."""
+    from tqdm import tqdm
+
     wanted = set(opts.topics()) | ({opts.episode_topic} if opts.episode_topic else set())
     series = {t: _Series() for t in wanted}
     vector_topics = {opts.joint_topic, opts.action_topic} - {None}
+    image_topics = {t for t, _ in opts.image_topics}
     conns = [c for c in reader.connections if c.topic in wanted]
+    bar = tqdm(
+        total=sum(c.msgcount for c in conns), desc=f"read {path.name}", unit="msg", disable=not progress
+    )
     for conn, t_recv, raw in _messages(reader, conns, path):
+        bar.update()
         s = series[conn.topic]
         i = len(s.stamps)
         try:
-            msg = typestore.deserialize_cdr(raw, conn.msgtype)
+            if conn.topic in image_topics:
+                header_ns, msg = _header_ns_from_cdr(raw), None
+            else:
+                msg = typestore.deserialize_cdr(raw, conn.msgtype)
+                header_ns = _header_ns(msg)
         except Exception as e:
             raise IngestError(
                 f"{path}: topic {conn.topic}: message {i} does not deserialize as {conn.msgtype}: {e}"
             ) from e
-        s.stamps.append(_stamp(msg, t_recv, opts.stamp, conn.topic, i, path, s))
+        s.stamps.append(_stamp(header_ns, t_recv, opts.stamp, conn.topic, i, path, s))
         if conn.topic in vector_topics:
             s.values.append(_vector(msg, conn.msgtype, conn.topic, i, path, s))
+    bar.close()
     for topic, s in series.items():
         if not s.stamps:
             raise IngestError(f"{path}: topic {topic} has no messages")
@@ -446,7 +473,7 @@ def ingest(
             reader = _open_reader(path)
             stack.callback(reader.close)
             have = _check_topics(reader, path, opts)
-            series = _read_series(reader, path, opts, have, typestore)
+            series = _read_series(reader, path, opts, have, typestore, progress)
             for topic, s in series.items():
                 if s.fallbacks:
                     summary["receive_time_fallbacks"][f"{path.name}:{topic}"] = s.fallbacks
