@@ -127,7 +127,7 @@ def add_options(group: Any) -> None:
         "--action-topic",
         default=None,
         help="rosbag2: JointState / Float64MultiArray / JointTrajectory topic -> action "
-        "(default: the next tick's joint state)",
+        "(unset: the next tick's joint state)",
     )
     group.add_argument(
         "--image-topic",
