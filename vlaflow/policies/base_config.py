@@ -38,8 +38,10 @@ class LanguageConfig:
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
             _check(getattr(self, name) >= 1, f"language.{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.hidden_size % self.num_heads == 0,
-               f"language.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            f"language.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}",
+        )
         _check(self.max_length >= 3, f"language.max_length must be >= 3, got {self.max_length}")
 
 
@@ -48,7 +50,9 @@ class EncoderConfig:
     state_encoder: str = "concat"  # low-dim keys: "concat" (identity, Diffusion Policy) or "mlp"
     state_hidden_dims: tuple[int, ...] = (256,)  # hidden widths of the state MLP
     state_feature_dim: int = 64  # state MLP output width (ignored by "concat")
-    image_backbone: str = "resnet18"  # "resnet18" (ours, GroupNorm, from scratch) or "timm:<name>" if installed
+    image_backbone: str = (
+        "resnet18"  # "resnet18" (ours, GroupNorm, from scratch) or "timm:<name>" if installed
+    )
     image_base_width: int = 64  # ResNet-18 stem width (64 = the standard network)
     norm_group_size: int = 16  # GroupNorm groups = channels // this (Diffusion Policy: 16)
     crop_shape: tuple[int, int] | None = (84, 84)  # random crop in training, center crop in eval; None = off
@@ -58,35 +62,58 @@ class EncoderConfig:
     language: LanguageConfig = field(default_factory=LanguageConfig)  # instruction encoder
 
     def __post_init__(self):
-        _check(self.state_encoder in ("concat", "mlp"),
-               f"encoder.state_encoder must be 'concat' or 'mlp', got {self.state_encoder!r}")
-        _check(self.image_backbone == "resnet18" or self.image_backbone.startswith("timm:"),
-               f"encoder.image_backbone must be 'resnet18' or 'timm:<name>', got {self.image_backbone!r}")
-        for name in ("state_feature_dim", "image_base_width", "norm_group_size", "num_keypoints",
-                     "image_feature_dim"):
+        _check(
+            self.state_encoder in ("concat", "mlp"),
+            f"encoder.state_encoder must be 'concat' or 'mlp', got {self.state_encoder!r}",
+        )
+        _check(
+            self.image_backbone == "resnet18" or self.image_backbone.startswith("timm:"),
+            f"encoder.image_backbone must be 'resnet18' or 'timm:<name>', got {self.image_backbone!r}",
+        )
+        for name in (
+            "state_feature_dim",
+            "image_base_width",
+            "norm_group_size",
+            "num_keypoints",
+            "image_feature_dim",
+        ):
             _check(getattr(self, name) >= 1, f"encoder.{name} must be >= 1, got {getattr(self, name)}")
-        _check(all(d >= 1 for d in self.state_hidden_dims),
-               f"encoder.state_hidden_dims must be positive, got {self.state_hidden_dims}")
+        _check(
+            all(d >= 1 for d in self.state_hidden_dims),
+            f"encoder.state_hidden_dims must be positive, got {self.state_hidden_dims}",
+        )
         if self.crop_shape is not None:
-            _check(len(self.crop_shape) == 2 and all(c >= 1 for c in self.crop_shape),
-                   f"encoder.crop_shape must be (h, w) or None, got {self.crop_shape}")
+            _check(
+                len(self.crop_shape) == 2 and all(c >= 1 for c in self.crop_shape),
+                f"encoder.crop_shape must be (h, w) or None, got {self.crop_shape}",
+            )
 
 
 @dataclass(frozen=True)
 class UNetConfig:
-    down_dims: tuple[int, ...] = (64, 128, 256)  # channel widths per level (~4.5M params; the paper: 256,512,1024)
+    down_dims: tuple[int, ...] = (
+        64,
+        128,
+        256,
+    )  # channel widths per level (~4.5M params; the paper: 256,512,1024)
     kernel_size: int = 5  # temporal conv kernel
     n_groups: int = 8  # GroupNorm groups
     step_embed_dim: int = 128  # diffusion-step embedding width
 
     def __post_init__(self):
-        _check(len(self.down_dims) >= 1 and all(d >= 1 for d in self.down_dims),
-               f"net.unet.down_dims must be non-empty positive widths, got {self.down_dims}")
-        _check(all(d % self.n_groups == 0 for d in self.down_dims),
-               f"net.unet.down_dims {self.down_dims} must all be divisible by n_groups {self.n_groups}")
+        _check(
+            len(self.down_dims) >= 1 and all(d >= 1 for d in self.down_dims),
+            f"net.unet.down_dims must be non-empty positive widths, got {self.down_dims}",
+        )
+        _check(
+            all(d % self.n_groups == 0 for d in self.down_dims),
+            f"net.unet.down_dims {self.down_dims} must all be divisible by n_groups {self.n_groups}",
+        )
         _check(self.kernel_size % 2 == 1, f"net.unet.kernel_size must be odd, got {self.kernel_size}")
-        _check(self.step_embed_dim >= 2 and self.step_embed_dim % 2 == 0,
-               f"net.unet.step_embed_dim must be even and >= 2, got {self.step_embed_dim}")
+        _check(
+            self.step_embed_dim >= 2 and self.step_embed_dim % 2 == 0,
+            f"net.unet.step_embed_dim must be even and >= 2, got {self.step_embed_dim}",
+        )
 
 
 @dataclass(frozen=True)
@@ -99,20 +126,29 @@ class TransformerConfig:
     causal: bool = False  # causal self-attention over action tokens (Diffusion Policy's transformer)
 
     def __post_init__(self):
-        _check(self.d_model % self.n_heads == 0 and self.d_model % 2 == 0,
-               f"net.transformer.d_model {self.d_model} must be even and divisible by n_heads {self.n_heads}")
+        _check(
+            self.d_model % self.n_heads == 0 and self.d_model % 2 == 0,
+            f"net.transformer.d_model {self.d_model} must be even and divisible by n_heads {self.n_heads}",
+        )
         _check(self.n_layers >= 1, f"net.transformer.n_layers must be >= 1, got {self.n_layers}")
         _check(0 <= self.dropout < 1, f"net.transformer.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
 class NetConfig:
-    kind: str = "unet"  # action head: "unet" (FiLM, Diffusion Policy) or "transformer" (DiT + cross-attention)
+    kind: str = (
+        "unet"  # action head: "unet" (FiLM, Diffusion Policy) or "transformer" (DiT + cross-attention)
+    )
     unet: UNetConfig = field(default_factory=UNetConfig)  # used when kind == "unet"
-    transformer: TransformerConfig = field(default_factory=TransformerConfig)  # used when kind == "transformer"
+    transformer: TransformerConfig = field(
+        default_factory=TransformerConfig
+    )  # used when kind == "transformer"
 
     def __post_init__(self):
-        _check(self.kind in ("unet", "transformer"), f"net.kind must be 'unet' or 'transformer', got {self.kind!r}")
+        _check(
+            self.kind in ("unet", "transformer"),
+            f"net.kind must be 'unet' or 'transformer', got {self.kind!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -141,26 +177,39 @@ class PolicyConfig:
     def __post_init__(self):
         _check(self.n_obs_steps >= 1, f"n_obs_steps must be >= 1, got {self.n_obs_steps}")
         _check(self.horizon >= 1, f"horizon must be >= 1, got {self.horizon}")
-        _check(1 <= self.n_action_steps <= self.horizon,
-               f"n_action_steps must be in 1..horizon={self.horizon}, got {self.n_action_steps}")
+        _check(
+            1 <= self.n_action_steps <= self.horizon,
+            f"n_action_steps must be in 1..horizon={self.horizon}, got {self.n_action_steps}",
+        )
         _check(self.action_dim >= 1, f"action_dim must be >= 1, got {self.action_dim}")
         _check(self.fps > 0, f"fps must be > 0, got {self.fps}")
         _check(len(self.obs_shapes) >= 1, "obs_shapes must name at least one observation key")
         for k, shape in self.obs_shapes.items():
             _check(k.startswith(K.OBS_PREFIX), f"obs_shapes key {k!r} must start with {K.OBS_PREFIX!r}")
-            _check(len(shape) >= 1 and all(int(s) >= 1 for s in shape),
-                   f"obs_shapes[{k!r}] must be a positive shape, got {shape}")
+            _check(
+                len(shape) >= 1 and all(int(s) >= 1 for s in shape),
+                f"obs_shapes[{k!r}] must be a positive shape, got {shape}",
+            )
             if K.is_image(k):
-                _check(len(shape) == 3 and shape[2] == 3, f"image key {k!r} must have shape (h, w, 3), got {shape}")
+                _check(
+                    len(shape) == 3 and shape[2] == 3,
+                    f"image key {k!r} must have shape (h, w, 3), got {shape}",
+                )
         for k, mode in self.normalization.items():
             _check(mode in NORM_MODES, f"normalization[{k!r}] must be one of {NORM_MODES}, got {mode!r}")
-        _check(self.sampler in self._SAMPLERS, f"sampler must be one of {self._SAMPLERS}, got {self.sampler!r}")
-        _check(self.num_inference_steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        _check(
+            self.sampler in self._SAMPLERS, f"sampler must be one of {self._SAMPLERS}, got {self.sampler!r}"
+        )
+        _check(
+            self.num_inference_steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}"
+        )
         if self.net.kind == "unet":
             levels = len(self.net.unet.down_dims) - 1
-            _check(self.horizon % (2**levels) == 0,
-                   f"horizon {self.horizon} must be divisible by 2**{levels} for net.unet.down_dims "
-                   f"{self.net.unet.down_dims}")
+            _check(
+                self.horizon % (2**levels) == 0,
+                f"horizon {self.horizon} must be divisible by 2**{levels} for net.unet.down_dims "
+                f"{self.net.unet.down_dims}",
+            )
 
     # -- derived ---------------------------------------------------------------------------------
     def norm_modes(self) -> dict[str, str]:
@@ -212,7 +261,7 @@ def _coerce(tp, value, where: str):
             return tuple(_coerce(args[0], v, where) for v in value)
         if len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} items, got {value!r}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

@@ -27,7 +27,10 @@ from vlaflow.errors import VlaflowError
 FORMAT = "vlaflow.policy"
 VERSION = 1
 CONFIG_FILE, MODEL_FILE, NORMALIZER_FILE, EXTRA_FILE = (
-    "config.json", "model.safetensors", "normalizer.json", "extra.safetensors"
+    "config.json",
+    "model.safetensors",
+    "normalizer.json",
+    "extra.safetensors",
 )
 
 
@@ -48,7 +51,12 @@ def save_checkpoint(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        meta = {"format": FORMAT, "version": VERSION, "config": policy.config.to_dict(), "extra": extra_json or {}}
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": policy.config.to_dict(),
+            "extra": extra_json or {},
+        }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         (tmp / NORMALIZER_FILE).write_text(json.dumps(policy.normalizer.to_dict()))
         save_file(_tensors_for_save(policy.state_dict()), str(tmp / MODEL_FILE))
@@ -75,7 +83,9 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise VlaflowError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version", 0) > VERSION:
-        raise VlaflowError(f"{path}: checkpoint version {meta.get('version')} is newer than supported {VERSION}")
+        raise VlaflowError(
+            f"{path}: checkpoint version {meta.get('version')} is newer than supported {VERSION}"
+        )
     return meta
 
 
@@ -90,11 +100,15 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     if not norm_path.is_file():
         raise VlaflowError(f"{d}: missing {NORMALIZER_FILE}")
     norm = json.loads(norm_path.read_text())
-    stats = {k: {s: np.asarray(v, dtype=np.float32) for s, v in st.items()} for k, st in norm["stats"].items()}
+    stats = {
+        k: {s: np.asarray(v, dtype=np.float32) for s, v in st.items()} for k, st in norm["stats"].items()
+    }
     policy = build_policy(cfg, stats)
     saved_modes = norm.get("modes", {})
     if saved_modes != policy.normalizer.modes:
-        raise VlaflowError(f"{norm_path}: modes {saved_modes} differ from the config's {policy.normalizer.modes}")
+        raise VlaflowError(
+            f"{norm_path}: modes {saved_modes} differ from the config's {policy.normalizer.modes}"
+        )
     model_path = d / MODEL_FILE
     if not model_path.is_file():
         raise VlaflowError(f"{d}: missing {MODEL_FILE}")

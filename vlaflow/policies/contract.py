@@ -61,8 +61,13 @@ class DenoisingPolicyContract(Protocol):
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]: ...
 
-    def sample(self, obs: dict[str, Any], noise: Tensor | None = None, sampler: str | None = None,
-               num_steps: int | None = None) -> Tensor: ...
+    def sample(
+        self,
+        obs: dict[str, Any],
+        noise: Tensor | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+    ) -> Tensor: ...
 
 
 def check_stats(config: PolicyConfig, stats: dict) -> None:
@@ -124,13 +129,26 @@ class DenoisingPolicy(nn.Module):
         if config.net.kind == "unet":
             u = config.net.unet
             self.head = ConditionalUnet1D(
-                config.action_dim, cond_dim * n_tokens, u.down_dims, u.kernel_size, u.n_groups, u.step_embed_dim
+                config.action_dim,
+                cond_dim * n_tokens,
+                u.down_dims,
+                u.kernel_size,
+                u.n_groups,
+                u.step_embed_dim,
             )
         else:
             tc = config.net.transformer
             self.head = TransformerHead(
-                config.action_dim, config.horizon, cond_dim, n_tokens,
-                tc.d_model, tc.n_layers, tc.n_heads, tc.mlp_ratio, tc.dropout, tc.causal,
+                config.action_dim,
+                config.horizon,
+                cond_dim,
+                n_tokens,
+                tc.d_model,
+                tc.n_layers,
+                tc.n_heads,
+                tc.mlp_ratio,
+                tc.dropout,
+                tc.causal,
             )
         self.path = self.make_path()
         self.spec = RuntimeSpec(
@@ -165,7 +183,11 @@ class DenoisingPolicy(nn.Module):
             )
         for k, shape in cfg.obs_shapes.items():
             x = torch.as_tensor(obs[k], device=self.device)
-            if x.dim() != 2 + len(shape) or tuple(x.shape[2:]) != tuple(shape) or x.shape[1] < cfg.n_obs_steps:
+            if (
+                x.dim() != 2 + len(shape)
+                or tuple(x.shape[2:]) != tuple(shape)
+                or x.shape[1] < cfg.n_obs_steps
+            ):
                 raise VlaflowError(
                     f"observation {k!r} has shape {tuple(x.shape)}, expected (B, To>={cfg.n_obs_steps}, "
                     f"{', '.join(map(str, shape))})"
@@ -187,7 +209,9 @@ class DenoisingPolicy(nn.Module):
             texts = [task] * batch_size if isinstance(task, str) else [str(s) for s in task]
         elif TASK_INDEX in obs:
             if not self.config.tasks:
-                raise VlaflowError("batch has task_index but config.tasks is empty; set tasks from WindowSampler.tasks")
+                raise VlaflowError(
+                    "batch has task_index but config.tasks is empty; set tasks from WindowSampler.tasks"
+                )
             idx = torch.as_tensor(obs[TASK_INDEX]).reshape(-1).tolist()
             n = len(self.config.tasks)
             bad = [i for i in idx if not 0 <= i < n]
@@ -197,7 +221,9 @@ class DenoisingPolicy(nn.Module):
         elif self.spec.task:
             texts = [self.spec.task] * batch_size
         else:
-            raise VlaflowError("a language-conditioned policy needs obs['task'] (str or list) or 'task_index'")
+            raise VlaflowError(
+                "a language-conditioned policy needs obs['task'] (str or list) or 'task_index'"
+            )
         if len(texts) != batch_size:
             raise VlaflowError(f"got {len(texts)} task strings for a batch of {batch_size}")
         return texts
@@ -221,12 +247,18 @@ class DenoisingPolicy(nn.Module):
             return self.head(x_t, tm, cond.flatten(1))
         return self.head(x_t, tm, cond)
 
+    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """= compute_loss, so DistributedDataParallel(policy)(batch) synchronizes gradients."""
+        return self.compute_loss(batch)
+
     def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """Masked MSE of the native prediction on a raw-unit batch; metrics are python floats."""
         cfg = self.config
         action = torch.as_tensor(batch[K.ACTION], device=self.device).float()
         if action.dim() != 3 or action.shape[1] != cfg.horizon or action.shape[2] != cfg.action_dim:
             raise VlaflowError(
-                f"batch 'action' has shape {tuple(action.shape)}, expected (B, {cfg.horizon}, {cfg.action_dim})"
+                f"batch 'action' has shape {tuple(action.shape)}, "
+                f"expected (B, {cfg.horizon}, {cfg.action_dim})"
             )
         x0 = self.normalizer.normalize(K.ACTION, action) if K.ACTION in self.normalizer.modes else action
         cond = self.encode(batch)

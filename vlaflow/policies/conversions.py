@@ -103,7 +103,7 @@ def rescale_between_paths(x_t: Tensor, alpha_src, sigma_src, alpha_dst, sigma_ds
     """x_t on the source path -> the same (x0, eps) on the destination path at matched SNR.
 
     Requires ``alpha_src / sigma_src == alpha_dst / sigma_dst`` (use ``path.time_for_snr``); then
-    ``alpha_dst = c * alpha_src`` and ``sigma_dst = c * sigma_src`` with ``c = (a_dst + s_dst) / (a_src + s_src)``.
+    ``alpha_dst = c * alpha_src``, ``sigma_dst = c * sigma_src``, ``c = (a_dst + s_dst) / (a_src + s_src)``.
     """
     return x_t * ((alpha_dst + sigma_dst) / (alpha_src + sigma_src))
 

@@ -20,8 +20,14 @@ from vlaflow.policies.interface import RuntimeSpec
 class PolicyRuntime:
     """Wraps a built policy (in memory, e.g. during training) or a loaded checkpoint."""
 
-    def __init__(self, policy, device: str | torch.device | None = None, sampler: str | None = None,
-                 num_steps: int | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        policy,
+        device: str | torch.device | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        seed: int | None = None,
+    ):
         self.policy = policy if device is None else policy.to(device)
         self.sampler = sampler
         self.num_steps = num_steps
@@ -43,13 +49,16 @@ class PolicyRuntime:
         spec = self.config
         missing = [k for k in spec.obs_keys if k not in obs]
         if missing:
-            raise VlaflowError(f"obs is missing key(s) {missing}; the policy needs {list(spec.obs_keys)}, got {sorted(obs)}")
+            raise VlaflowError(
+                f"obs is missing key(s) {missing}; the policy needs {list(spec.obs_keys)}, got {sorted(obs)}"
+            )
         batch: dict[str, Any] = {}
         for k, shape in spec.obs_shapes.items():
             x = np.asarray(obs[k])
             if x.shape[1:] != tuple(shape) or x.shape[0] < spec.n_obs_steps:
                 raise VlaflowError(
-                    f"obs[{k!r}] has shape {x.shape}, expected ({spec.n_obs_steps}, {', '.join(map(str, shape))})"
+                    f"obs[{k!r}] has shape {x.shape}, "
+                    f"expected ({spec.n_obs_steps}, {', '.join(map(str, shape))})"
                 )
             batch[k] = torch.from_numpy(np.ascontiguousarray(x[-spec.n_obs_steps :]))[None]
         if TASK in obs:
@@ -58,15 +67,16 @@ class PolicyRuntime:
         self.policy.eval()
         try:
             with torch.inference_mode():
-                actions = self.policy.sample(batch, sampler=self.sampler, num_steps=self.num_steps,
-                                             generator=self._generator)
+                actions = self.policy.sample(
+                    batch, sampler=self.sampler, num_steps=self.num_steps, generator=self._generator
+                )
         finally:
             self.policy.train(was_training)
         return actions[0].float().cpu().numpy()
 
 
 def load_policy(path: str | os.PathLike, device: str = "cpu", **kwargs) -> PolicyRuntime:
-    """Load a checkpoint directory and wrap it; kwargs go to :class:`PolicyRuntime` (sampler, num_steps, seed)."""
+    """Load a checkpoint directory and wrap it; kwargs go to :class:`PolicyRuntime` (sampler, seed...)."""
     from vlaflow.policies.checkpoint import load_checkpoint
 
     return PolicyRuntime(load_checkpoint(path, device=device), **kwargs)

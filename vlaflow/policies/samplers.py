@@ -54,7 +54,9 @@ def _t(v) -> Tensor:
     return torch.as_tensor(v, dtype=torch.float32)
 
 
-def ddpm_step(x_t: Tensor, x0: Tensor, alpha, sigma, alpha_next, sigma_next, noise: Tensor | None) -> StepResult:
+def ddpm_step(
+    x_t: Tensor, x0: Tensor, alpha, sigma, alpha_next, sigma_next, noise: Tensor | None
+) -> StepResult:
     """Ancestral DDPM step from time t to t_next < t using the posterior of the forward process.
 
     Forward transition t_next -> t: ``x_t = (a/a') x_t' + N(0, s^2 - (a/a')^2 s'^2)``; its posterior is
@@ -71,7 +73,15 @@ def ddpm_step(x_t: Tensor, x0: Tensor, alpha, sigma, alpha_next, sigma_next, noi
 
 
 def ddim_step(
-    x_t: Tensor, x0: Tensor, eps: Tensor, alpha, sigma, alpha_next, sigma_next, eta: float, noise: Tensor | None
+    x_t: Tensor,
+    x0: Tensor,
+    eps: Tensor,
+    alpha,
+    sigma,
+    alpha_next,
+    sigma_next,
+    eta: float,
+    noise: Tensor | None,
 ) -> StepResult:
     """DDIM: ``x' = a' x0 + sqrt(s'^2 - std^2) eps + std z`` with ``std = eta * posterior std``."""
     a, s, an, sn = _t(alpha), _t(sigma), _t(alpha_next), _t(sigma_next)
@@ -89,7 +99,7 @@ def _rf_coords(x: Tensor, alpha, sigma) -> tuple[Tensor, Tensor]:
 
 
 def euler_step(x_t: Tensor, velocity: Tensor, alpha, sigma, alpha_next, sigma_next) -> Tensor:
-    """Euler on the probability-flow ODE in rectified-flow coordinates (exactly ``x + dt * u`` on the flow path)."""
+    """Euler on the probability-flow ODE in rectified-flow coordinates (``x + dt * u`` on the flow path)."""
     x_rf, t_rf = _rf_coords(x_t, alpha, sigma)
     _, t_rf_next = _rf_coords(x_t, alpha_next, sigma_next)
     x_rf_next = x_rf + (t_rf_next - t_rf) * velocity
@@ -160,7 +170,9 @@ def sample_loop(
                 x0 = x0.clamp(-clip_x0, clip_x0)
             stochastic = sampler == "ddpm" or eta > 0
             noise = (
-                torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if stochastic else None
+                torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                if stochastic
+                else None
             )
             if sampler == "ddpm":
                 st = ddpm_step(x, x0, a, s, an, sn, noise)

@@ -23,7 +23,10 @@ class DiffusionConfig(PolicyConfig):
         _check(self.family == "diffusion", f"DiffusionConfig.family must be 'diffusion', got {self.family!r}")
         super().__post_init__()
         _check(self.num_train_steps >= 2, f"num_train_steps must be >= 2, got {self.num_train_steps}")
-        _check(self.num_inference_steps <= self.num_train_steps,
-               f"num_inference_steps {self.num_inference_steps} must be <= num_train_steps {self.num_train_steps}")
+        _check(
+            self.num_inference_steps <= self.num_train_steps,
+            f"num_inference_steps {self.num_inference_steps} must be <= "
+            f"num_train_steps {self.num_train_steps}",
+        )
         _check(0.0 <= self.ddim_eta <= 1.0, f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
         _check(self.clip_sample_range > 0, f"clip_sample_range must be > 0, got {self.clip_sample_range}")

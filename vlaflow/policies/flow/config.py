@@ -22,7 +22,9 @@ class FlowConfig(PolicyConfig):
     def __post_init__(self):
         _check(self.family == "flow", f"FlowConfig.family must be 'flow', got {self.family!r}")
         super().__post_init__()
-        _check(self.time_beta_a > 0 and self.time_beta_b > 0,
-               f"time_beta_a/b must be > 0, got {self.time_beta_a}, {self.time_beta_b}")
+        _check(
+            self.time_beta_a > 0 and self.time_beta_b > 0,
+            f"time_beta_a/b must be > 0, got {self.time_beta_a}, {self.time_beta_b}",
+        )
         _check(0 <= self.time_min < 1, f"time_min must be in [0, 1), got {self.time_min}")
         _check(self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}")

@@ -105,13 +105,15 @@ def _timm_backbone(name: str) -> tuple[nn.Module, int]:
     try:
         import timm  # optional: only a source of architectures
     except ImportError as e:
-        raise ImportError(f"image backbone 'timm:{name}' needs the optional package timm (pip install timm)") from e
+        raise ImportError(
+            f"image backbone 'timm:{name}' needs the optional package timm (pip install timm)"
+        ) from e
     model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
     return model, int(model.num_features)
 
 
 class ImageEncoder(nn.Module):
-    """uint8 (N, h, w, 3) -> (N, Fi): crop (random in training, center in eval), /255, trunk, keypoints, linear."""
+    """uint8 (N, h, w, 3) -> (N, Fi): crop (random when training, center in eval), /255, trunk, keypoints."""
 
     def __init__(
         self,
@@ -149,9 +151,11 @@ class ImageEncoder(nn.Module):
 
 
 class StateEncoder(nn.Module):
-    """Concatenate flattened low-dim keys (identity, Diffusion Policy's choice) or pass them through an MLP."""
+    """Concatenate flattened low-dim keys (identity, Diffusion Policy's choice) or run them through an MLP."""
 
-    def __init__(self, in_dim: int, mode: str = "concat", hidden: tuple[int, ...] = (256,), out_dim: int = 64):
+    def __init__(
+        self, in_dim: int, mode: str = "concat", hidden: tuple[int, ...] = (256,), out_dim: int = 64
+    ):
         super().__init__()
         if mode == "concat":
             self.net, self.out_dim = nn.Identity(), in_dim
@@ -177,14 +181,24 @@ class ObsEncoder(nn.Module):
         self.lowdim_keys = [k for k in obs_shapes if not K.is_image(k)]
         self.image_keys = [k for k in obs_shapes if K.is_image(k)]
         lowdim = sum(math.prod(obs_shapes[k]) for k in self.lowdim_keys)
-        self.state = StateEncoder(lowdim, enc_cfg.state_encoder, tuple(enc_cfg.state_hidden_dims),
-                                  enc_cfg.state_feature_dim) if self.lowdim_keys else None
+        self.state = (
+            StateEncoder(
+                lowdim, enc_cfg.state_encoder, tuple(enc_cfg.state_hidden_dims), enc_cfg.state_feature_dim
+            )
+            if self.lowdim_keys
+            else None
+        )
         self.share = bool(enc_cfg.share_camera_encoder)
 
         def make(key):
             return ImageEncoder(
-                tuple(obs_shapes[key]), enc_cfg.image_backbone, enc_cfg.image_base_width, enc_cfg.norm_group_size,
-                enc_cfg.crop_shape, enc_cfg.num_keypoints, enc_cfg.image_feature_dim,
+                tuple(obs_shapes[key]),
+                enc_cfg.image_backbone,
+                enc_cfg.image_base_width,
+                enc_cfg.norm_group_size,
+                enc_cfg.crop_shape,
+                enc_cfg.num_keypoints,
+                enc_cfg.image_feature_dim,
             )
 
         self.cameras = nn.ModuleDict()

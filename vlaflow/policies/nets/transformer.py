@@ -34,7 +34,9 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
 
-    def forward(self, x: Tensor, memory: Tensor, c: Tensor) -> Tensor:  # x (B, H, d), memory (B, Nc, d), c (B, d)
+    def forward(
+        self, x: Tensor, memory: Tensor, c: Tensor
+    ) -> Tensor:  # x (B, H, d), memory (B, Nc, d), c (B, d)
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
         h = _modulate(self.norm1(x), sh1, sc1)
         mask = None

@@ -22,7 +22,9 @@ class SinusoidalPosEmb(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:  # (B,) -> (B, dim)
         half = self.dim // 2
-        freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000) / (half - 1)))
+        freqs = torch.exp(
+            torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000) / (half - 1))
+        )
         args = t.float()[:, None] * freqs[None, :]
         return torch.cat([args.sin(), args.cos()], dim=-1)
 
@@ -77,7 +79,7 @@ class ConditionalUnet1D(nn.Module):
         )
         film_dim = step_embed_dim + cond_dim
         dims = [action_dim, *down_dims]
-        pairs = list(zip(dims[:-1], dims[1:]))
+        pairs = list(zip(dims[:-1], dims[1:], strict=True))
 
         def res(ci, co):
             return ConditionalResidualBlock1D(ci, co, film_dim, kernel_size, n_groups)
@@ -94,8 +96,10 @@ class ConditionalUnet1D(nn.Module):
         # finest skip is left unused.
         for ci, co in reversed(pairs[1:]):
             self.up.append(nn.ModuleList([res(co * 2, ci), res(ci, ci), nn.ConvTranspose1d(ci, ci, 4, 2, 1)]))
-        self.final = nn.Sequential(Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
-                                   nn.Conv1d(down_dims[0], action_dim, 1))
+        self.final = nn.Sequential(
+            Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups),
+            nn.Conv1d(down_dims[0], action_dim, 1),
+        )
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         h = x.transpose(1, 2)  # (B, Da, H)

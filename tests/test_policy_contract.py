@@ -1,0 +1,301 @@
+"""One contract test over every denoising family and head, plus an image + language config (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from vlaflow.errors import ConfigError  # noqa: E402
+from vlaflow.policies import (  # noqa: E402
+    DiffusionConfig,
+    FlowConfig,
+    PolicyRuntime,
+    build_policy,
+    load_checkpoint,
+    load_checkpoint_extras,
+    policy_config_from_dict,
+    save_checkpoint,
+)
+from vlaflow.policies.base_config import (  # noqa: E402
+    EncoderConfig,
+    LanguageConfig,
+    NetConfig,
+    TransformerConfig,
+    UNetConfig,
+)
+
+B, TO, H, DA = 3, 2, 8, 3
+TINY_UNET = NetConfig(
+    kind="unet", unet=UNetConfig(down_dims=(16, 32), kernel_size=3, n_groups=4, step_embed_dim=16)
+)
+TINY_DIT = NetConfig(kind="transformer", transformer=TransformerConfig(d_model=32, n_layers=1, n_heads=2))
+TINY_VISION = EncoderConfig(
+    image_base_width=8,
+    norm_group_size=4,
+    crop_shape=(20, 20),
+    num_keypoints=4,
+    image_feature_dim=8,
+    language=LanguageConfig(
+        enabled=True, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_length=24
+    ),
+)
+TASKS = ("push the block", "stack the cube")
+
+
+def _stats(shape, lo, hi):
+    lo_a, hi_a = np.full(shape, lo, np.float32), np.full(shape, hi, np.float32)
+    return {
+        "min": lo_a,
+        "max": hi_a,
+        "mean": (lo_a + hi_a) / 2,
+        "std": np.full(shape, (hi - lo) / 4, np.float32),
+        "q01": lo_a,
+        "q99": hi_a,
+    }
+
+
+def _case(name):
+    fam = DiffusionConfig if name.startswith("diffusion") else FlowConfig
+    common = dict(n_obs_steps=TO, horizon=H, n_action_steps=4, action_dim=DA, num_inference_steps=3)
+    if name.endswith("vla"):
+        obs = {"obs.state": (4,), "obs.image.front": (24, 24, 3), "obs.image.wrist": (24, 24, 3)}
+        cfg = fam(
+            obs_shapes=obs,
+            encoder=TINY_VISION,
+            net=TINY_DIT if "dit" in name else TINY_UNET,
+            tasks=TASKS,
+            **common,
+        )
+    else:
+        obs = {"obs.state": (4,), "obs.keypoint": (3, 2)}
+        cfg = fam(obs_shapes=obs, net=TINY_DIT if "dit" in name else TINY_UNET, **common)
+    stats = {
+        "action": _stats((DA,), 100.0, 300.0),
+        "obs.state": _stats((4,), -2.0, 2.0),
+        "obs.keypoint": _stats((3, 2), 0.0, 500.0),
+    }
+    return cfg, stats
+
+
+def _batch(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch = {}
+    for k, shape in cfg.obs_shapes.items():
+        if k.startswith("obs.image."):
+            batch[k] = torch.randint(0, 256, (B, TO, *shape), generator=g, dtype=torch.uint8)
+        else:
+            batch[k] = torch.rand((B, TO, *shape), generator=g) * 4 - 2
+    batch["action"] = 100 + 200 * torch.rand((B, H, DA), generator=g)
+    pad = torch.zeros(B, H, dtype=torch.bool)
+    pad[0, -3:] = True
+    batch["action_is_pad"] = pad
+    batch["task_index"] = torch.tensor([0, 1, 0])
+    return batch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny convolutions with several threads on a shared 2-core machine spend most time synchronizing.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+CASES = ["diffusion-unet", "flow-unet", "diffusion-dit", "flow-dit", "flow-unet-vla", "diffusion-dit-vla"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_policy_contract(name, tmp_path):
+    torch.manual_seed(0)
+    cfg, stats = _case(name)
+    policy = build_policy(cfg, stats)
+    assert policy.config is cfg and policy.spec.horizon == H and policy.spec.n_obs_steps == TO
+    batch = _batch(cfg)
+
+    # DiT's adaLN-Zero output layer starts at exactly zero (no dependence on anything): move off init
+    # so that every parameter (text encoder included) gets a gradient and conditioning shows.
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    # compute_loss: finite, differentiable
+    policy.train()
+    loss, metrics = policy.compute_loss(batch)
+    assert torch.isfinite(loss) and loss.dim() == 0 and np.isfinite(metrics["loss"])
+    loss.backward()
+    grads = [p.grad for p in policy.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads), "every trainable parameter must receive a gradient"
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    if "vla" in name:
+        assert policy.text_encoder.model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+    # sample: shape, raw units, determinism under fixed noise
+    policy.eval()
+    noise = torch.randn(B, H, DA, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a1 = policy.sample(batch, noise=noise)
+        a2 = policy.sample(batch, noise=noise.clone())
+        a3 = policy.sample(batch, noise=torch.randn(B, H, DA))
+        a_stoch = policy.sample(batch, noise=noise, sampler="ddpm")
+        a_stoch2 = policy.sample(batch, noise=noise, sampler="ddpm")
+    assert a1.shape == (B, H, DA) and a1.dtype == torch.float32
+    assert torch.equal(a1, a2), "sample must be deterministic given noise"
+    assert not torch.allclose(a1, a3), "different noise must give different samples"
+    assert torch.equal(a_stoch, a_stoch2), "stochastic samplers are deterministic given noise too"
+    with torch.no_grad():
+        x0 = policy.denoise(policy.encode(batch), noise=noise).x0
+    torch.testing.assert_close(a1, policy.normalizer.unnormalize("action", x0))  # raw units out
+    if cfg.family == "diffusion" and cfg.clip_sample:
+        assert (
+            float(a1.min()) >= 100 - 1e-3 and float(a1.max()) <= 300 + 1e-3
+        )  # clipped x0 -> within data range
+
+    # the conditioning is used: other observations (and other instructions) change the chunk
+    other = _batch(cfg, seed=5)
+    with torch.no_grad():
+        assert not torch.allclose(policy.sample(other, noise=noise), a1)
+        if "vla" in name:
+            swapped = dict(batch, task_index=torch.tensor([1, 0, 1]))
+            assert not torch.allclose(policy.sample(swapped, noise=noise), a1)
+            by_text = dict(batch, task=[TASKS[i] for i in (0, 1, 0)])
+            torch.testing.assert_close(policy.sample(by_text, noise=noise), a1)
+
+    # save -> load: same config, same weights, same outputs; no pickle anywhere
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, policy, extra_json={"step": 7}, extra_tensors={"opt.m": torch.ones(3)})
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "config.json",
+        "extra.safetensors",
+        "model.safetensors",
+        "normalizer.json",
+    ]
+    save_checkpoint(ckpt, policy)  # overwrite in place
+    loaded = load_checkpoint(ckpt)
+    assert loaded.config == cfg
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.sample(batch, noise=noise), a1, atol=1e-5, rtol=1e-5)
+    assert load_checkpoint_extras(ckpt) == ({}, {})
+
+    # runtime: (To, ...) numpy obs -> (H, Da) float32 raw actions; in-memory and from disk agree
+    obs = {k: v[0].numpy() for k, v in batch.items() if k.startswith("obs.")}
+    if "vla" in name:
+        obs["task"] = TASKS[0]
+    rt_mem = PolicyRuntime(policy, seed=0)
+    rt_disk = PolicyRuntime(loaded, seed=0)
+    out = rt_mem.infer(obs)
+    assert out.shape == (H, DA) and out.dtype == np.float32
+    np.testing.assert_allclose(rt_disk.infer(obs), out, atol=1e-4)
+    exp_noise = torch.randn(1, H, DA, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = policy.sample(
+            {k: torch.from_numpy(np.asarray(v))[None] if k != "task" else [v] for k, v in obs.items()},
+            noise=exp_noise,
+        )
+    np.testing.assert_allclose(out, expected[0].numpy(), atol=1e-4)
+    rt_mem.reset()
+    np.testing.assert_allclose(rt_mem.infer(obs), out, atol=1e-5)  # reset restarts the noise stream
+    assert rt_mem.config.horizon == H and rt_mem.config.obs_shapes == {
+        k: tuple(v) for k, v in cfg.obs_shapes.items()
+    }
+
+
+def test_padded_actions_are_masked(monkeypatch):
+    cfg, stats = _case("flow-unet")
+    policy = build_policy(cfg, stats)
+    # A pointwise stand-in for the head, so padded steps cannot leak into others through the convolutions.
+    monkeypatch.setattr(policy, "predict", lambda x_t, t, cond: 0.5 * x_t)
+    batch = _batch(cfg)
+    torch.manual_seed(3)
+    ref, _ = policy(batch)  # forward == compute_loss (what DDP calls)
+    moved = dict(batch, action=batch["action"].clone())
+    moved["action"][0, -3:] = 1e4  # only the padded steps change
+    torch.manual_seed(3)
+    same, _ = policy.compute_loss(moved)
+    torch.testing.assert_close(same, ref)
+    torch.manual_seed(3)
+    unmasked, _ = policy.compute_loss(dict(moved, action_is_pad=torch.zeros_like(batch["action_is_pad"])))
+    assert float(unmasked) > 10 * float(ref)
+
+
+def test_extras_round_trip(tmp_path):
+    cfg, stats = _case("flow-unet")
+    policy = build_policy(cfg, stats)
+    t = {"optimizer.state.0.exp_avg": torch.arange(6.0).view(2, 3), "ema.step": torch.tensor(12)}
+    save_checkpoint(tmp_path / "c", policy, extra_json={"step": 12, "best_score": 0.5}, extra_tensors=t)
+    ej, et = load_checkpoint_extras(tmp_path / "c")
+    assert ej == {"step": 12, "best_score": 0.5}
+    assert set(et) == set(t) and all(torch.equal(et[k], t[k]) for k in t)
+
+
+@pytest.mark.parametrize("fam", [DiffusionConfig, FlowConfig])
+def test_defaults_build_pusht_lowdim(fam):
+    """Default config = the compact PushT low-dim U-Net (keypoints + agent position, To=2, H=16, Ta=8)."""
+    cfg = fam()
+    assert (cfg.n_obs_steps, cfg.horizon, cfg.n_action_steps, cfg.action_dim) == (2, 16, 8, 2)
+    stats = {
+        "action": _stats((2,), 12.0, 511.0),
+        "obs.keypoint": _stats((9, 2), 0.0, 512.0),
+        "obs.agent_pos": _stats((2,), 0.0, 512.0),
+        "obs.state": _stats((5,), 0.0, 512.0),
+    }
+    policy = build_policy(cfg, stats)
+    assert 4.0e6 < policy.num_parameters() < 5.0e6
+    batch = {
+        "obs.keypoint": torch.rand(2, 2, 9, 2) * 512,
+        "obs.agent_pos": torch.rand(2, 2, 2) * 512,
+        "action": torch.rand(2, 16, 2) * 500,
+        "action_is_pad": torch.zeros(2, 16, dtype=torch.bool),
+    }
+    loss, _ = policy.compute_loss(batch)
+    assert torch.isfinite(loss)
+    with torch.no_grad():
+        assert policy.eval().sample(batch, num_steps=2).shape == (2, 16, 2)
+
+
+def test_config_round_trip_and_validation():
+    cfg, _ = _case("diffusion-dit-vla")
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert policy_config_from_dict(d) == cfg
+    with pytest.raises(ConfigError, match="horizon"):
+        DiffusionConfig(horizon=10)  # U-Net needs horizon divisible by 2**(levels-1) = 4
+    with pytest.raises(ConfigError, match="n_action_steps"):
+        FlowConfig(n_action_steps=20)
+    with pytest.raises(ConfigError, match="sampler"):
+        FlowConfig(sampler="rk45")
+    with pytest.raises(ConfigError, match="did you mean 'horizon'"):
+        policy_config_from_dict({**d, "horizn": 4})
+    with pytest.raises(ConfigError, match="unknown policy family 'difusion'.*did you mean 'diffusion'"):
+        policy_config_from_dict({**d, "family": "difusion"})
+    with pytest.raises(ConfigError, match="normalization"):
+        DiffusionConfig(normalization={"action": "zscore"})
+
+
+def test_missing_stats_key_lists_available_keys():
+    cfg, stats = _case("diffusion-unet")
+    del stats["obs.keypoint"]
+    with pytest.raises(ConfigError, match=r"obs\.keypoint.*keys \['action', 'obs\.state'\]"):
+        build_policy(cfg, stats)
+    cfg2, stats2 = _case("flow-unet")
+    stats2["action"] = _stats((5,), 0.0, 1.0)
+    with pytest.raises(ConfigError, match=r"'action'/min has shape \(5,\).*expects \(3,\)"):
+        build_policy(cfg2, stats2)
+
+
+def test_runtime_rejects_bad_obs():
+    from vlaflow.errors import VlaflowError
+
+    cfg, stats = _case("flow-unet")
+    rt = PolicyRuntime(build_policy(cfg, stats))
+    with pytest.raises(VlaflowError, match=r"missing key\(s\) \['obs.keypoint'\]"):
+        rt.infer({"obs.state": np.zeros((TO, 4), np.float32)})
+    with pytest.raises(VlaflowError, match=r"obs\['obs.state'\] has shape \(2, 5\)"):
+        rt.infer(
+            {"obs.state": np.zeros((TO, 5), np.float32), "obs.keypoint": np.zeros((TO, 3, 2), np.float32)}
+        )
