@@ -1,0 +1,220 @@
+"""Named training presets: data, not code paths. ``PRESETS[name]`` is a complete :class:`RunConfig`.
+
+Override any field on the command line by dotted name (``vlaflow train --preset NAME ... train.steps=2000``).
+The policy section's ``obs_shapes``, ``action_dim`` and ``fps`` are filled from the dataset at build time
+(``data.obs_keys`` chooses the keys); what is written here documents what the preset expects.
+
+PushT (Chi et al.'s 206 human demos ingested by ``vlaflow ingest``): keys ``obs.keypoint`` (9, 2),
+``obs.agent_pos`` (2), ``obs.image.top`` (96, 96, 3), ``action`` (2) at 10 Hz; evaluated on the paper's
+50 seeds 100000..100049 for 300 steps.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from vlaflow.errors import ConfigError
+from vlaflow.train.config import DataConfig, EvalConfig, RunConfig, TrainConfig
+
+PUSHT_LOWDIM_KEYS = ("obs.keypoint", "obs.agent_pos")
+PUSHT_IMAGE_KEYS = ("obs.image.top", "obs.agent_pos")
+
+# --- the data: one dict per preset -------------------------------------------------------------------------
+_PUSHT_LOWDIM_POLICY = {
+    "n_obs_steps": 2,
+    "horizon": 16,
+    "n_action_steps": 8,
+    "obs_shapes": {"obs.keypoint": [9, 2], "obs.agent_pos": [2]},
+    "action_dim": 2,
+    "fps": 10.0,
+    "net": {"kind": "unet", "unet": {"down_dims": [64, 128, 256], "kernel_size": 5, "n_groups": 8}},
+}
+_PUSHT_TRAIN = {
+    "steps": 9000,
+    "batch_size": 256,
+    "lr": 1e-4,
+    "warmup_steps": 500,
+    "grad_clip": 10.0,
+    "eval_every": 0,
+    "eval_episodes": 50,
+    "ckpt_every": 1000,
+    "log_every": 50,
+}
+_PUSHT_EVAL = {"task": "pusht", "obs_mode": "lowdim", "seed_start": 100000, "max_steps": 300}
+
+_PICK_PLACE_EVAL = {"task": "pick_place", "seed_start": 100000, "max_steps": 120}
+
+PRESET_DATA: dict[str, dict] = {
+    "pusht_lowdim_diffusion": {
+        "about": "PushT keypoints + agent position, U-Net diffusion (DDPM-100 training, DDIM-10 inference)",
+        "family": "diffusion",
+        "policy": {**_PUSHT_LOWDIM_POLICY, "sampler": "ddim", "num_inference_steps": 10},
+        "train": _PUSHT_TRAIN,
+        "data": {"obs_keys": list(PUSHT_LOWDIM_KEYS), "n_obs_steps": 2, "horizon": 16, "n_action_steps": 8},
+        "eval": _PUSHT_EVAL,
+    },
+    "pusht_lowdim_flow": {
+        "about": "PushT keypoints + agent position, U-Net rectified flow (pi0 Beta time sampling, Euler-10)",
+        "family": "flow",
+        "policy": {**_PUSHT_LOWDIM_POLICY, "sampler": "euler", "num_inference_steps": 10},
+        "train": _PUSHT_TRAIN,
+        "data": {"obs_keys": list(PUSHT_LOWDIM_KEYS), "n_obs_steps": 2, "horizon": 16, "n_action_steps": 8},
+        "eval": _PUSHT_EVAL,
+    },
+    "pusht_image_diffusion": {
+        "about": "PushT top camera 96x96 + agent position, ResNet-18 GN spatial softmax, crop 84 (GPU)",
+        "family": "diffusion",
+        "policy": {
+            **_PUSHT_LOWDIM_POLICY,
+            "obs_shapes": {"obs.image.top": [96, 96, 3], "obs.agent_pos": [2]},
+            "encoder": {
+                "image_backbone": "resnet18",
+                "crop_shape": [84, 84],
+                "num_keypoints": 32,
+                "image_feature_dim": 64,
+                "norm_group_size": 16,
+            },
+            "net": {"kind": "unet", "unet": {"down_dims": [128, 256, 512]}},
+            "sampler": "ddim",
+            "num_inference_steps": 10,
+        },
+        "train": {**_PUSHT_TRAIN, "batch_size": 64, "steps": 50000, "num_workers": 2},
+        "data": {"obs_keys": list(PUSHT_IMAGE_KEYS), "n_obs_steps": 2, "horizon": 16, "n_action_steps": 8},
+        "eval": {**_PUSHT_EVAL, "obs_mode": "image"},
+    },
+    "pick_place_lowdim_diffusion": {
+        "about": "pybullet pick_place, low-dim state (21), small U-Net diffusion: the `vlaflow demo` policy",
+        "family": "diffusion",
+        "policy": {
+            "n_obs_steps": 2,
+            "horizon": 16,
+            "n_action_steps": 8,
+            "obs_shapes": {"obs.state": [21]},
+            "action_dim": 4,
+            "fps": 10.0,
+            "net": {"kind": "unet", "unet": {"down_dims": [64, 128, 256], "kernel_size": 5, "n_groups": 8}},
+            "sampler": "ddim",
+            "num_inference_steps": 10,
+        },
+        "train": {
+            "steps": 4000,
+            "batch_size": 128,
+            "lr": 3e-4,
+            "warmup_steps": 200,
+            "eval_every": 0,
+            "eval_episodes": 20,
+            "ckpt_every": 500,
+            "log_every": 50,
+        },
+        "data": {"obs_keys": ["obs.state"], "n_obs_steps": 2, "horizon": 16, "n_action_steps": 8},
+        "eval": {**_PICK_PLACE_EVAL, "obs_mode": "lowdim"},
+    },
+    "pick_place_image_language_diffusion": {
+        "about": "pybullet pick_place, front camera 84x84 + proprioception (11) + instruction (tiny BERT)",
+        "family": "diffusion",
+        "policy": {
+            "n_obs_steps": 2,
+            "horizon": 16,
+            "n_action_steps": 8,
+            "obs_shapes": {"obs.image.front": [84, 84, 3], "obs.state": [11]},
+            "action_dim": 4,
+            "fps": 10.0,
+            "encoder": {
+                "image_backbone": "resnet18",
+                "crop_shape": [76, 76],
+                "num_keypoints": 32,
+                "image_feature_dim": 64,
+                "language": {"enabled": True},
+            },
+            "net": {"kind": "unet", "unet": {"down_dims": [128, 256, 512]}},
+            "sampler": "ddim",
+            "num_inference_steps": 10,
+        },
+        "train": {
+            "steps": 30000,
+            "batch_size": 64,
+            "lr": 1e-4,
+            "warmup_steps": 500,
+            "eval_every": 5000,
+            "eval_episodes": 20,
+            "ckpt_every": 1000,
+            "log_every": 50,
+            "num_workers": 2,
+        },
+        "data": {
+            "obs_keys": ["obs.image.front", "obs.state"],
+            "n_obs_steps": 2,
+            "horizon": 16,
+            "n_action_steps": 8,
+        },
+        "eval": {**_PICK_PLACE_EVAL, "obs_mode": "image"},
+    },
+}
+
+
+def _build(name: str, d: dict) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "name": name,
+            "family": d["family"],
+            "policy": {"family": d["family"], **d["policy"]},
+            "train": d.get("train", {}),
+            "data": d.get("data", {}),
+            "eval": d.get("eval", {}),
+        }
+    )
+
+
+def _all() -> dict[str, RunConfig]:
+    return {name: _build(name, d) for name, d in PRESET_DATA.items()}
+
+
+class _Presets(dict):
+    """name -> RunConfig, built on first access (building imports the policy configs)."""
+
+    def _fill(self):
+        if not dict.__len__(self):
+            self.update(_all())
+
+    def __getitem__(self, k):
+        self._fill()
+        return dict.__getitem__(self, k)
+
+    def __iter__(self):
+        return iter(PRESET_DATA)
+
+    def __len__(self):
+        return len(PRESET_DATA)
+
+    def __contains__(self, k):
+        return k in PRESET_DATA
+
+    def keys(self):
+        return PRESET_DATA.keys()
+
+    def items(self):
+        self._fill()
+        return dict.items(self)
+
+    def values(self):
+        self._fill()
+        return dict.values(self)
+
+
+PRESETS: dict[str, RunConfig] = _Presets()
+
+
+def get_preset(name: str) -> RunConfig:
+    """The preset ``name``; an unknown name suggests the nearest and lists all."""
+    if name not in PRESET_DATA:
+        close = difflib.get_close_matches(name, list(PRESET_DATA), n=1, cutoff=0.4)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown preset {name!r}.{hint} Presets: {', '.join(PRESET_DATA)}")
+    return PRESETS[name]
+
+
+def describe(name: str) -> str:
+    return PRESET_DATA[name].get("about", "")
+
+
+__all__ = ["PRESETS", "PRESET_DATA", "get_preset", "describe", "DataConfig", "EvalConfig", "TrainConfig"]

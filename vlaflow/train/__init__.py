@@ -1,0 +1,24 @@
+"""Training: configs and presets, the loop (AdamW, EMA, rollout-selected checkpoints, DDP, resume), CLI.
+
+``from vlaflow.train import train, RunConfig, get_preset`` — heavy imports (torch) happen on first use.
+"""
+
+from __future__ import annotations
+
+__all__ = ["RunConfig", "TrainConfig", "DataConfig", "EvalConfig", "apply_overrides", "get_preset", "train"]
+
+
+def __getattr__(name: str):
+    if name in ("RunConfig", "TrainConfig", "DataConfig", "EvalConfig", "apply_overrides"):
+        from vlaflow.train import config
+
+        return getattr(config, name)
+    if name == "get_preset":
+        from vlaflow.configs.presets import get_preset
+
+        return get_preset
+    if name == "train":
+        from vlaflow.train.trainer import train
+
+        return train
+    raise AttributeError(name)

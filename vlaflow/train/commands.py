@@ -1,0 +1,186 @@
+"""``vlaflow train`` and ``vlaflow demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from vlaflow.errors import ConfigError, VlaflowError
+
+
+# --------------------------------------------------------------------------------------------- train
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="named preset (see --list-presets); optional with --resume")
+    parser.add_argument("--data", help="episode store to train on (path or fsspec URL)")
+    parser.add_argument("--out", help="run directory (checkpoints, log.csv, curves.png, eval/)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from checkpoints/last"
+    )
+    parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="FIELD=VALUE",
+        help="override config fields by dotted name, e.g. train.steps=2000 policy.num_inference_steps=10",
+    )
+
+
+def resolve_run_config(preset: str | None, overrides: list[str], out: Path | None, resume: bool):
+    """Preset + overrides, or (with --resume and no preset) the run's saved config + overrides."""
+    from vlaflow.configs.presets import get_preset
+    from vlaflow.train.config import RunConfig, apply_overrides
+
+    if preset:
+        cfg = get_preset(preset)
+    elif resume and out is not None and (out / "run_config.json").exists():
+        cfg = RunConfig.from_dict(json.loads((out / "run_config.json").read_text()))
+    else:
+        raise ConfigError("--preset is required (or --resume with an --out that holds run_config.json)")
+    return apply_overrides(cfg, overrides)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.list_presets:
+        from vlaflow.configs.presets import PRESETS, describe
+
+        for name in PRESETS:
+            print(f"{name:32s} {describe(name)}")
+        return 0
+    out = Path(args.out) if args.out else None
+    cfg = resolve_run_config(args.preset, list(args.overrides), out, args.resume)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return 0
+    if not args.data or out is None:
+        raise ConfigError("--data STORE and --out RUN are required")
+    from vlaflow.train.trainer import train
+
+    res = train(cfg, args.data, out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(
+        f"trained {res.step} steps ({res.stopped}) in {res.train_seconds / 60:.1f} min, "
+        f"{res.samples_per_s:.0f} samples/s"
+    )
+    if res.final_eval is not None:
+        r = res.final_eval
+        print(f"final score {r['score']:.3f}  success rate {r['success_rate']}")
+    print(
+        f"best checkpoint: {res.best_ckpt} (score {res.best_score})"
+        if res.best_ckpt
+        else "no best checkpoint (no rollout evaluation)"
+    )
+    print(f"last checkpoint: {res.last_ckpt}")
+    print(f"log: {res.run_dir / 'log.csv'}   curves: {res.run_dir / 'curves.png'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- demo
+DEMO_TASK = "pick_place"
+DEMO_PRESET = "pick_place_lowdim_diffusion"
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="output directory (demos, run, report)")
+    parser.add_argument("--minutes", type=float, default=14.0, help="total wall-time budget in minutes")
+    parser.add_argument("--episodes", type=int, default=150, help="expert demonstrations to collect")
+    parser.add_argument("--eval-episodes", type=int, default=30, help="rollouts of the final evaluation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of collection and training")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="extra training overrides")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import shutil
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    if out.exists():
+        if not args.overwrite:
+            raise VlaflowError(f"{out} exists; pass --overwrite or choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if args.minutes <= 2:
+        raise ConfigError(f"--minutes must be > 2 (collect + train + evaluate), got {args.minutes}")
+    demos = out / "demos.zarr"
+    print(f"[1/3] collecting {args.episodes} scripted-expert demonstrations of {DEMO_TASK!r} -> {demos}")
+    n_ok = _collect_demos(demos, args.episodes, args.seed)
+    t_collect = time.perf_counter() - t0
+    print(f"      {n_ok} successful episodes in {t_collect / 60:.1f} min")
+
+    from vlaflow.configs.presets import get_preset
+    from vlaflow.train.config import apply_overrides
+    from vlaflow.train.trainer import train
+
+    # Budget: what is left after collection, minus the final evaluation and a safety margin.
+    eval_minutes = 0.05 * args.eval_episodes + 0.3
+    train_minutes = args.minutes - t_collect / 60 - eval_minutes - 0.5
+    if train_minutes < 1:
+        raise VlaflowError(
+            f"collection took {t_collect / 60:.1f} min; too little of --minutes {args.minutes} left"
+        )
+    cfg = get_preset(DEMO_PRESET)
+    cfg = apply_overrides(
+        cfg,
+        [
+            f"train.max_minutes={train_minutes:.2f}",
+            f"train.seed={args.seed}",
+            f"eval.final_episodes={args.eval_episodes}",
+            *args.overrides,
+        ],
+    )
+    print(f"[2/3] training {cfg.name} for up to {train_minutes:.1f} min ({cfg.train.steps} steps max)")
+    res = train(cfg, demos, out / "run")
+    ev = res.final_eval
+    print(f"[3/3] evaluated {args.eval_episodes} episodes")
+    total = (time.perf_counter() - t0) / 60
+    summary = {
+        "task": DEMO_TASK,
+        "preset": cfg.name,
+        "demos": n_ok,
+        "train_steps": res.step,
+        "train_minutes": round(res.train_seconds / 60, 2),
+        "samples_per_s": round(res.samples_per_s, 1),
+        "score": ev["score"] if ev else None,
+        "success_rate": ev["success_rate"] if ev else None,
+        "total_minutes": round(total, 2),
+        "checkpoint": str(res.best_ckpt or res.last_ckpt),
+    }
+    paths = _eval_paths(res)
+    summary.update(paths)
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
+    print()
+    print(
+        f"success rate {summary['success_rate']}  (score {summary['score']})  on {args.eval_episodes} "
+        f"rollouts of {DEMO_TASK!r}; total {total:.1f} min"
+    )
+    for k in ("report", "curves", "video"):
+        print(f"  {k:8s} {paths.get(k)}")
+    print(f"  policy   {summary['checkpoint']}   (vlaflow.load_policy(path))")
+    return 0
+
+
+def _eval_paths(res) -> dict:
+    run = res.run_dir
+    evals = sorted((run / "eval").glob("step_*")) if (run / "eval").exists() else []
+    last = evals[-1] if evals else None
+    video = None
+    if last is not None:
+        vids = sorted(last.rglob("*.mp4")) + sorted(last.rglob("*.gif"))
+        video = str(vids[0]) if vids else None
+    return {
+        "report": str(last / "report.json") if last is not None and (last / "report.json").exists() else None,
+        "curves": str(run / "curves.png") if (run / "curves.png").exists() else None,
+        "video": video,
+    }
+
+
+def _collect_demos(dest: Path, n_episodes: int, seed: int) -> int:
+    from vlaflow.sim.collect import collect
+
+    store = collect(DEMO_TASK, dest, n_episodes=n_episodes, seed=seed, obs_mode="lowdim")
+    return int(store.n_episodes) if hasattr(store, "n_episodes") else int(store)

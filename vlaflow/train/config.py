@@ -1,0 +1,365 @@
+"""Training configs: what a run is (preset + policy + train + data + eval), and ``field=value`` overrides.
+
+A :class:`RunConfig` is plain data: frozen dataclasses validated at construction, serialised to JSON in
+every checkpoint so a run can be resumed (and a mismatch reported field by field). Overrides address
+fields by dotted name (``train.steps=2000``, ``policy.down_dims=[128,256]``, ``data.horizon=16``) and
+are parsed against the field's declared type; a bad name suggests the nearest, a bad value names both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vlaflow.errors import ConfigError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, EMA, checkpointing and logging of one training run."""
+
+    steps: int = 10000  # optimiser steps in total (the cosine schedule spans them)
+    batch_size: int = 256  # global batch (split across DDP ranks)
+    lr: float = 1e-4  # peak AdamW learning rate
+    weight_decay: float = 1e-6  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.95, 0.999)  # AdamW betas (diffusion_policy's)
+    warmup_steps: int = 500  # linear warm-up from 0 to lr
+    schedule: Literal["cosine", "constant"] = "cosine"  # learning-rate decay after warm-up
+    ema: bool = True  # keep an exponential moving average of the weights (evaluated and exported)
+    ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power
+    ema_max: float = 0.9999  # EMA decay ceiling
+    ema_min: float = 0.0  # EMA decay floor
+    grad_clip: float = 10.0  # max global gradient norm (0 = no clipping)
+    eval_every: int = 0  # rollout-evaluate the EMA policy every N steps (0 = only at the end)
+    eval_episodes: int = 10  # rollouts per periodic evaluation
+    eval_at_end: bool = True  # rollout-evaluate after the last step too
+    ckpt_every: int = 1000  # write checkpoints/last (and a step checkpoint) every N steps
+    keep_step_ckpts: bool = True  # also keep checkpoints/step_NNNNNNN at every ckpt_every
+    log_every: int = 50  # CSV/TensorBoard row every N steps
+    seed: int = 0  # seeds weights, the batch order and the noise (per step: derived from (seed, step))
+    num_workers: int = 1  # background threads preparing the next batches (0 = inline)
+    num_threads: int = 0  # torch intra-op threads (0 = all CPU cores / world size)
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    max_minutes: float = 0.0  # stop after this much training wall time (0 = no limit); resumable
+    progress: bool = True  # tqdm progress bar (rank 0)
+
+    def __post_init__(self):
+        _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"train.betas must be two numbers in [0, 1), got {self.betas}",
+        )
+        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(
+            self.schedule in ("cosine", "constant"), f"train.schedule: cosine|constant, got {self.schedule!r}"
+        )
+        _check(self.ema_power > 0, f"train.ema_power must be > 0, got {self.ema_power}")
+        _check(
+            0 <= self.ema_min <= self.ema_max < 1,
+            f"train.ema_min/ema_max need 0 <= min <= max < 1, got {self.ema_min}, {self.ema_max}",
+        )
+        _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        for name in ("eval_every", "ckpt_every", "log_every", "num_workers", "num_threads"):
+            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.eval_episodes >= 1, f"train.eval_episodes must be >= 1, got {self.eval_episodes}")
+        _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which store keys the policy reads and how training windows are cut."""
+
+    obs_keys: tuple[str, ...] = ("obs.state",)  # observation keys of the store fed to the policy
+    n_obs_steps: int = 2  # To: observation steps per window (the last one is the current step)
+    horizon: int = 16  # H: actions per predicted chunk
+    n_action_steps: int = 8  # Ta: actions executed per replan (evaluation and deployment)
+    val_ratio: float = 0.0  # fraction of episodes held out (by episode) from training
+    max_episodes: int = 0  # train on the first N episodes only (0 = all)
+
+    def __post_init__(self):
+        _check(len(self.obs_keys) >= 1, "data.obs_keys must name at least one observation key")
+        for k in self.obs_keys:
+            _check(k.startswith("obs."), f"data.obs_keys: {k!r} is not an observation key (obs.*)")
+        _check(self.n_obs_steps >= 1, f"data.n_obs_steps must be >= 1, got {self.n_obs_steps}")
+        _check(self.horizon >= 1, f"data.horizon must be >= 1, got {self.horizon}")
+        _check(
+            1 <= self.n_action_steps <= self.horizon,
+            f"data.n_action_steps must be in [1, horizon={self.horizon}], got {self.n_action_steps}",
+        )
+        _check(0 <= self.val_ratio < 1, f"data.val_ratio must be in [0, 1), got {self.val_ratio}")
+        _check(self.max_episodes >= 0, f"data.max_episodes must be >= 0, got {self.max_episodes}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Rollout evaluation through the sim harness (periodic during training and at the end)."""
+
+    task: str = ""  # sim task name (vlaflow.sim.tasks.TASKS); "" = no rollout evaluation
+    obs_mode: str = "lowdim"  # the task's observation mode ("lowdim", "image", ...)
+    seed_start: int = 100000  # first evaluation seed; episodes use seed_start, seed_start+1, ...
+    max_steps: int = 0  # episode step limit (0 = the task's own limit)
+    n_workers: int = 1  # parallel rollout workers
+    final_episodes: int = 0  # rollouts of the final evaluation (0 = train.eval_episodes)
+
+    def __post_init__(self):
+        _check(self.max_steps >= 0, f"eval.max_steps must be >= 0, got {self.max_steps}")
+        _check(self.n_workers >= 1, f"eval.n_workers must be >= 1, got {self.n_workers}")
+        _check(self.final_episodes >= 0, f"eval.final_episodes must be >= 0, got {self.final_episodes}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: a named preset's policy, training, data and evaluation settings."""
+
+    name: str  # preset name this run started from
+    family: str  # policy family ("diffusion", "flow", ...)
+    policy: Any  # the family's config dataclass (DiffusionConfig, FlowConfig, ...)
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation and bookkeeping
+    data: DataConfig = field(default_factory=DataConfig)  # keys and windows
+    eval: EvalConfig = field(default_factory=EvalConfig)  # rollout evaluation
+
+    def __post_init__(self):
+        _check(
+            dataclasses.is_dataclass(self.policy), f"policy must be a config dataclass, got {self.policy!r}"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "policy": policy_config_to_dict(self.policy),
+            "train": dataclasses.asdict(self.train),
+            "data": dataclasses.asdict(self.data),
+            "eval": dataclasses.asdict(self.eval),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        from vlaflow.policies import policy_config_from_dict
+
+        missing = [k for k in ("name", "family", "policy") if k not in d]
+        _check(not missing, f"run config is missing {missing}; it has {sorted(d)}")
+        try:
+            return cls(
+                name=d["name"],
+                family=d["family"],
+                policy=policy_config_from_dict(d["policy"]),
+                train=_section_from_dict(TrainConfig, d.get("train", {}), "train"),
+                data=_section_from_dict(DataConfig, d.get("data", {}), "data"),
+                eval=_section_from_dict(EvalConfig, d.get("eval", {}), "eval"),
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"bad run config: {e}") from e
+
+
+def policy_config_to_dict(cfg: Any) -> dict:
+    """JSON-safe dict of a policy config (uses the family's own ``to_dict`` when it has one)."""
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    return _jsonable(dataclasses.asdict(cfg))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _section_from_dict(cls: type, d: dict, section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    _check(not unknown, f"{section}: unknown field(s) {unknown}; known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    kw = {k: _from_json(v, hints[k]) for k, v in d.items()}
+    return cls(**kw)
+
+
+def _from_json(v: Any, tp: Any) -> Any:
+    """JSON lists back to tuples where the field is a tuple."""
+    origin = typing.get_origin(tp)
+    if origin is tuple and isinstance(v, list):
+        return tuple(v)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dotted-name overrides
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """Return ``cfg`` with each ``section.field=value`` applied (types checked, validation re-run)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected FIELD=VALUE, e.g. train.steps=2000")
+        path, raw = item.split("=", 1)
+        path = path.strip()
+        if not path:
+            raise ConfigError(f"override {item!r}: empty field name")
+        cfg = _set_path(cfg, path.split("."), raw.strip(), path)
+    # one JSON round trip: nested values given as JSON (lists, dicts) take the field types (tuples)
+    return RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) if overrides else cfg
+
+
+def _field_names(obj: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(obj)]
+
+
+def _set_path(obj: Any, parts: list[str], raw: str, full: str) -> Any:
+    name = parts[0]
+    names = _field_names(obj)
+    if name not in names:
+        prefix = full[: len(full) - len(".".join(parts))]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"override {full}={raw}: unknown field '{prefix}{name}'.{hint} Fields: {', '.join(names)}"
+        )
+    current = getattr(obj, name)
+    if len(parts) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"override {full}={raw}: '{name}' is a value, not a section")
+        new_value = _set_path(current, parts[1:], raw, full)
+    else:
+        if dataclasses.is_dataclass(current):
+            sub = ", ".join(_field_names(current))
+            raise ConfigError(f"override {full}={raw}: '{full}' is a section; set one of its fields: {sub}")
+        tp = typing.get_type_hints(type(obj)).get(name, Any)
+        new_value = parse_value(raw, tp, full)
+    try:
+        return dataclasses.replace(obj, **{name: new_value})
+    except ConfigError as e:
+        raise ConfigError(f"override {full}={raw}: {e}") from e
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"override {full}={raw}: invalid value: {e}") from e
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def parse_value(raw: str, tp: Any, name: str = "value") -> Any:
+    """Parse the text ``raw`` as a value of type ``tp`` (bool, int, float, str, Literal, tuple/list, dict,
+    Optional/Union); raises ConfigError naming ``name``, the expected type and the text."""
+
+    def fail(why: str = "") -> ConfigError:
+        return ConfigError(
+            f"{name}: expected {_type_name(tp)}, got {raw!r}{(' (' + why + ')') if why else ''}"
+        )
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        if type(None) in args and raw.lower() in ("none", "null", ""):
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return parse_value(raw, a, name)
+            except ConfigError:
+                continue
+        raise fail()
+    if origin is Literal:
+        for a in args:
+            if str(a) == raw or (isinstance(a, str) and _unquote(raw) == a):
+                return a
+        raise fail(f"choose one of {', '.join(map(str, args))}")
+    if tp is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise fail()
+    if tp is int:
+        try:
+            return int(raw)
+        except ValueError:
+            try:
+                f = float(raw)
+            except ValueError:
+                raise fail() from None
+            if f.is_integer():
+                return int(f)
+            raise fail("not an integer") from None
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise fail() from None
+    if tp is str:
+        return _unquote(raw)
+    if origin in (tuple, list) or tp in (tuple, list):
+        items = _split_list(raw)
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(items) != len(args):
+                raise fail(f"needs exactly {len(args)} items")
+            return tuple(parse_value(s, a, name) for s, a in zip(items, args, strict=True))
+        elem = args[0] if args else Any
+        vals = [parse_value(s, elem, name) for s in items]
+        return tuple(vals) if (origin is tuple or tp is tuple) else vals
+    if origin is dict or tp is dict:
+        try:
+            v = json.loads(raw)
+        except json.JSONDecodeError:
+            raise fail("give a JSON object") from None
+        if not isinstance(v, dict):
+            raise fail("give a JSON object")
+        return v
+    raise fail("this field cannot be set from the command line")
+
+
+def _unquote(s: str) -> str:
+    if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":
+        return s[1:-1]
+    return s
+
+
+def _split_list(raw: str) -> list[str]:
+    s = raw.strip()
+    if s.startswith("[") and s.endswith("]") or s.startswith("(") and s.endswith(")"):
+        s = s[1:-1]
+    if not s.strip():
+        return []
+    return [p.strip() for p in s.split(",")]
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested config dicts: ``field: a -> b``."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        name = f"{prefix}{k}"
+        if k not in a:
+            out.append(f"{name}: (absent) -> {b[k]!r}")
+        elif k not in b:
+            out.append(f"{name}: {a[k]!r} -> (absent)")
+        elif isinstance(a[k], dict) and isinstance(b[k], dict):
+            out.extend(config_diff(a[k], b[k], name + "."))
+        elif _jsonable(a[k]) != _jsonable(b[k]):
+            out.append(f"{name}: {a[k]!r} -> {b[k]!r}")
+    return out

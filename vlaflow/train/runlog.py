@@ -1,0 +1,142 @@
+"""Run logs: a CSV of training/eval rows (RUN/log.csv), optional TensorBoard, and the curves PNG."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+BASE_COLUMNS = [
+    "step",
+    "kind",
+    "loss",
+    "lr",
+    "grad_norm",
+    "ema_decay",
+    "samples_per_s",
+    "elapsed_s",
+    "score",
+    "success_rate",
+]
+
+
+class RunLog:
+    """Appends rows to ``log.csv`` (columns fixed by the first row) and mirrors them to TensorBoard."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = Path(run_dir) / "log.csv"
+        self.rows: list[dict] = []
+        self.columns: list[str] | None = None
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.columns = list(reader.fieldnames or []) or None
+                self.rows = [r for r in reader if r.get("step") and int(r["step"]) <= resume_step]
+            self._rewrite()
+        elif self.path.exists():
+            self.path.unlink()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+
+    def _rewrite(self) -> None:
+        if self.columns is None:
+            return
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(self.rows)
+
+    def log(self, row: dict) -> None:
+        row = {k: _fmt(v) for k, v in row.items()}
+        if self.columns is None:
+            extra = sorted(k for k in row if k not in BASE_COLUMNS)
+            self.columns = BASE_COLUMNS + extra
+        new = [k for k in row if k not in self.columns]
+        self.rows.append(row)
+        if new:  # a metric appeared later (e.g. eval extras): widen the table
+            self.columns = self.columns + sorted(new)
+            self._rewrite()
+        else:
+            first = not self.path.exists()
+            with open(self.path, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+                if first:
+                    w.writeheader()
+                w.writerow(row)
+        if self.tb is not None:
+            step = int(row["step"])
+            prefix = "eval" if row.get("kind") == "eval" else "train"
+            for k, v in row.items():
+                if k in ("step", "kind") or v in ("", None):
+                    continue
+                try:
+                    self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+                except (TypeError, ValueError):
+                    continue
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def _num(v) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return x
+
+
+def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
+    """Loss (log scale) and rollout score against step, as a PNG. Returns the path (None if no rows)."""
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if train:
+        steps = [_num(r["step"]) for r in train]
+        ax1.plot(steps, [_num(r.get("loss")) for r in train], lw=1)
+        if all(_num(r.get("loss")) > 0 for r in train):
+            ax1.set_yscale("log")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("training loss")
+    ax1.grid(alpha=0.3)
+    if evals:
+        steps = [_num(r["step"]) for r in evals]
+        ax2.plot(steps, [_num(r.get("score")) for r in evals], "o-", label="score")
+        succ = [_num(r.get("success_rate")) for r in evals]
+        if any(not math.isnan(s) for s in succ):
+            ax2.plot(steps, succ, "s--", label="success rate")
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.legend(loc="lower right")
+    else:
+        ax2.text(0.5, 0.5, "no rollout evaluation", ha="center", va="center", transform=ax2.transAxes)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("rollout evaluation")
+    ax2.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
