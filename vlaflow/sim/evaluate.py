@@ -108,20 +108,23 @@ def evaluate(
 
     # Build the policy here once: its RuntimeSpec decides the obs mode and is checked against the task before
     # any worker starts. (Workers build their own copy from the same spec.)
-    probe = make_env(task, obs_mode="lowdim")
+    probe_kwargs = {"obs_mode": "lowdim" if obs_mode == "auto" else obs_mode, **(env_kwargs or {})}
+    probe = make_env(task, **probe_kwargs)
     try:
         in_memory = hasattr(policy, "infer")
         policy_obj = policy if in_memory else build_policy(policy, probe.task_spec, device=device)
+        task_spec = probe.task_spec
     finally:
         probe.close()
     name = describe_policy(policy)
     mode, render_size = _choose_obs_mode(obs_mode, policy_obj.config)
     kwargs = {"obs_mode": mode, **({"render_size": render_size} if render_size else {}), **(env_kwargs or {})}
-    env = make_env(task, **kwargs)
-    try:
-        task_spec = env.task_spec
-    finally:
-        env.close()
+    if kwargs != probe_kwargs:  # the policy wants another obs variant: build it once to read its spec
+        env = make_env(task, **kwargs)
+        try:
+            task_spec = env.task_spec
+        finally:
+            env.close()
     check_compatible(policy_obj.config, task_spec, name)
 
     replay = isinstance(policy_obj, ReplayPolicy)
