@@ -7,6 +7,7 @@ same noise for the same episode seed whichever worker runs it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import random
@@ -154,6 +155,9 @@ def describe_policy(spec) -> str:
     """A short name for reports."""
     if isinstance(spec, str | os.PathLike):
         return str(spec)
+    if isinstance(spec, functools.partial):  # e.g. partial(load_policy, CKPT, ...): name it by its checkpoint
+        first = spec.args[0] if spec.args else None
+        return str(first) if isinstance(first, str | os.PathLike) else describe_policy(spec.func)
     return getattr(spec, "__name__", None) or type(spec).__name__
 
 
