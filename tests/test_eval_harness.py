@@ -251,3 +251,21 @@ class ImagePolicy:
 def test_image_policy_gets_camera_windows():
     report = evaluate(ImagePolicy(), seeds=[100000], max_steps=6, progress=False)
     assert report["obs_mode"] == "image" and report["episodes"][0]["length"] == 6 and not report["errors"]
+
+
+def test_mp4_writer_pads_odd_sizes_and_leaves_nothing_on_error(tmp_path):
+    import av
+
+    from vlaflow.sim.video import Mp4Writer, write_mp4
+
+    frames = np.random.default_rng(0).integers(0, 255, size=(5, 33, 47, 3), dtype=np.uint8)
+    path = write_mp4(tmp_path / "odd.mp4", frames, fps=10)
+    with av.open(str(path)) as c:
+        decoded = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(decoded) == 5 and decoded[0].shape == (34, 48, 3)
+    with pytest.raises(RuntimeError), Mp4Writer(tmp_path / "bad.mp4", fps=10) as w:
+        w.write(frames[0])
+        raise RuntimeError("rollout crashed")
+    assert not list(tmp_path.glob("bad.mp4*"))
+    with pytest.raises(VlaflowError, match="uint8"):
+        Mp4Writer(tmp_path / "f.mp4", fps=10).write(frames[0].astype(np.float32))

@@ -186,7 +186,9 @@ def evaluate(
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="pusht", help="task name (see vlaflow.sim.tasks.TASKS)")
+    from vlaflow.sim.tasks import TASKS
+
+    parser.add_argument("--task", default="pusht", help=f"task: {', '.join(TASKS)}")
     parser.add_argument("--policy", required=True, help="checkpoint directory, 'replay:STORE' or 'random'")
     parser.add_argument(
         "--episodes",
