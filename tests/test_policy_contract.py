@@ -299,3 +299,45 @@ def test_runtime_rejects_bad_obs():
         rt.infer(
             {"obs.state": np.zeros((TO, 5), np.float32), "obs.keypoint": np.zeros((TO, 3, 2), np.float32)}
         )
+
+
+def test_language_from_local_pretrained_dir(tmp_path):
+    """A user's local transformers model + tokenizer (no download); the checkpoint works without it."""
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    src = tmp_path / "my_text_model"
+    src.mkdir()
+    words = ["push", "the", "block", "stack", "cube", "t", "-", "shape"]
+    (src / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(src / "vocab.txt"))
+    tok.save_pretrained(src)
+    bert = transformers.BertConfig(
+        vocab_size=len(words) + 5,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    transformers.BertModel(bert).save_pretrained(src)
+
+    cfg, stats = _case("flow-unet-vla")
+    lang = LanguageConfig(enabled=True, pretrained_path=str(src), max_length=16)
+    cfg = cfg.replace(encoder=EncoderConfig(**{**cfg.encoder.__dict__, "language": lang}))
+    torch.manual_seed(0)
+    policy = build_policy(cfg, stats).eval()
+    batch = _batch(cfg)
+    loss, _ = policy.train().compute_loss(batch)
+    loss.backward()
+    assert all(p.grad is not None for p in policy.text_encoder.parameters())  # no unused (pooler) weights
+    policy.eval()
+    noise = torch.randn(B, H, DA)
+    with torch.no_grad():
+        a1 = policy.sample(batch, noise=noise)
+    ckpt = save_checkpoint(tmp_path / "ckpt", policy)
+    assert (ckpt / "text_encoder" / "config.json").is_file()
+    shutil.rmtree(src)  # the checkpoint must not need the original directory
+    loaded = load_checkpoint(ckpt)
+    assert loaded.config == cfg
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.sample(batch, noise=noise), a1, atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@
     DIR/model.safetensors  the module's state dict
     DIR/normalizer.json    Normalizer.to_dict() (modes + statistics)
     DIR/extra.safetensors  optional tensors (the trainer's optimizer / EMA state)
+    DIR/text_encoder/      tokenizer + architecture of a user-given local text model (weights are above)
 
 Written into a temporary sibling directory and renamed into place, so a crash never leaves a
 half-written checkpoint under ``DIR``.
@@ -11,6 +12,7 @@ half-written checkpoint under ``DIR``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from vlaflow.errors import VlaflowError
 
+TEXT_ENCODER_DIR = "text_encoder"
 FORMAT = "vlaflow.policy"
 VERSION = 1
 CONFIG_FILE, MODEL_FILE, NORMALIZER_FILE, EXTRA_FILE = (
@@ -60,6 +63,10 @@ def save_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         (tmp / NORMALIZER_FILE).write_text(json.dumps(policy.normalizer.to_dict()))
         save_file(_tensors_for_save(policy.state_dict()), str(tmp / MODEL_FILE))
+        text = getattr(policy, "text_encoder", None)
+        if text is not None and text.pretrained_path:
+            # A user's local text model: keep its tokenizer and architecture inside the checkpoint.
+            text.save_architecture(tmp / TEXT_ENCODER_DIR)
         if extra_tensors:
             save_file(_tensors_for_save(extra_tensors), str(tmp / EXTRA_FILE))
         if dest.exists():
@@ -103,7 +110,16 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     stats = {
         k: {s: np.asarray(v, dtype=np.float32) for s, v in st.items()} for k, st in norm["stats"].items()
     }
-    policy = build_policy(cfg, stats)
+    build_cfg = cfg
+    if (
+        cfg.encoder.language.enabled
+        and cfg.encoder.language.pretrained_path
+        and (d / TEXT_ENCODER_DIR).is_dir()
+    ):
+        lang = dataclasses.replace(cfg.encoder.language, pretrained_path=str(d / TEXT_ENCODER_DIR))
+        build_cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, language=lang))
+    policy = build_policy(build_cfg, stats)
+    policy.config = cfg  # the saved config, not the checkpoint-local text-encoder path
     saved_modes = norm.get("modes", {})
     if saved_modes != policy.normalizer.modes:
         raise VlaflowError(

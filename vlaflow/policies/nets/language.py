@@ -16,6 +16,12 @@ from torch import Tensor, nn
 PAD, CLS, SEP = 0, 1, 2
 BYTE_OFFSET = 3
 BYTE_VOCAB = 256 + BYTE_OFFSET
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class ByteTokenizer:
@@ -54,7 +60,13 @@ class TextEncoder(nn.Module):
                     "model directory (config.json, weights, tokenizer files); nothing is downloaded"
                 )
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+            if any((path / n).exists() for n in WEIGHT_FILES):
+                self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+            else:  # architecture only (a policy checkpoint's text_encoder/ dir; weights come from the policy)
+                hf_cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+                self.model = transformers.AutoModel.from_config(hf_cfg)
+            if getattr(self.model, "pooler", None) is not None:
+                self.model.pooler = None  # unused (we mean-pool); unused weights would trip DDP
             self._hf_tokenizer = True
         else:
             bert_cfg = transformers.BertConfig(
@@ -74,6 +86,11 @@ class TextEncoder(nn.Module):
         if lang_cfg.freeze:
             for p in self.model.parameters():
                 p.requires_grad_(False)
+
+    def save_architecture(self, directory: str | os.PathLike) -> None:
+        """Tokenizer files + model config (no weights), so a checkpoint rebuilds without the source dir."""
+        self.tokenizer.save_pretrained(directory)
+        self.model.config.save_pretrained(directory)
 
     def tokenize(self, texts: list[str], device) -> dict[str, Tensor]:
         if self._hf_tokenizer:
