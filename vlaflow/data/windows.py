@@ -109,7 +109,9 @@ class WindowSampler:
                 out.append(np.asarray(arr[run_s:run_e]))
                 run_s, run_e = s, e
         out.append(np.asarray(arr[run_s:run_e]))
-        return np.concatenate(out) if len(out) > 1 else out[0]
+        rows_arr = np.concatenate(out) if len(out) > 1 else out[0]
+        # models train in float32; stores may keep float64 sources bit-exact (robosuite states, actions)
+        return rows_arr.astype(np.float32) if rows_arr.dtype == np.float64 else rows_arr
 
     def __len__(self) -> int:
         return int(self._t.shape[0])
