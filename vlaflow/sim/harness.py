@@ -114,7 +114,7 @@ class EvalSetup:
     executor: str = "sync"  # key of EXECUTORS
     video_dir: str | None = None  # where episode videos go
     stop_on_success: bool = True  # end an episode at the task's termination (replays always run to the end)
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # settings for custom executors (e.g. a simulated latency)
 
 
 def _video_path(setup: EvalSetup, job: EpisodeJob) -> Path:
