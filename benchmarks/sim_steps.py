@@ -33,8 +33,8 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 NOTE_96 = (
     "drift is the block position (state[2:4]) after action t vs the recorded state t+1. The data README's "
     "'about 96%' is consistent with a keypoint-based drift instead: in 9 of the 206 episodes some recorded "
-    "keypoints are > 1 px off the rigid-body keypoints of the recorded state itself, so at most 197/206 = 95.6% "
-    "could pass such a test."
+    "keypoints are > 1 px off the rigid-body keypoints of the recorded state itself, so at most 197/206 "
+    "= 95.6% could pass such a test."
 )
 
 
