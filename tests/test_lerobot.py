@@ -421,3 +421,35 @@ def test_total_frames_disagreeing_with_info_is_an_error(tmp_path):
         IngestError, match=r"info.json: key 'total_frames' says \d+, the episode tables hold \d+"
     ):
         L.ingest(tmp_path / "ds", tmp_path / "x.zarr", progress=False)
+
+
+# ------------------------------------------------------------------------------------ format helpers
+def test_image_stats_from_histogram_match_numpy():
+    x = np.random.default_rng(0).integers(0, 256, (20, 16, 12, 3), dtype=np.uint8)
+    x[..., 1] //= 3
+    s = F.image_stats(x)
+    px = x.reshape(-1, 3) / 255.0
+    assert s["mean"].shape == (3, 1, 1) and s["count"].tolist() == [20]
+    assert np.allclose(s["mean"].ravel(), px.mean(0)) and np.allclose(s["std"].ravel(), px.std(0))
+    assert np.array_equal(s["min"].ravel(), px.min(0)) and np.array_equal(s["max"].ravel(), px.max(0))
+    for q, name in ((0.01, "q01"), (0.99, "q99")):
+        assert np.array_equal(s[name].ravel(), np.quantile(px, q, axis=0, method="inverted_cdf"))
+
+
+def test_column_to_numpy_lists_and_errors():
+    import pyarrow as pa
+
+    var = pa.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], pa.list_(pa.float32()))
+    assert np.array_equal(
+        F.column_to_numpy(var.slice(1), (2,), "float32", where="f", name="a"), [[3, 4], [5, 6]]
+    )
+    nested = pa.array([[[1, 2], [3, 4]]] * 2, pa.list_(pa.list_(pa.int64(), 2), 2))
+    assert F.column_to_numpy(nested, (2, 2), "int64", where="f", name="k").shape == (2, 2, 2)
+    with pytest.raises(
+        IngestError, match=r"f: column 'a': rows have different lengths \(2 in the first row, 1"
+    ):
+        F.column_to_numpy(pa.array([[1.0, 2.0], [3.0]]), (2,), "float32", where="f", name="a")
+    with pytest.raises(IngestError, match=r"column 'a': info.json says shape \[3\], found \[2\]"):
+        F.column_to_numpy(var, (3,), "float32", where="f", name="a")
+    with pytest.raises(IngestError, match="column 'a' has 1 null"):
+        F.column_to_numpy(pa.array([[1.0, 2.0], None]), (2,), "float32", where="f", name="a")

@@ -319,22 +319,30 @@ def image_stats(frames: np.ndarray, max_frames: int = 100, max_side: int = 150) 
     """Per-channel statistics of uint8 (T, H, W, C) frames in [0, 1], shaped (C, 1, 1) as LeRobot stores them.
 
     Like LeRobot, a subsample of frames (evenly spaced) and pixels (strided to about ``max_side``) is used.
+    uint8 values make a 256-bin histogram exact, so every statistic (quantiles included) comes from it.
     """
     t, h, w, c = frames.shape
     idx = np.unique(np.linspace(0, t - 1, min(t, max_frames)).round().astype(int))
     step = max(1, max(h, w) // max_side)
-    sub = frames[idx, ::step, ::step].astype(np.float64) / 255.0
-    px = sub.reshape(-1, c)
-    q = np.quantile(px, [0.01, 0.99], axis=0)
+    sub = frames[idx, ::step, ::step].reshape(-1, c)
+    hist = np.stack([np.bincount(sub[:, ch], minlength=256) for ch in range(c)]).astype(
+        np.float64
+    )  # (C, 256)
+    levels = np.arange(256) / 255.0
+    n = hist.sum(axis=1)
+    mean = hist @ levels / n
+    std = np.sqrt(np.maximum(hist @ levels**2 / n - mean**2, 0.0))
+    cdf = np.cumsum(hist, axis=1) / n[:, None]
+    present = hist > 0
     shape = (c, 1, 1)
     return {
-        "min": px.min(axis=0).reshape(shape),
-        "max": px.max(axis=0).reshape(shape),
-        "mean": px.mean(axis=0).reshape(shape),
-        "std": px.std(axis=0).reshape(shape),
+        "min": (present.argmax(axis=1) / 255.0).reshape(shape),
+        "max": ((255 - present[:, ::-1].argmax(axis=1)) / 255.0).reshape(shape),
+        "mean": mean.reshape(shape),
+        "std": std.reshape(shape),
         "count": np.array([len(idx)], np.int64),
-        "q01": q[0].reshape(shape),
-        "q99": q[1].reshape(shape),
+        "q01": (np.argmax(cdf >= 0.01, axis=1) / 255.0).reshape(shape),
+        "q99": (np.argmax(cdf >= 0.99, axis=1) / 255.0).reshape(shape),
     }
 
 

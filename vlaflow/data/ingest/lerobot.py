@@ -34,6 +34,7 @@ from vlaflow.errors import IngestError, VlaflowError
 FORMAT = "lerobot"
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 _MAX_LISTED = 20  # missing files named in one error message
+_BATCH_BYTES = 128 * 1024 * 1024  # episodes buffered before one store append
 
 
 def detect(src: Path) -> bool:
@@ -498,6 +499,33 @@ def _read_episode(
     return arrays, "; ".join(dict.fromkeys(texts))
 
 
+class _Batch:
+    """Episodes appended to the store in batches of about ``_BATCH_BYTES``: one zarr write per key per batch
+    instead of per episode (per-episode appends rewrite partly filled chunks and were 2/3 of the time)."""
+
+    def __init__(self, store, source: str):
+        self.store, self.source = store, source
+        self.arrays: list[dict[str, np.ndarray]] = []
+        self.tasks: list[str] = []
+        self.nbytes = 0
+
+    def add(self, arrays: dict[str, np.ndarray], task: str) -> None:
+        self.arrays.append(arrays)
+        self.tasks.append(task)
+        self.nbytes += sum(a.nbytes for a in arrays.values())
+        if self.nbytes >= _BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.arrays:
+            return
+        lengths = [len(next(iter(a.values()))) for a in self.arrays]
+        data = {k: np.concatenate([a[k] for a in self.arrays]) for k in self.arrays[0]}
+        n = len(self.arrays)
+        self.store.append_episodes(data, lengths, self.tasks, [self.source] * n, [None] * n)
+        self.arrays, self.tasks, self.nbytes = [], [], 0
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 def ingest(
     src: str | Path,
@@ -532,10 +560,12 @@ def ingest(
     tasks: list[str] = []
     try:
         with atomic_store(dest, keys=keys, fps=layout.fps, attrs=attrs, overwrite=overwrite) as store:
+            batch = _Batch(store, source)
             for ep in tqdm(layout.episodes, desc=f"lerobot {root.name}", unit="ep", disable=not progress):
                 arrays, task = _read_episode(ep, layout, data, readers)
-                store.append_episode(arrays, task=task, source=source)
+                batch.add(arrays, task)
                 tasks.append(task)
+            batch.flush()
             n_episodes, n_steps = store.n_episodes, store.n_steps
     finally:
         for r in readers.values():
