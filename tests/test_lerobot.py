@@ -241,8 +241,18 @@ def test_export_layout_follows_v30(tmp_path):
     assert {"q01", "q99"} <= set(stats["action"]) and np.array(
         stats["observation.images.front"]["mean"]
     ).shape == (3, 1, 1)
-    frames = read_video(out / "videos/observation.images.front/chunk-000/file-000.mp4", expected=src.n_steps)
+    video = out / "videos/observation.images.front/chunk-000/file-000.mp4"
+    frames = read_video(video, expected=src.n_steps)
     _assert_frames_match(frames, src.read("obs.image.front"))
+    # LeRobot finds a row's frame at from_timestamp + timestamp, within tolerance_s = 1e-4
+    import av
+
+    with av.open(str(video)) as c:
+        times = np.array([float(f.pts * f.time_base) for f in c.decode(c.streams.video[0])])
+    from_ts = np.array([e[f"{key}/from_timestamp"] for e in eps])[data.column("episode_index").to_numpy()]
+    query = from_ts + data.column("timestamp").to_numpy()
+    assert np.abs(times[np.abs(query[:, None] - times[None]).argmin(1)] - query).max() < 1e-4
+    assert np.array_equal(np.abs(query[:, None] - times[None]).argmin(1), np.arange(src.n_steps))
 
 
 def test_export_ingest_roundtrip_lossless_is_exact(tmp_path):

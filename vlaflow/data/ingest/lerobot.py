@@ -467,6 +467,10 @@ def _read_episode(
 ) -> tuple[dict, str]:
     sub = data.rows(ep)
     task_ids = _check_bookkeeping(sub, ep, layout)
+    # Keep open only the videos this episode reads (v2.1 has one file per episode: thousands otherwise).
+    wanted = {ep.videos[f.name][0] for f in layout.features if f.kind == "video"}
+    for path in [p for p in readers if p not in wanted]:
+        readers.pop(path).close()
     arrays: dict[str, np.ndarray] = {}
     where = str(ep.data_file)
     for f in layout.features:
