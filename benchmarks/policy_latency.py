@@ -33,6 +33,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "policy_latency.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -55,7 +56,7 @@ def main() -> int:
     rows = []
     for family, cfg, sampler, steps in tqdm(runs, desc="policies"):
         policy = build_policy(cfg, stats)
-        rt = PolicyRuntime(policy, sampler=sampler, num_steps=steps)
+        rt = PolicyRuntime(policy, device=args.device, sampler=sampler, num_steps=steps)
         reps = max(3, args.repeats // (10 if steps >= 100 else 1))
         for _ in range(2):
             rt.infer(obs)
@@ -67,6 +68,7 @@ def main() -> int:
         rows.append(
             {
                 "policy": f"{family}-unet-pusht-lowdim",
+                "device": args.device,
                 "sampler": sampler,
                 "num_steps": steps,
                 "params": policy.num_parameters(),
@@ -76,7 +78,10 @@ def main() -> int:
             }
         )
         print(json.dumps(rows[-1]))
-    result = {**run_info(("vlaflow", "torch", "numpy")), "setting": f"batch 1, CPU, {args.threads} thread(s)"}
+    result = {
+        **run_info(("vlaflow", "torch", "numpy")),
+        "setting": f"batch 1, {args.device}, {args.threads} CPU thread(s)",
+    }
     result["rows"] = rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

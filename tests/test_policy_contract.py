@@ -341,3 +341,19 @@ def test_language_from_local_pretrained_dir(tmp_path):
     assert loaded.config == cfg
     with torch.no_grad():
         torch.testing.assert_close(loaded.sample(batch, noise=noise), a1, atol=1e-5, rtol=1e-5)
+
+
+def test_timm_backbone_when_installed():
+    """``image_backbone="timm:<name>"`` takes only the architecture from timm (no weights, no download)."""
+    pytest.importorskip("timm", reason="timm is optional; the built-in ResNet-18 needs no extra package")
+    cfg, stats = _case("flow-unet-vla")
+    enc = EncoderConfig(
+        **{**cfg.encoder.__dict__, "image_backbone": "timm:resnet18", "language": LanguageConfig()}
+    )
+    cfg = cfg.replace(encoder=enc, tasks=())
+    policy = build_policy(cfg, stats)
+    loss, _ = policy.compute_loss(_batch(cfg))
+    loss.backward()
+    assert torch.isfinite(loss)
+    with torch.no_grad():
+        assert policy.eval().sample(_batch(cfg), num_steps=2).shape == (B, H, DA)

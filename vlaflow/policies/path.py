@@ -85,8 +85,16 @@ class VPCosinePath:
         # Index 0 is k = -1 (clean: abar = 1), then k = 0..N-1.
         return torch.cat([torch.ones(1), self.alphas_cumprod])
 
+    @cached_property
+    def _abar_by_device(self) -> dict:
+        return {}
+
     def _abar_table(self, device) -> Tensor:
-        return self._abar_cpu.to(device)
+        # cached per device: sampling on a GPU must not copy the table host-to-device at every step
+        key = str(device)
+        if key not in self._abar_by_device:
+            self._abar_by_device[key] = self._abar_cpu.to(device)
+        return self._abar_by_device[key]
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         t = torch.as_tensor(t)
