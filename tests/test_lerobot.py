@@ -463,3 +463,21 @@ def test_column_to_numpy_lists_and_errors():
         F.column_to_numpy(var, (3,), "float32", where="f", name="a")
     with pytest.raises(IngestError, match="column 'a' has 1 null"):
         F.column_to_numpy(pa.array([[1.0, 2.0], None]), (2,), "float32", where="f", name="a")
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    import vlaflow.data.lerobot_export as X
+
+    _make_store(tmp_path / "s.zarr")
+    calls, real_write = [], X.VideoWriter.write
+
+    def failing_write(self, frames):  # the second episode's video write fails
+        calls.append(len(frames))
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_write(self, frames)
+
+    monkeypatch.setattr(X.VideoWriter, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        export_lerobot(tmp_path / "s.zarr", tmp_path / "lr", progress=False)
+    assert len(calls) == 2 and not (tmp_path / "lr").exists() and not _no_leftovers(tmp_path)
