@@ -49,7 +49,7 @@ def test_collect_cli_writes_store_that_info_reads(tmp_path, capsys):
 
 def test_collect_image_mode(tmp_path):
     out = tmp_path / "img"
-    res = collect("pick_place", 1, str(out), obs_mode="image", env_kwargs={"image_size": 32}, progress=False)
+    res = collect("pick_place", 1, str(out), obs_mode="image", env_kwargs={"render_size": 32}, progress=False)
     assert res.n_episodes == 1
     store = EpisodeStore.open(out)
     ep = store.get_episode(0)
@@ -141,3 +141,24 @@ def test_key_mapping():
     np.testing.assert_allclose(cmd.motion, [1, 1, 0])
     assert cmd.events == {"gripper"}
     np.testing.assert_allclose(arm_action(7, cmd.motion, True, 0.5), [0.5, 0.5, 0, 0, 0, 0, 1])
+
+
+def test_keyboard_source_with_dummy_video_driver(monkeypatch):
+    """The pygame keyboard path, windowless: tapped keys become events, frames are shown."""
+    pygame = pytest.importorskip("pygame")
+    from vlaflow.sim.teleop import KeyboardSource
+
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")
+    src = KeyboardSource(fps=1000.0, window=64)
+    try:
+        for key in (pygame.K_SPACE, pygame.K_RETURN):
+            pygame.event.post(pygame.event.Event(pygame.KEYDOWN, key=key, mod=0, unicode="", scancode=0))
+        cmd = src.poll(0)
+        assert cmd.events == {"gripper", "start_stop"}
+        np.testing.assert_allclose(cmd.motion, 0)
+        pygame.event.post(pygame.event.Event(pygame.QUIT))
+        assert "quit" in src.poll(1).events
+        src.show(np.full((32, 32, 3), 200, np.uint8))
+        assert src.screen.get_at((10, 10))[:3] == (200, 200, 200)
+    finally:
+        src.close()

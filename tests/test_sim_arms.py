@@ -96,7 +96,7 @@ def test_pick_place_success_requires_release(pp_env):
 
 
 def test_pick_place_image_mode():
-    env = make_env("pick_place", obs_mode="image", image_size=64, render_size=96)
+    env = make_env("pick_place", obs_mode="image", render_size=64, video_size=96)
     try:
         obs, _ = env.reset(seed=0)
         assert set(obs) == {"obs.state", "obs.image.front"}
@@ -148,7 +148,7 @@ def lift_env():
     reason = _robosuite_ok()
     if reason:
         pytest.skip(reason)
-    env = make_env("lift", obs_mode="image", image_size=32, render_size=64)
+    env = make_env("lift", obs_mode="image", render_size=32, video_size=64)
     yield env
     env.close()
 
@@ -198,3 +198,10 @@ def test_can_lowdim_expert(can_env):
     assert obs["obs.state"].dtype == np.float32 and not info["success"]
     ro = rollout_expert(can_env, make_expert("can", can_env), 0, spec.max_steps)
     assert ro.success and 50 < ro.length < spec.max_steps
+
+
+@pytest.mark.filterwarnings("ignore:.*Box observation space:UserWarning")  # unbounded state is intended
+def test_pick_place_passes_gymnasium_env_checker(pp_env):
+    from gymnasium.utils.env_checker import check_env
+
+    check_env(pp_env, skip_render_check=True)  # spaces, seeding determinism, step/reset API

@@ -186,7 +186,7 @@ def run_collect(args: argparse.Namespace) -> int:
     if args.image_size is not None:
         if args.obs_mode != "image":
             raise VlaflowError("--image-size only applies with --obs-mode image")
-        kw["image_size"] = args.image_size
+        kw["render_size"] = args.image_size
     res = collect(
         args.task,
         args.episodes,

@@ -165,9 +165,9 @@ class PickPlaceEnv(gym.Env):
     def __init__(
         self,
         obs_mode: str = "lowdim",
-        render_size: int | None = None,
         config: PickPlaceConfig | None = None,
         render_mode: str | None = "rgb_array",
+        video_size: int | None = None,
     ) -> None:
         import pybullet as p
         import pybullet_data
@@ -176,7 +176,7 @@ class PickPlaceEnv(gym.Env):
         self.obs_mode = obs_mode
         self.task_spec = pick_place_spec(obs_mode, self.cfg)
         self.render_mode = render_mode
-        self.render_size = int(render_size or max(self.cfg.image_size, 128))
+        self.video_size = int(video_size or max(self.cfg.image_size, 160))  # env.render() frame side
         self._p = p
         self._cid = p.connect(p.DIRECT)
         c = self._cid
@@ -398,7 +398,7 @@ class PickPlaceEnv(gym.Env):
         return self._obs(), float(success), success, truncated, {"success": success}
 
     def render(self) -> np.ndarray:
-        return self._camera(self.render_size)
+        return self._camera(self.video_size)
 
     def close(self) -> None:
         if self._cid is not None and self._p.isConnected(self._cid):
@@ -409,8 +409,16 @@ class PickPlaceEnv(gym.Env):
 def make_pick_place(obs_mode: str = "lowdim", render_size: int | None = None, **kw) -> PickPlaceEnv:
     """Factory registered as ``pick_place`` in :data:`vlaflow.sim.tasks.TASKS`.
 
-    ``render_size`` is the side of ``env.render()`` frames (videos); keyword arguments are
-    :class:`PickPlaceConfig` fields (e.g. ``image_size=96``, ``max_steps=80``).
+    ``render_size`` is the side of the camera observation (as for every task; same as the config's
+    ``image_size``); ``video_size`` the side of ``env.render()`` frames (videos). Other keyword
+    arguments are :class:`PickPlaceConfig` fields (e.g. ``max_steps=80``).
     """
     render_mode = kw.pop("render_mode", "rgb_array")
-    return PickPlaceEnv(obs_mode, render_size, PickPlaceConfig(**kw), render_mode=render_mode)
+    video_size = kw.pop("video_size", None)
+    if render_size is not None:
+        if "image_size" in kw and int(kw["image_size"]) != int(render_size):
+            raise ConfigError(
+                f"pick_place: render_size={render_size} and image_size={kw['image_size']} disagree"
+            )
+        kw["image_size"] = int(render_size)
+    return PickPlaceEnv(obs_mode, PickPlaceConfig(**kw), render_mode=render_mode, video_size=video_size)

@@ -95,12 +95,12 @@ class RobosuiteEnv(gym.Env):
         self,
         task: str,
         obs_mode: str = "lowdim",
-        render_size: int | None = None,
         image_size: int = 84,
         control_hz: float = 20.0,
         max_steps: int | None = None,
         render_camera: str = "agentview",
         render_mode: str | None = "rgb_array",
+        video_size: int = 256,
     ) -> None:
         os.environ.setdefault("MUJOCO_GL", "egl")
         import robosuite as suite
@@ -116,7 +116,7 @@ class RobosuiteEnv(gym.Env):
         self.obs_mode = obs_mode
         self.task_spec = robosuite_spec(self.task, obs_mode, image_size, control_hz)
         self.render_mode = render_mode
-        self.render_size = int(render_size or 256)
+        self.video_size = int(video_size)  # env.render() frame side
         self.render_camera = render_camera
         images = obs_mode == "image"
         controller = load_composite_controller_config(controller="BASIC", robot="Panda")
@@ -201,7 +201,7 @@ class RobosuiteEnv(gym.Env):
         return self._convert(raw), float(success), success, truncated, {"success": success}
 
     def render(self) -> np.ndarray:
-        s = self.render_size
+        s = self.video_size
         frame = self._env.sim.render(
             width=s, height=s, camera_name=CAMERAS.get(self.render_camera, self.render_camera)
         )
@@ -211,14 +211,25 @@ class RobosuiteEnv(gym.Env):
         self._env.close()
 
 
+def _image_size(task: str, render_size: int | None, kw: dict) -> None:
+    """``render_size`` (the camera observation side, as for every task) is an alias of ``image_size``."""
+    if render_size is not None:
+        if "image_size" in kw and int(kw["image_size"]) != int(render_size):
+            raise ConfigError(f"{task}: render_size={render_size} and image_size={kw['image_size']} disagree")
+        kw["image_size"] = int(render_size)
+
+
 def make_lift(obs_mode: str = "lowdim", render_size: int | None = None, **kw) -> RobosuiteEnv:
-    """Factory registered as ``lift``; keyword arguments go to :class:`RobosuiteEnv`."""
-    return RobosuiteEnv("lift", obs_mode, render_size, **kw)
+    """Factory registered as ``lift``; ``render_size`` sets the camera side, other keywords go to
+    :class:`RobosuiteEnv` (``video_size`` for ``env.render()`` frames, ``max_steps``, ...)."""
+    _image_size("lift", render_size, kw)
+    return RobosuiteEnv("lift", obs_mode, **kw)
 
 
 def make_can(obs_mode: str = "lowdim", render_size: int | None = None, **kw) -> RobosuiteEnv:
-    """Factory registered as ``can`` (robosuite PickPlaceCan); keywords go to :class:`RobosuiteEnv`."""
-    return RobosuiteEnv("can", obs_mode, render_size, **kw)
+    """Factory registered as ``can`` (robosuite PickPlaceCan); keywords as for :func:`make_lift`."""
+    _image_size("can", render_size, kw)
+    return RobosuiteEnv("can", obs_mode, **kw)
 
 
 class RobosuiteExpert:
