@@ -212,16 +212,24 @@ def run_repair(args: argparse.Namespace) -> int:
 def add_export_lerobot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="episode store to export")
     p.add_argument("out", help="output directory for the LeRobot v3.0 dataset (must not exist)")
+    from vlaflow.data.video import CODECS
+
     p.add_argument(
-        "--video-codec", default="h264", choices=["h264", "av1"], help="codec of the camera videos"
+        "--video-codec",
+        default="h264",
+        choices=list(CODECS),
+        help="codec of the camera videos (h264-lossless round-trips images exactly)",
     )
+    p.add_argument("--fps", type=float, default=None, help="frame rate, for stores that do not record one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
 def run_export_lerobot(args: argparse.Namespace) -> int:
     from vlaflow.data.lerobot_export import export_lerobot
 
-    summary = export_lerobot(args.store, args.out, video_codec=args.video_codec, overwrite=args.overwrite)
+    summary = export_lerobot(
+        args.store, args.out, fps=args.fps, video_codec=args.video_codec, overwrite=args.overwrite
+    )
     print(f"exported {args.store} -> {args.out} (LeRobot v3.0): {json.dumps(summary)}")
     return 0
 
