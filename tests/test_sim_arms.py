@@ -205,3 +205,17 @@ def test_pick_place_passes_gymnasium_env_checker(pp_env):
     from gymnasium.utils.env_checker import check_env
 
     check_env(pp_env, skip_render_check=True)  # spaces, seeding determinism, step/reset API
+
+
+def test_pick_place_reset_to_recorded_state_replays(pp_env):
+    """Replays (vlaflow eval --policy replay:STORE) restore the recorded state whatever the seed."""
+    expert = make_expert("pick_place", pp_env)
+    ro = rollout_expert(pp_env, expert, 11, pp_env.task_spec.max_steps)
+    assert ro.success
+    obs, _ = pp_env.reset(seed=999, options={"reset_to_state": ro.data["obs.state"][0]})
+    np.testing.assert_allclose(obs["obs.state"], ro.data["obs.state"][0], atol=1e-4)
+    for a in ro.data["action"]:
+        obs, _, term, _, info = pp_env.step(a)
+    assert info["success"]
+    with pytest.raises(ValueError, match="21-dim"):
+        pp_env.reset(seed=0, options={"reset_to_state": np.zeros(11)})

@@ -376,8 +376,36 @@ class PickPlaceEnv(gym.Env):
         self._drive(home)
         for _ in range(cfg.substeps):
             p.stepSimulation(physicsClientId=c)
+        if options and options.get("reset_to_state") is not None:
+            self._set_state(np.asarray(options["reset_to_state"], dtype=np.float64))
         self._steps = 0
         return self._obs(), {"success": False}
+
+    def _set_state(self, state: np.ndarray) -> None:
+        """Put the scene in a recorded low-dim ``obs.state`` (replays): arm, fingers, cube and tray.
+
+        Velocities restart at zero, so a replay matches the recording closely but not bit-exactly.
+        """
+        if state.shape != (len(STATE_NAMES),):
+            raise ValueError(
+                f"pick_place: reset_to_state needs the {len(STATE_NAMES)}-dim low-dim obs.state "
+                f"({', '.join(STATE_NAMES[:4])}, ...), got shape {state.shape}"
+            )
+        p, c = self._p, self._cid
+        self._tray_pos = state[18:21].copy()
+        p.resetBasePositionAndOrientation(
+            self._tray, self._tray_pos.tolist(), [0, 0, 0, 1], physicsClientId=c
+        )
+        p.resetBasePositionAndOrientation(
+            self._cube, state[11:14].tolist(), state[14:18].tolist(), physicsClientId=c
+        )
+        p.resetBaseVelocity(self._cube, [0, 0, 0], [0, 0, 0], physicsClientId=c)
+        for j, q in zip(ARM_JOINTS, state[4:11], strict=True):
+            p.resetJointState(self._robot, j, float(q), 0.0, physicsClientId=c)
+        for j in FINGER_JOINTS:
+            p.resetJointState(self._robot, j, float(state[3]) / 2, 0.0, physicsClientId=c)
+        self._grip_closed = bool(state[3] < FINGER_OPEN)  # a recording that starts holding the cube
+        self._drive(self.ee_pos())
 
     def step(self, action):
         a = np.asarray(action, dtype=np.float64).reshape(-1)
