@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,37 +75,6 @@ def ensure_data(args) -> Path:
     return cache
 
 
-def calibrate_steps(cfg, data: Path, minutes: float, scratch: Path) -> tuple[int, float]:
-    """Steps that fit ``minutes`` at the throughput of a short timing run (incl. checkpoint overhead)."""
-    from vlaflow.train.config import apply_overrides
-    from vlaflow.train.trainer import train
-
-    n = 30
-    c = apply_overrides(
-        cfg,
-        [
-            f"train.steps={n}",
-            "train.warmup_steps=0",
-            "train.ckpt_every=0",
-            "train.log_every=0",
-            "eval.task=",
-            "train.keep_step_ckpts=false",
-            "train.progress=false",
-        ],
-    )
-    shutil.rmtree(scratch, ignore_errors=True)
-    t = time.perf_counter()
-    res = train(c, data, scratch)
-    shutil.rmtree(scratch, ignore_errors=True)
-    steps_per_s = res.step / max(res.train_seconds, 1e-9)
-    print(
-        f"calibration: {steps_per_s:.2f} steps/s ({res.samples_per_s:.0f} samples/s), "
-        f"{time.perf_counter() - t:.0f} s"
-    )
-    # checkpoints are written every ckpt_every steps on top; keep a 4% margin
-    return max(1, int(steps_per_s * minutes * 60 * 0.96)), res.samples_per_s
-
-
 def sampler_variants(cfg, spec: str) -> list[tuple[str, int]]:
     from vlaflow.policies.runtime import sampler_of
 
@@ -126,7 +94,7 @@ def main(argv=None) -> int:
 
     from vlaflow.configs.presets import get_preset
     from vlaflow.train.config import apply_overrides
-    from vlaflow.train.trainer import evaluate_policy, train
+    from vlaflow.train.trainer import evaluate_policy, steps_for_budget, train
 
     data = ensure_data(args)
     cfg = apply_overrides(get_preset(args.preset), list(args.overrides))
@@ -135,7 +103,7 @@ def main(argv=None) -> int:
     steps, calib_sps = (
         (args.steps, None)
         if args.steps
-        else calibrate_steps(cfg, data, args.minutes, out.with_name(out.name + "-calib"))
+        else steps_for_budget(cfg, data, args.minutes, out.with_name(out.name + "-calib"))
     )
     cfg = apply_overrides(
         cfg,

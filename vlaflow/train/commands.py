@@ -86,7 +86,7 @@ DEMO_PRESET = "pick_place_lowdim_diffusion"
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (demos, run, report)")
-    parser.add_argument("--minutes", type=float, default=14.0, help="total wall-time budget in minutes")
+    parser.add_argument("--minutes", type=float, default=13.0, help="wall-time budget for the whole demo")
     parser.add_argument("--episodes", type=int, default=150, help="expert demonstrations to collect")
     parser.add_argument("--eval-episodes", type=int, default=30, help="rollouts of the final evaluation")
     parser.add_argument("--seed", type=int, default=0, help="seed of collection and training")
@@ -95,49 +95,54 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """Collect scripted-expert demos, train a low-dim diffusion policy in the time left, evaluate, report."""
     import shutil
 
     t0 = time.perf_counter()
     out = Path(args.out)
+    if args.minutes < 3:
+        raise ConfigError(f"--minutes must be >= 3 (collect + train + evaluate), got {args.minutes}")
     if out.exists():
         if not args.overwrite:
             raise VlaflowError(f"{out} exists; pass --overwrite or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    if args.minutes <= 2:
-        raise ConfigError(f"--minutes must be > 2 (collect + train + evaluate), got {args.minutes}")
     demos = out / "demos.zarr"
-    print(f"[1/3] collecting {args.episodes} scripted-expert demonstrations of {DEMO_TASK!r} -> {demos}")
+    print(f"[1/4] collecting {args.episodes} scripted-expert demonstrations of {DEMO_TASK!r} -> {demos}")
     n_ok = _collect_demos(demos, args.episodes, args.seed)
     t_collect = time.perf_counter() - t0
     print(f"      {n_ok} successful episodes in {t_collect / 60:.1f} min")
 
     from vlaflow.configs.presets import get_preset
     from vlaflow.train.config import apply_overrides
-    from vlaflow.train.trainer import train
+    from vlaflow.train.trainer import steps_for_budget, train
 
-    # Budget: what is left after collection, minus the final evaluation and a safety margin.
-    eval_minutes = 0.05 * args.eval_episodes + 0.3
-    train_minutes = args.minutes - t_collect / 60 - eval_minutes - 0.5
+    cfg = apply_overrides(
+        get_preset(DEMO_PRESET),
+        [f"train.seed={args.seed}", f"eval.final_episodes={args.eval_episodes}", *args.overrides],
+    )
+    # Budget: what is left after collection, minus rollouts (periodic + final) and start-up margins.
+    n_evals = 3 if cfg.train.eval_every else 0
+    eval_minutes = 0.03 * (args.eval_episodes + n_evals * cfg.train.eval_episodes) + 0.3
+    train_minutes = args.minutes - (time.perf_counter() - t0) / 60 - eval_minutes - 0.6
     if train_minutes < 1:
         raise VlaflowError(
-            f"collection took {t_collect / 60:.1f} min; too little of --minutes {args.minutes} left"
+            f"collection took {t_collect / 60:.1f} min; too little of --minutes {args.minutes} left to train"
         )
-    cfg = get_preset(DEMO_PRESET)
+    print(f"[2/4] timing {cfg.name} on this machine")
+    steps, sps = steps_for_budget(cfg, demos, train_minutes, out / "calibration")
+    train_minutes -= 0.25  # the timing run itself
+    steps = max(100, int(steps * train_minutes / (train_minutes + 0.25)))
+    every = max(1, steps // (n_evals + 1)) if n_evals else 0
     cfg = apply_overrides(
-        cfg,
-        [
-            f"train.max_minutes={train_minutes:.2f}",
-            f"train.seed={args.seed}",
-            f"eval.final_episodes={args.eval_episodes}",
-            *args.overrides,
-        ],
+        cfg, [f"train.steps={steps}", f"train.max_minutes={train_minutes:.2f}", f"train.eval_every={every}"]
     )
-    print(f"[2/3] training {cfg.name} for up to {train_minutes:.1f} min ({cfg.train.steps} steps max)")
+    print(f"[3/4] training for {steps} steps (~{sps:.0f} samples/s, budget {train_minutes:.1f} min)")
     res = train(cfg, demos, out / "run")
     ev = res.final_eval
-    print(f"[3/3] evaluated {args.eval_episodes} episodes")
     total = (time.perf_counter() - t0) / 60
+    paths = _eval_paths(res)
+    print(f"[4/4] evaluated {args.eval_episodes} rollouts (seeds {cfg.eval.seed_start}..)")
     summary = {
         "task": DEMO_TASK,
         "preset": cfg.name,
@@ -145,22 +150,27 @@ def run_demo(args: argparse.Namespace) -> int:
         "train_steps": res.step,
         "train_minutes": round(res.train_seconds / 60, 2),
         "samples_per_s": round(res.samples_per_s, 1),
-        "score": ev["score"] if ev else None,
-        "success_rate": ev["success_rate"] if ev else None,
+        "final_success_rate": ev["success_rate"] if ev else None,
+        "final_score": ev["score"] if ev else None,
+        "best_score": res.best_score,
+        "evaluations": res.evals,
         "total_minutes": round(total, 2),
-        "checkpoint": str(res.best_ckpt or res.last_ckpt),
+        "best_checkpoint": str(res.best_ckpt) if res.best_ckpt else None,
+        **paths,
     }
-    paths = _eval_paths(res)
-    summary.update(paths)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print()
+    succ = summary["final_success_rate"]
+    rate = "n/a" if succ is None else f"{100 * succ:.0f}%"
     print(
-        f"success rate {summary['success_rate']}  (score {summary['score']})  on {args.eval_episodes} "
-        f"rollouts of {DEMO_TASK!r}; total {total:.1f} min"
+        f"{DEMO_TASK}: success rate {rate} over {args.eval_episodes} "
+        f"rollouts of the final policy ({res.step} steps, {summary['train_minutes']:.1f} min of training, "
+        f"{total:.1f} min in all)"
     )
     for k in ("report", "curves", "video"):
         print(f"  {k:8s} {paths.get(k)}")
-    print(f"  policy   {summary['checkpoint']}   (vlaflow.load_policy(path))")
+    print(f"  policy   {res.last_ckpt}   (load with vlaflow.load_policy)")
+    print(f"  summary  {out / 'demo_summary.json'}")
     return 0
 
 
@@ -182,5 +192,5 @@ def _eval_paths(res) -> dict:
 def _collect_demos(dest: Path, n_episodes: int, seed: int) -> int:
     from vlaflow.sim.collect import collect
 
-    store = collect(DEMO_TASK, dest, n_episodes=n_episodes, seed=seed, obs_mode="lowdim")
-    return int(store.n_episodes) if hasattr(store, "n_episodes") else int(store)
+    res = collect(DEMO_TASK, n_episodes, str(dest), obs_mode="lowdim", seed=seed)
+    return int(res.n_episodes)

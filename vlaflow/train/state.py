@@ -114,6 +114,22 @@ def copy_checkpoint(src: Path, dest: Path) -> Path:
     return dest
 
 
+def recover_checkpoint(dest: Path) -> Path:
+    """``dest`` itself, or -- after a kill between the two renames of a save -- the complete previous
+    checkpoint left beside it (renamed back into place). Half-written temp dirs are removed."""
+    dest = Path(dest)
+    if dest.parent.exists():
+        for tmp in dest.parent.glob(f".{dest.name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        olds = sorted(dest.parent.glob(f".{dest.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if not dest.exists() and olds:
+            olds[-1].rename(dest)
+            olds = olds[:-1]
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
 def read_train_state(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(train_state.json contents, train_state.safetensors tensors) of a training checkpoint."""
     ckpt = Path(ckpt)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from vlaflow.data import keys as K
 from vlaflow.errors import ConfigError, VlaflowError
@@ -38,6 +39,7 @@ from vlaflow.train.state import (
     load_optimizer_tensors,
     load_raw_weights,
     read_train_state,
+    recover_checkpoint,
     save_training_checkpoint,
     write_state_json,
 )
@@ -96,8 +98,6 @@ def _init_distributed(device: str) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
@@ -348,6 +348,10 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, *, resume: bool = F
     start_step, best_score, best_step, train_seconds, evals = 0, None, None, 0.0, []
     fingerprint = _data_fingerprint(store, ws)
     if resume:
+        if dist_info.main:
+            recover_checkpoint(last_dir)
+        if dist_info.world > 1:
+            dist.barrier()
         if not (last_dir / "train_state.json").exists():
             raise VlaflowError(f"{run_dir}: nothing to resume (no {last_dir}/train_state.json)")
         state, tensors = read_train_state(last_dir)
@@ -467,8 +471,6 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, *, resume: bool = F
             loss, metrics = module(batch)
             finite = torch.isfinite(loss.detach()).float()
             if dist_info.world > 1:
-                import torch.distributed as dist
-
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if finite.item() < 1:
                 raise TrainingDiverged(_diverged_msg("loss", step, last_saved, last_dir))
@@ -558,9 +560,7 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, *, resume: bool = F
         finally:
             log.close()
     if dist_info.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+        _check_replicas_agree(policy)
     return TrainResult(
         run_dir=run_dir,
         step=step,
@@ -573,6 +573,53 @@ def train(cfg: RunConfig, data: str | Path, out: str | Path, *, resume: bool = F
         train_seconds=train_seconds,
         evals=evals,
     )
+
+
+def _check_replicas_agree(policy) -> None:
+    """DDP ranks must hold identical weights after training; a silent desync would be a wrong model."""
+    with torch.no_grad():
+        total = torch.stack([p.detach().double().sum() for p in policy.parameters()]).sum().reshape(1)
+    lo, hi = total.clone(), total.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if float(hi - lo) > 1e-6 * max(1.0, abs(float(total))):
+        raise VlaflowError(
+            f"DDP ranks disagree on the weights after training (sum {float(lo)} vs {float(hi)})"
+        )
+
+
+def steps_for_budget(
+    cfg: RunConfig, data: str | Path, minutes: float, scratch: Path, n: int = 20
+) -> tuple[int, float]:
+    """(steps that fit ``minutes`` of training, samples/s) from a short timing run of ``cfg`` in ``scratch``.
+
+    Lets a wall-time-bounded run (the demo, the benchmarks) set ``train.steps`` so that the cosine schedule
+    ends at the budget instead of being cut off half-way; ``train.max_minutes`` remains the hard stop.
+    """
+    import shutil
+
+    from vlaflow.train.config import apply_overrides
+
+    probe = apply_overrides(
+        cfg,
+        [
+            f"train.steps={n}",
+            "train.ckpt_every=0",
+            "train.log_every=0",
+            "eval.task=",
+            "train.progress=false",
+            "train.keep_step_ckpts=false",
+            "train.max_minutes=0",
+        ],
+    )
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        res = train(probe, data, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    # the first steps include one-off costs; ~3% of the budget goes to checkpoints and logging
+    steps_per_s = res.step / max(res.train_seconds, 1e-9)
+    return max(1, int(steps_per_s * minutes * 60 * 0.97)), res.samples_per_s
 
 
 def _scalar(v) -> bool:
