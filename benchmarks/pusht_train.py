@@ -76,14 +76,13 @@ def ensure_data(args) -> Path:
 
 
 def sampler_variants(cfg, spec: str) -> list[tuple[str, int]]:
-    from vlaflow.policies.runtime import sampler_of
-
+    """[(sampler, steps)] from "ddim:10,ddpm:100"; empty = the preset's own sampler."""
     if not spec:
-        return [sampler_of(cfg.policy)]
+        return [(cfg.policy.sampler, cfg.policy.num_inference_steps)]
     out = []
     for item in spec.split(","):
         name, _, k = item.partition(":")
-        out.append((name.strip(), int(k) if k else 0))
+        out.append((name.strip(), int(k) if k else cfg.policy.num_inference_steps))
     return out
 
 
@@ -120,21 +119,28 @@ def main(argv=None) -> int:
     print(f"training {cfg.name}: {steps} steps, budget {args.minutes} min -> {out}")
     res = train(cfg, data, out)
     from vlaflow.policies import load_checkpoint
-    from vlaflow.policies.runtime import with_sampler
 
     rows = []
     cmd = "python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]
     )
     for name, k in sampler_variants(cfg, args.samplers):
-        policy = with_sampler(load_checkpoint(res.last_ckpt), name, k)
+        policy = load_checkpoint(res.last_ckpt)
         t = time.perf_counter()
-        ev = evaluate_policy(policy, cfg, args.episodes, out / "eval" / f"final_{name}{k}", video=False)
+        ev = evaluate_policy(
+            policy,
+            cfg,
+            args.episodes,
+            out / "eval" / f"{name}{k}",
+            ckpt=res.last_ckpt,
+            sampler=name,
+            num_steps=k,
+        )
         rows.append(
             {
                 "policy": cfg.name,
                 "family": cfg.family,
-                "sampler": f"{name}-{k}" if k else name,
+                "sampler": f"{name}-{k}",
                 "mean_score": round(ev["score"], 4),
                 "success_rate": ev["success_rate"],
                 "train_minutes": round(res.train_seconds / 60, 2),

@@ -419,3 +419,72 @@ def test_torchrun_two_processes_ddp(store_path, tmp_path):
     w = weights(out / "checkpoints" / "last")
     assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
     assert not math.isnan(float(rows[-1].split(",")[2]))
+
+
+def test_pusht_benchmark_runner_appends_rows(tmp_path):
+    """benchmarks/pusht_train.py end to end at toy size on a PushT-shaped synthetic store."""
+    pytest.importorskip("gym_pusht")
+    from vlaflow.data.store import EpisodeStore, KeySpec
+
+    data = tmp_path / "pusht_like.zarr"
+    st = EpisodeStore.create(
+        data,
+        keys={
+            "action": KeySpec("float32", (2,)),
+            "obs.keypoint": KeySpec("float32", (9, 2)),
+            "obs.agent_pos": KeySpec("float32", (2,)),
+        },
+        fps=10,
+    )
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        n = 24
+        st.append_episode(
+            {
+                "action": rng.uniform(50, 450, (n, 2)).astype(np.float32),
+                "obs.keypoint": rng.uniform(50, 450, (n, 9, 2)).astype(np.float32),
+                "obs.agent_pos": rng.uniform(50, 450, (n, 2)).astype(np.float32),
+            },
+            task="push",
+            source="syn",
+            success=True,
+        )
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import pusht_train
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    results = tmp_path / "pusht.json"
+    results.write_text('[{"policy": "earlier row"}]')
+    rc = pusht_train.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "3",
+            "--episodes",
+            "2",
+            "--max-steps",
+            "8",
+            "--samplers",
+            "ddim:10,ddpm:100",
+            "--results",
+            str(results),
+            "policy.net.unet.down_dims=[16,32]",
+            "policy.net.unet.step_embed_dim=16",
+            "train.batch_size=8",
+            "train.num_threads=1",
+            "train.progress=false",
+        ]
+    )
+    assert rc == 0
+    rows = json.loads(results.read_text())
+    assert rows[0] == {"policy": "earlier row"} and len(rows) == 3
+    for row, sampler in zip(rows[1:], ("ddim-10", "ddpm-100"), strict=True):
+        assert row["sampler"] == sampler and row["policy"] == "pusht_lowdim_diffusion"
+        assert (
+            0.0 <= row["mean_score"] <= 1.0 and row["seeds"] == "100000..100001" and row["train_steps"] == 3
+        )
+        assert {"success_rate", "train_minutes", "command", "machine", "versions"} <= set(row)
