@@ -219,3 +219,17 @@ def test_pick_place_reset_to_recorded_state_replays(pp_env):
     assert info["success"]
     with pytest.raises(ValueError, match="21-dim"):
         pp_env.reset(seed=0, options={"reset_to_state": np.zeros(11)})
+
+
+def test_robosuite_camera_subset():
+    if _robosuite_ok():
+        pytest.skip(_robosuite_ok())
+    from vlaflow.sim.robosuite_tasks import ROBOSUITE_TASKS, robosuite_spec
+
+    spec = robosuite_spec(ROBOSUITE_TASKS["lift"], "image", 64, 20.0, ("wrist",))
+    assert spec.obs_shapes == {"obs.state": (9,), "obs.image.wrist": (64, 64, 3)}
+    assert spec.extra["cameras"] == ["wrist"]
+    with pytest.raises(ConfigError, match="cameras must be"):
+        make_env("lift", obs_mode="image", cameras=["top"])
+    with pytest.raises(ConfigError, match="disagree"):
+        make_env("lift", obs_mode="image", render_size=64, image_size=32)

@@ -6,7 +6,8 @@
 - ``obs.state`` low-dim: ``robot0_eef_pos`` (3), ``robot0_eef_quat`` xyzw (4), ``robot0_gripper_qpos``
   (2) and robosuite's ``object-state`` (lift 10, can 14), i.e. robomimic's low-dim keys.
   ``obs_mode="image"`` keeps the 9 proprioceptive dims and adds ``obs.image.agentview`` and
-  ``obs.image.wrist`` (uint8 HWC, flipped to the usual top-row-first convention).
+  ``obs.image.wrist`` (uint8 HWC, flipped to the usual top-row-first convention); ``cameras=``
+  picks a subset (rendering is software GL here, each camera costs a render per step).
 - Seeding: robosuite samples placements from NumPy's global RNG; ``reset(seed=...)`` seeds it for the
   duration of the reset and restores the caller's global state afterwards.
 
@@ -44,13 +45,17 @@ class RobosuiteTask:
 
 ROBOSUITE_TASKS: dict[str, RobosuiteTask] = {
     "lift": RobosuiteTask("lift", "Lift", 10, 200, "lift the red cube"),
-    "can": RobosuiteTask(
-        "can", "PickPlaceCan", 14, 400, "pick up the can and place it in the bottom right bin"
-    ),
+    "can": RobosuiteTask("can", "PickPlaceCan", 14, 400, "pick up the can and place it in its bin"),
 }
 
 
-def robosuite_spec(task: RobosuiteTask, obs_mode: str, image_size: int, control_hz: float) -> TaskSpec:
+def robosuite_spec(
+    task: RobosuiteTask,
+    obs_mode: str,
+    image_size: int,
+    control_hz: float,
+    cameras: tuple[str, ...] = tuple(CAMERAS),
+) -> TaskSpec:
     if obs_mode == "lowdim":
         dim = len(PROPRIO_NAMES) + task.object_dim
         shapes, dtypes = {"obs.state": (dim,)}, {"obs.state": "float32"}
@@ -58,7 +63,7 @@ def robosuite_spec(task: RobosuiteTask, obs_mode: str, image_size: int, control_
     elif obs_mode == "image":
         shapes = {"obs.state": (len(PROPRIO_NAMES),)}
         dtypes = {"obs.state": "float32"}
-        for cam in CAMERAS:
+        for cam in cameras:
             shapes[f"obs.image.{cam}"] = (image_size, image_size, 3)
             dtypes[f"obs.image.{cam}"] = "uint8"
         names = list(PROPRIO_NAMES)
@@ -81,7 +86,7 @@ def robosuite_spec(task: RobosuiteTask, obs_mode: str, image_size: int, control_
             "controller": "BASIC/OSC_POSE",
             "state_names": names,
             "action_names": ["dx", "dy", "dz", "ax", "ay", "az", "gripper"],
-            "cameras": list(CAMERAS) if obs_mode == "image" else [],
+            "cameras": list(cameras) if obs_mode == "image" else [],
         },
     )
 
@@ -101,6 +106,7 @@ class RobosuiteEnv(gym.Env):
         render_camera: str = "agentview",
         render_mode: str | None = "rgb_array",
         video_size: int = 256,
+        cameras: tuple[str, ...] | list[str] = tuple(CAMERAS),
     ) -> None:
         os.environ.setdefault("MUJOCO_GL", "egl")
         import robosuite as suite
@@ -110,11 +116,18 @@ class RobosuiteEnv(gym.Env):
             raise ConfigError(f"unknown robosuite task {task!r}; known: {', '.join(ROBOSUITE_TASKS)}")
         if image_size < 8:
             raise ConfigError(f"{task}: image_size must be >= 8 pixels, got {image_size}")
+        cameras = tuple(cameras)
+        unknown = [c for c in cameras if c not in CAMERAS]
+        if unknown or not cameras:
+            raise ConfigError(
+                f"{task}: cameras must be a non-empty subset of {list(CAMERAS)}, got {list(cameras)}"
+            )
+        self.cameras = cameras  # store camera names rendered in image mode (each costs a render per step)
         self.task = ROBOSUITE_TASKS[task]
         if max_steps is not None:
             self.task = RobosuiteTask(**{**self.task.__dict__, "max_steps": int(max_steps)})
         self.obs_mode = obs_mode
-        self.task_spec = robosuite_spec(self.task, obs_mode, image_size, control_hz)
+        self.task_spec = robosuite_spec(self.task, obs_mode, image_size, control_hz, cameras)
         self.render_mode = render_mode
         self.video_size = int(video_size)  # env.render() frame side
         self.render_camera = render_camera
@@ -127,7 +140,7 @@ class RobosuiteEnv(gym.Env):
             has_renderer=False,
             has_offscreen_renderer=images or render_mode == "rgb_array",
             use_camera_obs=images,
-            camera_names=list(CAMERAS.values()),
+            camera_names=[CAMERAS[c] for c in cameras],
             camera_heights=image_size,
             camera_widths=image_size,
             control_freq=control_hz,
@@ -157,8 +170,8 @@ class RobosuiteEnv(gym.Env):
             state = np.concatenate(proprio + [np.asarray(raw["object-state"], dtype=np.float32)])
             return {"obs.state": state}
         out = {"obs.state": np.concatenate(proprio)}
-        for cam, rs_cam in CAMERAS.items():
-            out[f"obs.image.{cam}"] = np.ascontiguousarray(raw[f"{rs_cam}_image"][::-1])
+        for cam in self.cameras:
+            out[f"obs.image.{cam}"] = np.ascontiguousarray(raw[f"{CAMERAS[cam]}_image"][::-1])
         return out
 
     def privileged_state(self) -> dict[str, np.ndarray]:
