@@ -38,7 +38,7 @@ TINY_DIT = NetConfig(kind="transformer", transformer=TransformerConfig(d_model=3
 TINY_VISION = EncoderConfig(
     image_base_width=8,
     norm_group_size=4,
-    crop_shape=(20, 20),
+    crop_shape=(36, 36),
     num_keypoints=4,
     image_feature_dim=8,
     language=LanguageConfig(
@@ -64,10 +64,15 @@ def _case(name):
     fam = DiffusionConfig if name.startswith("diffusion") else FlowConfig
     common = dict(n_obs_steps=TO, horizon=H, n_action_steps=4, action_dim=DA, num_inference_steps=3)
     if name.endswith("vla"):
-        obs = {"obs.state": (4,), "obs.image.front": (24, 24, 3), "obs.image.wrist": (24, 24, 3)}
+        obs = {"obs.state": (4,), "obs.image.front": (40, 40, 3), "obs.image.wrist": (40, 40, 3)}
+        enc = (
+            TINY_VISION
+            if "unet" in name
+            else EncoderConfig(**{**TINY_VISION.__dict__, "share_camera_encoder": True})
+        )
         cfg = fam(
             obs_shapes=obs,
-            encoder=TINY_VISION,
+            encoder=enc,
             net=TINY_DIT if "dit" in name else TINY_UNET,
             tasks=TASKS,
             **common,
@@ -162,6 +167,8 @@ def test_policy_contract(name, tmp_path):
     with torch.no_grad():
         assert not torch.allclose(policy.sample(other, noise=noise), a1)
         if "vla" in name:
+            new_images = dict(batch, **{k: v for k, v in other.items() if k.startswith("obs.image.")})
+            assert not torch.allclose(policy.sample(new_images, noise=noise), a1), "images must condition"
             swapped = dict(batch, task_index=torch.tensor([1, 0, 1]))
             assert not torch.allclose(policy.sample(swapped, noise=noise), a1)
             by_text = dict(batch, task=[TASKS[i] for i in (0, 1, 0)])
@@ -357,3 +364,33 @@ def test_timm_backbone_when_installed():
     assert torch.isfinite(loss)
     with torch.no_grad():
         assert policy.eval().sample(_batch(cfg), num_steps=2).shape == (B, H, DA)
+
+
+def test_image_crops_random_in_training_center_in_eval():
+    from vlaflow.policies.nets.encoders import ImageEncoder, center_crop, random_crop
+
+    img = torch.arange(2 * 6 * 7 * 3, dtype=torch.int64).reshape(2, 6, 7, 3).to(torch.uint8)
+    torch.testing.assert_close(center_crop(img, (4, 4)), img[:, 1:5, 1:5])
+    seen = set()
+    for seed in range(20):
+        crops = random_crop(img, (4, 4), generator=torch.Generator().manual_seed(seed))
+        for b in range(2):
+            offs = [
+                (y, x)
+                for y in range(3)
+                for x in range(4)
+                if torch.equal(crops[b], img[b, y : y + 4, x : x + 4])
+            ]
+            assert len(offs) == 1, "every random crop is one window of its own image"
+            seen.add(offs[0])
+    assert len(seen) > 4, "random crops must move around"
+    enc = ImageEncoder(
+        (40, 40, 3), base_width=8, group_size=4, crop_shape=(36, 36), num_keypoints=4, feature_dim=8
+    )
+    x = torch.randint(0, 256, (3, 40, 40, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(enc.eval()(x), enc(x))
+        assert not torch.equal(enc.train()(x), enc(x))
+        assert not torch.allclose(enc.eval()(x)[0], enc(x)[1]), "different images, different features"
+    with pytest.raises(ValueError, match="1x1 feature map"):
+        ImageEncoder((24, 24, 3), base_width=8, group_size=4, crop_shape=(20, 20))

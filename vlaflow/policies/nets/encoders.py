@@ -139,6 +139,14 @@ class ImageEncoder(nn.Module):
             self.trunk, c_out = _timm_backbone(backbone[len("timm:") :])
         else:
             raise ValueError(f"unknown image backbone {backbone!r}; expected 'resnet18' or 'timm:<name>'")
+        in_hw = self.crop_shape or (h, w)
+        with torch.no_grad():
+            feat_hw = tuple(self.trunk(torch.zeros(1, 3, *in_hw)).shape[-2:])
+        if feat_hw == (1, 1):
+            raise ValueError(
+                f"an image input of {in_hw} px (crop_shape or image size) leaves a 1x1 feature map after the "
+                f"{backbone} trunk (stride 32), where spatial-softmax keypoints are constant: use >= 33 px"
+            )
         self.pool = SpatialSoftmax(c_out, num_keypoints)
         self.out = nn.Linear(2 * num_keypoints, feature_dim)
         self.feature_dim = feature_dim
