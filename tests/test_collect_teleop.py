@@ -100,6 +100,7 @@ def test_teleop_scripted_records_one_episode(tmp_path):
     store = EpisodeStore.open(out)
     assert store.n_episodes == 1
     assert store.episode_meta(0)["source"] == "sim:pick_place:teleop"
+    assert store.attrs["teleop"]["episode_seeds"] == [3]
     ep = store.get_episode(0)
     act = ep["action"]
     np.testing.assert_allclose(act[0], [0, 0, 0, -1])
@@ -120,7 +121,9 @@ def test_teleop_cli_script_appends(tmp_path, capsys):
         assert main(["teleop", "--task", "pick_place", "--out", str(out), "--script", str(script)]) == 0
         assert EpisodeStore.open(out).n_episodes == n
     assert "saved 1 episodes" in capsys.readouterr().out
-    assert EpisodeStore.open(out).episode_lengths.tolist() == [3, 3]
+    store = EpisodeStore.open(out)
+    assert store.episode_lengths.tolist() == [3, 3]
+    assert store.attrs["teleop"]["episode_seeds"] == [0, 0]  # both sessions started at --seed 0
 
 
 def test_teleop_bad_input(tmp_path):

@@ -300,6 +300,10 @@ def teleop(
         def save() -> None:
             data = {k: np.stack(v) for k, v in buf.items()}
             store.append_episode(data, task=spec.instruction, source=f"sim:{task}:teleop", success=ep_success)
+            # scene seed of every saved episode (reproduces its start); appended sessions extend the list
+            info = dict(store.root.attrs.get("teleop", {}))
+            info["episode_seeds"] = [*info.get("episode_seeds", []), episode_seed]
+            store.root.attrs.update({"teleop": info})
             res.saved += 1
             res.saved_lengths.append(len(buf["action"]))
 
