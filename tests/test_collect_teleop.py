@@ -165,3 +165,19 @@ def test_keyboard_source_with_dummy_video_driver(monkeypatch):
         assert src.screen.get_at((10, 10))[:3] == (200, 200, 200)
     finally:
         src.close()
+
+
+def test_collect_with_dart_noise(tmp_path):
+    clean = collect("pick_place", 1, str(tmp_path / "a"), seed=5, progress=False)
+    noisy = collect("pick_place", 1, str(tmp_path / "b"), seed=5, noise=0.3, progress=False)
+    a, b = (EpisodeStore.open(r.path) for r in (clean, noisy))
+    assert b.attrs["collect"]["noise"] == 0.3 and b.episode_meta(0)["success"]
+    sa, sb = a.get_episode(0)["obs.state"], b.get_episode(0)["obs.state"]
+    np.testing.assert_allclose(sa[0], sb[0])  # same scene ...
+    n = min(len(sa), len(sb))
+    assert np.abs(sa[:n, :3] - sb[:n, :3]).max() > 0.005  # ... different (perturbed) path
+    # recorded actions are the expert's: saturated motion stays within [-1, 1], gripper exactly +-1
+    act = b.get_episode(0)["action"]
+    assert np.abs(act).max() <= 1.0 and set(np.unique(act[:, 3])) <= {-1.0, 1.0}
+    with pytest.raises(VlaflowError, match="--noise"):
+        collect("pick_place", 1, str(tmp_path / "c"), noise=-1.0, progress=False)

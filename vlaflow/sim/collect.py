@@ -33,10 +33,18 @@ class Rollout:
     seed: int  # reset seed
 
 
-def rollout_expert(env, expert, seed: int, max_steps: int, record: bool = True) -> Rollout:
-    """Run ``expert`` in ``env`` from ``reset(seed=seed)`` until success or ``max_steps`` steps."""
+def rollout_expert(
+    env, expert, seed: int, max_steps: int, record: bool = True, noise: float = 0.0
+) -> Rollout:
+    """Run ``expert`` in ``env`` from ``reset(seed=seed)`` until success or ``max_steps`` steps.
+
+    ``noise > 0`` perturbs the *executed* end-effector motion (action dims 0-2) with Gaussian noise of
+    that std while recording the expert's clean action (DART-style): the data then shows how to recover
+    from small deviations, which makes cloned policies more robust. The noise is seeded by ``seed``.
+    """
     obs, info = env.reset(seed=seed)
     expert.reset()
+    rng = np.random.default_rng([seed, 7919])
     frames: dict[str, list[np.ndarray]] = {k: [] for k in obs}
     actions: list[np.ndarray] = []
     success = False
@@ -46,7 +54,11 @@ def rollout_expert(env, expert, seed: int, max_steps: int, record: bool = True) 
             for k, v in obs.items():
                 frames[k].append(v)
             actions.append(action)
-        obs, _, terminated, truncated, info = env.step(action)
+        executed = action
+        if noise > 0:
+            executed = action.copy()
+            executed[:3] = np.clip(executed[:3] + rng.normal(0.0, noise, 3), -1.0, 1.0)
+        obs, _, terminated, truncated, info = env.step(executed)
         success = bool(info.get("success", False))
         if success or terminated or truncated:
             break
@@ -104,6 +116,7 @@ def collect(
     obs_mode: str = "lowdim",
     seed: int = 0,
     max_attempts: int | None = None,
+    noise: float = 0.0,
     overwrite: bool = False,
     env_kwargs: dict | None = None,
     progress: bool = True,
@@ -121,6 +134,8 @@ def collect(
         )
     if episodes < 1:
         raise VlaflowError(f"--episodes must be >= 1, got {episodes}")
+    if not 0.0 <= noise <= 1.0:
+        raise VlaflowError(f"--noise must be in [0, 1] (action units), got {noise}")
     cap = max_attempts if max_attempts is not None else 2 * episodes + 10
     if cap < episodes:
         raise VlaflowError(f"--max-attempts ({cap}) must be >= --episodes ({episodes})")
@@ -131,13 +146,16 @@ def collect(
         expert = make_expert(task, env)
         seeds: list[int] = []
         attempts = n_steps = 0
-        attrs = {"env": task_attrs(spec, obs_mode), "collect": {"expert": f"sim:{task}:expert", "seed": seed}}
+        attrs = {
+            "env": task_attrs(spec, obs_mode),
+            "collect": {"expert": f"sim:{task}:expert", "seed": seed, "noise": noise},
+        }
         with atomic_store(
             out, keys=store_keys(spec), fps=spec.fps, attrs=attrs, overwrite=overwrite
         ) as store:
             bar = tqdm(total=episodes, desc=f"collect {task}", unit="ep", disable=not progress)
             while len(seeds) < episodes and attempts < cap:
-                ro = rollout_expert(env, expert, seed + attempts, spec.max_steps)
+                ro = rollout_expert(env, expert, seed + attempts, spec.max_steps, noise=noise)
                 attempts += 1
                 if ro.success:
                     store.append_episode(
@@ -177,6 +195,12 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
         help="give up after this many episodes (default 2*episodes+10)",
     )
     p.add_argument("--image-size", type=int, default=None, help="camera image side in pixels (image mode)")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="noise std on executed motion (DART); clean actions stored",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -194,6 +218,7 @@ def run_collect(args: argparse.Namespace) -> int:
         obs_mode=args.obs_mode,
         seed=args.seed,
         max_attempts=args.max_attempts,
+        noise=args.noise,
         overwrite=args.overwrite,
         env_kwargs=kw,
         progress=not args.no_progress,
