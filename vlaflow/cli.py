@@ -32,6 +32,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vlaflow.sim.evaluate", "evaluate a policy by rollouts (parallel workers, report.json, videos)"),
     "train": ("vlaflow.train.commands", "train a policy from a preset on an episode store"),
     "demo": ("vlaflow.train.commands", "the full demo: collect demos, train a policy, evaluate it"),
+    "compose": (
+        "vlaflow.policies.compose_cli",
+        "compose pretrained denoising policies (GPC) and search weights",
+    ),
+    "distill": ("vlaflow.policies.distill", "distill a one-step consistency head from a teacher checkpoint"),
+    "export": (
+        "vlaflow.deploy.export",
+        "export a policy to ONNX (encoder + per-step denoiser) with parity report",
+    ),
+    "bench": ("vlaflow.deploy.bench", "benchmarks: 'vlaflow bench latency CKPT' (p50/p99, NFE, score)"),
 }
 
 
