@@ -11,10 +11,15 @@ from typing import Any
 
 from vlaflow.errors import ConfigError
 from vlaflow.policies.base_config import PolicyConfig, dataclass_from_dict
+from vlaflow.policies.consistency.model import ConsistencyPolicy
 from vlaflow.policies.diffusion.model import DiffusionPolicy
 from vlaflow.policies.flow.model import FlowPolicy
 
-POLICY_FAMILIES: dict[str, type] = {"diffusion": DiffusionPolicy, "flow": FlowPolicy}
+POLICY_FAMILIES: dict[str, type] = {
+    "diffusion": DiffusionPolicy,
+    "flow": FlowPolicy,
+    "consistency": ConsistencyPolicy,  # one-step student from `vlaflow distill`
+}
 
 
 def policy_class(family: str) -> type:

@@ -76,6 +76,17 @@ class SyncChunkExecutor:
 EXECUTORS: dict[str, type] = {"sync": SyncChunkExecutor}
 
 
+def _realtime_executor(infer: Callable[[dict], np.ndarray], spec: RuntimeSpec, task_text: str | None = None):
+    """The deploy layer's real-time executor on the sim clock (simulated latency, RTI/RTC/ensemble merging);
+    its settings travel on the policy (see vlaflow.deploy.executor.make_realtime_policy)."""
+    from vlaflow.deploy.executor import SimClockExecutor
+
+    return SimClockExecutor.for_harness(infer, spec, task_text=task_text)
+
+
+EXECUTORS["realtime"] = _realtime_executor
+
+
 def check_chunk(chunk, spec: RuntimeSpec) -> np.ndarray:
     """The policy's chunk as float64 (H, Da); a wrong shape or a non-finite value is an error."""
     arr = np.asarray(chunk.detach().cpu().numpy() if hasattr(chunk, "detach") else chunk, dtype=np.float64)

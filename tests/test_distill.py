@@ -1,0 +1,125 @@
+"""One-step consistency distillation: the student learns the teacher's noise -> action map, is a policy
+checkpoint like any other (registry, load_policy, eval), and samples with one network evaluation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlaflow.policies import DiffusionConfig, FlowConfig, NetConfig, UNetConfig, build_policy, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+NET = NetConfig(
+    kind="unet", unet=UNetConfig(down_dims=(16, 32), kernel_size=3, n_groups=4, step_embed_dim=16)
+)
+OBS = {"obs.keypoint": (9, 2), "obs.agent_pos": (2,)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    from vlaflow.data.store import EpisodeStore, KeySpec
+
+    path = tmp_path_factory.mktemp("d") / "toy.zarr"
+    st = EpisodeStore.create(
+        path,
+        keys={
+            "action": KeySpec("float32", (2,)),
+            "obs.keypoint": KeySpec("float32", (9, 2)),
+            "obs.agent_pos": KeySpec("float32", (2,)),
+        },
+        fps=10,
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        n = 30
+        pos = (256 + np.cumsum(rng.normal(0, 5, size=(n, 2)), 0)).astype(np.float32)
+        kp = (pos[:, None, :] + rng.normal(0, 20, size=(n, 9, 2))).astype(np.float32)
+        st.append_episode(
+            {"action": pos, "obs.keypoint": kp, "obs.agent_pos": pos}, task="push", source="syn"
+        )
+    return path
+
+
+def _teacher(store: Path, tmp: Path, fam: str) -> Path:
+    from vlaflow.data.normalize import compute_stats
+    from vlaflow.data.store import EpisodeStore
+
+    cls = FlowConfig if fam == "flow" else DiffusionConfig
+    cfg = cls(obs_shapes=OBS, action_dim=2, horizon=8, n_action_steps=4, net=NET, num_inference_steps=4)
+    torch.manual_seed(0)
+    pol = build_policy(cfg, compute_stats(EpisodeStore.open(store), ["action", *OBS]))
+    return save_checkpoint(tmp / f"teacher_{fam}", pol)
+
+
+@pytest.mark.parametrize("fam", ["flow", "diffusion"])
+def test_student_learns_the_teacher_map_and_loads_like_any_policy(store, tmp_path, fam):
+    import vlaflow
+    from vlaflow.policies.distill import distill
+
+    teacher = _teacher(store, tmp_path, fam)
+    kw = dict(
+        teacher=str(teacher), data=str(store), minutes=0, batch_size=32, pool=256, refresh=32, progress=False
+    )
+    before = distill(out=str(tmp_path / "s0"), steps=1, **kw)
+    after = distill(out=str(tmp_path / "s1"), steps=80, lr=1e-3, **kw)
+    err0, err1 = before["val_mean_abs_err_normalized"], after["val_mean_abs_err_normalized"]
+    if fam == "diffusion":  # x0 head starts far from the teacher: training must close most of the gap
+        assert err1 < 0.5 * err0, (before, after)
+    else:  # a flow student starts as the teacher's own one-step Euler (x0 = x_1 - u): already close
+        assert err0 < 0.1 and err1 < 0.1, (before, after)
+    rt = vlaflow.load_policy(tmp_path / "s1")
+    assert rt.policy.config.family == "consistency" and rt.config.extra["num_inference_steps"] == 1
+    obs = {
+        "obs.keypoint": np.full((2, 9, 2), 256, np.float32),
+        "obs.agent_pos": np.full((2, 2), 256, np.float32),
+    }
+    a = rt.infer(obs)
+    assert a.shape == (8, 2) and np.isfinite(a).all()
+    cond = rt.policy.encode({k: torch.from_numpy(v)[None] for k, v in obs.items()})
+    assert rt.policy.denoise(cond).nfe == 1
+    with pytest.raises(vlaflow.errors.VlaflowError, match="one step"):
+        rt.policy.denoise(cond, sampler="ddim")
+
+
+def test_distill_cli_and_eval_of_the_student(store, tmp_path):
+    pytest.importorskip("gym_pusht")
+    from vlaflow.sim.evaluate import evaluate
+
+    teacher = _teacher(store, tmp_path, "flow")
+    out = tmp_path / "student"
+    cmd = [sys.executable, "-m", "vlaflow.cli", "distill", "--teacher", str(teacher), "--data", str(store)]
+    cmd += [
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--pool",
+        "64",
+        "--refresh",
+        "8",
+        "--no-progress",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert '"student_nfe": 1' in res.stdout and (out / "model.safetensors").is_file()
+    rep = evaluate(str(out), task="pusht", n_episodes=1, max_steps=10, workers=0, progress=False)
+    assert rep["aggregate"]["n_episodes"] == 1 and not rep["errors"]
+    bad = subprocess.run(
+        cmd[:-1] + ["--no-progress", "--batch-size", "0"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert bad.returncode == 1 and "batch-size" in bad.stderr + bad.stdout

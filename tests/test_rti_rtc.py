@@ -1,0 +1,237 @@
+"""RTI-DP and RTC samplers: pure maths on literal inputs, network-evaluation counts, RTC's freeze and
+beta = 0 parity with plain sampling, guidance pulling the overlap onto the previous chunk."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vlaflow.data.normalize import Normalizer
+from vlaflow.deploy.rtc import RTCConfig, RTCRuntime, guidance_weight, rtc_denoise, soft_mask
+from vlaflow.deploy.rti import (
+    RTIConfig,
+    RTIRuntime,
+    binarize_dims,
+    gripper_scaled_stats,
+    measure_contraction,
+    rti_denoise,
+    shift_chunk,
+    warm_start,
+)
+from vlaflow.errors import ConfigError
+from vlaflow.policies import DiffusionConfig, FlowConfig, NetConfig, UNetConfig, build_policy
+from vlaflow.policies.path import RectifiedFlowPath, VPCosinePath
+
+NET = NetConfig(
+    kind="unet", unet=UNetConfig(down_dims=(16, 32), kernel_size=3, n_groups=4, step_embed_dim=16)
+)
+H, DA = 8, 3
+
+
+def _stats(shape, lo, hi):
+    lo_a, hi_a = np.full(shape, lo, np.float32), np.full(shape, hi, np.float32)
+    return {
+        "min": lo_a,
+        "max": hi_a,
+        "mean": (lo_a + hi_a) / 2,
+        "std": np.full(shape, (hi - lo) / 4, np.float32),
+        "q01": lo_a,
+        "q99": hi_a,
+    }
+
+
+STATS = {"action": _stats((DA,), -2.0, 2.0), "obs.state": _stats((5,), -2.0, 2.0)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _policy(fam):
+    torch.manual_seed(0)
+    cls = DiffusionConfig if fam == "diffusion" else FlowConfig
+    cfg = cls(obs_shapes={"obs.state": (5,)}, action_dim=DA, horizon=H, n_action_steps=4, net=NET)
+    return build_policy(cfg, STATS).eval()
+
+
+def _obs(seed=0):
+    return {"obs.state": np.random.default_rng(seed).normal(size=(2, 5)).astype(np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------- RTI maths
+def test_shift_chunk_repeats_last_action():
+    x = torch.arange(5.0).view(1, 5, 1)
+    assert shift_chunk(x, 2).flatten().tolist() == [2, 3, 4, 4, 4]
+    assert shift_chunk(x, 0).flatten().tolist() == [0, 1, 2, 3, 4]
+    assert shift_chunk(x, 9).flatten().tolist() == [4, 4, 4, 4, 4]
+
+
+def test_binarize_and_warm_start_modes():
+    x = torch.tensor([[[0.3, -0.2], [-0.7, 0.05]]])
+    b = binarize_dims(x, (1,))
+    assert b[..., 1].flatten().tolist() == [-1.0, 1.0] and torch.equal(b[..., 0], x[..., 0])
+    path = VPCosinePath(100)
+    eps = torch.ones_like(x)
+    assert torch.equal(warm_start(x, path, torch.tensor(2.0), "place"), x)
+    t0 = torch.tensor(2.0)
+    want = path.alpha(t0) * x + path.sigma(t0) * eps
+    assert torch.allclose(warm_start(x, path, t0, "noised", eps), want)
+
+
+def test_gripper_scaled_stats_shrink_the_gripper_tenfold():
+    stats = {"action": _stats((3,), 0.0, 1.0)}
+    scaled = gripper_scaled_stats(stats, [2], factor=10)
+    a = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], np.float32)
+    n0 = Normalizer(stats, {"action": "minmax"}).normalize("action", a)
+    norm = Normalizer(scaled, {"action": "minmax"})
+    n1 = norm.normalize("action", a)
+    assert np.allclose(n1[:, :2], n0[:, :2]) and np.allclose(n1[:, 2], n0[:, 2] / 10)
+    assert np.allclose(norm.unnormalize("action", n1), a, atol=1e-6)
+    with pytest.raises(ConfigError, match="out of range"):
+        gripper_scaled_stats(stats, [3])
+
+
+class _LinearX0:
+    """A fake policy whose x0 prediction is c + lam * (x_t - c): the few-step map contracts by ~lam."""
+
+    parameterization = "x0"
+
+    def __init__(self, lam, path=None):
+        self.lam, self.path = lam, path or VPCosinePath(100)
+        self.seen = []
+
+    def predict(self, x, t, cond):
+        self.seen.append(x.clone())
+        return 0.5 + self.lam * (x - 0.5)
+
+    def sampler_kwargs(self, sampler):
+        return {}
+
+
+@pytest.mark.parametrize("lam", [0.3, 1.0])
+def test_contraction_measurement_matches_a_known_map(lam):
+    pol = _LinearX0(lam)
+    cfg = RTIConfig(sampler="ddim", num_steps=100, n_warm_steps=1)
+    r = measure_contraction(pol, torch.zeros(1, 1, 1), torch.zeros(1, H, DA), cfg, n_pairs=4)
+    # one DDIM step from k=0 to the clean end returns the x0 prediction itself: the ratio is exactly lam
+    assert r["mean"] == pytest.approx(lam, rel=1e-5) and r["max"] == pytest.approx(lam, rel=1e-5)
+
+
+def test_rti_clip_mode_binarizes_the_warm_start_gripper():
+    pol = _LinearX0(0.5)
+    cfg = RTIConfig(sampler="ddim", num_steps=100, n_warm_steps=2, gripper_dims=(1,), gripper_mode="clip")
+    prev = torch.full((1, H, DA), 0.2)
+    res = rti_denoise(pol, torch.zeros(1, 1, 1), prev, 1, cfg)
+    assert res.nfe == 2
+    assert torch.equal(pol.seen[0][..., 1], torch.ones(1, H)) and torch.allclose(
+        pol.seen[0][..., 0], prev[..., 0]
+    )
+    with pytest.raises(ConfigError, match="gripper_dims"):
+        RTIConfig(gripper_mode="clip")
+
+
+@pytest.mark.parametrize(
+    "fam,sampler,steps,warm",
+    [("diffusion", "ddpm", 100, 3), ("diffusion", "ddim", 10, 2), ("flow", "euler", 10, 3)],
+)
+def test_rti_runtime_counts_network_evaluations(fam, sampler, steps, warm):
+    rt = RTIRuntime(_policy(fam), RTIConfig(sampler=sampler, num_steps=steps, n_warm_steps=warm))
+    a = rt.infer(_obs(0))
+    b = rt.infer(_obs(1), shift=4)
+    rt.infer(_obs(2))
+    assert a.shape == b.shape == (H, DA) and np.isfinite(b).all()
+    assert rt.nfe_history == [steps, warm, warm] and rt.last_nfe == warm
+    rt.reset()
+    rt.infer(_obs(0))
+    assert rt.nfe_history == [steps]  # a new episode starts with full denoising again
+
+
+def test_rti_is_deterministic_per_seed():
+    pol = _policy("diffusion")
+    outs = []
+    for _ in range(2):
+        rt = RTIRuntime(pol, RTIConfig(sampler="ddpm", num_steps=20, n_warm_steps=3))
+        rt.reset(seed=7)
+        outs.append([rt.infer(_obs(i)) for i in range(3)])
+    assert all(np.array_equal(x, y) for x, y in zip(*outs, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------- RTC maths
+def test_soft_mask_shape():
+    w = soft_mask(10, 2, 3)
+    assert w[:2].tolist() == [1.0, 1.0] and w[7:].tolist() == [0.0, 0.0, 0.0]
+    mid = w[2:7]
+    assert bool((mid[1:] < mid[:-1]).all()) and 0 < float(mid.min()) and float(mid.max()) < 1
+    c = (10 - 3 - 2) / (10 - 3 - 2 + 1)
+    assert float(w[2]) == pytest.approx(c * (math.exp(c) - 1) / (math.e - 1))
+
+
+def test_guidance_weight_is_the_papers_on_the_flow_path():
+    path = RectifiedFlowPath()
+    for t in (0.1, 0.5, 0.9):
+        tau = 1 - t  # the paper's time: 0 noise, 1 data
+        r2 = (1 - tau) ** 2 / (tau**2 + (1 - tau) ** 2)
+        paper = min(100.0, (1 - tau) / (tau * r2))
+        tt = torch.tensor(t)
+        assert float(guidance_weight(path.alpha(tt), path.sigma(tt), 100.0)) == pytest.approx(paper, rel=1e-5)
+    assert float(guidance_weight(torch.tensor(0.0), torch.tensor(1.0), 5.0)) == 5.0  # pure noise: clipped
+
+
+@pytest.mark.parametrize("fam", ["flow", "diffusion"])
+def test_rtc_beta_zero_reproduces_plain_sampling(fam):
+    pol = _policy(fam)
+    cond = pol.encode({"obs.state": torch.from_numpy(_obs(0)["obs.state"])[None]})
+    noise = torch.randn(1, H, DA, generator=torch.Generator().manual_seed(3))
+    prev = torch.randn(1, H, DA, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = pol.denoise(cond, noise=noise).x0
+    for d in (0, 2):
+        got = rtc_denoise(pol, cond, prev, d, 4, beta=0.0, noise=noise).x0
+        assert torch.equal(got[:, d:], plain[:, d:])
+        assert torch.equal(got[:, :d], shift_chunk(prev, 4)[:, :d])
+
+
+@pytest.mark.parametrize("fam", ["flow", "diffusion"])
+def test_rtc_freezes_first_d_and_guidance_pulls_the_overlap(fam):
+    pol = _policy(fam)
+    d, s = 2, 3
+    rt = RTCRuntime(pol, RTCConfig(beta=10.0))
+    rt.reset(seed=1)
+    first = rt.infer(_obs(0))
+    nxt = rt.infer(_obs(5), shift=s, delay=d)
+    assert (
+        np.array_equal(nxt[:d], first[s : s + d])
+        and rt.last_delay == d
+        and rt.last_nfe == pol.config.num_inference_steps
+    )
+    if fam == "diffusion":
+        return  # an untrained eps-net's x0 Jacobian is ~1/alpha (meaningless); measured on real checkpoints
+    # the same noise without guidance: the soft-masked overlap error must be larger
+    cond = pol.encode({"obs.state": torch.from_numpy(_obs(5)["obs.state"])[None]})
+    prev = torch.from_numpy(pol.normalizer.normalize("action", first))[None]
+    noise = torch.randn(1, H, DA, generator=torch.Generator().manual_seed(11))
+    w = soft_mask(H, d, s).view(1, -1, 1)
+    target = shift_chunk(prev, s)
+    errs = []
+    for beta in (0.0, 10.0):
+        x0 = rtc_denoise(pol, cond, prev, d, s, beta=beta, noise=noise).x0.detach()
+        errs.append(float((w[:, d:] * (x0 - target)[:, d:]).pow(2).sum()))
+    assert errs[1] < 0.3 * errs[0], errs
+
+
+def test_rtc_estimates_delay_from_measured_latency(monkeypatch):
+    pol = _policy("flow")
+    rt = RTCRuntime(pol, RTCConfig(beta=1.0, default_delay=3))
+    assert rt.estimated_delay() == 3
+    rt._latencies.extend([0.05, 0.21])  # seconds, at the policy's 10 Hz
+    assert rt.estimated_delay() == 3
+    rt._latencies.clear()
+    rt._latencies.append(0.1)
+    assert rt.estimated_delay() == 1

@@ -1,0 +1,312 @@
+"""RTI-DP: the Real-Time Iteration scheme for diffusion/flow policies (arXiv 2508.05396), no retraining.
+
+Shapes: H chunk length, Da action dim, Ta actions executed per replan, s the shift (control steps executed
+since the previous chunk's first action, Ta in synchronous chunking).
+
+- First call of an episode: full denoising (the configured sampler and step count).
+- Every later call: the previous *clean* chunk (normalized units) is shifted left by s, its last action
+  repeated to pad (:func:`shift_chunk`), and placed at an intermediate time t0 of the same time grid
+  (:func:`warm_start`); only the last ``n_warm_steps`` reverse steps run, with the *fresh* observation
+  conditioning. Network evaluations per call: ``n_warm_steps`` (e.g. DDPM-100 grid, t0 = k 2: [2, 1, 0],
+  3 evaluations instead of 100).
+- ``place`` (the paper's choice): x_{t0} = x_prev. ``noised``: x_{t0} = alpha(t0) x_prev + sigma(t0) eps
+  with one fixed eps per episode (deterministic, keeps x_{t0} on the path's marginal scale).
+- Discrete dims (gripper): ``gripper_mode="clip"`` binarizes the warm start's gripper dims to +-1 (the
+  normalized open/closed extremes); the paper's ``scale`` remedy is a *training* option: train with
+  :func:`gripper_scaled_stats` so the gripper lives in [-1/10, 1/10] and a flip stays reachable.
+- :func:`measure_contraction` estimates the Lipschitz ratio ||f(a) - f(b)|| / ||a - b|| of the few-step
+  map f over random pairs of warm starts; :func:`choose_warm_steps` picks the smallest t0 whose map
+  contracts below a target (the paper's condition for the iteration to converge onto the solution).
+
+The runtime (:class:`RTIRuntime`) has the interface of every runtime (``infer`` / ``reset`` / ``config``);
+its ``infer`` takes an optional ``shift=`` (the executor passes the steps executed since the previous
+chunk; default Ta), and it counts network evaluations (``last_nfe``, ``nfe_history``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vlaflow.data import keys as K
+from vlaflow.errors import ConfigError, VlaflowError
+from vlaflow.policies.contract import TASK
+from vlaflow.policies.interface import RuntimeSpec
+from vlaflow.policies.samplers import SAMPLERS, SampleResult, sample_loop
+
+WARM_MODES = ("place", "noised")
+GRIPPER_MODES = ("none", "clip")
+
+
+@dataclass(frozen=True)
+class RTIConfig:
+    """How RTI-DP samples; the defaults are the paper's low-dim PushT setting on a DDPM-100 grid."""
+
+    sampler: str = "ddpm"  # sampler on the grid ("ddpm" | "ddim" | "euler" | "heun")
+    num_steps: int = 100  # the full grid (first call runs all of it; later calls only its tail)
+    n_warm_steps: int = 3  # reverse steps after the warm start (= t0 + 1 on a DDPM grid: [2, 1, 0])
+    warm_mode: str = (
+        "place"  # "place": x_t0 = x_prev (paper) | "noised": alpha x_prev + sigma eps (fixed eps)
+    )
+    gripper_dims: tuple[int, ...] = ()  # action dims that are discrete (open/close)
+    gripper_mode: str = "none"  # "clip": binarize the warm start's gripper dims to +-1 | "none"
+    seed: int = 0  # seeds the fixed warm-start eps and stochastic sampler noise (reset(seed) overrides)
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"RTIConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.num_steps < 1:
+            raise ConfigError(f"RTIConfig.num_steps must be >= 1, got {self.num_steps}")
+        if not 1 <= self.n_warm_steps <= self.num_steps:
+            raise ConfigError(
+                f"RTIConfig.n_warm_steps must be in 1..num_steps={self.num_steps}, got {self.n_warm_steps}"
+            )
+        if self.warm_mode not in WARM_MODES:
+            raise ConfigError(f"RTIConfig.warm_mode must be one of {WARM_MODES}, got {self.warm_mode!r}")
+        if self.gripper_mode not in GRIPPER_MODES:
+            raise ConfigError(
+                f"RTIConfig.gripper_mode must be one of {GRIPPER_MODES}, got {self.gripper_mode!r}"
+            )
+        if self.gripper_mode != "none" and not self.gripper_dims:
+            raise ConfigError("RTIConfig.gripper_mode='clip' needs gripper_dims (the discrete action dims)")
+
+
+# ---------------------------------------------------------------------------------------------- pure maths
+def shift_chunk(chunk: Tensor, shift: int) -> Tensor:
+    """(B, H, Da) -> the same chunk advanced by ``shift`` steps, the last action repeated to pad."""
+    h = chunk.shape[1]
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    idx = torch.clamp(torch.arange(h, device=chunk.device) + shift, max=h - 1)
+    return chunk[:, idx]
+
+
+def binarize_dims(chunk: Tensor, dims: tuple[int, ...], level: float = 1.0) -> Tensor:
+    """Snap ``dims`` of a normalized chunk to +-level (sign, 0 -> +level): the paper's "clip" remedy."""
+    if not dims:
+        return chunk
+    out = chunk.clone()
+    d = list(dims)
+    out[..., d] = torch.where(out[..., d] >= 0, level, -level).to(out.dtype)
+    return out
+
+
+def warm_start(
+    prev_clean: Tensor, path, t0: Tensor, mode: str = "place", eps: Tensor | None = None
+) -> Tensor:
+    """x at grid time ``t0`` from a (shifted) clean chunk: as is ("place") or on the path ("noised")."""
+    if mode == "place":
+        return prev_clean
+    if mode == "noised":
+        if eps is None:
+            raise ValueError("warm_mode 'noised' needs a fixed eps")
+        return path.alpha(t0) * prev_clean + path.sigma(t0) * eps
+    raise ValueError(f"unknown warm mode {mode!r}; expected one of {WARM_MODES}")
+
+
+def gripper_scaled_stats(stats: dict, dims: tuple[int, ...] | list[int], factor: float = 10.0) -> dict:
+    """Action statistics under which ``dims`` normalize to 1/``factor`` of their usual range (the paper's
+    "scale" remedy): min/max and q01/q99 are widened ``factor``-fold about their centre, std multiplied.
+
+    Use at training time: ``build_policy(cfg, gripper_scaled_stats(compute_stats(store, keys), [6]))``.
+    The scaled statistics are saved in the checkpoint's normalizer, so inference un-normalizes correctly
+    with no other change; RTI's few low-noise steps can then still flip the gripper.
+    """
+    if factor <= 0:
+        raise ConfigError(f"gripper scale factor must be > 0, got {factor}")
+    if K.ACTION not in stats:
+        raise ConfigError(f"statistics have no {K.ACTION!r} key; keys: {sorted(stats)}")
+    out = {k: {s: np.array(v, dtype=np.float32, copy=True) for s, v in st.items()} for k, st in stats.items()}
+    a = out[K.ACTION]
+    da = int(np.shape(a["min"])[-1])
+    bad = [d for d in dims if not 0 <= int(d) < da]
+    if bad:
+        raise ConfigError(f"gripper dims {bad} out of range for action dim {da}")
+    d = list(dims)
+    for lo, hi in (("min", "max"), ("q01", "q99")):
+        if lo in a and hi in a:
+            c, h = (a[lo][d] + a[hi][d]) / 2, (a[hi][d] - a[lo][d]) / 2
+            a[lo][d], a[hi][d] = c - factor * h, c + factor * h
+    if "std" in a:
+        a["std"][d] = a["std"][d] * factor
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def rti_denoise(
+    policy,
+    cond: Tensor,
+    prev_clean: Tensor | None,
+    shift: int,
+    cfg: RTIConfig,
+    generator: torch.Generator | None = None,
+    warm_eps: Tensor | None = None,
+    noise: Tensor | None = None,
+) -> SampleResult:
+    """One RTI call in normalized action space: full denoising when ``prev_clean`` is None, else warm start.
+
+    ``prev_clean`` (B, H, Da) is the previous call's clean chunk; ``noise`` the full call's initial noise.
+    """
+    kwargs = policy.sampler_kwargs(cfg.sampler)
+    if prev_clean is None:
+        return policy.denoise(
+            cond, noise=noise, sampler=cfg.sampler, num_steps=cfg.num_steps, generator=generator
+        )
+    grid = policy.path.timesteps(cfg.num_steps)
+    ts = grid[-(cfg.n_warm_steps + 1) :]
+    x = shift_chunk(prev_clean, shift)
+    if cfg.gripper_mode == "clip":
+        x = binarize_dims(x, cfg.gripper_dims)
+    x = warm_start(x, policy.path, ts[0], cfg.warm_mode, warm_eps)
+    return sample_loop(
+        lambda xt, t: policy.predict(xt, t, cond),
+        policy.path,
+        x,
+        parameterization=policy.parameterization,
+        sampler=cfg.sampler,
+        num_steps=cfg.num_steps,
+        generator=generator,
+        timesteps=ts,
+        **kwargs,
+    )
+
+
+@torch.no_grad()
+def measure_contraction(
+    policy,
+    cond: Tensor,
+    anchor: Tensor,
+    cfg: RTIConfig,
+    n_pairs: int = 32,
+    scale: float = 0.1,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Lipschitz ratio of the few-step map f: x_t0 -> x_clean, over random pairs of warm starts.
+
+    Pairs are ``anchor + scale * N(0, I)`` (anchor: a clean chunk (1, H, Da) for the obs behind ``cond``
+    (1, Nc, Fc)); both members of a pair see the same sampler noise, so a ratio < 1 means the tail of the
+    sampler pulls nearby warm starts together (the iteration contracts) and > 1 that it spreads them.
+    """
+    g = torch.Generator(device=cond.device).manual_seed(seed)
+    ratios = []
+    for i in range(n_pairs):
+        a = anchor + scale * torch.randn(anchor.shape, generator=g, device=anchor.device)
+        b = anchor + scale * torch.randn(anchor.shape, generator=g, device=anchor.device)
+        fa = rti_denoise(policy, cond, a, 0, cfg, torch.Generator(device=cond.device).manual_seed(seed + i))
+        fb = rti_denoise(policy, cond, b, 0, cfg, torch.Generator(device=cond.device).manual_seed(seed + i))
+        ratios.append(float((fa.x0 - fb.x0).norm() / (a - b).norm().clamp(min=1e-12)))
+    r = np.asarray(ratios)
+    return {"mean": float(r.mean()), "max": float(r.max()), "p90": float(np.quantile(r, 0.9))}
+
+
+def choose_warm_steps(
+    policy,
+    cond: Tensor,
+    anchor: Tensor,
+    base: RTIConfig,
+    candidates: tuple[int, ...] = (1, 2, 3, 5, 8),
+    target: float = 0.5,
+    **kwargs,
+) -> tuple[int, dict[int, dict[str, float]]]:
+    """Smallest ``n_warm_steps`` whose measured mean contraction ratio is <= ``target`` (else the largest).
+
+    Returns (choice, {n_warm_steps: contraction stats}).
+    """
+    import dataclasses
+
+    table = {}
+    for n in candidates:
+        if n > base.num_steps:
+            continue
+        table[n] = measure_contraction(
+            policy, cond, anchor, dataclasses.replace(base, n_warm_steps=n), **kwargs
+        )
+        if table[n]["mean"] <= target:
+            return n, table
+    return max(table), table
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+def obs_batch(spec: RuntimeSpec, obs: dict[str, Any]) -> dict[str, Any]:
+    """A runtime obs window (To, ...) per key -> a batch of one for ``policy.encode``."""
+    missing = [k for k in spec.obs_keys if k not in obs]
+    if missing:
+        raise VlaflowError(f"obs is missing key(s) {missing}; the policy needs {list(spec.obs_keys)}")
+    batch: dict[str, Any] = {}
+    for k, shape in spec.obs_shapes.items():
+        x = np.asarray(obs[k])
+        if x.shape[1:] != tuple(shape) or x.shape[0] < spec.n_obs_steps:
+            raise VlaflowError(
+                f"obs[{k!r}] has shape {x.shape}, expected ({spec.n_obs_steps}, {', '.join(map(str, shape))})"
+            )
+        batch[k] = torch.from_numpy(np.ascontiguousarray(x[-spec.n_obs_steps :]))[None]
+    if TASK in obs:
+        batch[TASK] = [str(obs[TASK])]
+    return batch
+
+
+@dataclass
+class _Counter:
+    last_nfe: int = 0  # network evaluations of the latest call
+    nfe_history: list[int] = field(default_factory=list)  # one entry per call since reset
+
+
+class RTIRuntime:
+    """A denoising policy behind ``infer`` / ``reset`` / ``config``, sampling by RTI-DP.
+
+    ``infer(obs, shift=None)``: ``shift`` is how many control steps of the previous chunk have been executed
+    since its first action (the real-time executor passes it; default Ta as in synchronous chunking).
+    """
+
+    def __init__(self, policy, rti: RTIConfig | None = None, device: str | None = None):
+        self.policy = policy if device is None else policy.to(device)
+        self.policy.eval()
+        self.rti = rti or RTIConfig()
+        self._counter = _Counter()
+        self.reset()
+
+    @property
+    def config(self) -> RuntimeSpec:
+        return self.policy.spec
+
+    @property
+    def last_nfe(self) -> int:
+        return self._counter.last_nfe
+
+    @property
+    def nfe_history(self) -> list[int]:
+        return self._counter.nfe_history
+
+    def reset(self, seed: int | None = None) -> None:
+        """New episode: forget the previous chunk; reseed the fixed warm-start eps and sampler noise."""
+        s = self.rti.seed if seed is None else seed
+        dev = self.policy.device
+        self._gen = torch.Generator(device=dev).manual_seed(int(s))
+        shape = (1, self.config.horizon, self.config.action_dim)
+        self._warm_eps = torch.randn(shape, generator=self._gen, device=dev)
+        self._prev: Tensor | None = None
+        self._counter = _Counter()
+
+    def infer(self, obs: dict[str, Any], shift: int | None = None) -> np.ndarray:
+        shift = self.config.n_action_steps if shift is None else int(shift)
+        with torch.no_grad():
+            cond = self.policy.encode(obs_batch(self.config, obs))
+            res = rti_denoise(self.policy, cond, self._prev, shift, self.rti, self._gen, self._warm_eps)
+        self._prev = res.x0
+        self._counter.last_nfe = res.nfe
+        self._counter.nfe_history.append(res.nfe)
+        return self.policy.unnormalize_action(res.x0)[0].float().cpu().numpy()
+
+
+def load_rti_policy(path, device: str = "cpu", **rti_fields) -> RTIRuntime:
+    """``vlaflow.load_policy`` + RTI-DP sampling; ``rti_fields`` are :class:`RTIConfig` fields.
+
+    Picklable with ``functools.partial`` (a factory for ``vlaflow.sim.evaluate(policy=...)``).
+    """
+    from vlaflow.policies.checkpoint import load_checkpoint
+
+    return RTIRuntime(load_checkpoint(path, device=device), RTIConfig(**rti_fields))

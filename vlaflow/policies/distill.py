@@ -1,0 +1,298 @@
+"""``vlaflow distill --teacher CKPT --data STORE --out DIR``: a one-step consistency student from a teacher.
+
+What is trained (say it plainly): **distillation of the teacher's sampling ODE onto its trajectories**.
+Observation windows are drawn from the store; for each, the teacher runs its own deterministic sampler
+(DDIM-10 with eta 0 for diffusion, Euler-10 for flow) from a fresh noise sample, recording the chain.
+The student f(x_t, t, obs) is regressed onto the chain's final action from (a) the initial noise at the
+teacher's start time (the one-step map that inference uses) and (b) one random intermediate state of the
+same chain (the consistency property along the probability-flow ODE: every point of a trajectory maps
+to its end). Teacher data are generated on the fly into a pool that is refreshed as training goes.
+
+The student has the teacher's nets and starts from the teacher's weights; a flow teacher's student keeps
+the velocity output (x0 = x_1 - u at t = 1 is the teacher's own one-step Euler estimate), a diffusion
+teacher's student outputs x0. The result is a policy checkpoint (family ``consistency``) that
+``vlaflow.load_policy`` and ``vlaflow eval`` use like any other, with one network evaluation per chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from vlaflow.errors import ConfigError, VlaflowError
+
+
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint directory (diffusion or flow)")
+    parser.add_argument("--data", required=True, help="episode store whose observations drive the teacher")
+    parser.add_argument("--out", required=True, help="output checkpoint directory for the student")
+    parser.add_argument("--minutes", type=float, default=12.0, help="wall-clock training budget (default 12)")
+    parser.add_argument("--steps", type=int, default=0, help="stop after this many updates (0 = budget only)")
+    parser.add_argument("--batch-size", type=int, default=128, help="student minibatch size (default 128)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    parser.add_argument(
+        "--pool", type=int, default=4096, help="teacher pairs kept in the pool (default 4096)"
+    )
+    parser.add_argument(
+        "--refresh", type=int, default=256, help="new teacher pairs generated every 10 updates (default 256)"
+    )
+    parser.add_argument(
+        "--chain-weight", type=float, default=0.5, help="weight of the intermediate-state loss (default 0.5)"
+    )
+    parser.add_argument("--teacher-sampler", default="", help="teacher sampler (default: its config's)")
+    parser.add_argument("--teacher-steps", type=int, default=0, help="teacher steps (default: its config's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for windows and noise (default 0)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    summary = distill(
+        teacher=args.teacher,
+        data=args.data,
+        out=args.out,
+        minutes=args.minutes,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        pool=args.pool,
+        refresh=args.refresh,
+        chain_weight=args.chain_weight,
+        teacher_sampler=args.teacher_sampler,
+        teacher_steps=args.teacher_steps,
+        seed=args.seed,
+        threads=args.threads,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def student_config(teacher, teacher_path: str, sampler: str, steps: int):
+    """The student's config: the teacher's shapes, encoders and net; its path; the start time of its grid."""
+    from vlaflow.policies.consistency.config import ConsistencyConfig
+
+    tc = teacher.config
+    fam = tc.family
+    if fam not in ("diffusion", "flow"):
+        raise ConfigError(f"{teacher_path}: teacher family {fam!r} cannot be distilled (diffusion or flow)")
+    start = float(teacher.path.timesteps(steps)[0])
+    clip = float(getattr(tc, "clip_sample_range", 0.0)) if getattr(tc, "clip_sample", False) else 0.0
+    return ConsistencyConfig(
+        n_obs_steps=tc.n_obs_steps,
+        horizon=tc.horizon,
+        n_action_steps=tc.n_action_steps,
+        obs_shapes=dict(tc.obs_shapes),
+        action_dim=tc.action_dim,
+        fps=tc.fps,
+        tasks=tuple(tc.tasks),
+        normalization=dict(tc.normalization),
+        encoder=tc.encoder,
+        net=tc.net,
+        mask_pad_loss=tc.mask_pad_loss,
+        teacher_family=fam,
+        num_train_steps=int(getattr(tc, "num_train_steps", 100)),
+        time_scale=float(getattr(tc, "time_scale", 100.0)),
+        start_time=start,
+        parameterization="velocity" if fam == "flow" else "x0",
+        clip_sample_range=clip,
+        teacher=str(teacher_path),
+        teacher_sampler=sampler,
+        teacher_steps=int(steps),
+    )
+
+
+def teacher_pairs(teacher, ws, idx, sampler: str, steps: int, generator):
+    """Teacher data for windows ``idx``: obs, initial noise, one random chain state + its time, final x0.
+
+    Everything in normalized action units; (B, H, Da) tensors.
+    """
+    import torch
+
+    from vlaflow.policies.contract import batch_obs
+
+    batch = ws.get_batch(idx)
+    obs = {k: torch.from_numpy(v) for k, v in batch_obs(batch, teacher.config.obs_shapes).items()}
+    with torch.no_grad():
+        cond = teacher.encode(obs)
+        b = cond.shape[0]
+        noise = torch.randn((b, teacher.config.horizon, teacher.config.action_dim), generator=generator)
+        ts = teacher.path.timesteps(steps)
+        res = teacher.denoise(cond, noise=noise, sampler=sampler, num_steps=steps, return_chain=True)
+        # chain state after step i sits at time ts[i + 1]; pick one of the intermediate ones (not the end)
+        n_mid = len(res.steps) - 1
+        if n_mid >= 1:
+            pick = torch.randint(0, n_mid, (b,), generator=generator)
+            states = torch.stack([st.x_next for st in res.steps[:-1]], dim=0)  # (K-1, B, H, Da)
+            mid = states[pick, torch.arange(b)]
+            mid_t = ts[pick + 1]
+        else:
+            mid, mid_t = noise, ts[:1].expand(b)
+    return obs, noise, mid, mid_t, res.x0
+
+
+def _cat_obs(a: dict, b: dict, keep: int) -> dict:
+    import torch
+
+    out = {}
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            out[k] = torch.cat([a[k], b[k]])[-keep:]
+        else:
+            out[k] = (list(a[k]) + list(b[k]))[-keep:]
+    return out
+
+
+def distill(
+    teacher: str,
+    data: str,
+    out: str,
+    minutes: float = 12.0,
+    steps: int = 0,
+    batch_size: int = 128,
+    lr: float = 1e-4,
+    pool: int = 4096,
+    refresh: int = 256,
+    chain_weight: float = 0.5,
+    teacher_sampler: str = "",
+    teacher_steps: int = 0,
+    seed: int = 0,
+    threads: int = 1,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Train a one-step student of ``teacher`` on ``data``'s observations; returns a summary dict."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from vlaflow.data.store import EpisodeStore
+    from vlaflow.data.windows import WindowSampler
+    from vlaflow.policies.checkpoint import load_checkpoint, save_checkpoint
+    from vlaflow.policies.registry import build_policy
+
+    if minutes <= 0 and steps <= 0:
+        raise ConfigError("give a budget: --minutes > 0 or --steps > 0")
+    for name, v in (("batch-size", batch_size), ("pool", pool), ("refresh", refresh)):
+        if v < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {v}")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    tpol = load_checkpoint(teacher, device=device)
+    for p in tpol.parameters():
+        p.requires_grad_(False)
+    sampler = teacher_sampler or tpol.config.sampler
+    n_steps = teacher_steps or tpol.config.num_inference_steps
+    cfg = student_config(tpol, teacher, sampler, n_steps)
+    stats = {
+        k: {s: np.asarray(v) for s, v in st.items()} for k, st in tpol.normalizer.to_dict()["stats"].items()
+    }
+    student = build_policy(cfg, stats).to(device)
+    missing = student.load_state_dict(tpol.state_dict(), strict=False)
+    if missing.unexpected_keys or missing.missing_keys:
+        raise VlaflowError(f"teacher and student nets differ: {missing}")
+    store = EpisodeStore.open(data)
+    keys = list(cfg.obs_shapes)
+    absent = [k for k in keys if k not in store.keys]
+    if absent:
+        raise ConfigError(
+            f"{data}: the teacher reads {absent}, which the store lacks; it has {sorted(store.keys)}"
+        )
+    ws = WindowSampler(store, keys, cfg.n_obs_steps, cfg.horizon)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def fresh(n):
+        return teacher_pairs(tpol, ws, rng.integers(0, len(ws), size=n), sampler, n_steps, gen)
+
+    # held-out check set: the student's one-step error to the teacher on windows it never trained on
+    val = fresh(256)
+    buf = fresh(min(pool, max(batch_size, refresh * 4)))
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-6)
+    budget_s = minutes * 60 if minutes > 0 else float("inf")
+    bar = tqdm(total=steps or None, desc="distill", unit="step", disable=not progress)
+    step, losses = 0, []
+    student.train()
+    while True:
+        if steps and step >= steps:
+            break
+        if time.perf_counter() - t_start > budget_s:
+            break
+        if step % 10 == 0 and step > 0:
+            new = fresh(refresh)
+            buf = (
+                _cat_obs(buf[0], new[0], pool),
+                *(torch.cat([a, b])[-pool:] for a, b in zip(buf[1:], new[1:], strict=True)),
+            )
+        n = buf[1].shape[0]
+        sel = torch.from_numpy(rng.integers(0, n, size=batch_size))
+        obs = {k: v[sel] for k, v in buf[0].items()}
+        noise, mid, mid_t, target = (x[sel].to(device) for x in buf[1:])
+        cond = student.encode(obs)
+        loss = torch.nn.functional.mse_loss(student.x0_at(noise, cfg.start_time, cond), target)
+        if chain_weight > 0:
+            x0_mid = _x0_at_times(student, mid, mid_t.to(device), cond)
+            loss = loss + chain_weight * torch.nn.functional.mse_loss(x0_mid, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    bar.close()
+    student.eval()
+    with torch.no_grad():
+        cond = student.encode(val[0])
+        x0 = student.x0_at(val[1].to(device), cfg.start_time, cond)
+        err = float((x0 - val[4].to(device)).abs().mean())
+        err0 = (
+            float((_teacher_onestep(tpol, val) - val[4].to(device)).abs().mean())
+            if cfg.teacher_family == "flow"
+            else None
+        )
+    summary = {
+        "teacher": str(teacher),
+        "teacher_sampler": sampler,
+        "teacher_steps": int(n_steps),
+        "student_nfe": 1,
+        "updates": step,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "val_mean_abs_err_normalized": err,
+        "val_mean_abs_err_teacher_euler1": err0,  # flow teachers: the teacher's own 1-step Euler
+        "method": "teacher-trajectory distillation: noise->final and random chain state->final (consistency)",
+    }
+    save_checkpoint(out, student, extra_json={"distill": summary})
+    (Path(out) / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _x0_at_times(student, x_t, t, cond):
+    """x0 estimates at per-sample times (B,)."""
+    import torch
+
+    from vlaflow.policies.conversions import to_x0_eps
+
+    b = x_t.shape[0]
+    pred = student.predict(x_t, t, cond)
+    a = student.path.alpha(t).view(b, 1, 1)
+    s = student.path.sigma(t).view(b, 1, 1)
+    x0 = to_x0_eps(pred, student.parameterization, x_t, a, s)[0]
+    c = student.config.clip_sample_range
+    return torch.clamp(x0, -c, c) if c > 0 else x0
+
+
+def _teacher_onestep(teacher, val):
+    """The teacher's own one-evaluation estimate from the same noise (a baseline for the student's error)."""
+    import torch
+
+    with torch.no_grad():
+        cond = teacher.encode(val[0])
+        return teacher.denoise(cond, noise=val[1], num_steps=1).x0
