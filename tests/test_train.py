@@ -367,7 +367,7 @@ def test_resume_with_incompatible_config_says_what_differs(store_path, tmp_path)
         ConfigError, match=r"(?s)cannot resume.*policy\.net\.unet\.kernel_size: 5 -> 3.*train\.lr"
     ):
         train(
-            tiny_cfg("train.steps=10", "policy.net.unet.kernel_size=3", "train.lr=1e-3"),
+            tiny_cfg("train.steps=10", "policy.net.unet.kernel_size=3", "train.lr=2e-3"),
             store_path,
             tmp_path / "r",
             resume=True,

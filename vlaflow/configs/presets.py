@@ -87,27 +87,28 @@ PRESET_DATA: dict[str, dict] = {
         "family": "diffusion",
         "policy": {
             "n_obs_steps": 2,
-            "horizon": 16,
-            "n_action_steps": 8,
+            "horizon": 8,
+            "n_action_steps": 4,
             "obs_shapes": {"obs.state": [21]},
             "action_dim": 4,
             "fps": 10.0,
-            # ~1.4M parameters: sized for the demo's few CPU minutes
-            "net": {"kind": "unet", "unet": {"down_dims": [32, 64, 128], "kernel_size": 5, "n_groups": 8}},
+            # ~1.3M parameters, short chunks replanned every 4 steps: sized for the demo's few CPU minutes
+            # (measured on pick_place demos: 30% success after 1600 steps, vs 20% for H=16/Ta=8 after 2000)
+            "net": {"kind": "unet", "unet": {"down_dims": [64, 128], "kernel_size": 5, "n_groups": 8}},
             "sampler": "ddim",
             "num_inference_steps": 10,
         },
         "train": {
             "steps": 3000,
-            "batch_size": 128,
-            "lr": 3e-4,
+            "batch_size": 64,
+            "lr": 1e-3,
             "warmup_steps": 100,
             "eval_every": 1000,
             "eval_episodes": 10,
             "ckpt_every": 500,
             "log_every": 50,
         },
-        "data": {"obs_keys": ["obs.state"], "n_obs_steps": 2, "horizon": 16, "n_action_steps": 8},
+        "data": {"obs_keys": ["obs.state"], "n_obs_steps": 2, "horizon": 8, "n_action_steps": 4},
         "eval": {**_PICK_PLACE_EVAL, "obs_mode": "lowdim"},
     },
     "pick_place_image_language_diffusion": {

@@ -133,7 +133,7 @@ def run_demo(args: argparse.Namespace) -> int:
     steps, sps = steps_for_budget(cfg, demos, train_minutes, out / "calibration")
     train_minutes -= 0.25  # the timing run itself
     steps = max(100, int(steps * train_minutes / (train_minutes + 0.25)))
-    every = max(1, steps // (n_evals + 1)) if n_evals else 0
+    every = -(-steps // (n_evals + 1)) if n_evals else 0  # ceil: the last periodic eval is not the final one
     cfg = apply_overrides(
         cfg, [f"train.steps={steps}", f"train.max_minutes={train_minutes:.2f}", f"train.eval_every={every}"]
     )
