@@ -1,0 +1,322 @@
+"""ONNX export and the torch-free runtime: numpy sampler twin vs torch, parity reports of both families and an
+image + language config, failing parity leaves nothing, torch-free import, the sim harness over OnnxPolicy,
+and the export / eval onnx: / bench latency CLI entries (tiny models, random weights: parity needs no
+training)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from vlaflow.deploy import np_sampling as nps  # noqa: E402
+from vlaflow.deploy.export import ExportOptions, export_policy, graph_ops  # noqa: E402
+from vlaflow.deploy.onnx_runtime import OnnxPolicy, load_onnx_policy  # noqa: E402
+from vlaflow.errors import VlaflowError  # noqa: E402
+from vlaflow.policies import DiffusionConfig, FlowConfig, build_policy, save_checkpoint  # noqa: E402
+from vlaflow.policies import samplers as tsamp  # noqa: E402
+from vlaflow.policies.base_config import EncoderConfig, LanguageConfig, NetConfig, UNetConfig  # noqa: E402
+from vlaflow.policies.path import RectifiedFlowPath, VPCosinePath  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_UNET = NetConfig(
+    kind="unet", unet=UNetConfig(down_dims=(16, 32), kernel_size=3, n_groups=4, step_embed_dim=16)
+)
+FAST = dict(exporter="torchscript", n_parity_obs=2)
+
+
+def _stats(shape, lo, hi):
+    lo_a, hi_a = np.full(shape, lo, np.float32), np.full(shape, hi, np.float32)
+    return {"min": lo_a, "max": hi_a, "mean": (lo_a + hi_a) / 2, "std": hi_a - lo_a, "q01": lo_a, "q99": hi_a}
+
+
+PUSHT_STATS = {
+    "action": _stats((2,), 0, 512),
+    "obs.keypoint": _stats((9, 2), 0, 512),
+    "obs.agent_pos": _stats((2,), 0, 512),
+}
+
+
+def _lowdim(family: str):
+    torch.manual_seed(0)
+    cls = DiffusionConfig if family == "diffusion" else FlowConfig
+    cfg = cls(net=TINY_UNET, horizon=8, n_action_steps=4, num_inference_steps=4)  # PushT low-dim keys
+    return build_policy(cfg, PUSHT_STATS).eval()
+
+
+@pytest.fixture(scope="module")
+def diffusion_export(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("exp")
+    policy = _lowdim("diffusion")
+    ckpt = save_checkpoint(root / "ckpt", policy)
+    opts = ExportOptions(samplers=(("ddim", 4), ("ddpm", 20)), unrolled_steps=4, **FAST)
+    report = export_policy(policy, root / "onnx", opts, source=str(ckpt))
+    return policy, root / "onnx", report, ckpt
+
+
+# ------------------------------------------------------------------------------------- numpy twin vs torch
+def test_numpy_path_and_grid_match_torch():
+    vp = VPCosinePath(100)
+    npvp = nps.NpVPPath(vp.alphas_cumprod.numpy())
+    t = np.array([-1.0, 0.0, 0.5, 9.0, 37.25, 99.0], np.float32)
+    # abar is interpolated bit-identically; torch's vectorized sqrt may differ from numpy's by an ulp
+    np.testing.assert_array_equal(npvp._abar(t), vp.alpha_bar(torch.from_numpy(t)).numpy())
+    np.testing.assert_allclose(npvp.alpha(t), vp.alpha(torch.from_numpy(t)).numpy(), rtol=2.5e-7, atol=0)
+    np.testing.assert_allclose(npvp.sigma(t), vp.sigma(torch.from_numpy(t)).numpy(), rtol=2.5e-7, atol=0)
+    for k in (1, 3, 10, 100):
+        np.testing.assert_array_equal(npvp.timesteps(k), vp.timesteps(k).numpy())
+    fl, npfl = RectifiedFlowPath(), nps.NpFlowPath()
+    for k in (1, 2, 3, 7, 10, 16):
+        np.testing.assert_array_equal(npfl.timesteps(k), fl.timesteps(k).numpy())  # bit-identical grid
+    np.testing.assert_array_equal(npfl.alpha(np.float32(0.3)), fl.alpha(torch.tensor(0.3)).numpy())
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler"])
+@pytest.mark.parametrize("param", ["eps", "velocity"])
+def test_numpy_sampler_loop_matches_torch(sampler, param):
+    g = torch.Generator().manual_seed(1)
+    path = VPCosinePath(50) if param == "eps" else RectifiedFlowPath()
+    nppath = nps.NpVPPath(path.alphas_cumprod.numpy()) if param == "eps" else nps.NpFlowPath()
+    w = torch.randn(3, 3, generator=g) * 0.3
+
+    def predict(x, t):  # a fixed, time-dependent "network"
+        return torch.tanh(x @ w) * (1 + 0.01 * t.view(-1, 1, 1))
+
+    x_init = torch.randn(1, 6, 3, generator=g)
+    kw = {"eta": 0.5 if sampler == "ddim" else 0.0, "clip_x0": 1.0 if sampler != "euler" else None}
+    ref = tsamp.sample_loop(
+        predict, path, x_init, parameterization=param, sampler=sampler, num_steps=5,
+        generator=torch.Generator().manual_seed(7), **kw,
+    )  # fmt: skip
+    gn = torch.Generator().manual_seed(7)
+    noises = [torch.randn(x_init.shape, generator=gn).numpy() for _ in range(5)]
+    out, nfe = nps.sample_loop(
+        lambda x, t: predict(torch.from_numpy(x), torch.from_numpy(t)).numpy(),
+        nppath, x_init.numpy(), parameterization=param, sampler=sampler,
+        timesteps=nppath.timesteps(5), step_noise=lambda i, _s: noises[i], **kw,
+    )  # fmt: skip
+    assert nfe == ref.nfe == 5 and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref.x0.numpy(), rtol=0, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------- export + parity
+def test_diffusion_export_parity_manifest_and_graphs(diffusion_export):
+    policy, out, report, _ = diffusion_export
+    assert report["passed"] and not report["failures"]
+    assert (out / "parity.json").is_file() and json.loads((out / "parity.json").read_text())["passed"]
+    whats = {r["what"] for r in report["summary"]}
+    assert {
+        "encoder",
+        "ddim:4 step",
+        "ddim:4 chunk",
+        "ddpm:20 step",
+        "ddpm:20 chunk",
+        "unrolled chunk",
+    } <= whats
+    assert (
+        len(report["samplers"]["ddpm:20"]["steps"]) == 20 and len(report["samplers"]["ddim:4"]["chunks"]) == 2
+    )
+    for r in report["summary"]:
+        assert r["max_abs"] <= r["tol"] and r["min_cosine"] >= 0.9999
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["spec"]["horizon"] == 8 and m["spec"]["n_obs_steps"] == 2 and m["spec"]["n_action_steps"] == 4
+    assert m["path"]["kind"] == "vp" and len(m["path"]["alphas_cumprod"]) == 100
+    assert m["parameterization"] == "eps" and m["sampler"] == {"name": "ddim", "num_steps": 4, "eta": 0.0,
+                                                               "clip_x0": 1.0}  # fmt: skip
+    assert m["normalizer"]["modes"]["action"] == "minmax"
+    for name in ("encoder", "denoiser", "unrolled"):
+        ops = graph_ops(out / m["graphs"][name]["file"])
+        assert "Loop" not in ops and "Scan" not in ops and sum(ops.values()) > 5
+    import onnx
+
+    den = onnx.load(str(out / "denoiser.onnx"))
+    assert max(o.version for o in den.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert [i.name for i in den.graph.input] == ["x_t", "t", "cond"]  # time is a tensor input
+    assert not list(out.parent.glob(".onnx.tmp-*"))
+
+
+def test_runtime_matches_pytorch_sample_given_the_noise(diffusion_export):
+    policy, out, _, _ = diffusion_export
+    rng = np.random.default_rng(3)
+    obs = {"obs.keypoint": rng.uniform(0, 512, (2, 9, 2)).astype(np.float32),
+           "obs.agent_pos": rng.uniform(0, 512, (2, 2)).astype(np.float32)}  # fmt: skip
+    p = OnnxPolicy(out, providers=["cpu"])
+    assert p.config.horizon == 8 and p.config.obs_shapes["obs.keypoint"] == (9, 2)
+    noise = rng.standard_normal((1, 8, 2)).astype(np.float32)
+    x0 = p.unnormalize_action(p.denoise(p.encode(obs), noise))
+    with torch.inference_mode():
+        ref = policy.sample(
+            {k: torch.from_numpy(v)[None] for k, v in obs.items()}, noise=torch.from_numpy(noise)
+        )
+    np.testing.assert_allclose(x0, ref.numpy(), atol=5e-3)  # raw PushT units (pixels)
+    assert p.last_nfe == 4
+    p.reset(seed=5)
+    a = p.infer(obs)
+    p.reset(seed=5)
+    assert a.shape == (8, 2) and a.dtype == np.float32 and np.array_equal(a, p.infer(obs))
+    unrolled = OnnxPolicy(out, use_unrolled=True)
+    unrolled.reset(seed=5)
+    np.testing.assert_allclose(unrolled.infer(obs), a, atol=5e-3)
+    ddpm = OnnxPolicy(out, sampler="ddpm", num_steps=20, seed=0)
+    assert ddpm.infer(obs).shape == (8, 2) and ddpm.last_nfe == 20
+    with pytest.raises(VlaflowError, match="obs.agent_pos"):
+        p.infer({"obs.keypoint": obs["obs.keypoint"]})
+    with pytest.raises(VlaflowError, match="not available"):
+        OnnxPolicy(out, providers=["TensorrtExecutionProvider"])
+
+
+def test_flow_export_with_dynamo_exporter(tmp_path):
+    policy = _lowdim("flow")
+    report = export_policy(policy, tmp_path / "flow", ExportOptions(exporter="dynamo", n_parity_obs=2))
+    assert report["passed"] and {r["what"] for r in report["summary"]} == {
+        "encoder",
+        "euler:4 step",
+        "euler:4 chunk",
+    }
+    m = json.loads((tmp_path / "flow" / "manifest.json").read_text())
+    assert m["exporter"] == "dynamo" and m["path"] == {"kind": "flow", "time_scale": 100.0}
+    assert m["parameterization"] == "velocity" and m["graphs"]["denoiser"]["ops"].get("Loop", 0) == 0
+    assert OnnxPolicy(tmp_path / "flow", seed=0).infer(
+        {"obs.keypoint": np.zeros((2, 9, 2), np.float32), "obs.agent_pos": np.zeros((2, 2), np.float32)}
+    ).shape == (8, 2)
+
+
+def test_image_language_export_constant_instruction_tokens(tmp_path):
+    torch.manual_seed(0)
+    enc = EncoderConfig(
+        image_base_width=8, norm_group_size=4, crop_shape=(36, 36), num_keypoints=4, image_feature_dim=8,
+        language=LanguageConfig(enabled=True, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                                max_length=24),
+    )  # fmt: skip
+    tasks = ("push the block", "stack the cube")
+    cfg = DiffusionConfig(
+        obs_shapes={"obs.state": (4,), "obs.image.front": (40, 40, 3)}, encoder=enc, net=TINY_UNET,
+        tasks=tasks, horizon=8, n_action_steps=4, action_dim=3, num_inference_steps=3,
+    )  # fmt: skip
+    stats = {"action": _stats((3,), -1, 1), "obs.state": _stats((4,), -2, 2)}
+    policy = build_policy(cfg, stats).eval()
+    report = export_policy(policy, tmp_path / "vla", ExportOptions(samplers=(("ddim", 3),), **FAST))
+    assert report["passed"], report["failures"]
+    assert not any(m.training for m in policy.modules())  # the exporter must not leave crops/dropout on
+    m = json.loads((tmp_path / "vla" / "manifest.json").read_text())
+    assert sorted(m["language"]["tokens"]) == sorted(tasks) and m["cond"]["n_tokens"] == 3
+    assert m["graphs"]["encoder"]["inputs"][1]["dtype"] == "uint8"
+    p = OnnxPolicy(tmp_path / "vla", seed=0)
+    rng = np.random.default_rng(0)
+    obs = {"obs.state": rng.uniform(-2, 2, (2, 4)).astype(np.float32),
+           "obs.image.front": rng.integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)}  # fmt: skip
+    a = p.infer({**obs, "task": "push the block"})
+    p.reset(seed=0)
+    b = p.infer({**obs, "task": "stack the cube"})
+    assert a.shape == (8, 3) and not np.allclose(a, b)  # the instruction conditions the chunk
+    with pytest.raises(VlaflowError, match="not known at export time"):
+        p.infer({**obs, "task": "open the drawer"})
+
+
+def test_consistency_student_exports_as_one_step(tmp_path):
+    from vlaflow.policies.consistency.config import ConsistencyConfig
+
+    torch.manual_seed(0)
+    cfg = ConsistencyConfig(net=TINY_UNET, horizon=8, n_action_steps=4, clip_sample_range=1.0)
+    policy = build_policy(cfg, PUSHT_STATS).eval()
+    report = export_policy(policy, tmp_path / "cm", ExportOptions(**FAST))
+    assert report["passed"] and [r["what"] for r in report["summary"]][1:] == [
+        "onestep:1 step",
+        "onestep:1 chunk",
+    ]
+    p = OnnxPolicy(tmp_path / "cm", seed=0)
+    a = p.infer(
+        {"obs.keypoint": np.zeros((2, 9, 2), np.float32), "obs.agent_pos": np.zeros((2, 2), np.float32)}
+    )
+    assert a.shape == (8, 2) and p.last_nfe == 1 and p.manifest["timesteps"] == [90.0]
+
+
+def test_failing_parity_fails_the_export_and_leaves_nothing(tmp_path, capsys):
+    policy = _lowdim("flow")
+    with pytest.raises(VlaflowError, match="parity check failed.*euler:4 step: max-abs"):
+        export_policy(policy, tmp_path / "bad", ExportOptions(tol_step=1e-12, tol_chunk=1e-12, **FAST))
+    assert list(tmp_path.iterdir()) == []  # neither DIR nor its temporary sibling
+    (tmp_path / "user").mkdir()
+    with pytest.raises(VlaflowError, match="not an ONNX export"):
+        export_policy(policy, tmp_path / "user", ExportOptions(**FAST))
+
+
+# ------------------------------------------------------------------------------------- torch-free + sim
+def test_runtime_is_torch_free(diffusion_export):
+    _, out, _, _ = diffusion_export
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import numpy as np
+from vlaflow.deploy.onnx_runtime import OnnxPolicy
+p = OnnxPolicy({str(out)!r}, providers=["CPUExecutionProvider"], seed=4)
+kp, pos = np.full((2, 9, 2), 100, np.float32), np.full((2, 2), 50, np.float32)
+a = p.infer({{"obs.keypoint": kp, "obs.agent_pos": pos}})
+assert sys.modules["torch"] is None
+HEAVY = ("torch", "transformers", "onnx", "diffusers", "safetensors")
+heavy = sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in HEAVY)
+print("SHAPE", a.shape, "HEAVY", heavy, "SUM", float(a.sum()))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "SHAPE (8, 2) HEAVY []" in res.stdout
+    here = OnnxPolicy(out, seed=4).infer(
+        {
+            "obs.keypoint": np.full((2, 9, 2), 100, np.float32),
+            "obs.agent_pos": np.full((2, 2), 50, np.float32),
+        }
+    )
+    assert abs(float(res.stdout.split("SUM")[1]) - float(here.sum())) < 1e-3  # same numbers as in-process
+
+
+def test_onnx_policy_in_the_sim_harness(diffusion_export):
+    pytest.importorskip("gym_pusht")
+    from vlaflow.sim.evaluate import evaluate
+
+    _, out, _, _ = diffusion_export
+    factory = functools.partial(load_onnx_policy, str(out))
+    report = evaluate(factory, task="pusht", n_episodes=2, workers=0, max_steps=12, progress=False)
+    eps = report["episodes"]
+    assert len(eps) == 2 and not report["errors"] and all(e["length"] == 12 for e in eps)
+    assert all(0.0 <= e["max_reward"] <= 1.0 for e in eps)
+
+
+def test_cli_export_eval_onnx_and_bench(diffusion_export, tmp_path, capsys):
+    pytest.importorskip("gym_pusht")
+    from vlaflow.cli import main
+
+    _, _, _, ckpt = diffusion_export
+    out = tmp_path / "cli_onnx"
+    rc = main(["export", str(ckpt), "--out", str(out), "--exporter", "torchscript", "--samplers", "ddim:4",
+               "--parity-obs", "1"])  # fmt: skip
+    assert rc == 0 and "ddim:4 chunk" in capsys.readouterr().out and (out / "parity.json").is_file()
+    rc = main(["eval", "--task", "pusht", "--policy", f"onnx:{out}", "--episodes", "1", "--workers", "0",
+               "--max-steps", "8", "--out", str(tmp_path / "ev")])  # fmt: skip
+    assert (
+        rc == 0 and json.loads((tmp_path / "ev" / "report.json").read_text())["aggregate"]["n_episodes"] == 1
+    )
+    rc = main(["bench", "latency", str(ckpt), "--onnx", str(out), "--variants", "ddim:4", "--repeats", "3",
+               "--step-repeats", "5", "--episodes", "1", "--max-steps", "8", "--workers", "0", "--json",
+               "--out", str(tmp_path / "b")])  # fmt: skip
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {(r["variant"], r["runtime"]) for r in rows} == {
+        ("DDIM-4", "torch-eager"),
+        ("DDIM-4", "onnxruntime"),
+    }
+    for r in rows:
+        assert set(r) >= {"variant", "runtime", "nfe", "p50_ms", "p99_ms", "mean_score"} and r["nfe"] == 4
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and 0 <= r["mean_score"] <= 1
+    for f in ("latency.json", "latency.md", "latency_hist.png"):
+        assert (tmp_path / "b" / f).is_file()

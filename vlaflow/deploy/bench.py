@@ -1,0 +1,370 @@
+"""``vlaflow bench latency CKPT``: per-control-step latency (p50/p99), network evaluations per step, and the
+closed-loop PushT score of each sampling variant, in PyTorch eager and in ONNX Runtime.
+
+    vlaflow bench latency CKPT [--onnx DIR] [--variants ddpm:100,ddim:10] [--episodes 50] [--workers 2]
+                               [--repeats 50] [--threads 1] [--json] [--out DIR]
+
+Variants: DDPM-100 and DDIM-10 for diffusion checkpoints, Euler-10 for flow checkpoints (``--variants`` to
+choose), plus RTI (``--rti``, eager only: vlaflow.deploy.rti), a one-step consistency student
+(``--onestep CKPT``) and EBT (``--ebt CKPT``, when vlaflow.policies.ebt exists). A control step is one
+``infer(obs)`` call: normalize, encode once, the whole sampler loop, un-normalize (what the executor waits
+for every Ta steps). Both runtimes run single-threaded (``torch.set_num_threads(threads)``; onnxruntime
+``intra_op_num_threads=threads``, graph optimization ALL) so the comparison is fair on a shared machine; the
+per-denoiser-step latency of each runtime (one ``predict`` at batch 1) is reported beside the rows, with the
+load average before and after the timing.
+
+Writes OUT/latency.json (rows + machine info), OUT/latency.md and OUT/latency_hist.png; ``--json`` prints
+the rows (variant, runtime, nfe, p50_ms, p99_ms, mean_score, ...) as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlaflow.errors import ConfigError, VlaflowError
+
+RUNTIMES = ("torch-eager", "onnxruntime")
+
+
+def _variant_name(sampler: str, steps: int) -> str:
+    return f"{sampler.upper() if sampler in ('ddpm', 'ddim') else sampler.capitalize()}-{steps}"
+
+
+def default_variants(policy) -> list[tuple[str, int]]:
+    if policy.config.family == "diffusion":
+        return [("ddpm", int(policy.path.num_train_steps)), ("ddim", 10)]
+    if policy.config.family == "flow":
+        return [("euler", 10)]
+    return [(policy.config.sampler, int(policy.config.num_inference_steps))]
+
+
+def _percentiles(ms: list[float]) -> dict:
+    a = np.asarray(ms, np.float64)
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "n": int(a.size),
+    }
+
+
+def time_calls(fn, repeats: int, warmup: int = 3) -> list[float]:
+    """Wall time of ``fn()`` in ms, ``repeats`` times after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _machine() -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for p in ("torch", "onnxruntime", "onnx", "numpy"):
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "command": " ".join(["vlaflow", *sys.argv[1:]]) if sys.argv else "",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": commit,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "versions": versions,
+    }
+
+
+def _score(factory, episodes: int, workers: int, max_steps: int | None) -> dict:
+    from vlaflow.sim.evaluate import evaluate
+
+    rep = evaluate(
+        factory, task="pusht", n_episodes=episodes, workers=workers, max_steps=max_steps, progress=False
+    )
+    if rep["errors"]:
+        first = rep["errors"][0]["error"].strip().splitlines()[0]
+        raise VlaflowError(f"{len(rep['errors'])} evaluation episode(s) failed: {first}")
+    a = rep["aggregate"]
+    return {"mean_score": a["mean_score"], "success_rate": a["success_rate"], "episodes": a["n_episodes"]}
+
+
+def _plot(rows: list[dict], samples: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    all_ms = [v for k in samples for v in samples[k]]
+    bins = np.logspace(np.log10(max(min(all_ms) * 0.8, 1e-3)), np.log10(max(all_ms) * 1.2), 60)
+    for r in rows:
+        key = f"{r['variant']} / {r['runtime']}"
+        ax.hist(
+            samples[key], bins=bins, histtype="step", linewidth=1.5, label=f"{key} (p50 {r['p50_ms']:.1f} ms)"
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("control-step latency, ms (log scale)")
+    ax.set_ylabel("count")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(result: dict) -> str:
+    ps = result["per_denoiser_step"]
+    lines = [
+        "# Control-step latency and PushT score per sampling variant",
+        "",
+        f"Checkpoint `{result['checkpoint']}`; command `{result['machine']['command']}`; "
+        f"{result['machine']['when']}; threads {result['threads']} (torch.set_num_threads and ORT "
+        f"intra_op_num_threads); load average before {result['loadavg_before']}, after "
+        f"{result['loadavg_after']} on {result['machine']['cpu_count']} CPUs.",
+        "",
+        "| variant | runtime | NFE/step | p50 ms | p99 ms | mean score | success | episodes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        sc = "n/a" if r["mean_score"] is None else f"{r['mean_score']:.3f}"
+        su = "n/a" if r.get("success_rate") is None else f"{r['success_rate']:.2f}"
+        lines.append(
+            f"| {r['variant']} | {r['runtime']} | {r['nfe']:g} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+            f"| {sc} | {su} | {r.get('episodes') or 0} |"
+        )
+    lines += [
+        "",
+        "Per denoiser step (one network evaluation, batch 1): "
+        + ", ".join(f"{k} p50 {v['p50_ms']:.3f} ms (p99 {v['p99_ms']:.3f})" for k, v in ps.items())
+        + (f"; ONNX Runtime speed-up {result['step_speedup']:.2f}x." if result.get("step_speedup") else "."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def bench_latency(args: argparse.Namespace) -> dict:
+    import torch
+
+    from vlaflow.deploy.onnx_runtime import OnnxPolicy, load_onnx_policy, read_manifest
+    from vlaflow.deploy.parity import random_obs
+    from vlaflow.policies.checkpoint import load_checkpoint
+    from vlaflow.policies.runtime import PolicyRuntime, load_policy
+
+    torch.set_num_threads(args.threads)
+    ckpt = Path(args.checkpoint)
+    policy = load_checkpoint(ckpt)
+    variants = _parse_variants(args.variants) if args.variants else default_variants(policy)
+    tmp = None
+    onnx_dir = Path(args.onnx) if args.onnx else None
+    if onnx_dir is None and "onnxruntime" in args.runtimes:
+        from vlaflow.deploy.export import ExportOptions, export_policy
+
+        tmp = Path(tempfile.mkdtemp(prefix="vlaflow-bench-"))
+        onnx_dir = tmp / "onnx"
+        print(f"exporting {ckpt} -> {onnx_dir} (parity-checked) ...", file=sys.stderr)
+        export_policy(
+            policy, onnx_dir, ExportOptions(samplers=tuple(variants), n_parity_obs=1), source=str(ckpt)
+        )
+    if onnx_dir is not None:
+        read_manifest(onnx_dir)
+    rng = np.random.default_rng(0)
+    obs = random_obs(policy, rng)
+    episodes = 0 if args.no_score else args.episodes
+    rows, samples = [], {}
+    load_before = [round(v, 2) for v in os.getloadavg()]
+
+    def add(variant, runtime, nfe, ms, factory, extra=None):
+        row = {"variant": variant, "runtime": runtime, "nfe": nfe, **_percentiles(ms), **(extra or {})}
+        row.update({"mean_score": None, "success_rate": None, "episodes": 0})
+        if episodes and factory is not None:
+            print(f"scoring {variant} / {runtime} on {episodes} PushT episodes ...", file=sys.stderr)
+            row.update(_score(factory, episodes, args.workers, args.max_steps))
+        rows.append(row)
+        samples[f"{variant} / {runtime}"] = ms
+        print(
+            f"{variant:>10} {runtime:<12} nfe {nfe:>6g}  "
+            f"p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms"
+            + (f"  score {row['mean_score']:.3f}" if row["mean_score"] is not None else ""),
+            file=sys.stderr,
+        )
+
+    for sampler, steps in variants:
+        name = _variant_name(sampler, steps)
+        if "torch-eager" in args.runtimes:
+            rt = PolicyRuntime(policy, sampler=sampler, num_steps=steps, seed=0)
+            ms = time_calls(lambda rt=rt: rt.infer(obs), args.repeats)
+            nfe = steps * (2 if sampler == "heun" else 1) - (1 if sampler == "heun" else 0)
+            fac = functools.partial(load_policy, str(ckpt), sampler=sampler, num_steps=steps)
+            add(name, "torch-eager", nfe, ms, fac)
+        if "onnxruntime" in args.runtimes:
+            op = OnnxPolicy(onnx_dir, sampler=sampler, num_steps=steps, seed=0, threads=args.threads)
+            ms = time_calls(lambda op=op: op.infer(obs), args.repeats)
+            fac = functools.partial(
+                load_onnx_policy, str(onnx_dir), sampler=sampler, num_steps=steps, threads=args.threads
+            )
+            add(name, "onnxruntime", op.last_nfe, ms, fac)
+    if args.rti:
+        from vlaflow.deploy.rti import RTIRuntime, load_rti_policy
+
+        rt = RTIRuntime(policy)
+        rt.reset(seed=0)
+        nfes: list[int] = []
+
+        def rti_call(rt=rt, nfes=nfes):
+            rt.infer(obs)
+            nfes.append(rt.last_nfe)
+
+        ms = time_calls(rti_call, args.repeats, warmup=0)  # the first (full) call is part of the distribution
+        add("RTI", "torch-eager", float(np.mean(nfes)), ms, functools.partial(load_rti_policy, str(ckpt)))
+    for label, extra_ckpt in (("one-step", args.onestep), ("EBT", args.ebt)):
+        if not extra_ckpt:
+            continue
+        other = load_checkpoint(extra_ckpt)
+        rt = PolicyRuntime(other, seed=0)
+        ms = time_calls(lambda rt=rt: rt.infer(obs), args.repeats)
+        nfe = int(getattr(other.config, "num_inference_steps", 1))
+        add(label, "torch-eager", nfe, ms, functools.partial(load_policy, str(extra_ckpt)))
+        if "onnxruntime" in args.runtimes and hasattr(other, "predict"):
+            from vlaflow.deploy.export import ExportOptions, export_policy
+
+            odir = Path(tempfile.mkdtemp(prefix="vlaflow-bench-")) / "onnx"
+            export_policy(other, odir, ExportOptions(n_parity_obs=1), source=str(extra_ckpt))
+            op = OnnxPolicy(odir, seed=0, threads=args.threads)
+            ms = time_calls(lambda op=op: op.infer(obs), args.repeats)
+            fac = functools.partial(load_onnx_policy, str(odir), threads=args.threads)
+            add(label, "onnxruntime", op.last_nfe, ms, fac)
+
+    # One denoiser evaluation at batch 1 in each runtime (the >= 2.5x target is about this number).
+    per_step = {}
+    cfg = policy.config
+    with torch.inference_mode():
+        cond = policy.encode(
+            {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in obs.items() if k != "task"}
+            | ({"task": [obs["task"]]} if "task" in obs else {})
+        )
+        x = torch.randn(1, cfg.horizon, cfg.action_dim)
+        t = torch.tensor([float(policy.path.timesteps(cfg.num_inference_steps)[0])])
+        if "torch-eager" in args.runtimes:
+            per_step["torch-eager"] = _percentiles(
+                time_calls(lambda: policy.predict(x, t, cond), args.step_repeats, warmup=10)
+            )
+    if onnx_dir is not None and "onnxruntime" in args.runtimes:
+        op = OnnxPolicy(onnx_dir, threads=args.threads)
+        xn, tn, cn = x.numpy(), t.numpy(), cond.numpy()
+        per_step["onnxruntime"] = _percentiles(
+            time_calls(lambda: op.predict(xn, tn, cn), args.step_repeats, warmup=10)
+        )
+    load_after = [round(v, 2) for v in os.getloadavg()]
+    speedup = None
+    if len(per_step) == 2:
+        speedup = per_step["torch-eager"]["p50_ms"] / per_step["onnxruntime"]["p50_ms"]
+    result = {
+        "benchmark": "latency",
+        "checkpoint": str(ckpt),
+        "family": cfg.family,
+        "onnx_dir": str(onnx_dir) if onnx_dir and not tmp else None,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "task": "pusht",
+        "score_episodes": episodes,
+        "score_seeds": "100000.." + str(100000 + episodes - 1) if episodes else None,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "per_denoiser_step": per_step,
+        "step_speedup": speedup,
+        "step_speedup_target": 2.5,
+        "rows": rows,
+        "machine": _machine(),
+    }
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "latency.json").write_text(json.dumps(result, indent=1))
+        (out / "latency.md").write_text(_markdown(result))
+        _plot(rows, samples, out / "latency_hist.png", f"{ckpt} - threads {args.threads}, load {load_before}")
+    if tmp is not None:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _parse_variants(text: str) -> list[tuple[str, int]]:
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, steps = part.partition(":")
+        if name not in ("ddpm", "ddim", "euler", "heun") or not steps.isdigit() or int(steps) < 1:
+            raise ConfigError(f"--variants entries are SAMPLER:STEPS (ddpm|ddim|euler|heun), got {part!r}")
+        out.append((name, int(steps)))
+    return out
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    p = sub.add_parser(
+        "latency", help="control-step latency + PushT score per variant, eager vs ONNX Runtime"
+    )
+    p.add_argument("checkpoint", help="policy checkpoint directory (PushT low-dim)")
+    p.add_argument(
+        "--onnx", default="", help="an existing `vlaflow export` of CKPT (default: export to a temp dir)"
+    )
+    p.add_argument("--variants", default="", help="SAMPLER:STEPS list (default ddpm:100,ddim:10 | euler:10)")
+    p.add_argument(
+        "--runtimes", default="torch-eager,onnxruntime", help="comma list of torch-eager, onnxruntime"
+    )
+    p.add_argument("--rti", action="store_true", help="add RTI-DP (vlaflow.deploy.rti, eager)")
+    p.add_argument("--onestep", default="", help="a one-step consistency student checkpoint to add")
+    p.add_argument("--ebt", default="", help="an EBT checkpoint to add")
+    p.add_argument("--episodes", type=int, default=50, help="PushT episodes per row for the score")
+    p.add_argument("--no-score", action="store_true", help="latency only")
+    p.add_argument("--workers", type=int, default=2, help="evaluation worker processes")
+    p.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the task's)")
+    p.add_argument("--repeats", type=int, default=50, help="timed control steps per row")
+    p.add_argument("--step-repeats", type=int, default=300, help="timed single denoiser steps per runtime")
+    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON line")
+    p.add_argument("--out", default="", help="directory for latency.json, latency.md, latency_hist.png")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.bench != "latency":
+        raise ConfigError(f"unknown benchmark {args.bench!r}; known: latency")
+    args.runtimes = tuple(r.strip() for r in args.runtimes.split(",") if r.strip())
+    bad = [r for r in args.runtimes if r not in RUNTIMES]
+    if bad or not args.runtimes:
+        raise ConfigError(f"--runtimes must be a comma list of {RUNTIMES}, got {bad or args.runtimes}")
+    for name in ("episodes", "repeats", "step_repeats", "threads"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    result = bench_latency(args)
+    print(_markdown(result))
+    if args.json:
+        keys = ("variant", "runtime", "nfe", "p50_ms", "p99_ms", "mean_score", "success_rate", "episodes")
+        print(json.dumps([{k: r.get(k) for k in keys} for r in result["rows"]]))
+    return 0

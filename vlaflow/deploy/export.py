@@ -1,0 +1,441 @@
+"""``vlaflow export CKPT --out DIR``: a denoising policy as ONNX graphs plus a JSON manifest, checked against
+PyTorch before anything is written.
+
+What goes where (Nc condition tokens of width Fc, To obs steps, H chunk, Da action dim; batch fixed to 1):
+
+- ``encoder.onnx``  : normalized low-dim windows (1, To, *shape) float32 and uint8 camera windows
+  (1, To, h, w, 3) -> ``cond`` (1, To, Fc). Normalization stays on the host (numpy ``Normalizer``).
+- ``denoiser.onnx`` : ``predict(x_t (1, H, Da), t (1,), cond (1, Nc, Fc))`` in the family's native
+  parameterization (eps for diffusion, velocity for flow); path time ``t`` is a tensor input, so one graph
+  serves every sampler and step count. No Loop op: the sampler loop and its float32 arithmetic run on the
+  host (:mod:`vlaflow.deploy.np_sampling`).
+- ``unrolled.onnx`` (``--unrolled``): K deterministic sampler steps (DDIM eta=0 or Euler) unrolled into one
+  graph, ``(cond, noise) -> x0`` in normalized units (always traced: the schedule becomes constants).
+- Language: the instruction encoder (a transformers BERT) is not exported. The projected language token of
+  every instruction the policy knows (``config.tasks`` and its default task) is computed at export time and
+  stored in the manifest; the runtime appends it to ``cond`` and names the known instructions for any other.
+- ``manifest.json`` : graphs + io names, To/H/Ta/obs shapes, path, sampler, steps, normalizer statistics,
+  language tokens. ``parity.json``: max-abs and cosine per denoiser step and per chunk against PyTorch for
+  fixed noise and several random observations. JSON only, no pickle.
+
+A parity failure (thresholds ``--tol-step``, ``--tol-chunk``, ``--min-cosine``) fails the export and leaves
+no DIR: everything is written to a temporary sibling directory and renamed into place only when it passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlaflow.data import keys as K
+from vlaflow.errors import ConfigError, VlaflowError
+
+FORMAT = "vlaflow.onnx_policy"
+VERSION = 1
+MANIFEST, PARITY = "manifest.json", "parity.json"
+EXPORTERS = ("dynamo", "torchscript")
+UNROLLABLE = ("ddim", "euler")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export and how strictly to check it."""
+
+    opset: int = 18  # ONNX opset (>= 17; the dynamo exporter writes 18 at least)
+    exporter: str = "dynamo"  # "dynamo" (torch.export, clean graphs) | "torchscript" (tracing, faster export)
+    unrolled_steps: int = 0  # > 0: also write unrolled.onnx with this many deterministic sampler steps
+    unrolled_sampler: str = ""  # sampler of the unrolled graph ("" = the policy's, if deterministic)
+    samplers: tuple[tuple[str, int], ...] = ()  # (sampler, steps) checked for parity; () = family defaults
+    n_parity_obs: int = 3  # random observations in the parity check
+    tol_step: float = 1e-4  # max |onnx - torch| of one denoiser output (native units)
+    tol_chunk: float = 1e-3  # max |onnx - torch| of a full chunk (normalized action units)
+    min_cosine: float = 0.9999  # min cosine similarity of every step and chunk
+    seed: int = 0  # parity observations and noise
+
+    def __post_init__(self):
+        if self.opset < 17:
+            raise ConfigError(f"opset must be >= 17, got {self.opset}")
+        if self.exporter not in EXPORTERS:
+            raise ConfigError(f"exporter must be one of {EXPORTERS}, got {self.exporter!r}")
+        if self.unrolled_steps < 0:
+            raise ConfigError(f"unrolled_steps must be >= 0, got {self.unrolled_steps}")
+        if self.n_parity_obs < 1:
+            raise ConfigError(f"n_parity_obs must be >= 1, got {self.n_parity_obs}")
+        for name in ("tol_step", "tol_chunk"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.min_cosine <= 1:
+            raise ConfigError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
+
+
+# ------------------------------------------------------------------------------------------------ graphs
+def _modules():
+    """torch wrappers around the policy's tensor-only core (built lazily: torch stays out of import time)."""
+    import torch
+    from torch import nn
+
+    class EncoderGraph(nn.Module):
+        def __init__(self, policy, keys: list[str]):
+            super().__init__()
+            self.enc, self.keys = policy.obs_encoder, keys
+
+        def forward(self, *xs):
+            return self.enc(dict(zip(self.keys, xs, strict=True)))  # (1, To, Fc)
+
+    class DenoiserGraph(nn.Module):
+        def __init__(self, policy):
+            super().__init__()
+            self.policy = policy
+
+        def forward(self, x_t, t, cond):
+            return self.policy.predict(x_t, t, cond)  # (1, H, Da)
+
+    class UnrolledGraph(nn.Module):
+        def __init__(self, policy, sampler: str, steps: int):
+            super().__init__()
+            self.policy, self.sampler, self.steps = policy, sampler, steps
+
+        def forward(self, cond, noise):
+            with torch.no_grad():
+                return self.policy.denoise(cond, noise=noise, sampler=self.sampler, num_steps=self.steps).x0
+
+    return EncoderGraph, DenoiserGraph, UnrolledGraph
+
+
+def _export_graph(module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opts) -> None:
+    import logging
+
+    import torch
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # A fresh wrapper module is in training mode, and the TorchScript exporter restores the mode it found
+    # after exporting - recursively, onto the policy inside: random crops and dropout would then be on.
+    module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs: dict[str, Any] = {"input_names": inputs, "output_names": outputs, "opset_version": opts.opset}
+        if opts.exporter == "dynamo":
+            kwargs.update(dynamo=True, external_data=False, verbose=False)
+        else:
+            kwargs.update(dynamo=False)
+        try:
+            torch.onnx.export(module, args, str(path), **kwargs)
+        except Exception as e:
+            raise VlaflowError(
+                f"ONNX export of {path.name} failed with the {opts.exporter} exporter: {type(e).__name__}: "
+                f"{str(e)[:400]} (try --exporter {'torchscript' if opts.exporter == 'dynamo' else 'dynamo'})"
+            ) from e
+    check_graph(path, opts.opset)
+
+
+def graph_ops(path: str | os.PathLike) -> dict[str, int]:
+    """Op type -> count over the graph and every nested subgraph."""
+    import onnx
+
+    counts: dict[str, int] = {}
+
+    def walk(graph):
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    model = onnx.load(str(path))
+    walk(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def check_graph(path: Path, opset: int) -> None:
+    """The exported graph is valid, at opset >= 17, and has no Loop/Scan (the sampler loop is the host's)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    version = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if version < 17:
+        raise VlaflowError(f"{path.name}: opset {version} < 17 (asked for {opset})")
+    loops = {k: v for k, v in graph_ops(path).items() if k in ("Loop", "Scan", "If")}
+    if loops:
+        raise VlaflowError(
+            f"{path.name}: the graph has control flow {loops}; the sampler loop belongs on the host"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def _path_manifest(policy) -> dict:
+    path = policy.path
+    if path.kind == "vp":
+        return {
+            "kind": "vp",
+            "num_train_steps": int(path.num_train_steps),
+            "alphas_cumprod": [float(v) for v in path.alphas_cumprod.cpu().numpy()],
+        }
+    if path.kind == "flow":
+        return {"kind": "flow", "time_scale": float(path.time_scale)}
+    raise VlaflowError(f"cannot export a policy on path {path.kind!r} (known: vp, flow)")
+
+
+def _timesteps(policy, sampler: str, steps: int) -> list[float]:
+    if sampler == "onestep":
+        return [float(policy.config.start_time)]
+    return [float(v) for v in policy.path.timesteps(steps)]
+
+
+def _sampler_manifest(policy, sampler: str, steps: int) -> dict:
+    if sampler == "onestep":  # consistency student: one evaluation at the teacher's start time
+        c = float(policy.config.clip_sample_range)
+        return {"name": "onestep", "num_steps": 1, "eta": 0.0, "clip_x0": c if c > 0 else None}
+    kw = policy.sampler_kwargs(sampler)
+    return {
+        "name": sampler,
+        "num_steps": int(steps),
+        "eta": float(kw.get("eta", 0.0)),
+        "clip_x0": None if kw.get("clip_x0") is None else float(kw["clip_x0"]),
+    }
+
+
+def default_samplers(policy) -> tuple[tuple[str, int], ...]:
+    """Parity-checked samplers: the configured one, plus DDPM over the full grid for diffusion policies."""
+    cfg = policy.config
+    out = [(cfg.sampler, int(cfg.num_inference_steps))]
+    if policy.path.kind == "vp" and cfg.sampler not in ("ddpm", "onestep"):
+        out.append(("ddpm", int(policy.path.num_train_steps)))
+    return tuple(out)
+
+
+def _language_tokens(policy) -> dict[str, list[float]] | None:
+    import torch
+
+    if policy.text_encoder is None:
+        return None
+    texts = list(dict.fromkeys([*policy.config.tasks, *([policy.spec.task] if policy.spec.task else [])]))
+    if not texts:
+        raise VlaflowError(
+            "a language-conditioned policy without config.tasks cannot be exported: the instruction encoder "
+            "is not exported, so the instructions must be known at export time"
+        )
+    with torch.inference_mode():
+        tok = policy.lang_proj(policy.text_encoder(texts)).float().cpu().numpy()  # (n_tasks, Fc)
+    return {t: [float(v) for v in row] for t, row in zip(texts, tok, strict=True)}
+
+
+def _enc_inputs(policy) -> list[dict]:
+    cfg = policy.config
+    out = []
+    for i, (k, shape) in enumerate(cfg.obs_shapes.items()):
+        image = K.is_image(k)
+        out.append(
+            {
+                "name": f"obs_{i}",
+                "key": k,
+                "shape": [1, cfg.n_obs_steps, *map(int, shape)],
+                "dtype": "uint8" if image else "float32",
+                "normalize": (not image) and k in policy.normalizer.modes,
+            }
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_policy(
+    policy, out: str | os.PathLike, opts: ExportOptions | None = None, source: str = ""
+) -> dict:
+    """Export ``policy`` to ``out`` (must not exist or be an earlier export); returns the parity report."""
+    import torch
+
+    from vlaflow.deploy.parity import check_parity
+
+    opts = opts or ExportOptions()
+    dest = Path(out)
+    if dest.exists() and not (dest / MANIFEST).is_file():
+        raise VlaflowError(f"{dest} exists and is not an ONNX export (no {MANIFEST}); refusing to replace it")
+    if policy.path.kind not in ("vp", "flow"):
+        raise VlaflowError(f"cannot export path {policy.path.kind!r}")
+    policy = policy.cpu().eval()
+    cfg = policy.config
+    samplers = opts.samplers or default_samplers(policy)
+    unrolled_sampler = ""
+    if opts.unrolled_steps:
+        unrolled_sampler = opts.unrolled_sampler or cfg.sampler
+        if unrolled_sampler not in UNROLLABLE or policy.sampler_kwargs(unrolled_sampler).get("eta", 0.0):
+            raise ConfigError(
+                f"an unrolled graph needs a deterministic sampler {UNROLLABLE} (eta 0), "
+                f"got {unrolled_sampler!r}"
+            )
+    EncoderGraph, DenoiserGraph, UnrolledGraph = _modules()
+    enc_inputs = _enc_inputs(policy)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        rng = np.random.default_rng(opts.seed)
+        dummy = tuple(
+            torch.from_numpy(
+                rng.integers(0, 256, size=e["shape"], dtype=np.uint8)
+                if e["dtype"] == "uint8"
+                else rng.uniform(-1, 1, size=e["shape"]).astype(np.float32)
+            )
+            for e in enc_inputs
+        )
+        with torch.no_grad():
+            enc_mod = EncoderGraph(policy, [e["key"] for e in enc_inputs]).eval()
+            _export_graph(
+                enc_mod, dummy, tmp / "encoder.onnx", [e["name"] for e in enc_inputs], ["cond"], opts
+            )
+            cond = torch.randn(1, policy.n_cond_tokens, policy.cond_dim)  # (1, Nc, Fc)
+            x = torch.randn(1, cfg.horizon, cfg.action_dim)
+            t0 = torch.tensor(_timesteps(policy, cfg.sampler, cfg.num_inference_steps)[:1])
+            _export_graph(
+                DenoiserGraph(policy),
+                (x, t0, cond),
+                tmp / "denoiser.onnx",
+                ["x_t", "t", "cond"],
+                ["pred"],
+                opts,
+            )
+            if opts.unrolled_steps:
+                unr = UnrolledGraph(policy, unrolled_sampler, opts.unrolled_steps)
+                # Traced (TorchScript exporter) whatever --exporter says: tracing folds the fixed schedule
+                # coefficients into constants, where torch.export meets the schedule's cumprod and stops.
+                traced = dataclasses.replace(opts, exporter="torchscript")
+                _export_graph(unr, (cond, x), tmp / "unrolled.onnx", ["cond", "noise"], ["x0"], traced)
+        spec = policy.spec
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "source": str(source),
+            "family": cfg.family,
+            "parameterization": policy.parameterization,
+            "spec": {
+                "n_obs_steps": spec.n_obs_steps,
+                "horizon": spec.horizon,
+                "n_action_steps": spec.n_action_steps,
+                "obs_shapes": {k: list(map(int, v)) for k, v in spec.obs_shapes.items()},
+                "action_dim": spec.action_dim,
+                "fps": float(spec.fps),
+                "task": spec.task,
+                "extra": dict(spec.extra),
+            },
+            "path": _path_manifest(policy),
+            "sampler": _sampler_manifest(policy, cfg.sampler, cfg.num_inference_steps),
+            "sampler_options": {s: _sampler_manifest(policy, s, n) for s, n in samplers},
+            "timesteps": _timesteps(policy, cfg.sampler, cfg.num_inference_steps),
+            "normalizer": policy.normalizer.to_dict(),
+            "cond": {"n_tokens": int(policy.n_cond_tokens), "dim": int(policy.cond_dim)},
+            "language": {"tokens": _language_tokens(policy)} if policy.text_encoder is not None else None,
+            "graphs": {
+                "encoder": {"file": "encoder.onnx", "inputs": enc_inputs, "outputs": ["cond"]},
+                "denoiser": {"file": "denoiser.onnx", "inputs": ["x_t", "t", "cond"], "outputs": ["pred"]},
+            },
+            "batch_size": 1,
+            "exporter": opts.exporter,
+            "opset": opts.opset,
+            "torch_version": torch.__version__,
+        }
+        if opts.unrolled_steps:
+            manifest["graphs"]["unrolled"] = {
+                "file": "unrolled.onnx",
+                "inputs": ["cond", "noise"],
+                "outputs": ["x0"],
+                "sampler": _sampler_manifest(policy, unrolled_sampler, opts.unrolled_steps),
+                "exporter": "torchscript",
+            }
+        for g in manifest["graphs"].values():
+            g["ops"] = graph_ops(tmp / g["file"])
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        report = check_parity(policy.eval(), tmp, samplers, opts)
+        (tmp / PARITY).write_text(json.dumps(report, indent=1))
+        if not report["passed"]:
+            raise VlaflowError(
+                f"ONNX parity check failed, nothing written to {dest}: " + "; ".join(report["failures"][:6])
+            )
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _parse_samplers(text: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, steps = part.partition(":")
+        if not steps.isdigit():
+            raise ConfigError(f"--samplers entries are NAME:STEPS (e.g. ddim:10,ddpm:100), got {part!r}")
+        out.append((name, int(steps)))
+    return tuple(out)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="policy checkpoint directory (diffusion or flow)")
+    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="torch ONNX exporter")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    parser.add_argument(
+        "--unrolled", type=int, default=0, metavar="K", help="also write unrolled.onnx with K sampler steps"
+    )
+    parser.add_argument(
+        "--unrolled-sampler", default="", help="ddim or euler (default: the policy's sampler)"
+    )
+    parser.add_argument(
+        "--samplers", default="", help="NAME:STEPS list checked for parity (default: the policy's + ddpm:N)"
+    )
+    parser.add_argument("--parity-obs", type=int, default=3, help="random observations in the parity check")
+    parser.add_argument("--tol-step", type=float, default=1e-4, help="max-abs per denoiser step")
+    parser.add_argument("--tol-chunk", type=float, default=1e-3, help="max-abs per chunk (normalized units)")
+    parser.add_argument("--min-cosine", type=float, default=0.9999, help="min cosine per step and chunk")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlaflow.policies.checkpoint import load_checkpoint
+
+    torch.set_num_threads(1)
+    opts = ExportOptions(
+        opset=args.opset,
+        exporter=args.exporter,
+        unrolled_steps=args.unrolled,
+        unrolled_sampler=args.unrolled_sampler,
+        samplers=_parse_samplers(args.samplers),
+        n_parity_obs=args.parity_obs,
+        tol_step=args.tol_step,
+        tol_chunk=args.tol_chunk,
+        min_cosine=args.min_cosine,
+    )
+    policy = load_checkpoint(args.checkpoint)
+    if not hasattr(policy, "predict") or not hasattr(policy, "obs_encoder"):
+        raise VlaflowError(
+            f"{args.checkpoint}: family {policy.config.family!r} has no encode/predict to export"
+        )
+    report = export_policy(policy, args.out, opts, source=str(args.checkpoint))
+    print(f"exported {args.checkpoint} -> {args.out} ({opts.exporter}, opset {opts.opset})")
+    for row in report["summary"]:
+        print(
+            f"  {row['what']:<24} max-abs {row['max_abs']:.2e}  min-cosine {row['min_cosine']:.7f}"
+            f"  (tol {row['tol']:.0e})"
+        )
+    print(f"parity report: {Path(args.out) / PARITY}")
+    return 0

@@ -1,0 +1,290 @@
+"""Torch-free runtime for ``vlaflow export`` directories: numpy + onnxruntime (+ json), nothing else heavy.
+
+    from vlaflow.deploy.onnx_runtime import OnnxPolicy
+    p = OnnxPolicy(DIR, providers=["CPUExecutionProvider"])      # or CUDA / TensorRT execution providers
+    p.reset(seed=0)
+    chunk = p.infer({"obs.keypoint": kp, "obs.agent_pos": pos})  # (To, 9, 2), (To, 2) -> (H, Da)
+
+Same ``infer`` / ``reset`` / ``config`` interface as :func:`vlaflow.load_policy`. Per control step: normalize
+the low-dim windows (numpy :class:`~vlaflow.data.normalize.Normalizer`), run ``encoder.onnx`` once, append the
+language token of ``obs["task"]`` (stored at export), run the sampler loop of
+:mod:`vlaflow.deploy.np_sampling` in float32 with one ``denoiser.onnx`` call per step (or one call of
+``unrolled.onnx`` when it matches the sampler asked for), un-normalize. Batch size 1, as exported.
+
+Noise comes from ``numpy.random.default_rng(seed)`` (re-seeded by ``reset(seed)``): the same seed gives the
+same actions here, but not the same as PyTorch's generator (parity is checked with shared noise at export).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlaflow.data.normalize import Normalizer
+from vlaflow.deploy import np_sampling as nps
+from vlaflow.errors import VlaflowError
+from vlaflow.policies.interface import RuntimeSpec
+
+MANIFEST = "manifest.json"
+FORMAT, VERSION = "vlaflow.onnx_policy", 1
+ACTION, TASK = "action", "task"
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise VlaflowError(
+            f"{directory}: not an ONNX policy export (no {MANIFEST}); run `vlaflow export` first"
+        )
+    m = json.loads(path.read_text())
+    if m.get("format") != FORMAT:
+        raise VlaflowError(f"{path}: format is {m.get('format')!r}, expected {FORMAT!r}")
+    if m.get("version", 0) > VERSION:
+        raise VlaflowError(f"{path}: export version {m.get('version')} is newer than supported {VERSION}")
+    return m
+
+
+def resolve_providers(providers: Sequence[str] | None) -> list:
+    """Provider names (aliases cpu/cuda/tensorrt allowed) -> the list for ``InferenceSession``.
+
+    Asking for a provider this onnxruntime build lacks is an error naming the ones it has (onnxruntime would
+    otherwise fall back to the CPU silently, and a latency number would lie about where it ran).
+    """
+    import onnxruntime as ort
+
+    names = [
+        PROVIDER_ALIASES.get(str(p).lower(), p) if isinstance(p, str) else p for p in providers or ["cpu"]
+    ]
+    have = ort.get_available_providers()
+    for p in names:
+        name = p[0] if isinstance(p, tuple) else p
+        if name not in have:
+            raise VlaflowError(
+                f"onnxruntime execution provider {name!r} is not available in this build; available: {have} "
+                "(CUDA needs the onnxruntime-gpu package, TensorRT also needs TensorRT libraries)"
+            )
+    return names
+
+
+def session_options(threads: int = 1, optimize: bool = True):
+    """Single-thread, all graph optimizations: batch-1 denoisers are latency-bound, not throughput-bound."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxPolicy:
+    """An exported policy: ``infer(obs) -> (H, Da)`` float32 raw actions through onnxruntime."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        providers: Sequence[str] | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        seed: int | None = None,
+        threads: int = 1,
+        use_unrolled: bool | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        m = self.manifest = read_manifest(directory)
+        s = m["spec"]
+        self._spec = RuntimeSpec(
+            n_obs_steps=int(s["n_obs_steps"]),
+            horizon=int(s["horizon"]),
+            n_action_steps=int(s["n_action_steps"]),
+            obs_shapes={k: tuple(v) for k, v in s["obs_shapes"].items()},
+            action_dim=int(s["action_dim"]),
+            fps=float(s["fps"]),
+            task=s.get("task", ""),
+            extra={**s.get("extra", {}), "runtime": "onnxruntime"},
+        )
+        self.normalizer = Normalizer.from_dict(m["normalizer"])
+        p = m["path"]
+        self.path = (
+            nps.NpVPPath(np.asarray(p["alphas_cumprod"], np.float32))
+            if p["kind"] == "vp"
+            else nps.NpFlowPath()
+        )
+        self.parameterization = m["parameterization"]
+        self.providers = resolve_providers(providers)
+        so = session_options(threads)
+        graphs = m["graphs"]
+
+        def session(name):
+            f = self.directory / graphs[name]["file"]
+            if not f.is_file():
+                raise VlaflowError(f"{self.directory}: {graphs[name]['file']} named in {MANIFEST} is missing")
+            return ort.InferenceSession(str(f), so, providers=self.providers)
+
+        self.encoder, self.denoiser = session("encoder"), session("denoiser")
+        self.enc_inputs = graphs["encoder"]["inputs"]
+        self.unrolled = session("unrolled") if "unrolled" in graphs and use_unrolled is not False else None
+        lang = m.get("language")
+        self.lang_tokens = {t: np.asarray(v, np.float32) for t, v in lang["tokens"].items()} if lang else None
+        self.sampler = sampler or m["sampler"]["name"]
+        self.num_steps = int(num_steps or m["sampler"]["num_steps"])
+        if self.sampler not in nps.SAMPLERS:
+            raise VlaflowError(f"the ONNX runtime's samplers are {nps.SAMPLERS}, got {self.sampler!r}")
+        opt = m.get("sampler_options", {}).get(self.sampler) or (
+            m["sampler"] if m["sampler"]["name"] == self.sampler else {}
+        )
+        self.eta = float(opt.get("eta", 0.0))
+        self.clip_x0 = opt.get("clip_x0")
+        if self.sampler in ("ddpm", "ddim") and self.path.kind == "vp" and not opt:
+            raise VlaflowError(f"{self.directory}: no settings for sampler {self.sampler!r} in {MANIFEST}")
+        u = graphs.get("unrolled", {}).get("sampler", {})
+        self._use_unrolled = (
+            self.unrolled is not None
+            and u.get("name") == self.sampler
+            and u.get("num_steps") == self.num_steps
+        )
+        if use_unrolled and not self._use_unrolled:
+            raise VlaflowError(
+                f"use_unrolled=True but the unrolled graph runs {u.get('name')}:{u.get('num_steps')}, "
+                f"not {self.sampler}:{self.num_steps}"
+            )
+        self.seed = seed
+        self.last_nfe = 0
+        self.reset()
+
+    @property
+    def config(self) -> RuntimeSpec:
+        return self._spec
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start of an episode; ``seed`` (or the constructor's) re-seeds the noise generator."""
+        s = seed if seed is not None else self.seed
+        self._rng = np.random.default_rng(s)
+
+    # -- pieces (also used by the export parity check) --------------------------------------------------
+    def encode(self, obs: dict[str, Any]) -> np.ndarray:
+        """Raw obs window (To, ...) per key [+ "task"] -> cond (1, Nc, Fc)."""
+        spec = self._spec
+        feed = {}
+        for e in self.enc_inputs:
+            k = e["key"]
+            if k not in obs:
+                raise VlaflowError(
+                    f"obs is missing key {k!r}; the policy needs {list(spec.obs_keys)}, got {sorted(obs)}"
+                )
+            x = np.asarray(obs[k])
+            shape = tuple(spec.obs_shapes[k])
+            if x.shape[1:] != shape or x.shape[0] < spec.n_obs_steps:
+                raise VlaflowError(
+                    f"obs[{k!r}] has shape {x.shape}, "
+                    f"expected ({spec.n_obs_steps}, {', '.join(map(str, shape))})"
+                )
+            x = x[-spec.n_obs_steps :]
+            if e["dtype"] == "uint8":
+                if x.dtype != np.uint8:
+                    raise VlaflowError(f"image {k!r} must be uint8 (0..255), got {x.dtype}")
+            else:
+                x = x.astype(np.float32)
+                if e["normalize"]:
+                    x = self.normalizer.normalize(k, x).astype(np.float32)
+            feed[e["name"]] = np.ascontiguousarray(x[None])
+        cond = self.encoder.run(None, feed)[0]  # (1, To, Fc)
+        if self.lang_tokens is not None:
+            text = str(obs.get(TASK) or spec.task)
+            if text not in self.lang_tokens:
+                raise VlaflowError(
+                    f"instruction {text!r} was not known at export time (the text encoder is not exported); "
+                    f"known: {sorted(self.lang_tokens)}"
+                )
+            cond = np.concatenate([cond, self.lang_tokens[text][None, None]], axis=1)
+        return cond.astype(np.float32)
+
+    def predict(self, x_t: np.ndarray, t: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        """One denoiser evaluation: native prediction (1, H, Da)."""
+        feed = {"x_t": np.asarray(x_t, np.float32), "t": np.asarray(t, np.float32).reshape(1), "cond": cond}
+        return self.denoiser.run(None, feed)[0]
+
+    def timesteps(self, sampler: str, num_steps: int) -> np.ndarray:
+        m = self.manifest
+        if sampler == "onestep":
+            if m["sampler"]["name"] != "onestep":
+                raise VlaflowError(f"{self.directory}: 'onestep' needs a consistency student export")
+            return np.asarray(m["timesteps"][:1], np.float32)
+        if m["sampler"]["num_steps"] == num_steps and len(m.get("timesteps", [])) == num_steps + 1:
+            return np.asarray(m["timesteps"], np.float32)  # the exporter's own grid
+        return self.path.timesteps(num_steps)
+
+    def denoise(
+        self,
+        cond: np.ndarray,
+        noise: np.ndarray,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        step_noise=None,
+    ) -> np.ndarray:
+        """Normalized clean chunk (1, H, Da) from ``noise`` (1, H, Da); counts ``last_nfe``."""
+        sampler = sampler or self.sampler
+        steps = int(num_steps or self.num_steps)
+        opt = self.manifest.get("sampler_options", {}).get(sampler, {})
+        eta = float(opt.get("eta", self.eta if sampler == self.sampler else 0.0))
+        clip = opt.get("clip_x0", self.clip_x0 if sampler in ("ddpm", "ddim") else None)
+        if step_noise is None:
+
+            def step_noise(i, shape):
+                return self._rng.standard_normal(shape, dtype=np.float32)
+
+        x0, nfe = nps.sample_loop(
+            lambda x, t: self.predict(x, t, cond),
+            self.path,
+            noise,
+            parameterization=self.parameterization,
+            sampler=sampler,
+            timesteps=self.timesteps(sampler, steps),
+            eta=eta,
+            clip_x0=clip,
+            step_noise=step_noise,
+        )
+        self.last_nfe = nfe
+        return x0
+
+    def run_unrolled(self, cond: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        if self.unrolled is None:
+            raise VlaflowError(
+                f"{self.directory}: exported without an unrolled graph (vlaflow export --unrolled K)"
+            )
+        self.last_nfe = int(self.manifest["graphs"]["unrolled"]["sampler"]["num_steps"])
+        return self.unrolled.run(None, {"cond": cond, "noise": np.asarray(noise, np.float32)})[0]
+
+    def unnormalize_action(self, x: np.ndarray) -> np.ndarray:
+        return self.normalizer.unnormalize(ACTION, x) if ACTION in self.normalizer.modes else x
+
+    # -- the runtime interface ------------------------------------------------------------------------
+    def infer(self, obs: dict[str, Any]) -> np.ndarray:
+        """obs: arrays with leading To per key (plus optional ``task`` str) -> (H, Da) float32 raw actions."""
+        spec = self._spec
+        cond = self.encode(obs)
+        noise = self._rng.standard_normal((1, spec.horizon, spec.action_dim), dtype=np.float32)
+        x0 = self.run_unrolled(cond, noise) if self._use_unrolled else self.denoise(cond, noise)
+        return np.asarray(self.unnormalize_action(x0[0]), np.float32)
+
+
+def load_onnx_policy(directory: str | os.PathLike, **kwargs) -> OnnxPolicy:
+    """``OnnxPolicy(directory, **kwargs)``; a picklable factory target for the sim harness's workers."""
+    return OnnxPolicy(directory, **kwargs)
