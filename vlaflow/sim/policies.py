@@ -21,6 +21,7 @@ from vlaflow.policies.interface import RuntimeSpec
 from vlaflow.sim.tasks import TaskSpec
 
 REPLAY_PREFIX = "replay:"
+ONNX_PREFIX = "onnx:"  # an exported policy (vlaflow export) run by the torch-free onnxruntime runtime
 
 
 class RandomPolicy:
@@ -138,13 +139,17 @@ def load_checkpoint_policy(path: str | os.PathLike, device: str = "cpu"):
 
 
 def build_policy(spec, task_spec: TaskSpec, device: str = "cpu"):
-    """A policy from ``spec``: "random", "replay:STORE", a checkpoint path, or a zero-argument factory."""
+    """A policy from ``spec``: "random", "replay:STORE", "onnx:DIR", a checkpoint path, or a factory."""
     if isinstance(spec, str | os.PathLike):
         s = str(spec)
         if s == "random":
             return RandomPolicy(task_spec)
         if s.startswith(REPLAY_PREFIX):
             return ReplayPolicy(s[len(REPLAY_PREFIX) :])
+        if s.startswith(ONNX_PREFIX):
+            from vlaflow.deploy.onnx_runtime import OnnxPolicy
+
+            return OnnxPolicy(s[len(ONNX_PREFIX) :])
         return load_checkpoint_policy(s, device=device)
     if callable(spec):
         return spec()
