@@ -320,3 +320,15 @@ def test_cli_export_eval_onnx_and_bench(diffusion_export, tmp_path, capsys):
         assert 0 < r["p50_ms"] <= r["p99_ms"] and 0 <= r["mean_score"] <= 1
     for f in ("latency.json", "latency.md", "latency_hist.png"):
         assert (tmp_path / "b" / f).is_file()
+
+
+def test_tensorrt_builder_is_guarded(diffusion_export, capsys):
+    from vlaflow.deploy import tensorrt_engine
+
+    if tensorrt_engine.tensorrt_available():
+        pytest.skip("tensorrt is installed here; the guard is for machines without it")
+    _, out, _, _ = diffusion_export
+    with pytest.raises(VlaflowError, match="needs the `tensorrt` Python package"):
+        tensorrt_engine.build_engines(out)
+    assert tensorrt_engine.main([str(out)]) == 1 and "tensorrt" in capsys.readouterr().err
+    assert not list(out.glob("*.plan"))
