@@ -205,6 +205,7 @@ class _ExecutorCore:
         self.jumps: list[float] = []
         self.latencies: list[float] = []
         self.last_start: int | None = None
+        self.nfe: list[int] = []  # network evaluations per inference, where the runtime reports them
         self.counts = {"inferences": 0, "deadline_misses": 0, "underruns": 0, "stale_dropped": 0, "ticks": 0}
         self.last_was_hold = False
 
@@ -240,7 +241,11 @@ class _ExecutorCore:
     def run_infer(self, obs_window: dict, kw: dict) -> np.ndarray:
         from vlaflow.sim.harness import check_chunk
 
-        return check_chunk(self.infer(obs_window, **kw), self.spec)
+        chunk = check_chunk(self.infer(obs_window, **kw), self.spec)
+        nfe = getattr(getattr(self.infer, "__self__", None), "last_nfe", None)  # runtimes that count
+        if nfe is not None:
+            self.nfe.append(int(nfe))
+        return chunk
 
     def land(self, chunk: np.ndarray, start_step: int, now_step: int, latency: float) -> None:
         before = self.schedule.peek(now_step)
@@ -276,6 +281,9 @@ class _ExecutorCore:
             "boundary_jump": float(np.mean(self.jumps)) if self.jumps else 0.0,
             "mean_jerk": mean_jerk(acts),
             "mean_latency_s": float(np.mean(self.latencies)) if self.latencies else 0.0,
+            "nfe_total": int(sum(self.nfe)) if self.nfe else None,
+            "nfe_first": self.nfe[0] if self.nfe else None,
+            "nfe_after_first_max": max(self.nfe[1:]) if len(self.nfe) > 1 else None,
         }
 
 
@@ -375,6 +383,17 @@ class RealtimeSimPolicy:
     @property
     def config(self) -> RuntimeSpec:
         return self.runtime.config
+
+    @property
+    def last_nfe(self) -> int | None:
+        """Network evaluations of the latest ``infer`` (RTI/RTC count them; a plain runtime's sampler)."""
+        n = getattr(self.runtime, "last_nfe", None)
+        if n is None and hasattr(self.runtime, "policy"):
+            spec = self.runtime.config.extra
+            steps = getattr(self.runtime, "num_steps", None) or spec.get("num_inference_steps")
+            sampler = getattr(self.runtime, "sampler", None) or spec.get("sampler")
+            n = None if steps is None else (2 * steps - 1 if sampler == "heun" else steps)
+        return n
 
     def reset(self, seed: int | None = None) -> None:
         self.episode_seed = int(seed or 0)
