@@ -114,6 +114,23 @@ def _score(factory, episodes: int, workers: int, max_steps: int | None) -> dict:
     return {"mean_score": a["mean_score"], "success_rate": a["success_rate"], "episodes": a["n_episodes"]}
 
 
+def _reuse_report(path: Path, episodes: int) -> dict | None:
+    """The score of an earlier ``vlaflow eval`` of the same variant (e.g. the training benchmark's)."""
+    if not path.is_file():
+        return None
+    rep = json.loads(path.read_text())
+    a = rep["aggregate"]
+    if a["n_episodes"] != episodes or rep.get("errors"):
+        return None
+    seeds = [e["seed"] for e in rep["episodes"]]
+    return {
+        "mean_score": a["mean_score"],
+        "success_rate": a["success_rate"],
+        "episodes": a["n_episodes"],
+        "score_source": f"{path} (seeds {min(seeds)}..{max(seeds)})",
+    }
+
+
 def _plot(rows: list[dict], samples: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -148,15 +165,15 @@ def _markdown(result: dict) -> str:
         f"intra_op_num_threads); load average before {result['loadavg_before']}, after "
         f"{result['loadavg_after']} on {result['machine']['cpu_count']} CPUs.",
         "",
-        "| variant | runtime | NFE/step | p50 ms | p99 ms | mean score | success | episodes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | runtime | NFE/step | p50 ms | p99 ms | mean score | success | episodes | score from |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         sc = "n/a" if r["mean_score"] is None else f"{r['mean_score']:.3f}"
         su = "n/a" if r.get("success_rate") is None else f"{r['success_rate']:.2f}"
         lines.append(
             f"| {r['variant']} | {r['runtime']} | {r['nfe']:g} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
-            f"| {sc} | {su} | {r.get('episodes') or 0} |"
+            f"| {sc} | {su} | {r.get('episodes') or 0} | {r.get('score_source') or ''} |"
         )
     lines += [
         "",
@@ -199,12 +216,16 @@ def bench_latency(args: argparse.Namespace) -> dict:
     rows, samples = [], {}
     load_before = [round(v, 2) for v in os.getloadavg()]
 
-    def add(variant, runtime, nfe, ms, factory, extra=None):
-        row = {"variant": variant, "runtime": runtime, "nfe": nfe, **_percentiles(ms), **(extra or {})}
-        row.update({"mean_score": None, "success_rate": None, "episodes": 0})
-        if episodes and factory is not None:
+    def add(variant, runtime, nfe, ms, factory, report=None):
+        row = {"variant": variant, "runtime": runtime, "nfe": nfe, **_percentiles(ms)}
+        row.update({"mean_score": None, "success_rate": None, "episodes": 0, "score_source": None})
+        reused = _reuse_report(report, episodes) if report else None
+        if reused is not None:
+            row.update(reused)
+        elif episodes and factory is not None and runtime in args.score_runtimes:
             print(f"scoring {variant} / {runtime} on {episodes} PushT episodes ...", file=sys.stderr)
             row.update(_score(factory, episodes, args.workers, args.max_steps))
+            row["score_source"] = "this run"
         rows.append(row)
         samples[f"{variant} / {runtime}"] = ms
         print(
@@ -221,7 +242,10 @@ def bench_latency(args: argparse.Namespace) -> dict:
             ms = time_calls(lambda rt=rt: rt.infer(obs), args.repeats)
             nfe = steps * (2 if sampler == "heun" else 1) - (1 if sampler == "heun" else 0)
             fac = functools.partial(load_policy, str(ckpt), sampler=sampler, num_steps=steps)
-            add(name, "torch-eager", nfe, ms, fac)
+            report = (
+                Path(args.eager_reports) / f"{sampler}{steps}" / "report.json" if args.eager_reports else None
+            )
+            add(name, "torch-eager", nfe, ms, fac, report)
         if "onnxruntime" in args.runtimes:
             op = OnnxPolicy(onnx_dir, sampler=sampler, num_steps=steps, seed=0, threads=args.threads)
             ms = time_calls(lambda op=op: op.infer(obs), args.repeats)
@@ -343,6 +367,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ebt", default="", help="an EBT checkpoint to add")
     p.add_argument("--episodes", type=int, default=50, help="PushT episodes per row for the score")
     p.add_argument("--no-score", action="store_true", help="latency only")
+    p.add_argument(
+        "--score-runtimes", default="torch-eager,onnxruntime", help="runtimes whose rows get a PushT score"
+    )
+    p.add_argument(
+        "--eager-reports",
+        default="",
+        help="reuse eager scores from DIR/<sampler><steps>/report.json (an eval of CKPT, same episodes)",
+    )
     p.add_argument("--workers", type=int, default=2, help="evaluation worker processes")
     p.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the task's)")
     p.add_argument("--repeats", type=int, default=50, help="timed control steps per row")
@@ -356,6 +388,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.bench != "latency":
         raise ConfigError(f"unknown benchmark {args.bench!r}; known: latency")
     args.runtimes = tuple(r.strip() for r in args.runtimes.split(",") if r.strip())
+    args.score_runtimes = tuple(r.strip() for r in args.score_runtimes.split(",") if r.strip())
     bad = [r for r in args.runtimes if r not in RUNTIMES]
     if bad or not args.runtimes:
         raise ConfigError(f"--runtimes must be a comma list of {RUNTIMES}, got {bad or args.runtimes}")

@@ -33,11 +33,17 @@ from vlaflow.policies.interface import RuntimeSpec
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "vlaflow.onnx_policy", 1
 ACTION, TASK = "action", "task"
+# Short names -> provider lists with a CPU fallback. "cuda" turns TF32 off: with TF32 (onnxruntime's
+# default on Ampere/Hopper) a DDIM-10 chunk of the PushT U-Net moved 2.2e-3 from the CPU result on an
+# H100, over the export's parity threshold; without it, 3e-6 (benchmarks/results/onnx_cuda.json).
 PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"],
+    "tensorrt": [
+        "TensorrtExecutionProvider",
+        ("CUDAExecutionProvider", {"use_tf32": "0"}),
+        "CPUExecutionProvider",
+    ],
 }
 
 
@@ -55,17 +61,18 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return m
 
 
-def resolve_providers(providers: Sequence[str] | None) -> list:
-    """Provider names (aliases cpu/cuda/tensorrt allowed) -> the list for ``InferenceSession``.
+def resolve_providers(providers: Sequence | None) -> list:
+    """Provider names, (name, options) pairs or aliases (cpu, cuda, tensorrt) -> the session's list.
 
     Asking for a provider this onnxruntime build lacks is an error naming the ones it has (onnxruntime would
     otherwise fall back to the CPU silently, and a latency number would lie about where it ran).
     """
     import onnxruntime as ort
 
-    names = [
-        PROVIDER_ALIASES.get(str(p).lower(), p) if isinstance(p, str) else p for p in providers or ["cpu"]
-    ]
+    names: list = []
+    for p in providers or ["cpu"]:
+        alias = PROVIDER_ALIASES.get(p.lower()) if isinstance(p, str) else None
+        names += [q for q in alias or [p] if q not in names]
     have = ort.get_available_providers()
     for p in names:
         name = p[0] if isinstance(p, tuple) else p
