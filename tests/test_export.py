@@ -332,3 +332,28 @@ def test_tensorrt_builder_is_guarded(diffusion_export, capsys):
         tensorrt_engine.build_engines(out)
     assert tensorrt_engine.main([str(out)]) == 1 and "tensorrt" in capsys.readouterr().err
     assert not list(out.glob("*.plan"))
+
+
+def test_onnx_rti_matches_torch_rti_warm_start(diffusion_export):
+    from vlaflow.deploy.onnx_rti import OnnxRTIPolicy
+    from vlaflow.deploy.rti import RTIConfig, RTIRuntime
+
+    policy, out, _, _ = diffusion_export
+    rng = np.random.default_rng(2)
+
+    def obs():
+        return {"obs.keypoint": rng.uniform(0, 512, (2, 9, 2)).astype(np.float32),
+                "obs.agent_pos": rng.uniform(0, 512, (2, 2)).astype(np.float32)}  # fmt: skip
+
+    ref = RTIRuntime(policy, RTIConfig(sampler="ddim", num_steps=4, n_warm_steps=2))
+    onx = OnnxRTIPolicy(out, sampler="ddim", num_steps=4, n_warm_steps=2)
+    ref.infer(obs())
+    onx.infer(obs())
+    assert onx.last_nfe == 4
+    onx._prev = ref._prev.numpy()  # same previous chunk (first calls drew different noise)
+    for shift in (4, 2):
+        o = obs()
+        a, b = ref.infer(o, shift=shift), onx.infer(o, shift=shift)
+        assert onx.last_nfe == ref.last_nfe == 2
+        np.testing.assert_allclose(b, a, atol=5e-3)  # raw PushT units (pixels)
+    assert onx.nfe_history == [4, 2, 2]

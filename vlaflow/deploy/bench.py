@@ -205,9 +205,14 @@ def bench_latency(args: argparse.Namespace) -> dict:
         tmp = Path(tempfile.mkdtemp(prefix="vlaflow-bench-"))
         onnx_dir = tmp / "onnx"
         print(f"exporting {ckpt} -> {onnx_dir} (parity-checked) ...", file=sys.stderr)
-        export_policy(
-            policy, onnx_dir, ExportOptions(samplers=tuple(variants), n_parity_obs=1), source=str(ckpt)
-        )
+        checked = list(variants)
+        if args.rti:
+            from vlaflow.deploy.rti import RTIConfig
+
+            r = RTIConfig()
+            checked += [(r.sampler, r.num_steps)] if (r.sampler, r.num_steps) not in checked else []
+        opts = ExportOptions(samplers=tuple(checked), n_parity_obs=1)
+        export_policy(policy, onnx_dir, opts, source=str(ckpt))
     if onnx_dir is not None:
         read_manifest(onnx_dir)
     rng = np.random.default_rng(0)
@@ -266,6 +271,17 @@ def bench_latency(args: argparse.Namespace) -> dict:
 
         ms = time_calls(rti_call, args.repeats, warmup=0)  # the first (full) call is part of the distribution
         add("RTI", "torch-eager", float(np.mean(nfes)), ms, functools.partial(load_rti_policy, str(ckpt)))
+        if "onnxruntime" in args.runtimes:
+            from vlaflow.deploy.onnx_rti import OnnxRTIPolicy, load_onnx_rti_policy
+
+            c = rt.rti
+            kw = dict(
+                sampler=c.sampler, num_steps=c.num_steps, n_warm_steps=c.n_warm_steps, warm_mode=c.warm_mode
+            )
+            orti = OnnxRTIPolicy(onnx_dir, threads=args.threads, **kw)
+            ms = time_calls(lambda: orti.infer(obs), args.repeats, warmup=0)
+            fac = functools.partial(load_onnx_rti_policy, str(onnx_dir), threads=args.threads, **kw)
+            add("RTI", "onnxruntime", float(np.mean(orti.nfe_history)), ms, fac)
     for label, extra_ckpt in (("one-step", args.onestep), ("EBT", args.ebt)):
         if not extra_ckpt:
             continue
