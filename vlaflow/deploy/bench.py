@@ -217,7 +217,11 @@ def bench_latency(args: argparse.Namespace) -> dict:
         read_manifest(onnx_dir)
     rng = np.random.default_rng(0)
     obs = random_obs(policy, rng)
-    episodes = 0 if args.no_score else args.episodes
+    episodes = args.episodes
+    previous = {}
+    if args.scores_from:
+        prev = json.loads(Path(args.scores_from).read_text())
+        previous = {(r["variant"], r["runtime"]): r for r in prev["rows"] if r.get("mean_score") is not None}
     rows, samples = [], {}
     load_before = [round(v, 2) for v in os.getloadavg()]
 
@@ -225,9 +229,19 @@ def bench_latency(args: argparse.Namespace) -> dict:
         row = {"variant": variant, "runtime": runtime, "nfe": nfe, **_percentiles(ms)}
         row.update({"mean_score": None, "success_rate": None, "episodes": 0, "score_source": None})
         reused = _reuse_report(report, episodes) if report else None
-        if reused is not None:
+        old = previous.get((variant, runtime))
+        if old is not None and old["episodes"] == episodes:
+            src = old.get("score_source")
+            src = args.scores_from if src in (None, "this run") else src
+            row.update({k: old[k] for k in ("mean_score", "success_rate", "episodes")}, score_source=src)
+        elif reused is not None:
             row.update(reused)
-        elif episodes and factory is not None and runtime in args.score_runtimes:
+        elif (
+            not args.no_score
+            and factory is not None
+            and runtime in args.score_runtimes
+            and (not args.score_only or f"{variant}/{runtime}" in args.score_only)
+        ):
             print(f"scoring {variant} / {runtime} on {episodes} PushT episodes ...", file=sys.stderr)
             row.update(_score(factory, episodes, args.workers, args.max_steps))
             row["score_source"] = "this run"
@@ -387,6 +401,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--score-runtimes", default="torch-eager,onnxruntime", help="runtimes whose rows get a PushT score"
     )
     p.add_argument(
+        "--score-only", default="", help="comma list of VARIANT/runtime rows to score (default all)"
+    )
+    p.add_argument(
+        "--scores-from",
+        default="",
+        help="reuse scores of an earlier latency.json (same variant, runtime, episodes)",
+    )
+    p.add_argument(
         "--eager-reports",
         default="",
         help="reuse eager scores from DIR/<sampler><steps>/report.json (an eval of CKPT, same episodes)",
@@ -405,6 +427,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown benchmark {args.bench!r}; known: latency")
     args.runtimes = tuple(r.strip() for r in args.runtimes.split(",") if r.strip())
     args.score_runtimes = tuple(r.strip() for r in args.score_runtimes.split(",") if r.strip())
+    args.score_only = tuple(r.strip() for r in args.score_only.split(",") if r.strip())
     bad = [r for r in args.runtimes if r not in RUNTIMES]
     if bad or not args.runtimes:
         raise ConfigError(f"--runtimes must be a comma list of {RUNTIMES}, got {bad or args.runtimes}")
