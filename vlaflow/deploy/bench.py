@@ -304,9 +304,9 @@ def bench_latency(args: argparse.Namespace) -> dict:
         ms = time_calls(lambda rt=rt: rt.infer(obs), args.repeats)
         nfe = int(getattr(other.config, "num_inference_steps", 1))
         add(label, "torch-eager", nfe, ms, functools.partial(load_policy, str(extra_ckpt)))
-        if "onnxruntime" in args.runtimes and hasattr(other, "predict"):
-            from vlaflow.deploy.export import ExportOptions, export_policy
+        from vlaflow.deploy.export import EXPORTABLE_FAMILIES, ExportOptions, export_policy
 
+        if "onnxruntime" in args.runtimes and other.config.family in EXPORTABLE_FAMILIES:
             odir = Path(tempfile.mkdtemp(prefix="vlaflow-bench-")) / "onnx"
             export_policy(other, odir, ExportOptions(n_parity_obs=1), source=str(extra_ckpt))
             op = OnnxPolicy(odir, seed=0, threads=args.threads)

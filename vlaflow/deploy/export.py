@@ -45,6 +45,9 @@ VERSION = 1
 MANIFEST, PARITY = "manifest.json", "parity.json"
 EXPORTERS = ("dynamo", "torchscript")
 UNROLLABLE = ("ddim", "euler")
+# Families with encode + predict(x_t, t, cond) on a Gaussian path. EBT samples by gradient descent on an
+# energy (a backward pass per step): not exported here.
+EXPORTABLE_FAMILIES = ("diffusion", "flow", "consistency")
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,9 @@ def export_policy(
     dest = Path(out)
     if dest.exists() and not (dest / MANIFEST).is_file():
         raise VlaflowError(f"{dest} exists and is not an ONNX export (no {MANIFEST}); refusing to replace it")
+    family = getattr(policy.config, "family", "")
+    if family not in EXPORTABLE_FAMILIES:
+        raise VlaflowError(f"cannot export a {family!r} policy; exportable families: {EXPORTABLE_FAMILIES}")
     if policy.path.kind not in ("vp", "flow"):
         raise VlaflowError(f"cannot export path {policy.path.kind!r}")
     policy = policy.cpu().eval()
@@ -426,10 +432,6 @@ def run_export(args: argparse.Namespace) -> int:
         min_cosine=args.min_cosine,
     )
     policy = load_checkpoint(args.checkpoint)
-    if not hasattr(policy, "predict") or not hasattr(policy, "obs_encoder"):
-        raise VlaflowError(
-            f"{args.checkpoint}: family {policy.config.family!r} has no encode/predict to export"
-        )
     report = export_policy(policy, args.out, opts, source=str(args.checkpoint))
     print(f"exported {args.checkpoint} -> {args.out} ({opts.exporter}, opset {opts.opset})")
     for row in report["summary"]:
