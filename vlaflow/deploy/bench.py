@@ -120,7 +120,7 @@ def _reuse_report(path: Path, episodes: int) -> dict | None:
         return None
     rep = json.loads(path.read_text())
     a = rep["aggregate"]
-    if a["n_episodes"] != episodes or rep.get("errors"):
+    if rep.get("errors"):  # a row shows its own episode count
         return None
     seeds = [e["seed"] for e in rep["episodes"]]
     return {
@@ -219,9 +219,14 @@ def bench_latency(args: argparse.Namespace) -> dict:
     obs = random_obs(policy, rng)
     episodes = args.episodes
     previous = {}
-    if args.scores_from:
-        prev = json.loads(Path(args.scores_from).read_text())
-        previous = {(r["variant"], r["runtime"]): r for r in prev["rows"] if r.get("mean_score") is not None}
+    for f in filter(None, args.scores_from.split(",")):
+        for r in json.loads(Path(f).read_text())["rows"]:
+            if r.get("mean_score") is not None:
+                src = r.get("score_source")
+                previous[(r["variant"], r["runtime"])] = {
+                    **r,
+                    "score_source": f if src in (None, "this run") else src,
+                }
     rows, samples = [], {}
     load_before = [round(v, 2) for v in os.getloadavg()]
 
@@ -230,10 +235,8 @@ def bench_latency(args: argparse.Namespace) -> dict:
         row.update({"mean_score": None, "success_rate": None, "episodes": 0, "score_source": None})
         reused = _reuse_report(report, episodes) if report else None
         old = previous.get((variant, runtime))
-        if old is not None and old["episodes"] == episodes:
-            src = old.get("score_source")
-            src = args.scores_from if src in (None, "this run") else src
-            row.update({k: old[k] for k in ("mean_score", "success_rate", "episodes")}, score_source=src)
+        if old is not None:
+            row.update({k: old[k] for k in ("mean_score", "success_rate", "episodes", "score_source")})
         elif reused is not None:
             row.update(reused)
         elif (
@@ -406,7 +409,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scores-from",
         default="",
-        help="reuse scores of an earlier latency.json (same variant, runtime, episodes)",
+        help="reuse the scores of earlier latency.json files (comma list; same variant and runtime)",
     )
     p.add_argument(
         "--eager-reports",
