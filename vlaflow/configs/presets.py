@@ -61,6 +61,22 @@ PRESET_DATA: dict[str, dict] = {
         "data": {"obs_keys": list(PUSHT_LOWDIM_KEYS), "n_obs_steps": 2, "horizon": 16, "n_action_steps": 8},
         "eval": _PUSHT_EVAL,
     },
+    "pusht_lowdim_ebt": {
+        "about": "PushT keypoints + agent position, EBT-Policy energy transformer, 2-4 step unrolled descent",
+        "family": "ebt",
+        "policy": {
+            **{k: v for k, v in _PUSHT_LOWDIM_POLICY.items() if k != "net"},
+            "sampler": "descent",
+            "num_inference_steps": 2,
+            "d_model": 128,
+            "n_layers": 3,
+            "n_heads": 4,
+        },
+        # second-order steps cost ~3x a diffusion step: smaller batch, higher lr for a CPU budget
+        "train": {**_PUSHT_TRAIN, "batch_size": 64, "lr": 3e-4, "warmup_steps": 200, "steps": 6000},
+        "data": {"obs_keys": list(PUSHT_LOWDIM_KEYS), "n_obs_steps": 2, "horizon": 16, "n_action_steps": 8},
+        "eval": _PUSHT_EVAL,
+    },
     "pusht_image_diffusion": {
         "about": "PushT top camera 96x96 + agent position, ResNet-18 GN spatial softmax, crop 84 (GPU)",
         "family": "diffusion",

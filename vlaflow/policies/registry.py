@@ -11,14 +11,18 @@ from typing import Any
 
 from vlaflow.errors import ConfigError
 from vlaflow.policies.base_config import PolicyConfig, dataclass_from_dict
+from vlaflow.policies.composed.model import ComposedPolicy
 from vlaflow.policies.consistency.model import ConsistencyPolicy
 from vlaflow.policies.diffusion.model import DiffusionPolicy
+from vlaflow.policies.ebt.model import EBTPolicy
 from vlaflow.policies.flow.model import FlowPolicy
 
 POLICY_FAMILIES: dict[str, type] = {
     "diffusion": DiffusionPolicy,
     "flow": FlowPolicy,
     "consistency": ConsistencyPolicy,  # one-step student from `vlaflow distill`
+    "ebt": EBTPolicy,  # energy transformer, actions by gradient descent on the energy
+    "composed": ComposedPolicy,  # GPC mix of denoising parents, built by `vlaflow compose`
 }
 
 
