@@ -134,3 +134,56 @@ def test_parents_with_different_action_normalization_are_refused():
 
     with pytest.raises(VlaflowError, match="normalization"):
         compose_policies([diff, other], (0.5, 0.5))
+
+
+def test_compose_cli_smoke_on_pusht(tmp_path):
+    """`vlaflow compose` end to end: 2 tiny parents, 2 weights, 1 short episode each, best checkpoint."""
+    import argparse
+    import json
+
+    pytest.importorskip("gym_pusht")
+    from vlaflow.policies.compose_cli import add_compose_arguments, run_compose
+    from vlaflow.policies.runtime import load_policy
+
+    def st(n, lo, hi):
+        return {
+            k: np.full(n, v, np.float32)
+            for k, v in (("min", lo), ("max", hi), ("mean", 0), ("std", 1), ("q01", lo), ("q99", hi))
+        }
+
+    stats = {"action": st(2, 0, 512), "obs.keypoint": st((9, 2), 0, 512), "obs.agent_pos": st(2, 0, 512)}
+    torch.manual_seed(0)
+    net = NetConfig(kind="unet", unet=UNetConfig(down_dims=(16, 32), n_groups=4, step_embed_dim=16))
+    common = dict(horizon=8, n_action_steps=4, action_dim=2, net=net, num_inference_steps=4)
+    paths = []
+    for name, cfg in (
+        ("d", DiffusionConfig(obs_shapes={"obs.keypoint": (9, 2), "obs.agent_pos": (2,)}, **common)),
+        ("f", FlowConfig(obs_shapes={"obs.keypoint": (9, 2)}, **common)),
+    ):
+        save_checkpoint(tmp_path / name, build_policy(cfg, {k: stats[k] for k in cfg.norm_modes()}))
+        paths.append(str(tmp_path / name))
+    parser = argparse.ArgumentParser()
+    add_compose_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--parents",
+            *paths,
+            "--weights",
+            "0,0.5",
+            "--episodes",
+            "1",
+            "--max-steps",
+            "8",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
+    assert run_compose(args) == 0
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert [r["weights"] for r in table["rows"]] == [[0.0, 1.0], [0.5, 0.5]]
+    assert (tmp_path / "out" / "score_vs_weight.png").stat().st_size > 0
+    rt = load_policy(tmp_path / "out" / "best")
+    assert rt.config.extra["family"] == "composed"
