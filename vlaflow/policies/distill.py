@@ -267,7 +267,9 @@ def distill(
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "val_mean_abs_err_normalized": err,
         "val_mean_abs_err_teacher_euler1": err0,  # flow teachers: the teacher's own 1-step Euler
-        "method": "teacher-trajectory distillation: noise->final and random chain state->final (consistency)",
+        "method": "regression of the one-step map noise -> teacher's final action"
+        + (f" + random chain state -> final (weight {chain_weight})" if chain_weight > 0 else ""),
+        "chain_weight": chain_weight,
     }
     save_checkpoint(out, student, extra_json={"distill": summary})
     (Path(out) / "distill.json").write_text(json.dumps(summary, indent=2) + "\n")
