@@ -318,7 +318,8 @@ def bench_latency(args: argparse.Namespace) -> dict:
             add(label, "onnxruntime", op.last_nfe, ms, fac)
 
     # One denoiser evaluation at batch 1 in each runtime (the >= 2.5x target is about this number).
-    per_step = {}
+    # One denoiser evaluation at batch 1 in each runtime (the >= 2.5x target is about this number). The two
+    # runtimes alternate call by call, so a load change on a shared machine hits both alike.
     cfg = policy.config
     with torch.inference_mode():
         cond = policy.encode(
@@ -327,16 +328,26 @@ def bench_latency(args: argparse.Namespace) -> dict:
         )
         x = torch.randn(1, cfg.horizon, cfg.action_dim)
         t = torch.tensor([float(policy.path.timesteps(cfg.num_inference_steps)[0])])
-        if "torch-eager" in args.runtimes:
-            per_step["torch-eager"] = _percentiles(
-                time_calls(lambda: policy.predict(x, t, cond), args.step_repeats, warmup=10)
-            )
+    fns = {}
+    if "torch-eager" in args.runtimes:
+
+        def eager_step():
+            with torch.inference_mode():
+                policy.predict(x, t, cond)
+
+        fns["torch-eager"] = eager_step
     if onnx_dir is not None and "onnxruntime" in args.runtimes:
         op = OnnxPolicy(onnx_dir, threads=args.threads)
         xn, tn, cn = x.numpy(), t.numpy(), cond.numpy()
-        per_step["onnxruntime"] = _percentiles(
-            time_calls(lambda: op.predict(xn, tn, cn), args.step_repeats, warmup=10)
-        )
+        fns["onnxruntime"] = lambda: op.predict(xn, tn, cn)
+    step_ms: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(args.step_repeats + 10):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= 10:  # warm-up
+                step_ms[k].append((time.perf_counter() - t0) * 1e3)
+    per_step = {k: _percentiles(v) for k, v in step_ms.items()}
     load_after = [round(v, 2) for v in os.getloadavg()]
     speedup = None
     if len(per_step) == 2:
