@@ -79,8 +79,8 @@ def test_binarize_and_warm_start_modes():
     assert b[..., 1].flatten().tolist() == [-1.0, 1.0] and torch.equal(b[..., 0], x[..., 0])
     path = VPCosinePath(100)
     eps = torch.ones_like(x)
-    assert torch.equal(warm_start(x, path, torch.tensor(2.0), "place"), x)
     t0 = torch.tensor(2.0)
+    assert torch.equal(warm_start(x, path, t0, "place"), path.alpha(t0) * x)
     want = path.alpha(t0) * x + path.sigma(t0) * eps
     assert torch.allclose(warm_start(x, path, t0, "noised", eps), want)
 
@@ -120,8 +120,9 @@ def test_contraction_measurement_matches_a_known_map(lam):
     pol = _LinearX0(lam)
     cfg = RTIConfig(sampler="ddim", num_steps=100, n_warm_steps=1)
     r = measure_contraction(pol, torch.zeros(1, 1, 1), torch.zeros(1, H, DA), cfg, n_pairs=4)
-    # one DDIM step from k=0 to the clean end returns the x0 prediction itself: the ratio is exactly lam
-    assert r["mean"] == pytest.approx(lam, rel=1e-5) and r["max"] == pytest.approx(lam, rel=1e-5)
+    # one DDIM step from k=0 to the clean end: x0 prediction at x = alpha(0) a, so ratio = lam alpha(0)
+    want = lam * float(VPCosinePath(100).alpha(torch.tensor(0.0)))
+    assert r["mean"] == pytest.approx(want, rel=1e-5) and r["max"] == pytest.approx(want, rel=1e-5)
 
 
 def test_rti_clip_mode_binarizes_the_warm_start_gripper():
@@ -130,9 +131,9 @@ def test_rti_clip_mode_binarizes_the_warm_start_gripper():
     prev = torch.full((1, H, DA), 0.2)
     res = rti_denoise(pol, torch.zeros(1, 1, 1), prev, 1, cfg)
     assert res.nfe == 2
-    assert torch.equal(pol.seen[0][..., 1], torch.ones(1, H)) and torch.allclose(
-        pol.seen[0][..., 0], prev[..., 0]
-    )
+    a1 = VPCosinePath(100).alpha(torch.tensor(1.0))  # t0 = k 1 on the 100-step grid, x_t0 = alpha x
+    assert torch.allclose(pol.seen[0][..., 1], a1 * torch.ones(1, H))
+    assert torch.allclose(pol.seen[0][..., 0], a1 * prev[..., 0])
     with pytest.raises(ConfigError, match="gripper_dims"):
         RTIConfig(gripper_mode="clip")
 

@@ -9,7 +9,8 @@ since the previous chunk's first action, Ta in synchronous chunking).
   (:func:`warm_start`); only the last ``n_warm_steps`` reverse steps run, with the *fresh* observation
   conditioning. Network evaluations per call: ``n_warm_steps`` (e.g. DDPM-100 grid, t0 = k 2: [2, 1, 0],
   3 evaluations instead of 100).
-- ``place`` (the paper's choice): x_{t0} = x_prev. ``noised``: x_{t0} = alpha(t0) x_prev + sigma(t0) eps
+- ``place`` (the paper's choice, low noise): x_{t0} = alpha(t0) x_prev (the path's mean; unscaled placement
+  compounds a 1/alpha(t0) gain over replans). ``noised``: x_{t0} = alpha(t0) x_prev + sigma(t0) eps
   with one fixed eps per episode (deterministic, keeps x_{t0} on the path's marginal scale).
 - Discrete dims (gripper): ``gripper_mode="clip"`` binarizes the warm start's gripper dims to +-1 (the
   normalized open/closed extremes); the paper's ``scale`` remedy is a *training* option: train with
@@ -49,9 +50,7 @@ class RTIConfig:
     sampler: str = "ddpm"  # sampler on the grid ("ddpm" | "ddim" | "euler" | "heun")
     num_steps: int = 100  # the full grid (first call runs all of it; later calls only its tail)
     n_warm_steps: int = 3  # reverse steps after the warm start (= t0 + 1 on a DDPM grid: [2, 1, 0])
-    warm_mode: str = (
-        "place"  # "place": x_t0 = x_prev (paper) | "noised": alpha x_prev + sigma eps (fixed eps)
-    )
+    warm_mode: str = "place"  # "place": x_t0 = alpha x_prev | "noised": + sigma eps (fixed eps)
     gripper_dims: tuple[int, ...] = ()  # action dims that are discrete (open/close)
     gripper_mode: str = "none"  # "clip": binarize the warm start's gripper dims to +-1 | "none"
     seed: int = 0  # seeds the fixed warm-start eps and stochastic sampler noise (reset(seed) overrides)
@@ -98,9 +97,14 @@ def binarize_dims(chunk: Tensor, dims: tuple[int, ...], level: float = 1.0) -> T
 def warm_start(
     prev_clean: Tensor, path, t0: Tensor, mode: str = "place", eps: Tensor | None = None
 ) -> Tensor:
-    """x at grid time ``t0`` from a (shifted) clean chunk: as is ("place") or on the path ("noised")."""
+    """x at grid time ``t0`` from a (shifted) clean chunk: ``alpha(t0) x`` ("place") or noised on the path.
+
+    "place" scales by alpha(t0), the mean of the path's marginal: an unscaled clean chunk read at t0 is
+    decoded as x / alpha(t0) (1.43x on the flow path at t0 = 0.3), and as each output seeds the next warm
+    start the error compounds and drives the actions to the edges of their range.
+    """
     if mode == "place":
-        return prev_clean
+        return path.alpha(t0) * prev_clean
     if mode == "noised":
         if eps is None:
             raise ValueError("warm_mode 'noised' needs a fixed eps")
