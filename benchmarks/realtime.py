@@ -182,9 +182,9 @@ def write_markdown(path: Path, data: dict) -> None:
         "`realtime.json`. 50 episodes on seeds 100000.. unless stated, scored as mean max coverage. "
         "Latency is simulated on the sim clock (10 Hz control). Jerk: action units (px) per step^3.",
         "",
-        "| checkpoint | variant | score | success | NFE/inference (after 1st) | NFE/control step | "
-        "boundary jerk | boundary jump | underruns | stale dropped |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| checkpoint | variant | episodes | score | success | NFE/inference (after 1st) | "
+        "NFE/control step | boundary jerk | boundary jump | underruns | stale dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data.get("runs", []):
         if r.get("variant") == "contraction":
@@ -192,6 +192,7 @@ def write_markdown(path: Path, data: dict) -> None:
         f = lambda v, p=3: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
         lines.append(
             f"| {r.get('tag') or Path(r['checkpoint']).parent.parent.name} | {r['variant']} | "
+            f"{r['n_episodes']} | "
             f"{f(r['mean_score'])} | {f(r['success_rate'], 2)} | {f(r['nfe_per_inference_after_first'])} | "
             f"{f(r['nfe_per_control_step'], 2)} | {f(r['boundary_jerk'], 2)} | {f(r['boundary_jump'], 2)} | "
             f"{r['underruns']} | {r['stale_dropped']} |"
