@@ -2,8 +2,9 @@
 
 First call of an episode: the full grid (``sampler``/``num_steps``, default DDPM-100 like ``RTIConfig``).
 Later calls: the previous clean chunk (normalized) shifted by ``shift`` (last action repeated), optionally
-binarized on gripper dims, placed at the grid time that leaves ``n_warm_steps`` steps ("place") or put on the
-path with one fixed eps per episode ("noised"), then only those steps with the fresh observation. The
+binarized on gripper dims, placed at the grid time t0 that leaves ``n_warm_steps`` steps as ``alpha(t0) x``
+("place") or ``alpha(t0) x + sigma(t0) eps`` with one fixed eps per episode ("noised"), then only those
+steps with the fresh observation. The
 export must have checked the sampler (``vlaflow export --samplers ddpm:100,...``; diffusion exports check
 DDPM over the full grid by default).
 """
@@ -85,8 +86,9 @@ class OnnxRTIPolicy:
                 d = list(self.gripper_dims)
                 x = x.copy()
                 x[..., d] = np.where(x[..., d] >= 0, 1.0, -1.0).astype(np.float32)
+            x = b.path.alpha(ts[0]) * x  # "place": the marginal's mean at t0 (rti.warm_start)
             if self.warm_mode == "noised":
-                x = b.path.alpha(ts[0]) * x + b.path.sigma(ts[0]) * self._warm_eps
+                x = x + b.path.sigma(ts[0]) * self._warm_eps
             x0, nfe = nps.sample_loop(
                 lambda xt, t: b.predict(xt, t, cond),
                 b.path,
