@@ -163,8 +163,10 @@ def run_compose(args: argparse.Namespace) -> int:
         "seeds": [args.seed, args.seed + args.episodes - 1],
         "rows": rows,
         "best": best,
+        # a vertex (one weight = 1) is a parent itself: only a true mix can beat the parents
         "best_beats_every_parent": bool(vertices)
-        and all(best["mean_score"] > v["mean_score"] for v in vertices if v is not best),
+        and max(best["weights"]) < 1.0
+        and all(best["mean_score"] > v["mean_score"] for v in vertices),
     }
     (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
     md = [
