@@ -90,7 +90,7 @@ def ingest(
         root = zarr.open_group(str(src), mode="r")
         data = root["data"]
         ends = np.asarray(root["meta"]["episode_ends"][:], dtype=np.int64)
-        arrays = dict(data.arrays())
+        arrays = dict(sorted(data.arrays()))  # listing order is the filesystem's; make errors reproducible
     except Exception as e:  # corrupt metadata surfaces as many exception types inside zarr
         raise IngestError(
             f"{src}: cannot read as a diffusion_policy zarr store ({type(e).__name__}: {e})"
