@@ -53,6 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, default=50, help="evaluation episodes (seeds 100000..)")
     p.add_argument("--max-steps", type=int, default=300, help="evaluation episode length")
     p.add_argument("--workers", type=int, default=1, help="parallel evaluation workers")
+    p.add_argument(
+        "--monitor-every",
+        type=int,
+        default=0,
+        help="also roll out every N training steps on seeds 0.. (never the test seeds; not training time)",
+    )
+    p.add_argument("--monitor-episodes", type=int, default=10, help="episodes per monitoring rollout")
     p.add_argument("--results", default=str(RESULTS), help="JSON list to append rows to")
     p.add_argument("--no-append", action="store_true", help="print the rows, do not write --results")
     p.add_argument(
@@ -110,14 +117,16 @@ def main(argv=None) -> int:
             f"train.steps={steps}",
             f"train.max_minutes={args.minutes}",
             "train.eval_at_end=false",
-            "train.eval_every=0",
+            f"train.eval_every={args.monitor_every}",
+            f"train.eval_episodes={args.monitor_episodes}",
             f"eval.max_steps={args.max_steps}",
             f"eval.n_workers={args.workers}",
-            "eval.seed_start=100000",
+            "eval.seed_start=0",  # monitoring rollouts (if any) on seeds 0..; the test seeds are 100000..
         ],
     )
     print(f"training {cfg.name}: {steps} steps, budget {args.minutes} min -> {out}")
     res = train(cfg, data, out)
+    cfg = apply_overrides(cfg, ["eval.seed_start=100000"])
     from vlaflow.policies import load_checkpoint
 
     rows = []
