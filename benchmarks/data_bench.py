@@ -94,9 +94,8 @@ def main() -> None:
         ("windows_lowdim_b256", "windows low-dim To=2 H=16"),
         ("windows_1cam96_b64", "windows 1 camera 96x96 To=2 H=16"),
     ):
-        lines.append(
-            f"| {label} | {rows[k]['samples_per_s']:,} samples/s | >= {rows[k]['target']:,} | {rows[k]['pass']} |"
-        )
+        r = rows[k]
+        lines.append(f"| {label} | {r['samples_per_s']:,} samples/s | >= {r['target']:,} | {r['pass']} |")
     md = "\n".join(lines)
     Path(args.out).with_suffix(".md").write_text(
         f"# Data benchmarks\n\n`{info['command']}` at {info['when']} (commit {info['git_commit']}) on "

@@ -229,13 +229,13 @@ def test_checkpoint_policy_through_the_cli(tmp_path, capsys):
     assert "pusht | " in capsys.readouterr().out
     worker = json.loads((tmp_path / "w1" / "report.json").read_text())
     local = evaluate(str(ckpt), n_episodes=2, max_steps=12, workers=0, progress=False)
-    # Same seeds, same episodes. Rewards are compared to 1e-12: MKL/oneDNN float32 kernels may round differently
-    # with a buffer's memory alignment, which differs between processes (seen on CI: 2e-16 apart).
+    # Same seeds, same episodes. Rewards are compared to 1e-12: MKL/oneDNN float32 kernels may round
+    # differently with a buffer's memory alignment, which differs between processes (seen on CI: 2e-16 apart).
     assert worker["workers"] == 1 and local["workers"] == 0
     assert [(e["seed"], e["success"], e["length"]) for e in worker["episodes"]] == [
         (e["seed"], e["success"], e["length"]) for e in local["episodes"]
     ]
-    for w, lo in zip(worker["episodes"], local["episodes"]):
+    for w, lo in zip(worker["episodes"], local["episodes"], strict=True):
         assert w["max_reward"] == pytest.approx(lo["max_reward"], abs=1e-12)
         assert w["final_reward"] == pytest.approx(lo["final_reward"], abs=1e-12)
     assert worker["runtime"] == {"n_obs_steps": 2, "horizon": 8, "n_action_steps": 4}

@@ -29,9 +29,9 @@ _PUSHT_LOWDIM_POLICY = {
     "fps": 10.0,
     "net": {"kind": "unet", "unet": {"down_dims": [64, 128, 256], "kernel_size": 5, "n_groups": 8}},
 }
-# Sized for ~30 min on 2 CPU cores (~1.6 steps/s at batch 256): a short cosine schedule from a high peak lr.
-# Measured (benchmarks/results/pusht.json): lr 1e-3 / warm-up 100 / 2,653 steps -> DDIM-10 score 0.973 on the
-# 50 test seeds, where the paper's lr 1e-4 reached 0.28 in the same time. On a GPU, raise steps (and lower lr).
+# Sized for ~30 min on 2 CPU cores (~1.6 steps/s at batch 256): a short cosine schedule from a high peak
+# lr. Measured (benchmarks/results/pusht.json): lr 1e-3 / warm-up 100 / 2,653 steps -> DDIM-10 score 0.973
+# on the 50 test seeds, where the paper's lr 1e-4 reached 0.28 in the same time. On a GPU, raise steps.
 _PUSHT_TRAIN = {
     "steps": 2650,
     "batch_size": 256,
@@ -97,7 +97,14 @@ PRESET_DATA: dict[str, dict] = {
             "sampler": "ddim",
             "num_inference_steps": 10,
         },
-        "train": {**_PUSHT_TRAIN, "batch_size": 64, "steps": 50000, "lr": 1e-4, "warmup_steps": 500, "num_workers": 2},
+        "train": {
+            **_PUSHT_TRAIN,
+            "batch_size": 64,
+            "steps": 50000,
+            "lr": 1e-4,
+            "warmup_steps": 500,
+            "num_workers": 2,
+        },
         "data": {"obs_keys": list(PUSHT_IMAGE_KEYS), "n_obs_steps": 2, "horizon": 16, "n_action_steps": 8},
         "eval": {**_PUSHT_EVAL, "obs_mode": "image"},
     },

@@ -40,7 +40,9 @@ class RuntimeSpec:
         if self.n_obs_steps < 1:
             raise ValueError(f"n_obs_steps must be >= 1, got {self.n_obs_steps}")
         if not 1 <= self.n_action_steps <= self.horizon:
-            raise ValueError(f"need 1 <= n_action_steps <= horizon, got {self.n_action_steps}, {self.horizon}")
+            raise ValueError(
+                f"need 1 <= n_action_steps <= horizon, got {self.n_action_steps}, {self.horizon}"
+            )
 
 
 @runtime_checkable

@@ -334,7 +334,7 @@ def run_jobs(
     try:
         if workers == 0 or policy is not None:
             env, policy = build_env_and_policy(setup, policy)
-            # One torch thread, as in the workers, so in-process results match worker results (to float rounding).
+            # One torch thread, as in the workers, so in-process results match worker results (to rounding).
             torch = sys.modules.get("torch")
             threads = torch.get_num_threads() if torch is not None else None
             if torch is not None:
