@@ -165,13 +165,23 @@ def evaluate_variant(args, name: str, family: str) -> dict:
 
 def write_results(path: Path, rows: list[dict], info: dict) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+
+    def key(x: dict) -> tuple:  # one row per variant, checkpoint and runtime settings (e.g. RTI's grid)
+        return x["variant"], x["checkpoint"], json.dumps(x.get("runtime_kwargs") or {}, sort_keys=True)
+
     for r in rows:
         r["run"] = info
-        same = (r["variant"], r["checkpoint"])
-        data["runs"] = [x for x in data["runs"] if (x["variant"], x["checkpoint"]) != same]
+        data["runs"] = [x for x in data["runs"] if key(x) != key(r)]
         data["runs"].append(r)
     path.write_text(json.dumps(data, indent=2) + "\n")
     write_markdown(path.with_suffix(".md"), data)
+
+
+def _variant_label(r: dict) -> str:
+    rk = r.get("runtime_kwargs") or {}
+    if r.get("merge") == "rti" and rk:
+        return f"{r['variant']} ({rk['sampler']}:{rk['num_steps']}, {rk['n_warm_steps']} warm)"
+    return r["variant"]
 
 
 def write_markdown(path: Path, data: dict) -> None:
@@ -191,7 +201,7 @@ def write_markdown(path: Path, data: dict) -> None:
             continue
         f = lambda v, p=3: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
         lines.append(
-            f"| {r.get('tag') or Path(r['checkpoint']).parent.parent.name} | {r['variant']} | "
+            f"| {r.get('tag') or Path(r['checkpoint']).parent.parent.name} | {_variant_label(r)} | "
             f"{r['n_episodes']} | "
             f"{f(r['mean_score'])} | {f(r['success_rate'], 2)} | {f(r['nfe_per_inference_after_first'])} | "
             f"{f(r['nfe_per_control_step'], 2)} | {f(r['boundary_jerk'], 2)} | {f(r['boundary_jump'], 2)} | "
