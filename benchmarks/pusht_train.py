@@ -150,6 +150,7 @@ def main(argv=None) -> int:
                 "policy": cfg.name,
                 "family": cfg.family,
                 "sampler": f"{name}-{k}",
+                "nfe": k,  # network evaluations per action chunk
                 "mean_score": round(ev["score"], 4),
                 "success_rate": ev["success_rate"],
                 "train_minutes": round(res.train_seconds / 60, 2),
