@@ -10,6 +10,18 @@ import time
 from importlib import metadata
 
 
+def append_rows(path, rows: list[dict]) -> None:
+    """Append ``rows`` to the JSON list at ``path`` (created if absent) and say so."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    old = json.loads(path.read_text()) if path.exists() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(old + rows, indent=1) + "\n")
+    print(f"appended {len(rows)} row(s) to {path}")
+
+
 def run_info(packages: tuple[str, ...] = ("vlaflow", "numpy", "torch", "zarr")) -> dict:
     versions = {}
     for p in packages:

@@ -156,10 +156,9 @@ def main(argv=None) -> int:
         )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not args.no_append:
-        old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(old + rows, indent=1) + "\n")
-        print(f"appended {len(rows)} row(s) to {RESULTS}")
+        from benchmarks._meta import append_rows
+
+        append_rows(RESULTS, rows)
     return 0
 
 

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "pusht.json"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks._meta import append_rows  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "pusht.json"
 
 
 def main(argv=None) -> int:
@@ -50,10 +55,7 @@ def main(argv=None) -> int:
                 "command": args.command,
             }
         )
-    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(old + rows, indent=1) + "\n")
-    print(f"appended {len(rows)} row(s) to {RESULTS}")
+    append_rows(RESULTS, rows)
     return 0
 
 

@@ -171,11 +171,9 @@ def main(argv=None) -> int:
         )
         print(json.dumps(rows[-1]))
     if not args.no_append:
-        path = Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(old + rows, indent=1) + "\n")
-        print(f"appended {len(rows)} row(s) to {path}")
+        from benchmarks._meta import append_rows
+
+        append_rows(args.results, rows)
     return 0
 
 
