@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 import sys
-import time
-from importlib import metadata
+
+from vlaflow.runinfo import git_commit, machine, package_versions, utc_now
 
 
 def append_rows(path, rows: list[dict]) -> None:
@@ -23,36 +21,12 @@ def append_rows(path, rows: list[dict]) -> None:
 
 
 def run_info(packages: tuple[str, ...] = ("vlaflow", "numpy", "torch", "zarr")) -> dict:
-    versions = {}
-    for p in packages:
-        try:
-            versions[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            versions[p] = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
+    m = machine()
+    m["load_avg_at_start"] = m.pop("load_avg")
     return {
         "command": " ".join([os.path.relpath(sys.argv[0]) if sys.argv else "", *sys.argv[1:]]).strip(),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_commit": commit,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_avg_at_start": load,
-        },
-        "versions": versions,
+        "when": utc_now(),
+        "git_commit": git_commit(os.path.dirname(os.path.abspath(__file__))),
+        "machine": m,
+        "versions": package_versions(packages),
     }

@@ -23,8 +23,6 @@ import argparse
 import functools
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,32 +70,14 @@ def time_calls(fn, repeats: int, warmup: int = 3) -> list[float]:
 
 
 def _machine() -> dict:
-    from importlib import metadata
+    from vlaflow.runinfo import git_commit, machine, package_versions, utc_now
 
-    versions = {}
-    for p in ("torch", "onnxruntime", "onnx", "numpy"):
-        try:
-            versions[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            versions[p] = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-    except OSError:
-        commit = ""
     return {
         "command": " ".join(["vlaflow", *sys.argv[1:]]) if sys.argv else "",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_commit": commit,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "versions": versions,
+        "when": utc_now(),
+        "git_commit": git_commit(),
+        **machine(),
+        "versions": package_versions(("torch", "onnxruntime", "onnx", "numpy")),
     }
 
 
