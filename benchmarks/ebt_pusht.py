@@ -93,6 +93,28 @@ def energy_error(ckpt, data, n_windows, episodes_from, sampler, num_steps):
     }
 
 
+def energy_trace(ckpt, data, n_windows, episodes_from, num_steps=10) -> list[float]:
+    """Mean energy on held-out windows after 0..num_steps descent steps from the Gaussian start."""
+    import torch
+
+    from vlaflow.data.store import EpisodeStore
+    from vlaflow.data.windows import WindowSampler
+    from vlaflow.policies.checkpoint import load_checkpoint
+
+    pol = load_checkpoint(ckpt)
+    cfg = pol.config
+    store = EpisodeStore.open(data)
+    eps = np.arange(episodes_from, store.n_episodes)
+    ws = WindowSampler(store, list(cfg.obs_shapes), cfg.n_obs_steps, cfg.horizon, episodes=eps)
+    idx = np.random.default_rng(1).choice(len(ws), size=min(n_windows, len(ws)), replace=False)
+    b = {k: torch.as_tensor(v) for k, v in ws.get_batch(np.sort(idx)).items()}
+    with torch.enable_grad():
+        cond = pol.encode({k: b[k] for k in cfg.obs_shapes})
+        x0 = torch.randn(len(idx), cfg.horizon, cfg.action_dim, generator=torch.Generator().manual_seed(1))
+        res = pol.descend(cond, x0 * cfg.init_std, num_steps, record=True)
+    return [float(e.mean()) for e in res.energies]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True)
@@ -105,6 +127,11 @@ def main(argv=None) -> int:
     p.add_argument("--window-episodes-from", type=int, default=196, help="windows from episodes >= this")
     p.add_argument("--train-minutes", type=float, default=None)
     p.add_argument("--variants", default="descent:2,descent_es:10")
+    p.add_argument(
+        "--error-steps",
+        default="1,2,4,10,20",
+        help="descent step counts whose held-out action error is tabulated (no rollouts)",
+    )
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args(argv)
     from vlaflow.sim.evaluate import evaluate
@@ -112,6 +139,21 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, summary = [], {}
+    summary["energy_trace_heldout"] = energy_trace(
+        args.ckpt, args.data, args.windows, args.window_episodes_from
+    )
+    print("held-out mean energy per descent step:", [round(e, 4) for e in summary["energy_trace_heldout"]])
+    # held-out action error against the number of descent steps (the paper: 2 steps close to 20)
+    summary["error_vs_steps"] = {}
+    for k in [int(x) for x in args.error_steps.split(",") if x]:
+        st = energy_error(args.ckpt, args.data, args.windows, args.window_episodes_from, "descent", k)
+        summary["error_vs_steps"][k] = {
+            "mse_normalized": st["mse_normalized"],
+            "spearman": st["spearman_energy_error"],
+        }
+        print(
+            f"descent-{k} held-out mse {st['mse_normalized']:.4f} spearman {st['spearman_energy_error']:.3f}"
+        )
     for variant in args.variants.split(","):
         sampler, k = variant.split(":")
         k = int(k)

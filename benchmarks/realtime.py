@@ -48,6 +48,16 @@ def parse_args(argv=None):
     p.add_argument("--rti-grid", default="", help="RTI grid sampler:steps (default ddpm:100 / euler:10)")
     p.add_argument("--rti-warm", type=int, default=3, help="RTI tail steps after the warm start")
     p.add_argument("--beta", type=float, default=5.0, help="RTC guidance clip")
+    p.add_argument(
+        "--contraction-warm", default="1,2,3,5,8", help="warm-step counts of the contraction table"
+    )
+    p.add_argument(
+        "--contraction-scale",
+        type=float,
+        default=0.1,
+        help="std of the warm-start perturbations (normalized units; the shifted chunk's padded tail is "
+        "off by ~0.3-0.5)",
+    )
     p.add_argument("--out", default=str(ROOT / "runs" / "realtime"), help="eval reports + executor stats")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--tag", default="", help="label stored with the rows (e.g. the checkpoint's name)")
@@ -76,7 +86,8 @@ def contraction(args, family: str) -> dict:
     idx = np.random.default_rng(0).integers(0, len(ws), size=4)
     batch = ws.get_batch(idx)
     table = {}
-    for warm in (1, 2, 3, 5, 8):
+    scale = args.contraction_scale
+    for warm in [int(w) for w in args.contraction_warm.split(",") if w]:
         ratios = []
         for i in range(len(idx)):
             obs = {k: torch.from_numpy(batch[k][i : i + 1]) for k in pol.config.obs_shapes}
@@ -84,10 +95,16 @@ def contraction(args, family: str) -> dict:
                 cond = pol.encode(obs)
                 anchor = pol.denoise(cond, sampler="ddim", num_steps=10).x0
             cfg = RTIConfig(sampler=sampler, num_steps=n, n_warm_steps=warm)
-            ratios.append(measure_contraction(pol, cond, anchor, cfg, n_pairs=8, scale=0.1)["mean"])
+            ratios.append(measure_contraction(pol, cond, anchor, cfg, n_pairs=8, scale=scale)["mean"])
         table[warm] = {"mean": float(np.mean(ratios)), "per_obs": [round(r, 4) for r in ratios]}
         print(f"contraction {sampler}:{n} warm={warm}: {table[warm]['mean']:.4f}", flush=True)
-    return {"grid": f"{sampler}:{n}", "perturbation_scale": 0.1, "table": table}
+    grid = f"{sampler}:{n}"
+    return {
+        "grid": grid,
+        "perturbation_scale": scale,
+        "table": table,
+        "runtime_kwargs": {"grid": grid, "scale": scale},
+    }
 
 
 def evaluate_variant(args, name: str, family: str) -> dict:
@@ -152,6 +169,7 @@ def evaluate_variant(args, name: str, family: str) -> dict:
         "nfe_first_inference": per[0]["nfe_first"] if per else None,
         "boundary_jerk": mean("boundary_jerk"),
         "boundary_jump": mean("boundary_jump"),
+        "interior_jerk": mean("interior_jerk"),
         "mean_jerk": mean("mean_jerk"),
         "underruns": int(sum(p["underruns"] for p in per)),
         "deadline_misses": int(sum(p["deadline_misses"] for p in per)),
@@ -193,8 +211,8 @@ def write_markdown(path: Path, data: dict) -> None:
         "Latency is simulated on the sim clock (10 Hz control). Jerk: action units (px) per step^3.",
         "",
         "| checkpoint | variant | episodes | score | success | NFE/inference (after 1st) | "
-        "NFE/control step | boundary jerk | boundary jump | underruns | stale dropped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "NFE/control step | boundary jerk | interior jerk | boundary jump | underruns | stale dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data.get("runs", []):
         if r.get("variant") == "contraction":
@@ -204,12 +222,18 @@ def write_markdown(path: Path, data: dict) -> None:
             f"| {r.get('tag') or Path(r['checkpoint']).parent.parent.name} | {_variant_label(r)} | "
             f"{r['n_episodes']} | "
             f"{f(r['mean_score'])} | {f(r['success_rate'], 2)} | {f(r['nfe_per_inference_after_first'])} | "
-            f"{f(r['nfe_per_control_step'], 2)} | {f(r['boundary_jerk'], 2)} | {f(r['boundary_jump'], 2)} | "
+            f"{f(r['nfe_per_control_step'], 2)} | {f(r['boundary_jerk'], 2)} | "
+            f"{f(r.get('interior_jerk'), 2)} | {f(r['boundary_jump'], 2)} | "
             f"{r['underruns']} | {r['stale_dropped']} |"
         )
     for r in data.get("runs", []):
         if r.get("variant") == "contraction":
-            lines += ["", f"## RTI few-step map contraction ({r['checkpoint']}, grid {r['grid']})", ""]
+            lines += [
+                "",
+                f"## RTI few-step map contraction ({r.get('tag') or r['checkpoint']}, grid {r['grid']}, "
+                f"perturbation std {r.get('perturbation_scale', 0.1)})",
+                "",
+            ]
             lines += ["| warm steps | mean ‖f(a) - f(b)‖ / ‖a - b‖ |", "|---|---|"]
             lines += [f"| {k} | {v['mean']:.4f} |" for k, v in r["table"].items()]
     lines += ["", *data.get("notes", [])]

@@ -123,3 +123,25 @@ def test_distill_cli_and_eval_of_the_student(store, tmp_path):
         cmd[:-1] + ["--no-progress", "--batch-size", "0"], capture_output=True, text=True, cwd=ROOT
     )
     assert bad.returncode == 1 and "batch-size" in bad.stderr + bad.stdout
+
+
+def test_narrower_student_learns_from_scratch_and_loads(store, tmp_path):
+    import vlaflow
+    from vlaflow.errors import ConfigError
+    from vlaflow.policies.distill import distill, parse_dims
+
+    teacher = _teacher(store, tmp_path, "flow")
+    kw = dict(
+        teacher=str(teacher), data=str(store), minutes=0, batch_size=32, pool=256, refresh=32, progress=False
+    )
+    before = distill(out=str(tmp_path / "n0"), steps=1, student_dims=(8, 16), **kw)
+    after = distill(out=str(tmp_path / "n1"), steps=120, lr=3e-3, student_dims=(8, 16), **kw)
+    assert after["student_down_dims"] == [8, 16]
+    assert after["student_parameters"] < 0.5 * after["teacher_parameters"]
+    assert after["val_mean_abs_err_normalized"] < 0.5 * before["val_mean_abs_err_normalized"], (before, after)
+    rt = vlaflow.load_policy(tmp_path / "n1")
+    assert rt.policy.config.net.unet.down_dims == (8, 16)
+    assert parse_dims("32, 64,128") == (32, 64, 128) and parse_dims("") is None
+    for bad in ("a,b", "0,4"):
+        with pytest.raises(ConfigError, match="student-dims"):
+            parse_dims(bad)

@@ -19,6 +19,7 @@ from vlaflow.deploy.executor import (
     SimClockExecutor,
     ThreadedExecutor,
     boundary_jerk,
+    interior_jerk,
     parse_latency,
 )
 from vlaflow.errors import ConfigError
@@ -142,6 +143,17 @@ def test_boundary_jerk_sees_a_jump_and_not_a_smooth_line():
     jumped[10:] += 5.0
     assert boundary_jerk(line, [10]) == pytest.approx(0.0)
     assert boundary_jerk(jumped, [10]) == pytest.approx(10.0)  # stencil (1, -3, 3, -1): max 2 x the jump
+
+
+def test_interior_jerk_reads_mid_chunk_not_the_boundary():
+    t = np.arange(40, dtype=float)
+    wiggle = np.where(t % 2 == 0, 1.0, -1.0)[:, None]  # jerky everywhere: |third difference| = 8
+    jumped = wiggle.copy()
+    jumped[16:] += 5.0
+    assert interior_jerk(wiggle, [8, 16, 24, 32]) == pytest.approx(8.0)
+    assert interior_jerk(jumped, [8, 16, 24, 32]) == pytest.approx(8.0)  # midpoints 12, 20, 28: no jump
+    assert boundary_jerk(jumped, [16]) > 8.0
+    assert interior_jerk(wiggle, [8]) == 0.0  # needs two boundaries
 
 
 def test_bad_settings_are_named():

@@ -30,7 +30,8 @@ Two clocks, one core (:class:`ChunkSchedule` + :class:`_ExecutorCore`):
 Reports (``stats()``): deadline misses (inference that landed after its deadline, default s * dt; plus
 overrun ticks on the wall clock), queue underruns (holds), stale actions dropped, boundary jump (distance
 between the landing chunk's action and the one it replaced) and boundary jerk (the largest third
-difference of the emitted actions whose stencil spans a chunk boundary, action units / step^3).
+difference of the emitted actions whose stencil spans a chunk boundary, action units / step^3), beside
+the same statistic mid-chunk (interior jerk: the policy's own jerk, a floor for the boundary value).
 """
 
 from __future__ import annotations
@@ -173,6 +174,17 @@ def boundary_jerk(actions: np.ndarray, boundaries: list[int]) -> float:
     return float(np.mean(vals)) if vals else 0.0
 
 
+def interior_jerk(actions: np.ndarray, boundaries: list[int]) -> float:
+    """The same statistic as :func:`boundary_jerk` at the midpoint between consecutive boundaries.
+
+    A reference for how jerky the policy's own chunks are: a perfectly continued chunk cannot bring the
+    boundary statistic below it (both take the largest of three stencils), so ``boundary - interior``
+    is the part of the boundary jerk that the chunk switch itself adds.
+    """
+    mids = [(a + b) // 2 for a, b in zip(boundaries, boundaries[1:], strict=False) if b - a >= 4]
+    return boundary_jerk(actions, mids)
+
+
 def mean_jerk(actions: np.ndarray) -> float:
     a = np.asarray(actions, dtype=np.float64)
     if len(a) < 4:
@@ -278,6 +290,7 @@ class _ExecutorCore:
             **self.counts,
             "boundaries": len(self.boundaries),
             "boundary_jerk": boundary_jerk(acts, self.boundaries),
+            "interior_jerk": interior_jerk(acts, self.boundaries),
             "boundary_jump": float(np.mean(self.jumps)) if self.jumps else 0.0,
             "mean_jerk": mean_jerk(acts),
             "mean_latency_s": float(np.mean(self.latencies)) if self.latencies else 0.0,

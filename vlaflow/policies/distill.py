@@ -8,7 +8,11 @@ teacher's start time (the one-step map that inference uses) and (b) one random i
 same chain (the consistency property along the probability-flow ODE: every point of a trajectory maps
 to its end). Teacher data are generated on the fly into a pool that is refreshed as training goes.
 
-The student has the teacher's nets and starts from the teacher's weights; a flow teacher's student keeps
+By default the student has the teacher's nets and starts from the teacher's weights. ``--student-dims``
+gives the student a narrower U-Net (e.g. ``32,64,128`` under a ``64,128,256`` teacher: about a quarter
+of the multiply-adds per evaluation, for control loops whose latency budget the teacher's net misses);
+it then starts from scratch, except for any non-head (observation encoder) weights of matching shape.
+A flow teacher's student keeps
 the velocity output (x0 = x_1 - u at t = 1 is the teacher's own one-step Euler estimate), a diffusion
 teacher's student outputs x0. The result is a policy checkpoint (family ``consistency``) that
 ``vlaflow.load_policy`` and ``vlaflow eval`` use like any other, with one network evaluation per chunk.
@@ -43,6 +47,11 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--teacher-sampler", default="", help="teacher sampler (default: its config's)")
     parser.add_argument("--teacher-steps", type=int, default=0, help="teacher steps (default: its config's)")
+    parser.add_argument(
+        "--student-dims",
+        default="",
+        help="U-Net widths of a smaller student, e.g. 32,64,128 (default: the teacher's net and weights)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for windows and noise (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -63,6 +72,7 @@ def run_distill(args: argparse.Namespace) -> int:
         chain_weight=args.chain_weight,
         teacher_sampler=args.teacher_sampler,
         teacher_steps=args.teacher_steps,
+        student_dims=parse_dims(args.student_dims),
         seed=args.seed,
         threads=args.threads,
         device=args.device,
@@ -72,14 +82,35 @@ def run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def student_config(teacher, teacher_path: str, sampler: str, steps: int):
-    """The student's config: the teacher's shapes, encoders and net; its path; the start time of its grid."""
+def parse_dims(text: str) -> tuple[int, ...] | None:
+    """ "32,64,128" -> (32, 64, 128); "" -> None (the teacher's widths)."""
+    if not text.strip():
+        return None
+    try:
+        dims = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--student-dims must be comma-separated integers, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise ConfigError(f"--student-dims must be positive widths, got {text!r}")
+    return dims
+
+
+def student_config(teacher, teacher_path: str, sampler: str, steps: int, down_dims=None):
+    """The student's config: the teacher's shapes, encoders and net (or a U-Net of ``down_dims`` widths);
+    its path; the start time of its grid."""
+    import dataclasses
+
     from vlaflow.policies.consistency.config import ConsistencyConfig
 
     tc = teacher.config
     fam = tc.family
     if fam not in ("diffusion", "flow"):
         raise ConfigError(f"{teacher_path}: teacher family {fam!r} cannot be distilled (diffusion or flow)")
+    net = tc.net
+    if down_dims is not None:
+        if net.kind != "unet":
+            raise ConfigError(f"--student-dims needs a U-Net teacher; {teacher_path} has a {net.kind!r} net")
+        net = dataclasses.replace(net, unet=dataclasses.replace(net.unet, down_dims=tuple(down_dims)))
     start = float(teacher.path.timesteps(steps)[0])
     clip = float(getattr(tc, "clip_sample_range", 0.0)) if getattr(tc, "clip_sample", False) else 0.0
     return ConsistencyConfig(
@@ -92,7 +123,7 @@ def student_config(teacher, teacher_path: str, sampler: str, steps: int):
         tasks=tuple(tc.tasks),
         normalization=dict(tc.normalization),
         encoder=tc.encoder,
-        net=tc.net,
+        net=net,
         mask_pad_loss=tc.mask_pad_loss,
         teacher_family=fam,
         num_train_steps=int(getattr(tc, "num_train_steps", 100)),
@@ -160,6 +191,7 @@ def distill(
     chain_weight: float = 0.5,
     teacher_sampler: str = "",
     teacher_steps: int = 0,
+    student_dims: tuple[int, ...] | None = None,
     seed: int = 0,
     threads: int = 1,
     device: str = "cpu",
@@ -188,14 +220,23 @@ def distill(
         p.requires_grad_(False)
     sampler = teacher_sampler or tpol.config.sampler
     n_steps = teacher_steps or tpol.config.num_inference_steps
-    cfg = student_config(tpol, teacher, sampler, n_steps)
+    cfg = student_config(tpol, teacher, sampler, n_steps, student_dims)
     stats = {
         k: {s: np.asarray(v) for s, v in st.items()} for k, st in tpol.normalizer.to_dict()["stats"].items()
     }
     student = build_policy(cfg, stats).to(device)
-    missing = student.load_state_dict(tpol.state_dict(), strict=False)
-    if missing.unexpected_keys or missing.missing_keys:
-        raise VlaflowError(f"teacher and student nets differ: {missing}")
+    if student_dims is None:
+        missing = student.load_state_dict(tpol.state_dict(), strict=False)
+        if missing.unexpected_keys or missing.missing_keys:
+            raise VlaflowError(f"teacher and student nets differ: {missing}")
+    else:  # a narrower head starts from scratch; observation encoders of the same shape are copied
+        own = student.state_dict()
+        shared = {
+            k: v
+            for k, v in tpol.state_dict().items()
+            if not k.startswith("head.") and k in own and own[k].shape == v.shape
+        }
+        student.load_state_dict(shared, strict=False)
     store = EpisodeStore.open(data)
     keys = list(cfg.obs_shapes)
     absent = [k for k in keys if k not in store.keys]
@@ -262,6 +303,9 @@ def distill(
         "teacher_sampler": sampler,
         "teacher_steps": int(n_steps),
         "student_nfe": 1,
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "teacher_parameters": sum(p.numel() for p in tpol.parameters()),
+        "student_down_dims": list(student_dims) if student_dims else None,
         "updates": step,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
