@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="", help="sampler for sync/switch/rtc/ensemble (default: ckpt's)")
     p.add_argument("--steps", type=int, default=0, help="its steps (default: ckpt's)")
     p.add_argument("--rti-grid", default="", help="RTI grid sampler:steps (default ddpm:100 / euler:10)")
-    p.add_argument("--rti-warm", type=int, default=3, help="RTI tail steps after the warm start")
+    p.add_argument("--rti-warm", type=int, default=20, help="RTI tail steps after the warm start")
     p.add_argument("--beta", type=float, default=5.0, help="RTC guidance clip")
     p.add_argument(
         "--contraction-warm", default="1,2,3,5,8", help="warm-step counts of the contraction table"

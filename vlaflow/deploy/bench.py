@@ -297,7 +297,6 @@ def bench_latency(args: argparse.Namespace) -> dict:
             fac = functools.partial(load_onnx_policy, str(odir), threads=args.threads)
             add(label, "onnxruntime", op.last_nfe, ms, fac)
 
-    # One denoiser evaluation at batch 1 in each runtime (the >= 2.5x target is about this number).
     # One denoiser evaluation at batch 1 in each runtime (the >= 2.5x target is about this number). The two
     # runtimes alternate call by call, so a load change on a shared machine hits both alike.
     cfg = policy.config

@@ -38,7 +38,7 @@ class OnnxRTIPolicy:
         directory: str | os.PathLike,
         sampler: str = "ddpm",
         num_steps: int = 100,
-        n_warm_steps: int = 3,
+        n_warm_steps: int = 20,
         warm_mode: str = "place",
         gripper_dims: tuple[int, ...] = (),
         providers=None,
