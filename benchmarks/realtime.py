@@ -199,6 +199,10 @@ def _variant_label(r: dict) -> str:
     rk = r.get("runtime_kwargs") or {}
     if r.get("merge") == "rti" and rk:
         return f"{r['variant']} ({rk['sampler']}:{rk['num_steps']}, {rk['n_warm_steps']} warm)"
+    if r.get("merge") == "rtc" and "beta" in rk:
+        return f"{r['variant']} (beta {rk['beta']:g})"
+    if r.get("variant") == "student":
+        return f"student `{Path(r['checkpoint']).name}`"
     return r["variant"]
 
 

@@ -125,6 +125,20 @@ def test_contraction_measurement_matches_a_known_map(lam):
     assert r["mean"] == pytest.approx(want, rel=1e-5) and r["max"] == pytest.approx(want, rel=1e-5)
 
 
+def test_choose_warm_steps_takes_the_first_count_under_the_target():
+    from vlaflow.deploy.rti import choose_warm_steps
+
+    pol = _LinearX0(0.9)  # contracts only through the sampler's own shrinkage: more steps, smaller ratio
+    base = RTIConfig(sampler="ddim", num_steps=100)
+    args = (pol, torch.zeros(1, 1, 1), torch.zeros(1, H, DA), base)
+    _, table = choose_warm_steps(*args, candidates=(1, 5, 20), target=0.0, n_pairs=2)
+    r = [table[n]["mean"] for n in (1, 5, 20)]
+    assert r[0] > r[1] > r[2], table
+    pick, seen = choose_warm_steps(*args, candidates=(1, 5, 20), target=(r[0] + r[1]) / 2, n_pairs=2)
+    assert pick == 5 and sorted(seen) == [1, 5]  # stops measuring at the first count under the target
+    assert choose_warm_steps(*args, candidates=(1, 5), target=0.0, n_pairs=2)[0] == 5  # none: the largest
+
+
 def test_rti_clip_mode_binarizes_the_warm_start_gripper():
     pol = _LinearX0(0.5)
     cfg = RTIConfig(sampler="ddim", num_steps=100, n_warm_steps=2, gripper_dims=(1,), gripper_mode="clip")
