@@ -55,6 +55,34 @@ def test_gaussian_vp_and_flow_parents_compose_to_weighted_mean(reference, sample
     assert abs(float(solo.mean()) - mu1) < 0.02
 
 
+def test_complementary_partial_views_compose_better_than_either_parent():
+    """A sees only the goal's x (its y is wide), B only its y: an interior weight beats both parents."""
+    gen = torch.Generator().manual_seed(3)
+    goals = torch.rand(8, DA, generator=gen) * 1.6 - 0.8
+    small, wide = 0.05, 0.6
+    weights = [0.0, 0.25, 0.5, 0.75, 1.0]
+    err = np.zeros(len(weights))
+    for g in goals:
+        pa = GaussianParent(
+            torch.stack([g[0], g.new_tensor(0.0)]), torch.tensor([small, wide]), VPCosinePath(100), "eps"
+        )
+        pb = GaussianParent(
+            torch.stack([g.new_tensor(0.0), g[1]]),
+            torch.tensor([wide, small]),
+            RectifiedFlowPath(),
+            "velocity",
+        )
+        noise = torch.randn(256, H, DA, generator=gen)
+        for i, w in enumerate(weights):
+            out = gpc_sample(
+                [pa, pb], [None, None], [w, 1 - w], noise, reference=0, sampler="ddim", num_steps=20
+            ).x0
+            err[i] += float(((out - g) ** 2).mean()) / len(goals)
+    best = int(np.argmin(err))
+    assert 0 < best < len(weights) - 1, err  # an interior weight
+    assert err[best] < 0.25 * min(err[0], err[-1]), err  # and clearly better than either parent alone
+
+
 def test_eps_space_and_velocity_space_give_the_same_trajectory():
     parents = [
         GaussianParent(0.7, 0.4, VPCosinePath(100), "eps"),
