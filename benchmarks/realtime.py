@@ -46,7 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="", help="sampler for sync/switch/rtc/ensemble (default: ckpt's)")
     p.add_argument("--steps", type=int, default=0, help="its steps (default: ckpt's)")
     p.add_argument("--rti-grid", default="", help="RTI grid sampler:steps (default ddpm:100 / euler:10)")
-    p.add_argument("--rti-warm", type=int, default=20, help="RTI tail steps after the warm start")
+    p.add_argument(
+        "--rti-warm", type=int, default=0, help="RTI tail steps after the warm start (default: RTIConfig's)"
+    )
     p.add_argument("--beta", type=float, default=5.0, help="RTC guidance clip")
     p.add_argument(
         "--contraction-warm", default="1,2,3,5,8", help="warm-step counts of the contraction table"
@@ -109,6 +111,7 @@ def contraction(args, family: str) -> dict:
 
 def evaluate_variant(args, name: str, family: str) -> dict:
     from vlaflow.deploy.executor import make_realtime_policy
+    from vlaflow.deploy.rti import RTIConfig
     from vlaflow.sim.evaluate import evaluate
 
     base, _, lat = name.partition("@")
@@ -120,7 +123,11 @@ def evaluate_variant(args, name: str, family: str) -> dict:
         rk = {k: v for k, v in (("sampler", args.sampler), ("num_steps", args.steps)) if v}
     elif merge == "rti":
         s, n = _grid(args, family)
-        rk = {"sampler": s, "num_steps": n, "n_warm_steps": args.rti_warm}
+        rk = {
+            "sampler": s,
+            "num_steps": n,
+            "n_warm_steps": RTIConfig(sampler=s, num_steps=n, n_warm_steps=args.rti_warm).n_warm_steps,
+        }
     elif merge == "rtc":
         rk = {"beta": args.beta, **({"sampler": args.sampler} if args.sampler else {})}
         rk.update({"num_steps": args.steps} if args.steps else {})

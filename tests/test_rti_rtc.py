@@ -250,3 +250,12 @@ def test_rtc_estimates_delay_from_measured_latency(monkeypatch):
     rt._latencies.clear()
     rt._latencies.append(0.1)
     assert rt.estimated_delay() == 1
+
+
+def test_rti_warm_steps_default_to_20_or_half_a_short_grid():
+    from vlaflow.deploy.rti import RTIConfig
+
+    assert RTIConfig().n_warm_steps == 20  # DDPM-100: measured best on PushT
+    assert RTIConfig(sampler="euler", num_steps=10).n_warm_steps == 5
+    assert RTIConfig(sampler="ddim", num_steps=1).n_warm_steps == 1
+    assert RTIConfig(n_warm_steps=3).n_warm_steps == 3

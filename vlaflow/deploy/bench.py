@@ -5,8 +5,8 @@ closed-loop PushT score of each sampling variant, in PyTorch eager and in ONNX R
                                [--repeats 50] [--threads 1] [--json] [--out DIR]
 
 Variants: DDPM-100 and DDIM-10 for diffusion checkpoints, Euler-10 for flow checkpoints (``--variants`` to
-choose), plus RTI (``--rti``, eager only: vlaflow.deploy.rti), a one-step consistency student
-(``--onestep CKPT``) and EBT (``--ebt CKPT``, when vlaflow.policies.ebt exists). A control step is one
+choose), plus RTI (``--rti``: ``RTIConfig``'s defaults, eager and ONNX Runtime), one-step consistency
+students (``--onestep CKPT[,CKPT]``) and EBT (``--ebt CKPT``, when vlaflow.policies.ebt exists). A control step is one
 ``infer(obs)`` call: normalize, encode once, the whole sampler loop, un-normalize (what the executor waits
 for every Ta steps). Both runtimes run single-threaded (``torch.set_num_threads(threads)``; onnxruntime
 ``intra_op_num_threads=threads``, graph optimization ALL) so the comparison is fair on a shared machine; the
@@ -279,7 +279,11 @@ def bench_latency(args: argparse.Namespace) -> dict:
             ms = time_calls(lambda: orti.infer(obs), args.repeats, warmup=0)
             fac = functools.partial(load_onnx_rti_policy, str(onnx_dir), threads=args.threads, **kw)
             add("RTI", "onnxruntime", float(np.mean(orti.nfe_history)), ms, fac)
-    for label, extra_ckpt in (("one-step", args.onestep), ("EBT", args.ebt)):
+    students = [c for c in args.onestep.split(",") if c]
+    extras = [("one-step" if len(students) == 1 else f"one-step {Path(c).name}", c) for c in students] + [
+        ("EBT", args.ebt)
+    ]
+    for label, extra_ckpt in extras:
         if not extra_ckpt:
             continue
         other = load_checkpoint(extra_ckpt)
@@ -386,7 +390,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--runtimes", default="torch-eager,onnxruntime", help="comma list of torch-eager, onnxruntime"
     )
     p.add_argument("--rti", action="store_true", help="add RTI-DP (vlaflow.deploy.rti, eager)")
-    p.add_argument("--onestep", default="", help="a one-step consistency student checkpoint to add")
+    p.add_argument(
+        "--onestep", default="", help="one-step consistency student checkpoint(s) to add (comma list)"
+    )
     p.add_argument("--ebt", default="", help="an EBT checkpoint to add")
     p.add_argument("--episodes", type=int, default=50, help="PushT episodes per row for the score")
     p.add_argument("--no-score", action="store_true", help="latency only")

@@ -38,13 +38,15 @@ class OnnxRTIPolicy:
         directory: str | os.PathLike,
         sampler: str = "ddpm",
         num_steps: int = 100,
-        n_warm_steps: int = 20,
+        n_warm_steps: int = 0,
         warm_mode: str = "place",
         gripper_dims: tuple[int, ...] = (),
         providers=None,
         seed: int = 0,
         threads: int = 1,
     ):
+        if n_warm_steps == 0:  # auto, as RTIConfig (torch-free here, so the rule is restated)
+            n_warm_steps = min(20, max(1, num_steps // 2))
         if not 1 <= n_warm_steps <= num_steps:
             raise ConfigError(f"n_warm_steps must be in 1..num_steps={num_steps}, got {n_warm_steps}")
         if warm_mode not in ("place", "noised"):

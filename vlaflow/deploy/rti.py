@@ -50,12 +50,13 @@ class RTIConfig:
     The paper runs only [2, 1, 0] on low-dim PushT (3 steps). On our PushT diffusion policy (Ta = 8 of
     H = 16, so half of every warm start is the repeated last action) 3 steps scored 0.258, 10 steps 0.838,
     20 steps 0.957 and 30 steps 0.955 against 0.953 for full DDPM-100 (50 seeds each,
-    ``benchmarks/results/realtime.md``): 20 is the default, 2.8 network evaluations per control step.
+    ``benchmarks/results/realtime.md``): 20 is the default on a 100-step grid (2.8 network evaluations
+    per control step), half the grid on shorter ones.
     """
 
     sampler: str = "ddpm"  # sampler on the grid ("ddpm" | "ddim" | "euler" | "heun")
     num_steps: int = 100  # the full grid (first call runs all of it; later calls only its tail)
-    n_warm_steps: int = 20  # reverse steps after the warm start (= t0 + 1 on a DDPM grid; paper: 3)
+    n_warm_steps: int = 0  # reverse steps after the warm start (0: min(20, num_steps // 2); paper: 3)
     warm_mode: str = "place"  # "place": x_t0 = alpha x_prev | "noised": + sigma eps (fixed eps)
     gripper_dims: tuple[int, ...] = ()  # action dims that are discrete (open/close)
     gripper_mode: str = "none"  # "clip": binarize the warm start's gripper dims to +-1 | "none"
@@ -66,6 +67,8 @@ class RTIConfig:
             raise ConfigError(f"RTIConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.num_steps < 1:
             raise ConfigError(f"RTIConfig.num_steps must be >= 1, got {self.num_steps}")
+        if self.n_warm_steps == 0:  # auto: 20 on a 100-step grid, half of a short grid
+            object.__setattr__(self, "n_warm_steps", min(20, max(1, self.num_steps // 2)))
         if not 1 <= self.n_warm_steps <= self.num_steps:
             raise ConfigError(
                 f"RTIConfig.n_warm_steps must be in 1..num_steps={self.num_steps}, got {self.n_warm_steps}"
