@@ -4,11 +4,11 @@
         diffusion=runs/bench/diffusion/checkpoints/last flow=runs/bench/flow/checkpoints/last \
         consistency=runs/onestep
 
-Each ``NAME=CKPT`` is exported with ``vlaflow export`` (dynamo exporter, opset 18, the policy's sampler and,
-for diffusion, DDPM over its training grid; ``--unrolled`` adds the fixed-step graph for diffusion and
-flow) and its ``parity.json`` summary (max-abs and cosine per denoiser step and per chunk against PyTorch, on random observations) is
-merged into ``benchmarks/results/onnx_parity.json`` under NAME, with the command, machine
-and versions. A failing parity fails the export, and this script with it.
+Each ``NAME=CKPT`` is exported with ``vlaflow export`` (dynamo exporter, opset 18, the policy's sampler
+and, for diffusion, DDPM over its training grid; ``--unrolled`` adds the fixed-step graph for diffusion
+and flow). Its ``parity.json`` summary (max-abs and cosine per denoiser step and per chunk against
+PyTorch, on random observations) is merged into ``benchmarks/results/onnx_parity.json`` under NAME, with
+the command, machine and versions. A failing parity fails the export, and this script with it.
 """
 
 from __future__ import annotations
