@@ -74,6 +74,7 @@ PRESET_DATA: dict[str, dict] = {
             "d_model": 128,
             "n_layers": 3,
             "n_heads": 4,
+            "data_start_prob": 0.25,  # a quarter of the starts near the expert chunk: modes attract
         },
         # second-order steps cost ~3x a diffusion step: smaller batch, higher lr for a CPU budget
         "train": {**_PUSHT_TRAIN, "batch_size": 64, "lr": 3e-4, "warmup_steps": 200, "steps": 6000},
