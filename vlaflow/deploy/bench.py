@@ -6,9 +6,9 @@ closed-loop PushT score of each sampling variant, in PyTorch eager and in ONNX R
 
 Variants: DDPM-100 and DDIM-10 for diffusion checkpoints, Euler-10 for flow checkpoints (``--variants`` to
 choose), plus RTI (``--rti``: ``RTIConfig``'s defaults, eager and ONNX Runtime), one-step consistency
-students (``--onestep CKPT[,CKPT]``) and EBT (``--ebt CKPT``, when vlaflow.policies.ebt exists). A control step is one
-``infer(obs)`` call: normalize, encode once, the whole sampler loop, un-normalize (what the executor waits
-for every Ta steps). Both runtimes run single-threaded (``torch.set_num_threads(threads)``; onnxruntime
+students (``--onestep CKPT[,CKPT]``) and EBT (``--ebt CKPT``). A control step is one ``infer(obs)`` call:
+normalize, encode once, the whole sampler loop, un-normalize (what the executor waits for every Ta steps).
+Both runtimes run single-threaded (``torch.set_num_threads(threads)``; onnxruntime
 ``intra_op_num_threads=threads``, graph optimization ALL) so the comparison is fair on a shared machine; the
 per-denoiser-step latency of each runtime (one ``predict`` at batch 1) is reported beside the rows, with the
 load average before and after the timing.
