@@ -65,7 +65,8 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def energy_error(ckpt, data, n_windows, episodes_from, sampler, num_steps):
+def heldout_windows(ckpt, data, n_windows, episodes_from, seed):
+    """(policy, batch of tensors) for ``n_windows`` random windows of episodes >= ``episodes_from``."""
     import torch
 
     from vlaflow.data.store import EpisodeStore
@@ -77,10 +78,18 @@ def energy_error(ckpt, data, n_windows, episodes_from, sampler, num_steps):
     store = EpisodeStore.open(data)
     eps = np.arange(episodes_from, store.n_episodes)
     ws = WindowSampler(store, list(cfg.obs_shapes), cfg.n_obs_steps, cfg.horizon, episodes=eps)
-    idx = np.random.default_rng(0).choice(len(ws), size=min(n_windows, len(ws)), replace=False)
-    b = {k: torch.as_tensor(v) for k, v in ws.get_batch(np.sort(idx)).items()}
+    idx = np.random.default_rng(seed).choice(len(ws), size=min(n_windows, len(ws)), replace=False)
+    return pol, {k: torch.as_tensor(v) for k, v in ws.get_batch(np.sort(idx)).items()}
+
+
+def energy_error(ckpt, data, n_windows, episodes_from, sampler, num_steps):
+    import torch
+
+    pol, b = heldout_windows(ckpt, data, n_windows, episodes_from, seed=0)
+    cfg = pol.config
     obs = {k: b[k] for k in cfg.obs_shapes}
-    noise = torch.randn(len(idx), cfg.horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
+    n = len(b["action"])
+    noise = torch.randn(n, cfg.horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
     act, res = pol.sample_with_energy(obs, noise=noise, sampler=sampler, num_steps=num_steps)
     target = pol.normalize_action(b["action"].float())
     err = ((res.x - target) ** 2).flatten(1).mean(1).numpy()
@@ -89,7 +98,7 @@ def energy_error(ckpt, data, n_windows, episodes_from, sampler, num_steps):
         "spearman_energy_error": spearman(e, err),
         "mse_normalized": float(err.mean()),
         "mean_steps": float(res.steps_used.float().mean()),
-        "n_windows": int(len(idx)),
+        "n_windows": int(n),
     }
 
 
@@ -97,20 +106,13 @@ def energy_trace(ckpt, data, n_windows, episodes_from, num_steps=10) -> list[flo
     """Mean energy on held-out windows after 0..num_steps descent steps from the Gaussian start."""
     import torch
 
-    from vlaflow.data.store import EpisodeStore
-    from vlaflow.data.windows import WindowSampler
-    from vlaflow.policies.checkpoint import load_checkpoint
-
-    pol = load_checkpoint(ckpt)
+    pol, b = heldout_windows(ckpt, data, n_windows, episodes_from, seed=1)
     cfg = pol.config
-    store = EpisodeStore.open(data)
-    eps = np.arange(episodes_from, store.n_episodes)
-    ws = WindowSampler(store, list(cfg.obs_shapes), cfg.n_obs_steps, cfg.horizon, episodes=eps)
-    idx = np.random.default_rng(1).choice(len(ws), size=min(n_windows, len(ws)), replace=False)
-    b = {k: torch.as_tensor(v) for k, v in ws.get_batch(np.sort(idx)).items()}
     with torch.enable_grad():
         cond = pol.encode({k: b[k] for k in cfg.obs_shapes})
-        x0 = torch.randn(len(idx), cfg.horizon, cfg.action_dim, generator=torch.Generator().manual_seed(1))
+        x0 = torch.randn(
+            len(b["action"]), cfg.horizon, cfg.action_dim, generator=torch.Generator().manual_seed(1)
+        )
         res = pol.descend(cond, x0 * cfg.init_std, num_steps, record=True)
     return [float(e.mean()) for e in res.energies]
 
