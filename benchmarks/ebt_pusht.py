@@ -65,27 +65,25 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def heldout_windows(ckpt, data, n_windows, episodes_from, seed):
-    """(policy, batch of tensors) for ``n_windows`` random windows of episodes >= ``episodes_from``."""
+def heldout_windows(pol, data, n_windows, episodes_from, seed):
+    """Batch of tensors for ``n_windows`` random windows of episodes >= ``episodes_from``."""
     import torch
 
     from vlaflow.data.store import EpisodeStore
     from vlaflow.data.windows import WindowSampler
-    from vlaflow.policies.checkpoint import load_checkpoint
 
-    pol = load_checkpoint(ckpt)
     cfg = pol.config
     store = EpisodeStore.open(data)
     eps = np.arange(episodes_from, store.n_episodes)
     ws = WindowSampler(store, list(cfg.obs_shapes), cfg.n_obs_steps, cfg.horizon, episodes=eps)
     idx = np.random.default_rng(seed).choice(len(ws), size=min(n_windows, len(ws)), replace=False)
-    return pol, {k: torch.as_tensor(v) for k, v in ws.get_batch(np.sort(idx)).items()}
+    return {k: torch.as_tensor(v) for k, v in ws.get_batch(np.sort(idx)).items()}
 
 
-def energy_error(ckpt, data, n_windows, episodes_from, sampler, num_steps):
+def energy_error(pol, b, sampler, num_steps):
+    """Spearman(final energy, action error), MSE and steps used of a descent on held-out windows ``b``."""
     import torch
 
-    pol, b = heldout_windows(ckpt, data, n_windows, episodes_from, seed=0)
     cfg = pol.config
     obs = {k: b[k] for k in cfg.obs_shapes}
     n = len(b["action"])
@@ -102,11 +100,10 @@ def energy_error(ckpt, data, n_windows, episodes_from, sampler, num_steps):
     }
 
 
-def energy_trace(ckpt, data, n_windows, episodes_from, num_steps=10) -> list[float]:
-    """Mean energy on held-out windows after 0..num_steps descent steps from the Gaussian start."""
+def energy_trace(pol, b, num_steps=10) -> list[float]:
+    """Mean energy on held-out windows ``b`` after 0..num_steps descent steps from the Gaussian start."""
     import torch
 
-    pol, b = heldout_windows(ckpt, data, n_windows, episodes_from, seed=1)
     cfg = pol.config
     with torch.enable_grad():
         cond = pol.encode({k: b[k] for k in cfg.obs_shapes})
@@ -141,14 +138,17 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, summary = [], {}
-    summary["energy_trace_heldout"] = energy_trace(
-        args.ckpt, args.data, args.windows, args.window_episodes_from
-    )
+    from vlaflow.policies.checkpoint import load_checkpoint
+
+    pol = load_checkpoint(args.ckpt)
+    err_windows = heldout_windows(pol, args.data, args.windows, args.window_episodes_from, seed=0)
+    trace_windows = heldout_windows(pol, args.data, args.windows, args.window_episodes_from, seed=1)
+    summary["energy_trace_heldout"] = energy_trace(pol, trace_windows)
     print("held-out mean energy per descent step:", [round(e, 4) for e in summary["energy_trace_heldout"]])
     # held-out action error against the number of descent steps (the paper: 2 steps close to 20)
     summary["error_vs_steps"] = {}
     for k in [int(x) for x in args.error_steps.split(",") if x]:
-        st = energy_error(args.ckpt, args.data, args.windows, args.window_episodes_from, "descent", k)
+        st = energy_error(pol, err_windows, "descent", k)
         summary["error_vs_steps"][k] = {
             "mse_normalized": st["mse_normalized"],
             "spearman": st["spearman_energy_error"],
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         logd.mkdir(exist_ok=True)
         for f in logd.glob("steps_*.json"):
             f.unlink()
-        stats = energy_error(args.ckpt, args.data, args.windows, args.window_episodes_from, sampler, k)
+        stats = energy_error(pol, err_windows, sampler, k)
         rep = evaluate(
             functools.partial(_make, args.ckpt, sampler, k, str(logd)),
             task="pusht",

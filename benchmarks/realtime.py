@@ -51,14 +51,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--beta", type=float, default=5.0, help="RTC guidance clip")
     p.add_argument(
-        "--contraction-warm", default="1,2,3,5,8", help="warm-step counts of the contraction table"
+        "--contraction-warm", default="3,5,10,20,30", help="warm-step counts of the contraction table"
     )
     p.add_argument(
         "--contraction-scale",
         type=float,
-        default=0.1,
+        default=0.5,
         help="std of the warm-start perturbations (normalized units; the shifted chunk's padded tail is "
-        "off by ~0.3-0.5)",
+        "off by ~0.3-0.5; the default matches rti.choose_warm_steps)",
     )
     p.add_argument("--out", default=str(ROOT / "runs" / "realtime"), help="eval reports + executor stats")
     p.add_argument("--results", default=str(RESULTS))

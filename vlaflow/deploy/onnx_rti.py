@@ -45,8 +45,7 @@ class OnnxRTIPolicy:
         seed: int = 0,
         threads: int = 1,
     ):
-        if n_warm_steps == 0:  # auto, as RTIConfig (torch-free here, so the rule is restated)
-            n_warm_steps = min(20, max(1, num_steps // 2))
+        n_warm_steps = n_warm_steps or nps.default_warm_steps(num_steps)  # 0: the default, as RTIConfig
         if not 1 <= n_warm_steps <= num_steps:
             raise ConfigError(f"n_warm_steps must be in 1..num_steps={num_steps}, got {n_warm_steps}")
         if warm_mode not in ("place", "noised"):

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from vlaflow.data import keys as K
+from vlaflow.deploy.np_sampling import default_warm_steps
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.policies.contract import TASK
 from vlaflow.policies.interface import RuntimeSpec
@@ -68,7 +69,7 @@ class RTIConfig:
         if self.num_steps < 1:
             raise ConfigError(f"RTIConfig.num_steps must be >= 1, got {self.num_steps}")
         if self.n_warm_steps == 0:  # auto: 20 on a 100-step grid, half of a short grid
-            object.__setattr__(self, "n_warm_steps", min(20, max(1, self.num_steps // 2)))
+            object.__setattr__(self, "n_warm_steps", default_warm_steps(self.num_steps))
         if not 1 <= self.n_warm_steps <= self.num_steps:
             raise ConfigError(
                 f"RTIConfig.n_warm_steps must be in 1..num_steps={self.num_steps}, got {self.n_warm_steps}"
