@@ -12,10 +12,10 @@ By default the student has the teacher's nets and starts from the teacher's weig
 gives the student a narrower U-Net (e.g. ``32,64,128`` under a ``64,128,256`` teacher: about a quarter
 of the multiply-adds per evaluation, for control loops whose latency budget the teacher's net misses);
 it then starts from scratch, except for any non-head (observation encoder) weights of matching shape.
-A flow teacher's student keeps
-the velocity output (x0 = x_1 - u at t = 1 is the teacher's own one-step Euler estimate), a diffusion
-teacher's student outputs x0. The result is a policy checkpoint (family ``consistency``) that
-``vlaflow.load_policy`` and ``vlaflow eval`` use like any other, with one network evaluation per chunk.
+A flow teacher's student keeps the velocity output (x0 = x_1 - u at t = 1 is the teacher's own one-step
+Euler estimate), a diffusion teacher's student outputs x0. The result is a policy checkpoint (family
+``consistency``) that ``vlaflow.load_policy`` and ``vlaflow eval`` use like any other, with one network
+evaluation per chunk.
 """
 
 from __future__ import annotations
@@ -303,8 +303,8 @@ def distill(
         "teacher_sampler": sampler,
         "teacher_steps": int(n_steps),
         "student_nfe": 1,
-        "student_parameters": sum(p.numel() for p in student.parameters()),
-        "teacher_parameters": sum(p.numel() for p in tpol.parameters()),
+        "student_parameters": student.num_parameters(),
+        "teacher_parameters": tpol.num_parameters(),
         "student_down_dims": list(student_dims) if student_dims else None,
         "updates": step,
         "wall_s": round(time.perf_counter() - t_start, 1),
