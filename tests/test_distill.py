@@ -145,3 +145,47 @@ def test_narrower_student_learns_from_scratch_and_loads(store, tmp_path):
     for bad in ("a,b", "0,4"):
         with pytest.raises(ConfigError, match="student-dims"):
             parse_dims(bad)
+
+
+def test_mlp_student_trains_on_a_cached_fixed_teacher_set(store, tmp_path, monkeypatch):
+    import vlaflow
+    import vlaflow.policies.distill as D
+    from vlaflow.errors import ConfigError
+
+    teacher = _teacher(store, tmp_path, "flow")
+    cache = tmp_path / "pairs.pt"
+    kw = dict(teacher=str(teacher), data=str(store), minutes=0, batch_size=64, progress=False)
+    kw |= dict(student_net="mlp:64x2", teacher_pairs_n=384, teacher_cache=str(cache))
+    before = D.distill(out=str(tmp_path / "m0"), steps=1, **kw)
+    assert cache.is_file() and before["teacher_pairs"] == 384 and before["student_net"] == "mlp:64x2"
+
+    calls = []
+    real = D.teacher_pairs
+    monkeypatch.setattr(D, "teacher_pairs", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    after = D.distill(out=str(tmp_path / "m1"), steps=150, lr=3e-3, lr_decay="cosine", **kw)
+    assert calls == [256], "the second run must read the cached set (only the 256 check pairs are new)"
+    assert after["val_mean_abs_err_normalized"] < 0.5 * before["val_mean_abs_err_normalized"], (before, after)
+    rt = vlaflow.load_policy(tmp_path / "m1")
+    assert rt.policy.config.net.kind == "mlp" and rt.policy.config.net.mlp.width == 64
+    assert rt.infer({k: np.full((2, *s), 256, np.float32) for k, s in OBS.items()}).shape == (8, 2)
+
+    other = _teacher(store, tmp_path, "diffusion")
+    with pytest.raises(ConfigError, match="was made by"):
+        D.distill(out=str(tmp_path / "m2"), steps=1, **{**kw, "teacher": str(other)})
+    with pytest.raises(ConfigError, match="fewer than"):
+        D.distill(out=str(tmp_path / "m2"), steps=1, **{**kw, "teacher_pairs_n": 999})
+    with pytest.raises(ConfigError, match="teacher-pairs"):
+        D.distill(out=str(tmp_path / "m2"), steps=1, **{**kw, "teacher_pairs_n": 0})
+
+
+def test_parse_student_net():
+    from vlaflow.errors import ConfigError
+    from vlaflow.policies.distill import parse_student_net
+
+    assert parse_student_net("mlp:1024x3") == ("mlp", (1024, 3))
+    assert parse_student_net("MLP") == ("mlp", None)
+    assert parse_student_net("unet:32,64") == ("unet", (32, 64))
+    assert parse_student_net("") is None
+    for bad in ("mlp:1024", "mlp:0x2", "unet:", "lstm:3"):
+        with pytest.raises(ConfigError, match="student-net"):
+            parse_student_net(bad)

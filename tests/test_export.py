@@ -223,11 +223,14 @@ def test_image_language_export_constant_instruction_tokens(tmp_path):
         p.infer({**obs, "task": "open the drawer"})
 
 
-def test_consistency_student_exports_as_one_step(tmp_path):
+@pytest.mark.parametrize("head", ["unet", "mlp"])
+def test_consistency_student_exports_as_one_step(tmp_path, head):
+    from vlaflow.policies.base_config import MLPConfig, NetConfig
     from vlaflow.policies.consistency.config import ConsistencyConfig
 
     torch.manual_seed(0)
-    cfg = ConsistencyConfig(net=TINY_UNET, horizon=8, n_action_steps=4, clip_sample_range=1.0)
+    net = TINY_UNET if head == "unet" else NetConfig(kind="mlp", mlp=MLPConfig(width=32, n_blocks=2))
+    cfg = ConsistencyConfig(net=net, horizon=8, n_action_steps=4, clip_sample_range=1.0)
     policy = build_policy(cfg, PUSHT_STATS).eval()
     report = export_policy(policy, tmp_path / "cm", ExportOptions(**FAST))
     assert report["passed"] and [r["what"] for r in report["summary"]][1:] == [

@@ -25,6 +25,7 @@ from vlaflow.policies import (  # noqa: E402
 from vlaflow.policies.base_config import (  # noqa: E402
     EncoderConfig,
     LanguageConfig,
+    MLPConfig,
     NetConfig,
     TransformerConfig,
     UNetConfig,
@@ -35,6 +36,7 @@ TINY_UNET = NetConfig(
     kind="unet", unet=UNetConfig(down_dims=(16, 32), kernel_size=3, n_groups=4, step_embed_dim=16)
 )
 TINY_DIT = NetConfig(kind="transformer", transformer=TransformerConfig(d_model=32, n_layers=1, n_heads=2))
+TINY_MLP = NetConfig(kind="mlp", mlp=MLPConfig(width=32, n_blocks=2, step_embed_dim=8))
 TINY_VISION = EncoderConfig(
     image_base_width=8,
     norm_group_size=4,
@@ -60,6 +62,10 @@ def _stats(shape, lo, hi):
     }
 
 
+def _net(name):
+    return TINY_DIT if "dit" in name else TINY_MLP if "mlp" in name else TINY_UNET
+
+
 def _case(name):
     fam = DiffusionConfig if name.startswith("diffusion") else FlowConfig
     common = dict(n_obs_steps=TO, horizon=H, n_action_steps=4, action_dim=DA, num_inference_steps=3)
@@ -73,13 +79,13 @@ def _case(name):
         cfg = fam(
             obs_shapes=obs,
             encoder=enc,
-            net=TINY_DIT if "dit" in name else TINY_UNET,
+            net=_net(name),
             tasks=TASKS,
             **common,
         )
     else:
         obs = {"obs.state": (4,), "obs.keypoint": (3, 2)}
-        cfg = fam(obs_shapes=obs, net=TINY_DIT if "dit" in name else TINY_UNET, **common)
+        cfg = fam(obs_shapes=obs, net=_net(name), **common)
     stats = {
         "action": _stats((DA,), 100.0, 300.0),
         "obs.state": _stats((4,), -2.0, 2.0),
@@ -113,7 +119,16 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-CASES = ["diffusion-unet", "flow-unet", "diffusion-dit", "flow-dit", "flow-unet-vla", "diffusion-dit-vla"]
+CASES = [
+    "diffusion-unet",
+    "flow-unet",
+    "diffusion-dit",
+    "flow-dit",
+    "flow-mlp",
+    "flow-unet-vla",
+    "diffusion-dit-vla",
+    "diffusion-mlp-vla",
+]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -267,9 +282,13 @@ def test_defaults_build_pusht_lowdim(fam):
 
 
 def test_config_round_trip_and_validation():
-    cfg, _ = _case("diffusion-dit-vla")
-    d = json.loads(json.dumps(cfg.to_dict()))
-    assert policy_config_from_dict(d) == cfg
+    for name in ("flow-mlp", "diffusion-dit-vla"):
+        cfg, _ = _case(name)
+        d = json.loads(json.dumps(cfg.to_dict()))
+        assert policy_config_from_dict(d) == cfg
+    FlowConfig(horizon=10, net=TINY_MLP)  # an MLP head has no horizon constraint
+    with pytest.raises(ConfigError, match="net.kind"):
+        NetConfig(kind="lstm")
     with pytest.raises(ConfigError, match="horizon"):
         DiffusionConfig(horizon=10)  # U-Net needs horizon divisible by 2**(levels-1) = 4
     with pytest.raises(ConfigError, match="n_action_steps"):

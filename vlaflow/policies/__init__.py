@@ -27,6 +27,7 @@ _EXPORTS = {
     "LanguageConfig": "vlaflow.policies.base_config",
     "NetConfig": "vlaflow.policies.base_config",
     "UNetConfig": "vlaflow.policies.base_config",
+    "MLPConfig": "vlaflow.policies.base_config",
     "TransformerConfig": "vlaflow.policies.base_config",
 }
 

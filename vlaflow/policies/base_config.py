@@ -135,20 +135,36 @@ class TransformerConfig:
 
 
 @dataclass(frozen=True)
+class MLPConfig:
+    width: int = 512  # hidden width of every residual block
+    n_blocks: int = 3  # residual blocks (LayerNorm -> Linear -> Mish -> Linear)
+    step_embed_dim: int = 64  # sinusoidal time-embedding width
+
+    def __post_init__(self):
+        _check(self.width >= 1, f"net.mlp.width must be >= 1, got {self.width}")
+        _check(self.n_blocks >= 0, f"net.mlp.n_blocks must be >= 0, got {self.n_blocks}")
+        _check(
+            self.step_embed_dim >= 2 and self.step_embed_dim % 2 == 0,
+            f"net.mlp.step_embed_dim must be even and >= 2, got {self.step_embed_dim}",
+        )
+
+
+NET_KINDS = ("unet", "transformer", "mlp")
+
+
+@dataclass(frozen=True)
 class NetConfig:
-    kind: str = (
-        "unet"  # action head: "unet" (FiLM, Diffusion Policy) or "transformer" (DiT + cross-attention)
-    )
+    # action head: "unet" (FiLM, Diffusion Policy), "transformer" (DiT + cross-attention) or "mlp" (residual
+    # MLP over the flattened chunk: the fastest at batch 1, for one-step students)
+    kind: str = "unet"
     unet: UNetConfig = field(default_factory=UNetConfig)  # used when kind == "unet"
     transformer: TransformerConfig = field(
         default_factory=TransformerConfig
     )  # used when kind == "transformer"
+    mlp: MLPConfig = field(default_factory=MLPConfig)  # used when kind == "mlp"
 
     def __post_init__(self):
-        _check(
-            self.kind in ("unet", "transformer"),
-            f"net.kind must be 'unet' or 'transformer', got {self.kind!r}",
-        )
+        _check(self.kind in NET_KINDS, f"net.kind must be one of {NET_KINDS}, got {self.kind!r}")
 
 
 @dataclass(frozen=True)

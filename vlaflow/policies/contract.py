@@ -35,6 +35,7 @@ from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.policies.base_config import PolicyConfig
 from vlaflow.policies.interface import RuntimeSpec
 from vlaflow.policies.nets.encoders import ObsEncoder
+from vlaflow.policies.nets.mlp import MLPHead
 from vlaflow.policies.nets.transformer import TransformerHead
 from vlaflow.policies.nets.unet1d import ConditionalUnet1D
 from vlaflow.policies.path import GaussianPath
@@ -135,6 +136,16 @@ class DenoisingPolicy(nn.Module):
                 u.kernel_size,
                 u.n_groups,
                 u.step_embed_dim,
+            )
+        elif config.net.kind == "mlp":
+            m = config.net.mlp
+            self.head = MLPHead(
+                config.action_dim,
+                config.horizon,
+                cond_dim * n_tokens,
+                m.width,
+                m.n_blocks,
+                m.step_embed_dim,
             )
         else:
             tc = config.net.transformer
@@ -243,7 +254,7 @@ class DenoisingPolicy(nn.Module):
         """Native prediction for x_t (B, H, Da) at path time t (B,) given cond (B, Nc, Fc)."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         tm = self.path.model_time(t)
-        if self.config.net.kind == "unet":
+        if self.config.net.kind in ("unet", "mlp"):
             return self.head(x_t, tm, cond.flatten(1))
         return self.head(x_t, tm, cond)
 

@@ -6,12 +6,18 @@ Observation windows are drawn from the store; for each, the teacher runs its own
 The student f(x_t, t, obs) is regressed onto the chain's final action from (a) the initial noise at the
 teacher's start time (the one-step map that inference uses) and (b) one random intermediate state of the
 same chain (the consistency property along the probability-flow ODE: every point of a trajectory maps
-to its end). Teacher data are generated on the fly into a pool that is refreshed as training goes.
+to its end). Teacher data are generated on the fly into a pool that is refreshed as training goes, or,
+with ``--teacher-pairs N``, generated once up front (optionally kept in ``--teacher-cache FILE`` for the
+next student): the teacher's K-step sampling then stops costing every update, so a cheap student takes
+many more updates in the same wall time.
 
 By default the student has the teacher's nets and starts from the teacher's weights. ``--student-dims``
 gives the student a narrower U-Net (e.g. ``32,64,128`` under a ``64,128,256`` teacher: about a quarter
 of the multiply-adds per evaluation, for control loops whose latency budget the teacher's net misses);
 it then starts from scratch, except for any non-head (observation encoder) weights of matching shape.
+``--student-net mlp:1024x3`` gives it a residual-MLP head instead (width x blocks; `nets/mlp.py`), a few
+matrix-vector products per evaluation: the head to use when the control step must fit in a millisecond
+or two on a CPU.
 A flow teacher's student keeps the velocity output (x0 = x_1 - u at t = 1 is the teacher's own one-step
 Euler estimate), a diffusion teacher's student outputs x0. The result is a policy checkpoint (family
 ``consistency``) that ``vlaflow.load_policy`` and ``vlaflow eval`` use like any other, with one network
@@ -37,6 +43,13 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="student minibatch size (default 128)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     parser.add_argument(
+        "--lr-decay",
+        choices=("none", "cosine"),
+        default="none",
+        help="learning-rate schedule over the budget (steps or minutes, whichever ends first): constant "
+        "(default) or cosine to zero, which helps a from-scratch student fit the teacher closely",
+    )
+    parser.add_argument(
         "--pool", type=int, default=4096, help="teacher pairs kept in the pool (default 4096)"
     )
     parser.add_argument(
@@ -51,6 +64,25 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         "--student-dims",
         default="",
         help="U-Net widths of a smaller student, e.g. 32,64,128 (default: the teacher's net and weights)",
+    )
+    parser.add_argument(
+        "--student-net",
+        default="",
+        help="student head: mlp:WIDTHxBLOCKS (e.g. mlp:1024x3) or unet:D1,D2,D3 "
+        "(default: the teacher's net and weights)",
+    )
+    parser.add_argument(
+        "--teacher-pairs",
+        type=int,
+        default=0,
+        help="generate this many teacher pairs once, up front, and train on that fixed set "
+        "(default 0: an on-the-fly pool of --pool pairs, --refresh new ones every 10 updates)",
+    )
+    parser.add_argument(
+        "--teacher-cache",
+        default="",
+        help="file for the --teacher-pairs set: loaded when it exists (and was made by the same teacher, "
+        "sampler, steps and store), else written after generation",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for windows and noise (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -67,12 +99,16 @@ def run_distill(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_decay=args.lr_decay,
         pool=args.pool,
         refresh=args.refresh,
         chain_weight=args.chain_weight,
         teacher_sampler=args.teacher_sampler,
         teacher_steps=args.teacher_steps,
         student_dims=parse_dims(args.student_dims),
+        student_net=args.student_net,
+        teacher_pairs_n=args.teacher_pairs,
+        teacher_cache=args.teacher_cache,
         seed=args.seed,
         threads=args.threads,
         device=args.device,
@@ -95,11 +131,39 @@ def parse_dims(text: str) -> tuple[int, ...] | None:
     return dims
 
 
-def student_config(teacher, teacher_path: str, sampler: str, steps: int, down_dims=None):
-    """The student's config: the teacher's shapes, encoders and net (or a U-Net of ``down_dims`` widths);
-    its path; the start time of its grid."""
+def parse_student_net(text: str):
+    """ "mlp:1024x3" -> ("mlp", (1024, 3)); "unet:32,64,128" -> ("unet", (32, 64, 128)); "" -> None."""
+    text = text.strip()
+    if not text:
+        return None
+    kind, _, arg = text.partition(":")
+    kind = kind.strip().lower()
+    if kind == "unet":
+        dims = parse_dims(arg)
+        if dims is None:
+            raise ConfigError("--student-net unet:D1,D2,... needs the widths, e.g. unet:32,64,128")
+        return "unet", dims
+    if kind == "mlp":
+        if not arg.strip():
+            return "mlp", None
+        try:
+            width, blocks = (int(x) for x in arg.lower().split("x"))
+        except ValueError:
+            raise ConfigError(
+                f"--student-net mlp takes WIDTHxBLOCKS, e.g. mlp:1024x3, got {text!r}"
+            ) from None
+        if width < 1 or blocks < 0:
+            raise ConfigError(f"--student-net mlp: width must be >= 1 and blocks >= 0, got {text!r}")
+        return "mlp", (width, blocks)
+    raise ConfigError(f"--student-net must be mlp:WIDTHxBLOCKS or unet:D1,D2,..., got {text!r}")
+
+
+def student_config(teacher, teacher_path: str, sampler: str, steps: int, down_dims=None, net_spec=None):
+    """The student's config: the teacher's shapes, encoders and net (or a U-Net of ``down_dims`` widths, or
+    the head of ``net_spec`` from :func:`parse_student_net`); its path; the start time of its grid."""
     import dataclasses
 
+    from vlaflow.policies.base_config import MLPConfig
     from vlaflow.policies.consistency.config import ConsistencyConfig
 
     tc = teacher.config
@@ -107,10 +171,17 @@ def student_config(teacher, teacher_path: str, sampler: str, steps: int, down_di
     if fam not in ("diffusion", "flow"):
         raise ConfigError(f"{teacher_path}: teacher family {fam!r} cannot be distilled (diffusion or flow)")
     net = tc.net
+    if net_spec is not None and net_spec[0] == "unet":
+        if down_dims is not None:
+            raise ConfigError("give the U-Net widths once: --student-dims or --student-net unet:...")
+        down_dims = net_spec[1]
     if down_dims is not None:
-        if net.kind != "unet":
-            raise ConfigError(f"--student-dims needs a U-Net teacher; {teacher_path} has a {net.kind!r} net")
-        net = dataclasses.replace(net, unet=dataclasses.replace(net.unet, down_dims=tuple(down_dims)))
+        net = dataclasses.replace(
+            net, kind="unet", unet=dataclasses.replace(net.unet, down_dims=tuple(down_dims))
+        )
+    elif net_spec is not None:  # mlp
+        m = MLPConfig() if net_spec[1] is None else MLPConfig(width=net_spec[1][0], n_blocks=net_spec[1][1])
+        net = dataclasses.replace(net, kind="mlp", mlp=m)
     start = float(teacher.path.timesteps(steps)[0])
     clip = float(getattr(tc, "clip_sample_range", 0.0)) if getattr(tc, "clip_sample", False) else 0.0
     return ConsistencyConfig(
@@ -166,6 +237,56 @@ def teacher_pairs(teacher, ws, idx, sampler: str, steps: int, generator):
     return obs, noise, mid, mid_t, res.x0
 
 
+def _join_pairs(a: tuple, b: tuple, keep: int) -> tuple:
+    """Two teacher-pair tuples -> one, keeping the newest ``keep``."""
+    import torch
+
+    return (
+        _cat_obs(a[0], b[0], keep),
+        *(torch.cat([x, y])[-keep:] for x, y in zip(a[1:], b[1:], strict=True)),
+    )
+
+
+def _cache_meta(teacher: str, data: str, sampler: str, steps: int) -> dict:
+    return {
+        "teacher": str(Path(teacher).resolve()),
+        "data": str(Path(data).resolve()),
+        "sampler": sampler,
+        "steps": int(steps),
+    }
+
+
+def teacher_set(fresh, n: int, cache: str, meta: dict, chunk: int = 512, progress: bool = True) -> tuple:
+    """``n`` teacher pairs made by ``fresh(k)`` in chunks (with a progress bar); read from ``cache`` when
+    that file exists, written to it otherwise."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if cache and Path(cache).is_file():
+        blob = torch.load(cache, weights_only=True)
+        if blob["meta"] != meta:
+            raise ConfigError(
+                f"--teacher-cache {cache} was made by {blob['meta']}, not by this run's {meta}; "
+                "give another file or delete it"
+            )
+        have = blob["pairs"][1].shape[0]
+        if have < n:
+            raise ConfigError(f"--teacher-cache {cache} holds {have} pairs, fewer than --teacher-pairs {n}")
+        p = blob["pairs"]
+        return ({k: v[:n] for k, v in p[0].items()}, *(x[:n] for x in p[1:]))
+    pairs = None
+    with tqdm(total=n, desc="teacher pairs", unit="pair", disable=not progress) as bar:
+        while pairs is None or pairs[1].shape[0] < n:
+            k = min(chunk, n - (0 if pairs is None else pairs[1].shape[0]))
+            new = fresh(k)
+            pairs = new if pairs is None else _join_pairs(pairs, new, n)
+            bar.update(k)
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"meta": meta, "pairs": pairs}, cache)
+    return pairs
+
+
 def _cat_obs(a: dict, b: dict, keep: int) -> dict:
     import torch
 
@@ -186,12 +307,16 @@ def distill(
     steps: int = 0,
     batch_size: int = 128,
     lr: float = 1e-4,
+    lr_decay: str = "none",
     pool: int = 4096,
     refresh: int = 256,
     chain_weight: float = 0.5,
     teacher_sampler: str = "",
     teacher_steps: int = 0,
     student_dims: tuple[int, ...] | None = None,
+    student_net: str = "",
+    teacher_pairs_n: int = 0,
+    teacher_cache: str = "",
     seed: int = 0,
     threads: int = 1,
     device: str = "cpu",
@@ -212,6 +337,13 @@ def distill(
     for name, v in (("batch-size", batch_size), ("pool", pool), ("refresh", refresh)):
         if v < 1:
             raise ConfigError(f"--{name} must be >= 1, got {v}")
+    if teacher_pairs_n < 0:
+        raise ConfigError(f"--teacher-pairs must be >= 0, got {teacher_pairs_n}")
+    if teacher_cache and not teacher_pairs_n:
+        raise ConfigError("--teacher-cache needs --teacher-pairs N (the size of the fixed teacher set)")
+    net_spec = parse_student_net(student_net)
+    if lr_decay not in ("none", "cosine"):
+        raise ConfigError(f"--lr-decay must be 'none' or 'cosine', got {lr_decay!r}")
     if threads > 0:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -220,16 +352,16 @@ def distill(
         p.requires_grad_(False)
     sampler = teacher_sampler or tpol.config.sampler
     n_steps = teacher_steps or tpol.config.num_inference_steps
-    cfg = student_config(tpol, teacher, sampler, n_steps, student_dims)
+    cfg = student_config(tpol, teacher, sampler, n_steps, student_dims, net_spec)
     stats = {
         k: {s: np.asarray(v) for s, v in st.items()} for k, st in tpol.normalizer.to_dict()["stats"].items()
     }
     student = build_policy(cfg, stats).to(device)
-    if student_dims is None:
+    if cfg.net == tpol.config.net:
         missing = student.load_state_dict(tpol.state_dict(), strict=False)
         if missing.unexpected_keys or missing.missing_keys:
             raise VlaflowError(f"teacher and student nets differ: {missing}")
-    else:  # a narrower head starts from scratch; observation encoders of the same shape are copied
+    else:  # another head starts from scratch; observation encoders of the same shape are copied
         own = student.state_dict()
         shared = {
             k: v
@@ -251,11 +383,19 @@ def distill(
     def fresh(n):
         return teacher_pairs(tpol, ws, rng.integers(0, len(ws), size=n), sampler, n_steps, gen)
 
-    # held-out check set: the student's one-step error to the teacher on windows it never trained on
+    # held-out check set: the student's one-step error to the teacher on fresh windows and noise
     val = fresh(256)
-    buf = fresh(min(pool, max(batch_size, refresh * 4)))
+    t_teacher = time.perf_counter()
+    if teacher_pairs_n:
+        meta = _cache_meta(teacher, data, sampler, n_steps)
+        buf = teacher_set(fresh, teacher_pairs_n, teacher_cache, meta, progress=progress)
+    else:
+        buf = fresh(min(pool, max(batch_size, refresh * 4)))
+    t_train = time.perf_counter()
+    teacher_s = t_train - t_teacher
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-6)
-    budget_s = minutes * 60 if minutes > 0 else float("inf")
+    # the budget is for the updates; a fixed teacher set's generation is reported apart (teacher_set_s)
+    budget_s = (minutes * 60 if minutes > 0 else float("inf")) + (teacher_s if teacher_pairs_n else 0.0)
     bar = tqdm(total=steps or None, desc="distill", unit="step", disable=not progress)
     step, losses = 0, []
     student.train()
@@ -264,12 +404,15 @@ def distill(
             break
         if time.perf_counter() - t_start > budget_s:
             break
-        if step % 10 == 0 and step > 0:
-            new = fresh(refresh)
-            buf = (
-                _cat_obs(buf[0], new[0], pool),
-                *(torch.cat([a, b])[-pool:] for a, b in zip(buf[1:], new[1:], strict=True)),
+        if step % 10 == 0 and step > 0 and not teacher_pairs_n:
+            buf = _join_pairs(buf, fresh(refresh), pool)
+        if lr_decay == "cosine":  # by the fraction of the budget spent, steps or wall time
+            frac = max(
+                step / steps if steps else 0.0,
+                (time.perf_counter() - t_train) / (budget_s - (t_train - t_start)),
             )
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1.0 + np.cos(np.pi * min(frac, 1.0)))
         n = buf[1].shape[0]
         sel = torch.from_numpy(rng.integers(0, n, size=batch_size))
         obs = {k: v[sel] for k, v in buf[0].items()}
@@ -305,8 +448,16 @@ def distill(
         "student_nfe": 1,
         "student_parameters": student.num_parameters(),
         "teacher_parameters": tpol.num_parameters(),
-        "student_down_dims": list(student_dims) if student_dims else None,
+        "student_down_dims": list(cfg.net.unet.down_dims) if cfg.net.kind == "unet" else None,
+        "student_net": cfg.net.kind
+        if cfg.net.kind != "mlp"
+        else f"mlp:{cfg.net.mlp.width}x{cfg.net.mlp.n_blocks}",
         "updates": step,
+        "lr": lr,
+        "lr_decay": lr_decay,
+        "teacher_pairs": int(buf[1].shape[0]) if teacher_pairs_n else None,
+        "teacher_set_s": round(teacher_s, 1) if teacher_pairs_n else None,
+        "train_s": round(time.perf_counter() - t_train, 1),
         "wall_s": round(time.perf_counter() - t_start, 1),
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "val_mean_abs_err_normalized": err,
