@@ -189,3 +189,48 @@ def test_parse_student_net():
     for bad in ("mlp:1024", "mlp:0x2", "unet:", "lstm:3"):
         with pytest.raises(ConfigError, match="student-net"):
             parse_student_net(bad)
+
+
+def test_narrower_unet_starts_from_a_channel_subset_of_the_teacher(store, tmp_path):
+    import vlaflow.policies.distill as D
+    from vlaflow.errors import ConfigError
+    from vlaflow.policies.checkpoint import load_checkpoint
+    from vlaflow.policies.registry import build_policy
+
+    teacher = load_checkpoint(_teacher(store, tmp_path, "flow"))
+    stats = {
+        k: {s: np.asarray(v) for s, v in st.items()}
+        for k, st in teacher.normalizer.to_dict()["stats"].items()
+    }
+    tsd = teacher.state_dict()
+
+    same = build_policy(D.student_config(teacher, "t", "euler", 4, (16, 32)), stats)
+    same.load_state_dict(D.narrowed_unet_state(tsd, same.state_dict(), 4), strict=False)
+    x, cond = torch.randn(3, 8, 2), torch.randn(3, 2, teacher.cond_dim)
+    torch.testing.assert_close(same.predict(x, 0.5, cond), teacher.predict(x, 0.5, cond))
+
+    small = build_policy(D.student_config(teacher, "t", "euler", 4, (8, 16)), stats)
+    cut = D.narrowed_unet_state(tsd, small.state_dict(), 4)
+    assert {k for k in small.state_dict() if k.startswith("head.")} == set(cut)
+    keep16, keep32 = D._keep(16, 8, 4), D._keep(32, 16, 4)
+    assert keep16 == [0, 1, 4, 5, 8, 9, 12, 13]
+    k = "head.down.0.1.blocks.0.block.0.weight"  # conv 16 -> 16 channels at level 0
+    torch.testing.assert_close(cut[k], tsd[k][keep16][:, keep16])
+    k = "head.down.1.0.cond_encoder.1.weight"  # FiLM (scale ; bias) for 32 channels
+    torch.testing.assert_close(cut[k], tsd[k][keep32 + [32 + i for i in keep32]])
+    k = "head.up.0.0.blocks.0.block.0.weight"  # conv over cat(h 32, skip 32) -> 16
+    torch.testing.assert_close(cut[k], tsd[k][keep16][:, keep32 + [32 + i for i in keep32]])
+    assert D.narrowable(teacher.config.net, small.config.net)
+    assert not D.narrowable(small.config.net, teacher.config.net)  # wider than the teacher
+
+    kw = dict(teacher=str(tmp_path / "teacher_flow"), data=str(store), minutes=0, steps=1, progress=False)
+    kw |= dict(batch_size=16, pool=64, refresh=16)
+    assert (
+        D.distill(out=str(tmp_path / "c"), student_dims=(8, 16), **kw)["student_init"] == "teacher channels"
+    )
+    assert (
+        D.distill(out=str(tmp_path / "r"), student_dims=(8, 16), student_init="scratch", **kw)["student_init"]
+        == "scratch"
+    )
+    with pytest.raises(ConfigError, match="student-init teacher"):
+        D.distill(out=str(tmp_path / "m"), student_net="mlp:16x1", student_init="teacher", **kw)

@@ -72,6 +72,13 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the teacher's net and weights)",
     )
     parser.add_argument(
+        "--student-init",
+        choices=("auto", "teacher", "scratch"),
+        default="auto",
+        help="a narrower U-Net student starts from a channel subset of the teacher's weights (auto, "
+        "teacher) or from random weights (scratch); other heads always start from scratch",
+    )
+    parser.add_argument(
         "--teacher-pairs",
         type=int,
         default=0,
@@ -109,6 +116,7 @@ def run_distill(args: argparse.Namespace) -> int:
         student_net=args.student_net,
         teacher_pairs_n=args.teacher_pairs,
         teacher_cache=args.teacher_cache,
+        student_init=args.student_init,
         seed=args.seed,
         threads=args.threads,
         device=args.device,
@@ -237,6 +245,63 @@ def teacher_pairs(teacher, ws, idx, sampler: str, steps: int, generator):
     return obs, noise, mid, mid_t, res.x0
 
 
+def narrowable(teacher_net, student_net) -> bool:
+    """Whether a student U-Net can start from a channel subset of the teacher's (same levels, kernel,
+    groups, step embedding; each width no wider and a whole number of channels per group)."""
+    if teacher_net.kind != "unet" or student_net.kind != "unet":
+        return False
+    t, u = teacher_net.unet, student_net.unet
+    same = (t.kernel_size, t.n_groups, t.step_embed_dim) == (u.kernel_size, u.n_groups, u.step_embed_dim)
+    return (
+        same
+        and len(t.down_dims) == len(u.down_dims)
+        and all(a <= b for a, b in zip(u.down_dims, t.down_dims, strict=True))
+    )
+
+
+def _keep(t: int, s: int, groups: int) -> list[int]:
+    """Channels kept when a width-``t`` GroupNorm space narrows to ``s``: the first s/g of every group."""
+    per_t, per_s = t // groups, s // groups
+    return [g * per_t + i for g in range(groups) for i in range(per_s)]
+
+
+def narrowed_unet_state(teacher_sd: dict, student_sd: dict, groups: int) -> dict:
+    """The teacher U-Net's weights cut to a narrower student's shapes (``ConditionalUnet1D`` layout).
+
+    Every width-T channel space keeps the same channels (:func:`_keep`), so residual streams, skips and
+    FiLM stay aligned. Two kinds of axes are two spaces side by side and are cut half by half: FiLM's
+    (scale ; bias) outputs, and the input of an up level's first block (upsampled ; skip). A structured-
+    pruning start: far closer to the teacher's map than a random init, so the student needs fewer updates.
+    """
+    import torch
+
+    out = {}
+    for k, v in student_sd.items():
+        if not k.startswith("head.") or k not in teacher_sd:
+            continue
+        w = teacher_sd[k]
+        if w.shape == v.shape:
+            out[k] = w.clone()
+            continue
+        parts = k.split(".")
+        doubled = set()
+        if "cond_encoder" in parts:
+            doubled.add(0)  # Linear(film, 2 c): scale then bias
+        if parts[1] == "up" and parts[3] == "0" and (parts[4] == "residual" or parts[4:6] == ["blocks", "0"]):
+            doubled.add(1)  # conv over cat(h, skip)
+        for dim, (a, b) in enumerate(zip(w.shape, v.shape, strict=True)):
+            if a == b:
+                continue
+            if dim in doubled:
+                keep = _keep(a // 2, b // 2, groups)
+                idx = keep + [a // 2 + i for i in keep]
+            else:
+                idx = _keep(a, b, groups)
+            w = w.index_select(dim, torch.tensor(idx))
+        out[k] = w.clone()
+    return out
+
+
 def _join_pairs(a: tuple, b: tuple, keep: int) -> tuple:
     """Two teacher-pair tuples -> one, keeping the newest ``keep``."""
     import torch
@@ -317,6 +382,7 @@ def distill(
     student_net: str = "",
     teacher_pairs_n: int = 0,
     teacher_cache: str = "",
+    student_init: str = "auto",
     seed: int = 0,
     threads: int = 1,
     device: str = "cpu",
@@ -342,6 +408,8 @@ def distill(
     if teacher_cache and not teacher_pairs_n:
         raise ConfigError("--teacher-cache needs --teacher-pairs N (the size of the fixed teacher set)")
     net_spec = parse_student_net(student_net)
+    if student_init not in ("auto", "teacher", "scratch"):
+        raise ConfigError(f"--student-init must be auto, teacher or scratch, got {student_init!r}")
     if lr_decay not in ("none", "cosine"):
         raise ConfigError(f"--lr-decay must be 'none' or 'cosine', got {lr_decay!r}")
     if threads > 0:
@@ -357,17 +425,27 @@ def distill(
         k: {s: np.asarray(v) for s, v in st.items()} for k, st in tpol.normalizer.to_dict()["stats"].items()
     }
     student = build_policy(cfg, stats).to(device)
+    init = "teacher"
     if cfg.net == tpol.config.net:
         missing = student.load_state_dict(tpol.state_dict(), strict=False)
         if missing.unexpected_keys or missing.missing_keys:
             raise VlaflowError(f"teacher and student nets differ: {missing}")
-    else:  # another head starts from scratch; observation encoders of the same shape are copied
+    else:  # another head: observation encoders of the same shape are copied
         own = student.state_dict()
         shared = {
             k: v
             for k, v in tpol.state_dict().items()
             if not k.startswith("head.") and k in own and own[k].shape == v.shape
         }
+        init = "scratch"
+        if student_init != "scratch" and narrowable(tpol.config.net, cfg.net):
+            shared |= narrowed_unet_state(tpol.state_dict(), own, cfg.net.unet.n_groups)
+            init = "teacher channels"
+        elif student_init == "teacher":
+            raise ConfigError(
+                "--student-init teacher needs a U-Net student no wider than the teacher's U-Net, with "
+                "its levels, kernel, groups and step embedding"
+            )
         student.load_state_dict(shared, strict=False)
     store = EpisodeStore.open(data)
     keys = list(cfg.obs_shapes)
@@ -452,6 +530,7 @@ def distill(
         "student_net": cfg.net.kind
         if cfg.net.kind != "mlp"
         else f"mlp:{cfg.net.mlp.width}x{cfg.net.mlp.n_blocks}",
+        "student_init": init,
         "updates": step,
         "lr": lr,
         "lr_decay": lr_decay,
