@@ -52,6 +52,20 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" only where the help does not already say its default and X means something
+    (not None, "", False of a flag): argparse's own formatter printed "(default 50) (default: None)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text.lower() or d is None or d is argparse.SUPPRESS or d == "" or d is False:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
 def _top_parser() -> argparse.ArgumentParser:
     width = max(len(n) for n in COMMANDS)
     lines = "\n".join(f"  {n.ljust(width)}  {h}" for n, (_, h) in COMMANDS.items())
@@ -87,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     fn = name.replace("-", "_")
     parser = argparse.ArgumentParser(
-        prog=f"vlaflow {name}", description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=f"vlaflow {name}", description=help_text, formatter_class=_DefaultsFormatter
     )
     getattr(module, f"add_{fn}_arguments")(parser)
     args = parser.parse_args(rest)
