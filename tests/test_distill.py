@@ -172,6 +172,18 @@ def test_mlp_student_trains_on_a_cached_fixed_teacher_set(store, tmp_path, monke
     other = _teacher(store, tmp_path, "diffusion")
     with pytest.raises(ConfigError, match="was made by"):
         D.distill(out=str(tmp_path / "m2"), steps=1, **{**kw, "teacher": str(other)})
+    retrained = vlaflow.policies.checkpoint.load_checkpoint(teacher)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1.0)
+    vlaflow.policies.save_checkpoint(tmp_path / "retrained", retrained)
+    cache.rename(tmp_path / "pairs_old.pt")  # the same teacher path, other weights: the set is stale
+    D.distill(out=str(tmp_path / "m3"), steps=1, **kw)
+    teacher.rename(tmp_path / "teacher_old")
+    (tmp_path / "retrained").rename(teacher)
+    with pytest.raises(ConfigError, match="was made by"):
+        D.distill(out=str(tmp_path / "m2"), steps=1, **kw)
+    teacher.rename(tmp_path / "retrained")
+    (tmp_path / "teacher_old").rename(teacher)
     with pytest.raises(ConfigError, match="fewer than"):
         D.distill(out=str(tmp_path / "m2"), steps=1, **{**kw, "teacher_pairs_n": 999})
     with pytest.raises(ConfigError, match="teacher-pairs"):

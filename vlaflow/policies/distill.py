@@ -313,8 +313,19 @@ def _join_pairs(a: tuple, b: tuple, keep: int) -> tuple:
 
 
 def _cache_meta(teacher: str, data: str, sampler: str, steps: int) -> dict:
+    """What made a teacher set: the teacher (path and a hash of its weights, so a retrained teacher at the
+    same path does not reuse stale pairs), the store, the sampler and its steps."""
+    import hashlib
+
+    h = hashlib.sha256()
+    from vlaflow.policies.checkpoint import MODEL_FILE
+
+    with open(Path(teacher) / MODEL_FILE, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
     return {
         "teacher": str(Path(teacher).resolve()),
+        "teacher_sha256": h.hexdigest(),
         "data": str(Path(data).resolve()),
         "sampler": sampler,
         "steps": int(steps),
