@@ -232,16 +232,20 @@ def test_consistency_student_exports_as_one_step(tmp_path, head):
     net = TINY_UNET if head == "unet" else NetConfig(kind="mlp", mlp=MLPConfig(width=32, n_blocks=2))
     cfg = ConsistencyConfig(net=net, horizon=8, n_action_steps=4, clip_sample_range=1.0)
     policy = build_policy(cfg, PUSHT_STATS).eval()
-    report = export_policy(policy, tmp_path / "cm", ExportOptions(**FAST))
+    # the one step also unrolls into one graph (its time a constant that ONNX Runtime folds away)
+    report = export_policy(policy, tmp_path / "cm", ExportOptions(**FAST, unrolled_steps=1))
     assert report["passed"] and [r["what"] for r in report["summary"]][1:] == [
         "onestep:1 step",
         "onestep:1 chunk",
+        "unrolled chunk",
     ]
-    p = OnnxPolicy(tmp_path / "cm", seed=0)
-    a = p.infer(
-        {"obs.keypoint": np.zeros((2, 9, 2), np.float32), "obs.agent_pos": np.zeros((2, 2), np.float32)}
-    )
+    obs = {"obs.keypoint": np.zeros((2, 9, 2), np.float32), "obs.agent_pos": np.zeros((2, 2), np.float32)}
+    p = OnnxPolicy(tmp_path / "cm", seed=0, use_unrolled=False)
+    a = p.infer(obs)
     assert a.shape == (8, 2) and p.last_nfe == 1 and p.manifest["timesteps"] == [90.0]
+    u = OnnxPolicy(tmp_path / "cm", seed=0)
+    np.testing.assert_allclose(u.infer(obs), a, atol=1e-4)
+    assert u.last_nfe == 1
 
 
 def test_failing_parity_fails_the_export_and_leaves_nothing(tmp_path, capsys):

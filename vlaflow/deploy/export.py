@@ -9,8 +9,9 @@ What goes where (Nc condition tokens of width Fc, To obs steps, H chunk, Da acti
   parameterization (eps for diffusion, velocity for flow); path time ``t`` is a tensor input, so one graph
   serves every sampler and step count. No Loop op: the sampler loop and its float32 arithmetic run on the
   host (:mod:`vlaflow.deploy.np_sampling`).
-- ``unrolled.onnx`` (``--unrolled``): K deterministic sampler steps (DDIM eta=0 or Euler) unrolled into one
-  graph, ``(cond, noise) -> x0`` in normalized units (always traced: the schedule becomes constants).
+- ``unrolled.onnx`` (``--unrolled``): K deterministic sampler steps (DDIM eta=0, Euler, or a consistency
+  student's one step) unrolled into one graph, ``(cond, noise) -> x0`` in normalized units (always traced:
+  the schedule becomes constants).
 - Language: the instruction encoder (a transformers BERT) is not exported. The projected language token of
   every instruction the policy knows (``config.tasks`` and its default task) is computed at export time and
   stored in the manifest; the runtime appends it to ``cond`` and names the known instructions for any other.
@@ -44,7 +45,7 @@ FORMAT = "vlaflow.onnx_policy"
 VERSION = 1
 MANIFEST, PARITY = "manifest.json", "parity.json"
 EXPORTERS = ("dynamo", "torchscript")
-UNROLLABLE = ("ddim", "euler")
+UNROLLABLE = ("ddim", "euler", "onestep")
 # Families with encode + predict(x_t, t, cond) on a Gaussian path. EBT samples by gradient descent on an
 # energy (a backward pass per step): not exported here.
 EXPORTABLE_FAMILIES = ("diffusion", "flow", "consistency")
