@@ -164,6 +164,7 @@ def test_mlp_student_trains_on_a_cached_fixed_teacher_set(store, tmp_path, monke
     monkeypatch.setattr(D, "teacher_pairs", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     after = D.distill(out=str(tmp_path / "m1"), steps=150, lr=3e-3, lr_decay="cosine", **kw)
     assert calls == [256], "the second run must read the cached set (only the 256 check pairs are new)"
+    assert not before["teacher_set_cached"] and after["teacher_set_cached"]
     assert after["val_mean_abs_err_normalized"] < 0.5 * before["val_mean_abs_err_normalized"], (before, after)
     rt = vlaflow.load_policy(tmp_path / "m1")
     assert rt.policy.config.net.kind == "mlp" and rt.policy.config.net.mlp.width == 64

@@ -475,6 +475,7 @@ def distill(
     # held-out check set: the student's one-step error to the teacher on fresh windows and noise
     val = fresh(256)
     t_teacher = time.perf_counter()
+    cached = bool(teacher_cache) and Path(teacher_cache).is_file()
     if teacher_pairs_n:
         meta = _cache_meta(teacher, data, sampler, n_steps)
         buf = teacher_set(fresh, teacher_pairs_n, teacher_cache, meta, progress=progress)
@@ -546,7 +547,8 @@ def distill(
         "lr": lr,
         "lr_decay": lr_decay,
         "teacher_pairs": int(buf[1].shape[0]) if teacher_pairs_n else None,
-        "teacher_set_s": round(teacher_s, 1) if teacher_pairs_n else None,
+        "teacher_set_s": round(teacher_s, 1) if teacher_pairs_n else None,  # reading it, when cached
+        "teacher_set_cached": cached if teacher_pairs_n else None,
         "train_s": round(time.perf_counter() - t_train, 1),
         "wall_s": round(time.perf_counter() - t_start, 1),
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
