@@ -225,7 +225,9 @@ def test_narrower_unet_starts_from_a_channel_subset_of_the_teacher(store, tmp_pa
     small = build_policy(D.student_config(teacher, "t", "euler", 4, (8, 16)), stats)
     cut = D.narrowed_unet_state(tsd, small.state_dict(), 4)
     assert {k for k in small.state_dict() if k.startswith("head.")} == set(cut)
-    keep16, keep32 = D._keep(16, 8, 4), D._keep(32, 16, 4)
+    from vlaflow.policies.nets.unet1d import group_channel_subset
+
+    keep16, keep32 = group_channel_subset(16, 8, 4), group_channel_subset(32, 16, 4)
     assert keep16 == [0, 1, 4, 5, 8, 9, 12, 13]
     k = "head.down.0.1.blocks.0.block.0.weight"  # conv 16 -> 16 channels at level 0
     torch.testing.assert_close(cut[k], tsd[k][keep16][:, keep16])

@@ -259,57 +259,29 @@ def narrowable(teacher_net, student_net) -> bool:
     )
 
 
-def _keep(t: int, s: int, groups: int) -> list[int]:
-    """Channels kept when a width-``t`` GroupNorm space narrows to ``s``: the first s/g of every group."""
-    per_t, per_s = t // groups, s // groups
-    return [g * per_t + i for g in range(groups) for i in range(per_s)]
-
-
 def narrowed_unet_state(teacher_sd: dict, student_sd: dict, groups: int) -> dict:
-    """The teacher U-Net's weights cut to a narrower student's shapes (``ConditionalUnet1D`` layout).
+    """Policy state dicts -> the student's ``head.*`` weights cut from the teacher's U-Net head
+    (:func:`vlaflow.policies.nets.unet1d.narrowed_state`)."""
+    from vlaflow.policies.nets.unet1d import narrowed_state
 
-    Every width-T channel space keeps the same channels (:func:`_keep`), so residual streams, skips and
-    FiLM stay aligned. Two kinds of axes are two spaces side by side and are cut half by half: FiLM's
-    (scale ; bias) outputs, and the input of an up level's first block (upsampled ; skip). A structured-
-    pruning start: far closer to the teacher's map than a random init, so the student needs fewer updates.
-    """
+    def head(sd):
+        return {k[len("head.") :]: v for k, v in sd.items() if k.startswith("head.")}
+
+    return {f"head.{k}": v for k, v in narrowed_state(head(teacher_sd), head(student_sd), groups).items()}
+
+
+def _concat_pairs(parts: list[tuple], keep: int) -> tuple:
+    """Teacher-pair tuples -> one, keeping the newest ``keep``."""
     import torch
 
-    out = {}
-    for k, v in student_sd.items():
-        if not k.startswith("head.") or k not in teacher_sd:
-            continue
-        w = teacher_sd[k]
-        if w.shape == v.shape:
-            out[k] = w.clone()
-            continue
-        parts = k.split(".")
-        doubled = set()
-        if "cond_encoder" in parts:
-            doubled.add(0)  # Linear(film, 2 c): scale then bias
-        if parts[1] == "up" and parts[3] == "0" and (parts[4] == "residual" or parts[4:6] == ["blocks", "0"]):
-            doubled.add(1)  # conv over cat(h, skip)
-        for dim, (a, b) in enumerate(zip(w.shape, v.shape, strict=True)):
-            if a == b:
-                continue
-            if dim in doubled:
-                keep = _keep(a // 2, b // 2, groups)
-                idx = keep + [a // 2 + i for i in keep]
-            else:
-                idx = _keep(a, b, groups)
-            w = w.index_select(dim, torch.tensor(idx))
-        out[k] = w.clone()
-    return out
-
-
-def _join_pairs(a: tuple, b: tuple, keep: int) -> tuple:
-    """Two teacher-pair tuples -> one, keeping the newest ``keep``."""
-    import torch
-
-    return (
-        _cat_obs(a[0], b[0], keep),
-        *(torch.cat([x, y])[-keep:] for x, y in zip(a[1:], b[1:], strict=True)),
-    )
+    obs = {}
+    for k in parts[0][0]:
+        vals = [p[0][k] for p in parts]
+        if isinstance(vals[0], torch.Tensor):
+            obs[k] = torch.cat(vals)[-keep:]
+        else:
+            obs[k] = [x for v in vals for x in v][-keep:]
+    return (obs, *(torch.cat([p[i] for p in parts])[-keep:] for i in range(1, len(parts[0]))))
 
 
 def _cache_meta(teacher: str, data: str, sampler: str, steps: int) -> dict:
@@ -332,9 +304,11 @@ def _cache_meta(teacher: str, data: str, sampler: str, steps: int) -> dict:
     }
 
 
-def teacher_set(fresh, n: int, cache: str, meta: dict, chunk: int = 512, progress: bool = True) -> tuple:
-    """``n`` teacher pairs made by ``fresh(k)`` in chunks (with a progress bar); read from ``cache`` when
-    that file exists, written to it otherwise."""
+def teacher_set(
+    fresh, n: int, cache: str, meta: dict, chunk: int = 512, progress: bool = True
+) -> tuple[tuple, bool]:
+    """(``n`` teacher pairs, whether they were read from ``cache``): made by ``fresh(k)`` in chunks (with a
+    progress bar) and written to ``cache``, unless that file exists."""
     import torch
     from tqdm.auto import tqdm
 
@@ -349,30 +323,18 @@ def teacher_set(fresh, n: int, cache: str, meta: dict, chunk: int = 512, progres
         if have < n:
             raise ConfigError(f"--teacher-cache {cache} holds {have} pairs, fewer than --teacher-pairs {n}")
         p = blob["pairs"]
-        return ({k: v[:n] for k, v in p[0].items()}, *(x[:n] for x in p[1:]))
-    pairs = None
+        return ({k: v[:n] for k, v in p[0].items()}, *(x[:n] for x in p[1:])), True
+    parts = []
     with tqdm(total=n, desc="teacher pairs", unit="pair", disable=not progress) as bar:
-        while pairs is None or pairs[1].shape[0] < n:
-            k = min(chunk, n - (0 if pairs is None else pairs[1].shape[0]))
-            new = fresh(k)
-            pairs = new if pairs is None else _join_pairs(pairs, new, n)
+        for done in range(0, n, chunk):
+            k = min(chunk, n - done)
+            parts.append(fresh(k))
             bar.update(k)
+    pairs = _concat_pairs(parts, n)
     if cache:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"meta": meta, "pairs": pairs}, cache)
-    return pairs
-
-
-def _cat_obs(a: dict, b: dict, keep: int) -> dict:
-    import torch
-
-    out = {}
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            out[k] = torch.cat([a[k], b[k]])[-keep:]
-        else:
-            out[k] = (list(a[k]) + list(b[k]))[-keep:]
-    return out
+    return pairs, False
 
 
 def distill(
@@ -475,32 +437,32 @@ def distill(
     # held-out check set: the student's one-step error to the teacher on fresh windows and noise
     val = fresh(256)
     t_teacher = time.perf_counter()
-    cached = bool(teacher_cache) and Path(teacher_cache).is_file()
+    cached = False
     if teacher_pairs_n:
         meta = _cache_meta(teacher, data, sampler, n_steps)
-        buf = teacher_set(fresh, teacher_pairs_n, teacher_cache, meta, progress=progress)
+        buf, cached = teacher_set(fresh, teacher_pairs_n, teacher_cache, meta, progress=progress)
     else:
         buf = fresh(min(pool, max(batch_size, refresh * 4)))
     t_train = time.perf_counter()
     teacher_s = t_train - t_teacher
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-6)
-    # the budget is for the updates; a fixed teacher set's generation is reported apart (teacher_set_s)
-    budget_s = (minutes * 60 if minutes > 0 else float("inf")) + (teacher_s if teacher_pairs_n else 0.0)
+    # the budget counts from the start; a fixed teacher set's generation is reported apart (teacher_set_s)
+    deadline = (
+        t_start + (minutes * 60 if minutes > 0 else float("inf")) + (teacher_s if teacher_pairs_n else 0.0)
+    )
     bar = tqdm(total=steps or None, desc="distill", unit="step", disable=not progress)
     step, losses = 0, []
     student.train()
     while True:
         if steps and step >= steps:
             break
-        if time.perf_counter() - t_start > budget_s:
+        now = time.perf_counter()
+        if now > deadline:
             break
         if step % 10 == 0 and step > 0 and not teacher_pairs_n:
-            buf = _join_pairs(buf, fresh(refresh), pool)
+            buf = _concat_pairs([buf, fresh(refresh)], pool)
         if lr_decay == "cosine":  # by the fraction of the budget spent, steps or wall time
-            frac = max(
-                step / steps if steps else 0.0,
-                (time.perf_counter() - t_train) / (budget_s - (t_train - t_start)),
-            )
+            frac = max(step / steps if steps else 0.0, (now - t_train) / (deadline - t_train))
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1.0 + np.cos(np.pi * min(frac, 1.0)))
         n = buf[1].shape[0]

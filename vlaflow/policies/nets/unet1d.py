@@ -116,3 +116,39 @@ class ConditionalUnet1D(nn.Module):
             h = r2(r1(h, film), film)
             h = up(h)
         return self.final(h).transpose(1, 2)  # (B, H, Da)
+
+
+def group_channel_subset(t: int, s: int, groups: int) -> list[int]:
+    """Channels kept when a width-``t`` GroupNorm space narrows to ``s``: the first s/g of every group."""
+    per_t, per_s = t // groups, s // groups
+    return [g * per_t + i for g in range(groups) for i in range(per_s)]
+
+
+def narrowed_state(teacher_sd: dict, student_sd: dict, groups: int) -> dict:
+    """A :class:`ConditionalUnet1D` state dict cut to a narrower one's shapes (same levels, kernel, groups).
+
+    Every width-T channel space keeps the same channels (:func:`group_channel_subset`), so residual
+    streams, skips and FiLM stay aligned. Two kinds of axes are two spaces side by side and are cut half by
+    half: FiLM's (scale ; bias) outputs, and the input of an up level's first block (upsampled ; skip). A
+    structured-pruning start for a distilled student: far closer to the teacher's map than a random init.
+    """
+    out = {}
+    for k, v in student_sd.items():
+        w = teacher_sd[k]
+        parts = k.split(".")
+        doubled = set()
+        if "cond_encoder" in parts:
+            doubled.add(0)  # Linear(film, 2 c): scale then bias
+        if parts[0] == "up" and parts[2] == "0" and (parts[3] == "residual" or parts[3:5] == ["blocks", "0"]):
+            doubled.add(1)  # conv over cat(h, skip)
+        for dim, (a, b) in enumerate(zip(w.shape, v.shape, strict=True)):
+            if a == b:
+                continue
+            if dim in doubled:
+                keep = group_channel_subset(a // 2, b // 2, groups)
+                idx = keep + [a // 2 + i for i in keep]
+            else:
+                idx = group_channel_subset(a, b, groups)
+            w = w.index_select(dim, torch.tensor(idx))
+        out[k] = w.clone()
+    return out
