@@ -24,7 +24,9 @@ from _meta import run_info
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def curve(preset: str, data: str, steps: int, threads: int, extra: list[str]) -> tuple[list[str], list[float]]:
+def curve(
+    preset: str, data: str, steps: int, threads: int, extra: list[str]
+) -> tuple[list[str], list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         cmd = [

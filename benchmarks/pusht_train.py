@@ -98,8 +98,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from vlaflow.configs.presets import get_preset
     from vlaflow.train.config import apply_overrides
+    from vlaflow.train.presets import get_preset
     from vlaflow.train.trainer import evaluate_policy, steps_for_budget, train
 
     data = ensure_data(args)

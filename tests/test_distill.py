@@ -86,7 +86,7 @@ def test_student_learns_the_teacher_map_and_loads_like_any_policy(store, tmp_pat
         "obs.keypoint": np.full((2, 9, 2), 256, np.float32),
         "obs.agent_pos": np.full((2, 2), 256, np.float32),
     }
-    a = rt.infer(obs)
+    a = rt.infer(obs).actions
     assert a.shape == (8, 2) and np.isfinite(a).all()
     cond = rt.policy.encode({k: torch.from_numpy(v)[None] for k, v in obs.items()})
     assert rt.policy.denoise(cond).nfe == 1
@@ -168,7 +168,7 @@ def test_mlp_student_trains_on_a_cached_fixed_teacher_set(store, tmp_path, monke
     assert after["val_mean_abs_err_normalized"] < 0.5 * before["val_mean_abs_err_normalized"], (before, after)
     rt = vlaflow.load_policy(tmp_path / "m1")
     assert rt.policy.config.net.kind == "mlp" and rt.policy.config.net.mlp.width == 64
-    assert rt.infer({k: np.full((2, *s), 256, np.float32) for k, s in OBS.items()}).shape == (8, 2)
+    assert rt.infer({k: np.full((2, *s), 256, np.float32) for k, s in OBS.items()}).actions.shape == (8, 2)
 
     other = _teacher(store, tmp_path, "diffusion")
     with pytest.raises(ConfigError, match="was made by"):

@@ -118,7 +118,7 @@ def test_sample_contract_early_stop_candidates_and_checkpoint(trained, tmp_path)
     loaded = load_checkpoint(tmp_path / "ebt")
     assert torch.allclose(loaded.sample(obs, noise=noise), a1, atol=1e-5)
     rt = PolicyRuntime(loaded)  # infer runs under inference_mode: the descent must still get gradients
-    out = rt.infer({"obs.state": obs["obs.state"][0].numpy()})
+    out = rt.infer({"obs.state": obs["obs.state"][0].numpy()}).actions
     assert out.shape == (H, DA) and np.isfinite(out).all()
 
 

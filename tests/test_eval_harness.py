@@ -11,7 +11,7 @@ import pytest
 
 from vlaflow.cli import main
 from vlaflow.errors import VlaflowError
-from vlaflow.policies.interface import RuntimeSpec
+from vlaflow.interfaces import RuntimeSpec
 from vlaflow.sim.evaluate import evaluate
 from vlaflow.sim.harness import SyncChunkExecutor, wilson_interval
 

@@ -23,7 +23,7 @@ from vlaflow.deploy.executor import (
     parse_latency,
 )
 from vlaflow.errors import ConfigError
-from vlaflow.policies.interface import RuntimeSpec
+from vlaflow.interfaces import RuntimeSpec
 from vlaflow.sim.harness import SyncChunkExecutor
 
 H, TA, FPS = 8, 4, 10.0

@@ -161,14 +161,14 @@ def test_runtime_matches_pytorch_sample_given_the_noise(diffusion_export):
     np.testing.assert_allclose(x0, ref.numpy(), atol=5e-3)  # raw PushT units (pixels)
     assert p.last_nfe == 4
     p.reset(seed=5)
-    a = p.infer(obs)
+    a = p.infer(obs).actions
     p.reset(seed=5)
-    assert a.shape == (8, 2) and a.dtype == np.float32 and np.array_equal(a, p.infer(obs))
+    assert a.shape == (8, 2) and a.dtype == np.float32 and np.array_equal(a, p.infer(obs).actions)
     unrolled = OnnxPolicy(out, use_unrolled=True)
     unrolled.reset(seed=5)
-    np.testing.assert_allclose(unrolled.infer(obs), a, atol=5e-3)
+    np.testing.assert_allclose(unrolled.infer(obs).actions, a, atol=5e-3)
     ddpm = OnnxPolicy(out, sampler="ddpm", num_steps=20, seed=0)
-    assert ddpm.infer(obs).shape == (8, 2) and ddpm.last_nfe == 20
+    assert ddpm.infer(obs).actions.shape == (8, 2) and ddpm.last_nfe == 20
     with pytest.raises(VlaflowError, match="obs.agent_pos"):
         p.infer({"obs.keypoint": obs["obs.keypoint"]})
     with pytest.raises(VlaflowError, match="not available"):
@@ -188,7 +188,7 @@ def test_flow_export_with_dynamo_exporter(tmp_path):
     assert m["parameterization"] == "velocity" and m["graphs"]["denoiser"]["ops"].get("Loop", 0) == 0
     assert OnnxPolicy(tmp_path / "flow", seed=0).infer(
         {"obs.keypoint": np.zeros((2, 9, 2), np.float32), "obs.agent_pos": np.zeros((2, 2), np.float32)}
-    ).shape == (8, 2)
+    ).actions.shape == (8, 2)
 
 
 def test_image_language_export_constant_instruction_tokens(tmp_path):
@@ -215,9 +215,9 @@ def test_image_language_export_constant_instruction_tokens(tmp_path):
     rng = np.random.default_rng(0)
     obs = {"obs.state": rng.uniform(-2, 2, (2, 4)).astype(np.float32),
            "obs.image.front": rng.integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)}  # fmt: skip
-    a = p.infer({**obs, "task": "push the block"})
+    a = p.infer({**obs, "task": "push the block"}).actions
     p.reset(seed=0)
-    b = p.infer({**obs, "task": "stack the cube"})
+    b = p.infer({**obs, "task": "stack the cube"}).actions
     assert a.shape == (8, 3) and not np.allclose(a, b)  # the instruction conditions the chunk
     with pytest.raises(VlaflowError, match="not known at export time"):
         p.infer({**obs, "task": "open the drawer"})
@@ -241,10 +241,10 @@ def test_consistency_student_exports_as_one_step(tmp_path, head):
     ]
     obs = {"obs.keypoint": np.zeros((2, 9, 2), np.float32), "obs.agent_pos": np.zeros((2, 2), np.float32)}
     p = OnnxPolicy(tmp_path / "cm", seed=0, use_unrolled=False)
-    a = p.infer(obs)
+    a = p.infer(obs).actions
     assert a.shape == (8, 2) and p.last_nfe == 1 and p.manifest["timesteps"] == [90.0]
     u = OnnxPolicy(tmp_path / "cm", seed=0)
-    np.testing.assert_allclose(u.infer(obs), a, atol=1e-4)
+    np.testing.assert_allclose(u.infer(obs).actions, a, atol=1e-4)
     assert u.last_nfe == 1
 
 
@@ -268,7 +268,7 @@ import numpy as np
 from vlaflow.deploy.onnx_runtime import OnnxPolicy
 p = OnnxPolicy({str(out)!r}, providers=["CPUExecutionProvider"], seed=4)
 kp, pos = np.full((2, 9, 2), 100, np.float32), np.full((2, 2), 50, np.float32)
-a = p.infer({{"obs.keypoint": kp, "obs.agent_pos": pos}})
+a = p.infer({{"obs.keypoint": kp, "obs.agent_pos": pos}}).actions
 assert sys.modules["torch"] is None
 HEAVY = ("torch", "transformers", "onnx", "diffusers", "safetensors")
 heavy = sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in HEAVY)
@@ -283,7 +283,7 @@ print("SHAPE", a.shape, "HEAVY", heavy, "SUM", float(a.sum()))
             "obs.keypoint": np.full((2, 9, 2), 100, np.float32),
             "obs.agent_pos": np.full((2, 2), 50, np.float32),
         }
-    )
+    ).actions
     assert abs(float(res.stdout.split("SUM")[1]) - float(here.sum())) < 1e-3  # same numbers as in-process
 
 
@@ -360,7 +360,7 @@ def test_onnx_rti_matches_torch_rti_warm_start(diffusion_export):
     onx._prev = ref._prev.numpy()  # same previous chunk (first calls drew different noise)
     for shift in (4, 2):
         o = obs()
-        a, b = ref.infer(o, shift=shift), onx.infer(o, shift=shift)
+        a, b = ref.infer(o, shift=shift).actions, onx.infer(o, shift=shift).actions
         assert onx.last_nfe == ref.last_nfe == 2
         np.testing.assert_allclose(b, a, atol=5e-3)  # raw PushT units (pixels)
     assert onx.nfe_history == [4, 2, 2]

@@ -211,9 +211,9 @@ def test_policy_contract(name, tmp_path):
         obs["task"] = TASKS[0]
     rt_mem = PolicyRuntime(policy, seed=0)
     rt_disk = PolicyRuntime(loaded, seed=0)
-    out = rt_mem.infer(obs)
+    out = rt_mem.infer(obs).actions
     assert out.shape == (H, DA) and out.dtype == np.float32
-    np.testing.assert_allclose(rt_disk.infer(obs), out, atol=1e-4)
+    np.testing.assert_allclose(rt_disk.infer(obs).actions, out, atol=1e-4)
     exp_noise = torch.randn(1, H, DA, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = policy.sample(
@@ -222,7 +222,7 @@ def test_policy_contract(name, tmp_path):
         )
     np.testing.assert_allclose(out, expected[0].numpy(), atol=1e-4)
     rt_mem.reset()
-    np.testing.assert_allclose(rt_mem.infer(obs), out, atol=1e-5)  # reset restarts the noise stream
+    np.testing.assert_allclose(rt_mem.infer(obs).actions, out, atol=1e-5)  # reset restarts the noise stream
     assert rt_mem.config.horizon == H and rt_mem.config.obs_shapes == {
         k: tuple(v) for k, v in cfg.obs_shapes.items()
     }

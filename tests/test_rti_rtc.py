@@ -158,8 +158,8 @@ def test_rti_clip_mode_binarizes_the_warm_start_gripper():
 )
 def test_rti_runtime_counts_network_evaluations(fam, sampler, steps, warm):
     rt = RTIRuntime(_policy(fam), RTIConfig(sampler=sampler, num_steps=steps, n_warm_steps=warm))
-    a = rt.infer(_obs(0))
-    b = rt.infer(_obs(1), shift=4)
+    a = rt.infer(_obs(0)).actions
+    b = rt.infer(_obs(1), shift=4).actions
     rt.infer(_obs(2))
     assert a.shape == b.shape == (H, DA) and np.isfinite(b).all()
     assert rt.nfe_history == [steps, warm, warm] and rt.last_nfe == warm
@@ -174,7 +174,7 @@ def test_rti_is_deterministic_per_seed():
     for _ in range(2):
         rt = RTIRuntime(pol, RTIConfig(sampler="ddpm", num_steps=20, n_warm_steps=3))
         rt.reset(seed=7)
-        outs.append([rt.infer(_obs(i)) for i in range(3)])
+        outs.append([rt.infer(_obs(i)).actions for i in range(3)])
     assert all(np.array_equal(x, y) for x, y in zip(*outs, strict=True))
 
 
@@ -219,8 +219,8 @@ def test_rtc_freezes_first_d_and_guidance_pulls_the_overlap(fam):
     d, s = 2, 3
     rt = RTCRuntime(pol, RTCConfig(beta=10.0))
     rt.reset(seed=1)
-    first = rt.infer(_obs(0))
-    nxt = rt.infer(_obs(5), shift=s, delay=d)
+    first = rt.infer(_obs(0)).actions
+    nxt = rt.infer(_obs(5), shift=s, delay=d).actions
     assert (
         np.array_equal(nxt[:d], first[s : s + d])
         and rt.last_delay == d

@@ -72,7 +72,7 @@ def store_path(tmp_path_factory) -> Path:
 
 
 def tiny_cfg(*extra: str) -> RunConfig:
-    from vlaflow.configs.presets import get_preset
+    from vlaflow.train.presets import get_preset
 
     return apply_overrides(get_preset("pick_place_lowdim_diffusion"), [*TINY, *extra])
 
@@ -126,7 +126,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 # ----------------------------------------------------------------------------------------- configs
 def test_override_parsing_checks_types_and_names_field():
-    from vlaflow.configs.presets import get_preset
+    from vlaflow.train.presets import get_preset
 
     cfg = get_preset("pusht_lowdim_diffusion")
     c = apply_overrides(
@@ -154,7 +154,7 @@ def test_override_parsing_checks_types_and_names_field():
 
 
 def test_presets_round_trip_and_unknown_name_suggests():
-    from vlaflow.configs.presets import PRESETS, get_preset
+    from vlaflow.train.presets import PRESETS, get_preset
 
     for name in ("pusht_lowdim_diffusion", "pusht_lowdim_flow", "pusht_image_diffusion"):
         assert name in PRESETS
@@ -224,7 +224,7 @@ def test_train_cli_end_to_end(store_path, tmp_path, capsys):
     state = json.loads((out / "checkpoints" / "last" / "train_state.json").read_text())
     assert state["step"] == 12 and state["run_config"]["train"]["steps"] == 12
     policy = vlaflow.load_policy(out / "checkpoints" / "last")
-    chunk = policy.infer({"obs.state": np.zeros((2, 5), np.float32)})
+    chunk = policy.infer({"obs.state": np.zeros((2, 5), np.float32)}).actions
     assert chunk.shape == (8, 3) and np.isfinite(chunk).all()
     # an existing run is not overwritten silently
     assert (

@@ -7,11 +7,12 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load_policy"]
 
 
-def load_policy(path, device: str = "cpu"):
-    """Load a policy checkpoint directory; returns an object with ``infer(obs) -> (H, Da)`` actions.
+def load_policy(path, device: str = "cpu", **kwargs):
+    """Load a policy checkpoint directory; ``infer(obs).actions`` is its (H, Da) chunk.
 
-    See :mod:`vlaflow.policies.runtime` for the interface (``infer``, ``reset``, ``config``).
+    ``kwargs`` (``sampler``, ``num_steps``, ``seed``) go to :class:`vlaflow.policies.runtime.PolicyRuntime`;
+    see :mod:`vlaflow.interfaces` for the interface (``infer``, ``reset``, ``config``).
     """
     from vlaflow.policies.runtime import load_policy as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, **kwargs)

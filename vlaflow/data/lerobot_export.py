@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
+from vlaflow.atomic import replace_directory, temp_sibling
 from vlaflow.data import lerobot_format as F
 from vlaflow.data.video import CODECS, VideoWriter, encoder_for
 from vlaflow.errors import VlaflowError
@@ -217,8 +217,7 @@ def export_lerobot(
     data_features = {n: ft for n, ft in features.items() if ft["dtype"] != "video"}
     schema = pa.schema(fields, metadata={b"huggingface": F.hf_features_metadata(data_features)})
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = temp_sibling(out)
     tasks: dict[str, int] = {}
     rows: list[dict[str, Any]] = []
     ep_stats: list[dict[str, dict[str, np.ndarray]]] = []
@@ -311,9 +310,7 @@ def export_lerobot(
             "features": features,
         }
         (tmp / F.INFO_PATH).write_text(json.dumps(info, indent=4, ensure_ascii=False))
-        if out.exists():  # overwrite requested: remove the old one only now that the new one is complete
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_directory(tmp, out)  # the old export (overwrite) is swapped out only now, never deleted first
     finally:
         # On success these are already closed; after an error, closing must not mask it.
         with contextlib.suppress(Exception):

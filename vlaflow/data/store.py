@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
+from vlaflow.atomic import atomic_directory
 from vlaflow.errors import StoreError
 
 _ATTR = "vlaflow"
@@ -495,16 +494,9 @@ def atomic_store(
     final = _local_path(dest).absolute()
     if final.exists() and not overwrite:
         raise StoreError(f"{dest}: destination exists (pass --overwrite to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        store = EpisodeStore.create(tmp, keys, fps, attrs)
+    # the old store is replaced only once the new one is complete, and never deleted before that
+    with atomic_directory(final, overwrite=overwrite, what="destination store") as tmp:
+        store = EpisodeStore.create(tmp, keys, fps, attrs, overwrite=True)
         yield store
-        if final.exists():  # overwrite requested: remove the old one only now that the new one is complete
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        store.path = str(final)
-        store.root = zarr.open_group(str(final), mode="r+")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    store.path = str(final)
+    store.root = zarr.open_group(str(final), mode="r+")

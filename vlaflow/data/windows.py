@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
 from vlaflow.errors import StoreError
 
 
@@ -126,8 +126,8 @@ class WindowSampler:
         act_rows = np.minimum(act_raw, e - 1)
         batch = {k: self.data[k][obs_rows] for k in self.obs_keys}  # (B, To, ...)
         batch[self.action_key] = self.data[self.action_key][act_rows]  # (B, H, Da)
-        batch["action_is_pad"] = act_raw > e - 1
-        batch["task_index"] = self._task[idx]
+        batch[K.ACTION_IS_PAD] = act_raw > e - 1
+        batch[K.TASK_INDEX] = self._task[idx]
         return batch
 
     def torch_loader(

@@ -36,7 +36,6 @@ the same statistic mid-chunk (interior jerk: the policy's own jerk, a floor for 
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -52,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from vlaflow.errors import ConfigError
-from vlaflow.policies.interface import RuntimeSpec
+from vlaflow.interfaces import RuntimeSpec, as_infer_result, check_chunk
 
 MERGES = ("switch", "rti", "rtc", "ensemble")
 LATENCY_KINDS = ("fixed", "uniform", "normal", "lognormal")
@@ -205,11 +204,8 @@ class _ExecutorCore:
         if self.s > spec.horizon:
             raise ConfigError(f"exec_horizon {self.s} exceeds the policy's horizon {spec.horizon}")
         self.deadline_s = cfg.deadline_s or self.s * self.dt
-        try:
-            params = inspect.signature(infer).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self._kw = {k for k in ("shift", "delay") if k in params}
+        # what the merge asks of the runtime: RTI warm-starts from the shifted chunk, RTC also freezes d steps
+        self._kw = {"rti": ("shift",), "rtc": ("shift", "delay")}.get(cfg.merge, ())
         self.schedule = ChunkSchedule(cfg.merge == "ensemble", cfg.ensemble_decay)
         self.obs_buffer: deque = deque(maxlen=spec.n_obs_steps)  # (step, time, obs)
         self.emitted: list[np.ndarray] = []
@@ -251,12 +247,10 @@ class _ExecutorCore:
         return kw
 
     def run_infer(self, obs_window: dict, kw: dict) -> np.ndarray:
-        from vlaflow.sim.harness import check_chunk
-
-        chunk = check_chunk(self.infer(obs_window, **kw), self.spec)
-        nfe = getattr(getattr(self.infer, "__self__", None), "last_nfe", None)  # runtimes that count
-        if nfe is not None:
-            self.nfe.append(int(nfe))
+        result = as_infer_result(self.infer(obs_window, **kw))
+        chunk = check_chunk(result.actions, self.spec)
+        if result.nfe is not None:  # runtimes that count their network evaluations
+            self.nfe.append(int(result.nfe))
         return chunk
 
     def land(self, chunk: np.ndarray, start_step: int, now_step: int, latency: float) -> None:
@@ -390,34 +384,17 @@ class RealtimeSimPolicy:
     def __init__(self, runtime, realtime: RealtimeConfig):
         self.runtime, self.realtime = runtime, realtime
         self.episode_seed = 0
-        params = inspect.signature(runtime.infer).parameters
-        self._kw = {k for k in ("shift", "delay") if k in params}
 
     @property
     def config(self) -> RuntimeSpec:
         return self.runtime.config
 
-    @property
-    def last_nfe(self) -> int | None:
-        """Network evaluations of the latest ``infer`` (RTI/RTC count them; a plain runtime's sampler)."""
-        n = getattr(self.runtime, "last_nfe", None)
-        if n is None and hasattr(self.runtime, "policy"):
-            spec = self.runtime.config.extra
-            steps = getattr(self.runtime, "num_steps", None) or spec.get("num_inference_steps")
-            sampler = getattr(self.runtime, "sampler", None) or spec.get("sampler")
-            n = None if steps is None else (2 * steps - 1 if sampler == "heun" else steps)
-        return n
-
     def reset(self, seed: int | None = None) -> None:
         self.episode_seed = int(seed or 0)
-        try:
-            self.runtime.reset(seed=seed)
-        except TypeError:
-            self.runtime.reset()
+        self.runtime.reset(seed=seed)
 
-    def infer(self, obs: dict, shift: int | None = None, delay: int | None = None) -> np.ndarray:
-        kw = {k: v for k, v in (("shift", shift), ("delay", delay)) if k in self._kw and v is not None}
-        return self.runtime.infer(obs, **kw)
+    def infer(self, obs: dict, *, shift: int | None = None, delay: int | None = None):
+        return self.runtime.infer(obs, shift=shift, delay=delay)
 
 
 def make_realtime_policy(

@@ -29,8 +29,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
+from vlaflow.atomic import atomic_directory
 from vlaflow.errors import ConfigError, VlaflowError
 
 FORMAT = "vlaflow.onnx_policy"
@@ -287,9 +286,7 @@ def export_policy(
             )
     EncoderGraph, DenoiserGraph, UnrolledGraph = _modules()
     enc_inputs = _enc_inputs(policy)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_directory(dest, overwrite=True) as tmp:
         rng = np.random.default_rng(opts.seed)
         dummy = tuple(
             torch.from_numpy(
@@ -371,16 +368,6 @@ def export_policy(
             raise VlaflowError(
                 f"ONNX parity check failed, nothing written to {dest}: " + "; ".join(report["failures"][:6])
             )
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

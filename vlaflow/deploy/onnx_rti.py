@@ -19,7 +19,7 @@ import numpy as np
 from vlaflow.deploy import np_sampling as nps
 from vlaflow.deploy.onnx_runtime import OnnxPolicy
 from vlaflow.errors import ConfigError
-from vlaflow.policies.interface import RuntimeSpec
+from vlaflow.interfaces import InferResult, RuntimeSpec
 
 
 def shift_chunk(chunk: np.ndarray, shift: int) -> np.ndarray:
@@ -73,7 +73,9 @@ class OnnxRTIPolicy:
         self._prev: np.ndarray | None = None
         self.nfe_history = []
 
-    def infer(self, obs: dict[str, Any], shift: int | None = None) -> np.ndarray:
+    def infer(
+        self, obs: dict[str, Any], *, shift: int | None = None, delay: int | None = None
+    ) -> InferResult:
         b, spec = self.base, self.config
         shift = spec.n_action_steps if shift is None else int(shift)
         cond = b.encode(obs)
@@ -104,7 +106,7 @@ class OnnxRTIPolicy:
             b.last_nfe = nfe
         self._prev = x0
         self.nfe_history.append(b.last_nfe)
-        return np.asarray(b.unnormalize_action(x0[0]), np.float32)
+        return InferResult(np.asarray(b.unnormalize_action(x0[0]), np.float32), nfe=b.last_nfe)
 
 
 def load_onnx_rti_policy(directory: str | os.PathLike, **kwargs) -> OnnxRTIPolicy:

@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from vlaflow import keys as K
 from vlaflow.data.normalize import Normalizer
 from vlaflow.deploy import np_sampling as nps
 from vlaflow.errors import VlaflowError
-from vlaflow.policies.interface import RuntimeSpec
+from vlaflow.interfaces import InferResult, RuntimeSpec, obs_window
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "vlaflow.onnx_policy", 1
-ACTION, TASK = "action", "task"
 # Short names -> provider lists with a CPU fallback. "cuda" turns TF32 off: with TF32 (onnxruntime's
 # default on Ampere/Hopper) a DDIM-10 chunk of the PushT U-Net moved 2.2e-3 from the CPU result on an
 # H100, over the export's parity threshold; without it, 3e-6 (benchmarks/results/onnx_cuda.json).
@@ -189,21 +189,11 @@ class OnnxPolicy:
     def encode(self, obs: dict[str, Any]) -> np.ndarray:
         """Raw obs window (To, ...) per key [+ "task"] -> cond (1, Nc, Fc)."""
         spec = self._spec
+        window = obs_window(spec, obs)
         feed = {}
         for e in self.enc_inputs:
             k = e["key"]
-            if k not in obs:
-                raise VlaflowError(
-                    f"obs is missing key {k!r}; the policy needs {list(spec.obs_keys)}, got {sorted(obs)}"
-                )
-            x = np.asarray(obs[k])
-            shape = tuple(spec.obs_shapes[k])
-            if x.shape[1:] != shape or x.shape[0] < spec.n_obs_steps:
-                raise VlaflowError(
-                    f"obs[{k!r}] has shape {x.shape}, "
-                    f"expected ({spec.n_obs_steps}, {', '.join(map(str, shape))})"
-                )
-            x = x[-spec.n_obs_steps :]
+            x = window[k]
             if e["dtype"] == "uint8":
                 if x.dtype != np.uint8:
                     raise VlaflowError(f"image {k!r} must be uint8 (0..255), got {x.dtype}")
@@ -214,7 +204,7 @@ class OnnxPolicy:
             feed[e["name"]] = np.ascontiguousarray(x[None])
         cond = self.encoder.run(None, feed)[0]  # (1, To, Fc)
         if self.lang_tokens is not None:
-            text = str(obs.get(TASK) or spec.task)
+            text = str(obs.get(K.TASK) or spec.task)
             if text not in self.lang_tokens:
                 raise VlaflowError(
                     f"instruction {text!r} was not known at export time (the text encoder is not exported); "
@@ -280,16 +270,21 @@ class OnnxPolicy:
         return self.unrolled.run(None, {"cond": cond, "noise": np.asarray(noise, np.float32)})[0]
 
     def unnormalize_action(self, x: np.ndarray) -> np.ndarray:
-        return self.normalizer.unnormalize(ACTION, x) if ACTION in self.normalizer.modes else x
+        return self.normalizer.unnormalize(K.ACTION, x) if K.ACTION in self.normalizer.modes else x
 
     # -- the runtime interface ------------------------------------------------------------------------
-    def infer(self, obs: dict[str, Any]) -> np.ndarray:
-        """obs: arrays with leading To per key (plus optional ``task`` str) -> (H, Da) float32 raw actions."""
+    def infer(
+        self, obs: dict[str, Any], *, shift: int | None = None, delay: int | None = None
+    ) -> InferResult:
+        """obs: arrays with leading To per key (plus optional ``task`` str) -> (H, Da) float32 raw actions.
+
+        ``shift`` / ``delay`` are accepted for the runtime interface and unused: every call samples afresh.
+        """
         spec = self._spec
         cond = self.encode(obs)
         noise = self._rng.standard_normal((1, spec.horizon, spec.action_dim), dtype=np.float32)
         x0 = self.run_unrolled(cond, noise) if self._use_unrolled else self.denoise(cond, noise)
-        return np.asarray(self.unnormalize_action(x0[0]), np.float32)
+        return InferResult(np.asarray(self.unnormalize_action(x0[0]), np.float32), nfe=self.last_nfe)
 
 
 def load_onnx_policy(directory: str | os.PathLike, **kwargs) -> OnnxPolicy:

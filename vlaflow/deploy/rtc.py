@@ -33,13 +33,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from vlaflow.errors import ConfigError
+from vlaflow.interfaces import InferResult, RuntimeSpec
 from vlaflow.policies.conversions import from_x0_eps, to_x0_eps
-from vlaflow.policies.interface import RuntimeSpec
 from vlaflow.policies.samplers import SAMPLERS, SampleResult, sample_loop
 
 from .rti import obs_batch, shift_chunk
@@ -194,12 +193,14 @@ class RTCRuntime:
             return self.rtc.default_delay
         return int(math.ceil(max(self._latencies) * self.config.fps - 1e-9))
 
-    def infer(self, obs: dict[str, Any], shift: int | None = None, delay: int | None = None) -> np.ndarray:
+    def infer(
+        self, obs: dict[str, Any], *, shift: int | None = None, delay: int | None = None
+    ) -> InferResult:
         shift = self.config.n_action_steps if shift is None else int(shift)
         d = self.estimated_delay() if delay is None else int(delay)
         t0 = time.perf_counter()
         with torch.no_grad():
-            cond = self.policy.encode(obs_batch(self.config, obs))
+            cond = self.policy.encode(obs_batch(self.config, obs, self.policy.device))
         res = rtc_denoise(
             self.policy,
             cond,
@@ -214,7 +215,8 @@ class RTCRuntime:
         self._latencies.append(time.perf_counter() - t0)
         self._prev = res.x0.detach()
         self.last_nfe, self.last_delay = res.nfe, d
-        return self.policy.unnormalize_action(res.x0.detach())[0].float().cpu().numpy()
+        actions = self.policy.unnormalize_action(res.x0.detach())[0].float().cpu().numpy()
+        return InferResult(actions=actions, nfe=res.nfe, extras={"delay": d})
 
 
 def load_rtc_policy(path, device: str = "cpu", **rtc_fields) -> RTCRuntime:

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
 from vlaflow.deploy.np_sampling import default_warm_steps
-from vlaflow.errors import ConfigError, VlaflowError
-from vlaflow.policies.contract import TASK
-from vlaflow.policies.interface import RuntimeSpec
+from vlaflow.errors import ConfigError
+from vlaflow.interfaces import InferResult, RuntimeSpec, obs_window
+from vlaflow.policies.runtime import batch_of_one
 from vlaflow.policies.samplers import SAMPLERS, SampleResult, sample_loop
 
 WARM_MODES = ("place", "noised")
@@ -253,22 +253,9 @@ def choose_warm_steps(
 
 
 # ---------------------------------------------------------------------------------------------- runtime
-def obs_batch(spec: RuntimeSpec, obs: dict[str, Any]) -> dict[str, Any]:
-    """A runtime obs window (To, ...) per key -> a batch of one for ``policy.encode``."""
-    missing = [k for k in spec.obs_keys if k not in obs]
-    if missing:
-        raise VlaflowError(f"obs is missing key(s) {missing}; the policy needs {list(spec.obs_keys)}")
-    batch: dict[str, Any] = {}
-    for k, shape in spec.obs_shapes.items():
-        x = np.asarray(obs[k])
-        if x.shape[1:] != tuple(shape) or x.shape[0] < spec.n_obs_steps:
-            raise VlaflowError(
-                f"obs[{k!r}] has shape {x.shape}, expected ({spec.n_obs_steps}, {', '.join(map(str, shape))})"
-            )
-        batch[k] = torch.from_numpy(np.ascontiguousarray(x[-spec.n_obs_steps :]))[None]
-    if TASK in obs:
-        batch[TASK] = [str(obs[TASK])]
-    return batch
+def obs_batch(spec: RuntimeSpec, obs: dict[str, Any], device=None) -> dict[str, Any]:
+    """A runtime obs window (To, ...) per key -> a checked batch of one for ``policy.encode``."""
+    return batch_of_one(obs_window(spec, obs), device)
 
 
 @dataclass
@@ -313,15 +300,18 @@ class RTIRuntime:
         self._prev: Tensor | None = None
         self._counter = _Counter()
 
-    def infer(self, obs: dict[str, Any], shift: int | None = None) -> np.ndarray:
+    def infer(
+        self, obs: dict[str, Any], *, shift: int | None = None, delay: int | None = None
+    ) -> InferResult:
         shift = self.config.n_action_steps if shift is None else int(shift)
         with torch.no_grad():
-            cond = self.policy.encode(obs_batch(self.config, obs))
+            cond = self.policy.encode(obs_batch(self.config, obs, self.policy.device))
             res = rti_denoise(self.policy, cond, self._prev, shift, self.rti, self._gen, self._warm_eps)
         self._prev = res.x0
         self._counter.last_nfe = res.nfe
         self._counter.nfe_history.append(res.nfe)
-        return self.policy.unnormalize_action(res.x0)[0].float().cpu().numpy()
+        actions = self.policy.unnormalize_action(res.x0)[0].float().cpu().numpy()
+        return InferResult(actions=actions, nfe=res.nfe)
 
 
 def load_rti_policy(path, device: str = "cpu", **rti_fields) -> RTIRuntime:

@@ -1,7 +1,7 @@
 """Generative action policies: one contract (encode / predict / samplers over a Gaussian path), two
 families (``diffusion``, ``flow``), shared nets, checkpoints and the runtime behind ``vlaflow.load_policy``.
 
-Exports load on first use so that ``vlaflow.policies.interface`` stays importable without torch.
+Exports load on first use, so importing a submodule does not build every family.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
 from vlaflow.errors import ConfigError
 
 NORM_MODES = ("minmax", "meanstd", "quantile", "identity")

@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlaflow.atomic import atomic_directory
 from vlaflow.errors import VlaflowError
 
 TEXT_ENCODER_DIR = "text_encoder"
@@ -49,37 +48,38 @@ def save_checkpoint(
     extra_json: dict | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``policy`` (config, weights, normalizer) and optional resume state to ``directory``."""
+    """Write ``policy`` (config, weights, normalizer) and optional resume state to ``directory``, atomically
+    (a complete checkpoint replaces an existing one; a crash leaves the old one)."""
     dest = Path(directory)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        meta = {
-            "format": FORMAT,
-            "version": VERSION,
-            "config": policy.config.to_dict(),
-            "extra": extra_json or {},
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / NORMALIZER_FILE).write_text(json.dumps(policy.normalizer.to_dict()))
-        save_file(_tensors_for_save(policy.state_dict()), str(tmp / MODEL_FILE))
-        text = getattr(policy, "text_encoder", None)
-        if text is not None and text.pretrained_path:
-            # A user's local text model: keep its tokenizer and architecture inside the checkpoint.
-            text.save_architecture(tmp / TEXT_ENCODER_DIR)
-        if extra_tensors:
-            save_file(_tensors_for_save(extra_tensors), str(tmp / EXTRA_FILE))
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(dest, overwrite=True) as tmp:
+        write_checkpoint_files(tmp, policy, extra_json=extra_json, extra_tensors=extra_tensors)
     return dest
+
+
+def write_checkpoint_files(
+    directory: Path,
+    policy,
+    *,
+    extra_json: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The checkpoint's files into an existing (temporary) ``directory``; :func:`save_checkpoint` is the
+    atomic whole-directory write built on it."""
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": policy.config.to_dict(),
+        "extra": extra_json or {},
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    (directory / NORMALIZER_FILE).write_text(json.dumps(policy.normalizer.to_dict()))
+    save_file(_tensors_for_save(policy.state_dict()), str(directory / MODEL_FILE))
+    text = getattr(policy, "text_encoder", None)
+    if text is not None and text.pretrained_path:
+        # A user's local text model: keep its tokenizer and architecture inside the checkpoint.
+        text.save_architecture(directory / TEXT_ENCODER_DIR)
+    if extra_tensors:
+        save_file(_tensors_for_save(extra_tensors), str(directory / EXTRA_FILE))
 
 
 def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Shapes: B batch, To observation steps, H action chunk length, Da action dim, Nc condition tokens
 (To per-step tokens, plus one language token when instructions condition the policy), Fc token width.
 Timing (obs window t-To+1..t, chunk[0] = action at t, execute chunk[0:Ta]) is drawn once in
-:mod:`vlaflow.policies.interface`; training windows (:mod:`vlaflow.data.windows`) use the same alignment.
+:mod:`vlaflow.interfaces`; training windows (:mod:`vlaflow.data.windows`) use the same alignment.
 
 Every denoising policy has:
 
@@ -22,6 +22,7 @@ images arrive uint8 and are scaled by their encoder. A family (diffusion/, flow/
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -29,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
 from vlaflow.data.normalize import Normalizer
 from vlaflow.errors import ConfigError, VlaflowError
+from vlaflow.interfaces import RuntimeSpec
 from vlaflow.policies.base_config import PolicyConfig
-from vlaflow.policies.interface import RuntimeSpec
 from vlaflow.policies.nets.encoders import ObsEncoder
 from vlaflow.policies.nets.mlp import MLPHead
 from vlaflow.policies.nets.transformer import TransformerHead
@@ -41,9 +42,15 @@ from vlaflow.policies.nets.unet1d import ConditionalUnet1D
 from vlaflow.policies.path import GaussianPath
 from vlaflow.policies.samplers import SampleResult, sample_loop
 
-TASK = "task"
-TASK_INDEX = "task_index"
-ACTION_IS_PAD = "action_is_pad"
+
+@dataclass
+class Generation:
+    """What one sampling call of any family produced (``generate``; ``sample`` returns ``.actions``)."""
+
+    actions: Tensor  # (B, H, Da) raw action units
+    nfe: int  # network evaluations (EBT: descent steps, each a forward and a backward pass)
+    chain: list = field(default_factory=list)  # the sampler's StepResults when record_chain=True
+    extras: dict[str, Any] = field(default_factory=dict)  # family-specific, e.g. EBT's final "energy" (B,)
 
 
 @runtime_checkable
@@ -215,15 +222,15 @@ class DenoisingPolicy(nn.Module):
         return out
 
     def _task_texts(self, obs: dict[str, Any], batch_size: int) -> list[str]:
-        if TASK in obs:
-            task = obs[TASK]
+        if K.TASK in obs:
+            task = obs[K.TASK]
             texts = [task] * batch_size if isinstance(task, str) else [str(s) for s in task]
-        elif TASK_INDEX in obs:
+        elif K.TASK_INDEX in obs:
             if not self.config.tasks:
                 raise VlaflowError(
                     "batch has task_index but config.tasks is empty; set tasks from WindowSampler.tasks"
                 )
-            idx = torch.as_tensor(obs[TASK_INDEX]).reshape(-1).tolist()
+            idx = torch.as_tensor(obs[K.TASK_INDEX]).reshape(-1).tolist()
             n = len(self.config.tasks)
             bad = [i for i in idx if not 0 <= i < n]
             if bad:
@@ -281,8 +288,8 @@ class DenoisingPolicy(nn.Module):
         x_t = a * x0 + s * eps
         pred = self.predict(x_t, t, cond)
         err = F.mse_loss(pred, self.regression_target(x0, eps, t), reduction="none")  # (B, H, Da)
-        if cfg.mask_pad_loss and ACTION_IS_PAD in batch:
-            keep = (~torch.as_tensor(batch[ACTION_IS_PAD], device=err.device).bool()).unsqueeze(-1).float()
+        if cfg.mask_pad_loss and K.ACTION_IS_PAD in batch:
+            keep = (~torch.as_tensor(batch[K.ACTION_IS_PAD], device=err.device).bool()).unsqueeze(-1).float()
             loss = (err * keep).sum() / (keep.sum() * err.shape[-1]).clamp(min=1.0)
         else:
             loss = err.mean()
@@ -329,6 +336,27 @@ class DenoisingPolicy(nn.Module):
     def unnormalize_action(self, x: Tensor) -> Tensor:
         return self.normalizer.unnormalize(K.ACTION, x) if K.ACTION in self.normalizer.modes else x
 
+    def generate(
+        self,
+        obs: dict[str, Any],
+        noise: Tensor | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        record_chain: bool = False,
+    ) -> Generation:
+        """Action chunks (B, H, Da) in raw units with their cost (NFE) and, optionally, the chain."""
+        cond = self.encode(obs)
+        res = self.denoise(
+            cond,
+            noise=noise,
+            sampler=sampler,
+            num_steps=num_steps,
+            generator=generator,
+            return_chain=record_chain,
+        )
+        return Generation(actions=self.unnormalize_action(res.x0), nfe=res.nfe, chain=res.steps)
+
     def sample(
         self,
         obs: dict[str, Any],
@@ -338,9 +366,7 @@ class DenoisingPolicy(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Action chunks (B, H, Da) in raw action units."""
-        cond = self.encode(obs)
-        res = self.denoise(cond, noise=noise, sampler=sampler, num_steps=num_steps, generator=generator)
-        return self.unnormalize_action(res.x0)
+        return self.generate(obs, noise, sampler, num_steps, generator).actions
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -348,4 +374,4 @@ class DenoisingPolicy(nn.Module):
 
 def batch_obs(batch: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     """The observation part of a training batch (obs keys plus task fields)."""
-    return {k: batch[k] for k in (*keys, TASK, TASK_INDEX) if k in batch}
+    return {k: batch[k] for k in (*keys, K.TASK, K.TASK_INDEX) if k in batch}

@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlaflow.errors import VlaflowError
-from vlaflow.policies.contract import TASK
-from vlaflow.policies.interface import RuntimeSpec
+from vlaflow import keys as K
+from vlaflow.interfaces import InferResult, RuntimeSpec, obs_window
 
 
 class PolicyRuntime:
@@ -39,44 +38,52 @@ class PolicyRuntime:
     def config(self) -> RuntimeSpec:
         return self.policy.spec
 
-    def reset(self) -> None:
-        """Start of an episode: re-seed the sampling noise when a seed was given."""
-        if self.seed is not None:
-            self._generator = torch.Generator(device=self.policy.device).manual_seed(self.seed)
+    def reset(self, seed: int | None = None) -> None:
+        """Start of an episode: re-seed the sampling noise from ``seed`` (or the constructor's seed).
 
-    def infer(self, obs: dict[str, Any]) -> np.ndarray:
-        """obs: arrays with leading To per key (plus optional ``task`` str) -> (H, Da) float32 raw actions."""
-        spec = self.config
-        missing = [k for k in spec.obs_keys if k not in obs]
-        if missing:
-            raise VlaflowError(
-                f"obs is missing key(s) {missing}; the policy needs {list(spec.obs_keys)}, got {sorted(obs)}"
-            )
-        batch: dict[str, Any] = {}
-        for k, shape in spec.obs_shapes.items():
-            x = np.asarray(obs[k])
-            if x.shape[1:] != tuple(shape) or x.shape[0] < spec.n_obs_steps:
-                raise VlaflowError(
-                    f"obs[{k!r}] has shape {x.shape}, "
-                    f"expected ({spec.n_obs_steps}, {', '.join(map(str, shape))})"
-                )
-            batch[k] = torch.from_numpy(np.ascontiguousarray(x[-spec.n_obs_steps :]))[None]
-        if TASK in obs:
-            batch[TASK] = [str(obs[TASK])]
+        Without either, noise comes from torch's global generator (which the sim harness seeds per episode).
+        """
+        s = self.seed if seed is None else seed
+        if s is not None:
+            self._generator = torch.Generator(device=self.policy.device).manual_seed(int(s))
+
+    def infer(
+        self, obs: dict[str, Any], *, shift: int | None = None, delay: int | None = None
+    ) -> InferResult:
+        """obs: arrays with leading To per key (plus optional ``task`` str) -> (H, Da) float32 raw actions.
+
+        ``shift`` / ``delay`` are accepted for the runtime interface and unused: every call samples afresh.
+        """
+        batch = batch_of_one(obs_window(self.config, obs))
         was_training = self.policy.training
         self.policy.eval()
         try:
             with torch.inference_mode():
-                actions = self.policy.sample(
+                gen = self.policy.generate(
                     batch, sampler=self.sampler, num_steps=self.num_steps, generator=self._generator
                 )
         finally:
             self.policy.train(was_training)
-        return actions[0].float().cpu().numpy()
+        extras = {k: v[0].float().cpu().numpy() for k, v in gen.extras.items() if torch.is_tensor(v)}
+        return InferResult(actions=gen.actions[0].float().cpu().numpy(), nfe=gen.nfe, extras=extras)
+
+
+def batch_of_one(window: dict[str, Any], device: str | torch.device | None = None) -> dict[str, Any]:
+    """A checked runtime window ({key: (To, ...)} + optional ``task``, ``obs_window``) as a batch of one."""
+    batch: dict[str, Any] = {}
+    for k, v in window.items():
+        if k == K.TASK:
+            batch[k] = [str(v)]
+        else:
+            batch[k] = torch.from_numpy(np.ascontiguousarray(v))[None]
+            if device is not None:
+                batch[k] = batch[k].to(device)
+    return batch
 
 
 def load_policy(path: str | os.PathLike, device: str = "cpu", **kwargs) -> PolicyRuntime:
-    """Load a checkpoint directory and wrap it; kwargs go to :class:`PolicyRuntime` (sampler, seed...)."""
+    """Load a checkpoint directory and wrap it; kwargs go to :class:`PolicyRuntime` (sampler, num_steps,
+    seed)."""
     from vlaflow.policies.checkpoint import load_checkpoint
 
     return PolicyRuntime(load_checkpoint(path, device=device), **kwargs)

@@ -29,7 +29,7 @@ OBS_MODE_CHOICES = ("auto", "lowdim", "image")
 
 def _choose_obs_mode(obs_mode: str, policy_spec) -> tuple[str, int | None]:
     """("lowdim"|"image", camera size or None): "auto" picks image mode when the policy reads a camera."""
-    from vlaflow.data.keys import is_image
+    from vlaflow.keys import is_image
 
     images = {k: v for k, v in policy_spec.obs_shapes.items() if is_image(k)}
     sizes = {tuple(v[:2]) for v in images.values()}

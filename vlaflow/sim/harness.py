@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from vlaflow.errors import VlaflowError
-from vlaflow.policies.interface import RuntimeSpec
+from vlaflow.interfaces import RuntimeSpec, as_infer_result, check_chunk
 
 WORKER_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -67,7 +67,7 @@ class SyncChunkExecutor:
         else:
             self._window.append(obs)
         if not self._queue:
-            chunk = check_chunk(self.infer(self._obs_window()), self.spec)  # (H, Da)
+            chunk = check_chunk(as_infer_result(self.infer(self._obs_window())).actions, self.spec)  # (H, Da)
             self.n_infer += 1
             self._queue.extend(chunk[: self.spec.n_action_steps])
         return self._queue.popleft()
@@ -85,21 +85,6 @@ def _realtime_executor(infer: Callable[[dict], np.ndarray], spec: RuntimeSpec, t
 
 
 EXECUTORS["realtime"] = _realtime_executor
-
-
-def check_chunk(chunk, spec: RuntimeSpec) -> np.ndarray:
-    """The policy's chunk as float64 (H, Da); a wrong shape or a non-finite value is an error."""
-    arr = np.asarray(chunk.detach().cpu().numpy() if hasattr(chunk, "detach") else chunk, dtype=np.float64)
-    if arr.shape != (spec.horizon, spec.action_dim):
-        raise VlaflowError(
-            f"policy returned an action chunk of shape {arr.shape}; its config promises (H, Da) = "
-            f"({spec.horizon}, {spec.action_dim})"
-        )
-    if not np.all(np.isfinite(arr)):
-        raise VlaflowError(
-            f"policy returned non-finite actions: {arr[~np.isfinite(arr).all(axis=1)][:2].tolist()}"
-        )
-    return arr
 
 
 # ---------------------------------------------------------------------------------------------- episodes

@@ -1,6 +1,6 @@
 """Policies the evaluation harness can build by name: ``random``, ``replay:STORE``, or a checkpoint directory.
 
-All follow :class:`vlaflow.policies.interface.RuntimePolicy` (``config``, ``infer(obs) -> (H, Da)``,
+All follow :class:`vlaflow.interfaces.RuntimePolicy` (``config``, ``infer(obs) -> (H, Da)``,
 ``reset``). The harness seeds every episode through :func:`reset_policy`, so a stochastic policy draws the
 same noise for the same episode seed whichever worker runs it.
 """
@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vlaflow.errors import VlaflowError
-from vlaflow.policies.interface import RuntimeSpec
-from vlaflow.sim.tasks import TaskSpec
+from vlaflow.interfaces import InferResult, RuntimeSpec, TaskSpec
 
 REPLAY_PREFIX = "replay:"
 ONNX_PREFIX = "onnx:"  # an exported policy (vlaflow export) run by the torch-free onnxruntime runtime
@@ -47,9 +46,9 @@ class RandomPolicy:
         if seed is not None:
             self._rng = np.random.default_rng(seed)
 
-    def infer(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+    def infer(self, obs: dict[str, np.ndarray], *, shift=None, delay=None) -> InferResult:
         h, da = self.config.horizon, self.config.action_dim
-        return self._rng.uniform(self._low, self._high, size=(h, da)).astype(np.float32)  # (H, Da)
+        return InferResult(self._rng.uniform(self._low, self._high, size=(h, da)).astype(np.float32), nfe=0)
 
 
 class ReplayPolicy:
@@ -112,13 +111,13 @@ class ReplayPolicy:
     def reset(self, seed: int | None = None) -> None:
         self._cursor = 0
 
-    def infer(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+    def infer(self, obs: dict[str, np.ndarray], *, shift=None, delay=None) -> InferResult:
         if self._episode is None:
             raise VlaflowError("ReplayPolicy.infer called before load_episode")
         h = self.config.horizon
         idx = np.minimum(np.arange(self._cursor, self._cursor + h), len(self._episode) - 1)
         self._cursor += self.config.n_action_steps
-        return self._episode[idx]  # (H, Da)
+        return InferResult(self._episode[idx], nfe=0)  # (H, Da)
 
 
 def load_checkpoint_policy(path: str | os.PathLike, device: str = "cpu"):
@@ -128,10 +127,10 @@ def load_checkpoint_policy(path: str | os.PathLike, device: str = "cpu"):
         raise VlaflowError(
             f"policy {str(path)!r}: not a checkpoint directory, and not 'random' or '{REPLAY_PREFIX}STORE'"
         )
-    import vlaflow
+    from vlaflow.policies.runtime import load_policy
 
     try:
-        return vlaflow.load_policy(p, device=device)
+        return load_policy(p, device=device)
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("vlaflow"):
             raise VlaflowError(f"{p}: checkpoint loading is not available in this build ({e})") from e

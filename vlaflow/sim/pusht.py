@@ -28,7 +28,7 @@ from gym_pusht.envs.pusht import PushTEnv
 from gymnasium import spaces
 
 from vlaflow.errors import VlaflowError
-from vlaflow.sim.tasks import TaskSpec
+from vlaflow.interfaces import TaskSpec
 
 OBS_MODES = ("lowdim", "image")
 START_DISTRIBUTIONS = ("diffusion_policy", "gym_pusht")

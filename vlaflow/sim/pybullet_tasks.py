@@ -27,7 +27,7 @@ import gymnasium as gym
 import numpy as np
 
 from vlaflow.errors import ConfigError
-from vlaflow.sim.tasks import TaskSpec
+from vlaflow.interfaces import TaskSpec
 
 ARM_JOINTS = tuple(range(7))
 FINGER_JOINTS = (9, 10)

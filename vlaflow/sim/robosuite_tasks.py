@@ -23,8 +23,8 @@ import gymnasium as gym
 import numpy as np
 
 from vlaflow.errors import ConfigError
+from vlaflow.interfaces import TaskSpec
 from vlaflow.sim.experts import PickPlaceMachine, PickScript, to_unit_delta
-from vlaflow.sim.tasks import TaskSpec
 
 PROPRIO_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 PROPRIO_NAMES = ["eef_x", "eef_y", "eef_z", "eef_qx", "eef_qy", "eef_qz", "eef_qw", "finger_l", "finger_r"]

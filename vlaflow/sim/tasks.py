@@ -9,26 +9,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass, field
 
 from vlaflow.errors import VlaflowError
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What a task declares about itself."""
-
-    name: str  # registry name, e.g. "pusht"
-    fps: float  # control rate (env steps per second)
-    obs_shapes: dict[str, tuple[int, ...]]  # store key -> per-step shape for the chosen obs mode
-    obs_dtypes: dict[str, str]  # store key -> dtype ("float32", "uint8")
-    action_dim: int  # Da
-    action_low: tuple[float, ...]  # per-dim bounds of a valid action
-    action_high: tuple[float, ...]
-    max_steps: int  # episode step limit used by evaluation
-    instruction: str = ""  # language instruction for the task
-    extra: dict = field(default_factory=dict)
-
 
 # name -> "module:factory", where
 # factory(obs_mode: str = "lowdim", render_size: int | None = None, **kw) -> gymnasium.Env

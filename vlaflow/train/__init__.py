@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return getattr(config, name)
     if name == "get_preset":
-        from vlaflow.configs.presets import get_preset
+        from vlaflow.train.presets import get_preset
 
         return get_preset
     if name == "train":

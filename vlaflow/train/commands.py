@@ -31,8 +31,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_run_config(preset: str | None, overrides: list[str], out: Path | None, resume: bool):
     """Preset + overrides, or (with --resume and no preset) the run's saved config + overrides."""
-    from vlaflow.configs.presets import get_preset
     from vlaflow.train.config import RunConfig, apply_overrides
+    from vlaflow.train.presets import get_preset
 
     if preset:
         cfg = get_preset(preset)
@@ -45,7 +45,7 @@ def resolve_run_config(preset: str | None, overrides: list[str], out: Path | Non
 
 def run_train(args: argparse.Namespace) -> int:
     if args.list_presets:
-        from vlaflow.configs.presets import PRESETS, describe
+        from vlaflow.train.presets import PRESETS, describe
 
         for name in PRESETS:
             print(f"{name:32s} {describe(name)}")
@@ -113,8 +113,8 @@ def run_demo(args: argparse.Namespace) -> int:
     t_collect = time.perf_counter() - t0
     print(f"      {n_ok} successful episodes in {t_collect / 60:.1f} min")
 
-    from vlaflow.configs.presets import get_preset
     from vlaflow.train.config import apply_overrides
+    from vlaflow.train.presets import get_preset
     from vlaflow.train.trainer import steps_for_budget, train
 
     cfg = apply_overrides(

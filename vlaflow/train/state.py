@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlaflow.atomic import atomic_directory, recover_directory
 from vlaflow.errors import VlaflowError
+from vlaflow.policies.checkpoint import write_checkpoint_files
 
 TRAIN_STATE_JSON = "train_state.json"
 TRAIN_STATE_TENSORS = "train_state.safetensors"
@@ -69,24 +71,14 @@ def save_training_checkpoint(
     state: dict,
 ) -> Path:
     """Write a complete checkpoint at ``dest`` atomically (temp dir + rename)."""
-    from vlaflow.policies import save_checkpoint
-
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_checkpoint(tmp, deploy_policy)
-    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in raw_policy.state_dict().items()}
-    tensors.update(optimizer_tensors(optimizer))
-    save_file(tensors, str(tmp / TRAIN_STATE_TENSORS))
-    (tmp / TRAIN_STATE_JSON).write_text(json.dumps({"format": FORMAT, "version": VERSION, **state}, indent=1))
-    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_directory(dest, overwrite=True) as tmp:
+        write_checkpoint_files(tmp, deploy_policy)
+        tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in raw_policy.state_dict().items()}
+        tensors.update(optimizer_tensors(optimizer))
+        save_file(tensors, str(tmp / TRAIN_STATE_TENSORS))
+        state_doc = {"format": FORMAT, "version": VERSION, **state}
+        (tmp / TRAIN_STATE_JSON).write_text(json.dumps(state_doc, indent=1))
     return dest
 
 
@@ -101,33 +93,15 @@ def write_state_json(ckpt: Path, state: dict) -> None:
 def copy_checkpoint(src: Path, dest: Path) -> Path:
     """Copy a checkpoint directory atomically (used for checkpoints/best)."""
     dest = Path(dest)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_directory(dest, overwrite=True) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
     return dest
 
 
 def recover_checkpoint(dest: Path) -> Path:
     """``dest`` itself, or -- after a kill between the two renames of a save -- the complete previous
     checkpoint left beside it (renamed back into place). Half-written temp dirs are removed."""
-    dest = Path(dest)
-    if dest.parent.exists():
-        for tmp in dest.parent.glob(f".{dest.name}.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        olds = sorted(dest.parent.glob(f".{dest.name}.old-*"), key=lambda p: p.stat().st_mtime)
-        if not dest.exists() and olds:
-            olds[-1].rename(dest)
-            olds = olds[:-1]
-        for old in olds:
-            shutil.rmtree(old, ignore_errors=True)
-    return dest
+    return recover_directory(dest)
 
 
 def read_train_state(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:

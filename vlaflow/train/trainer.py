@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.train import schedule as S
 from vlaflow.train.config import RunConfig, config_diff

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
 from vlaflow.data.store import KeySpec, atomic_store
 from vlaflow.errors import IngestError
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
 from vlaflow.errors import IngestError
 
 FORMAT = "robosuite-hdf5"

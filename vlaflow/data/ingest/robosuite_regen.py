@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
 from vlaflow.data.ingest.robosuite_hdf5 import compose_state, state_names_of
 from vlaflow.errors import IngestError
 

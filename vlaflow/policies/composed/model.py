@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
 from vlaflow.data.normalize import Normalizer
 from vlaflow.errors import VlaflowError
+from vlaflow.interfaces import RuntimeSpec
 from vlaflow.policies.compose import default_reference, gpc_sample
 from vlaflow.policies.composed.config import ComposedConfig
-from vlaflow.policies.contract import check_stats
-from vlaflow.policies.interface import RuntimeSpec
+from vlaflow.policies.contract import Generation, check_stats
 
 DENOISING_FAMILIES = ("diffusion", "flow")
 
@@ -102,10 +102,14 @@ class ComposedPolicy(nn.Module):
             return_chain=return_chain,
         )
 
+    def generate(self, obs, noise=None, sampler=None, num_steps=None, generator=None, record_chain=False):
+        res = self.denoise(self.encode(obs), noise, sampler, num_steps, generator, return_chain=record_chain)
+        actions = self.parents[self.reference].unnormalize_action(res.x0)
+        return Generation(actions=actions, nfe=res.nfe, chain=res.steps)
+
     def sample(self, obs, noise=None, sampler=None, num_steps=None, generator=None) -> Tensor:
         """Composite action chunks (B, H, Da) in raw units; deterministic given ``noise``."""
-        res = self.denoise(self.encode(obs), noise, sampler, num_steps, generator)
-        return self.parents[self.reference].unnormalize_action(res.x0)
+        return self.generate(obs, noise, sampler, num_steps, generator).actions
 
     def compute_loss(self, batch):
         raise VlaflowError(

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
 from vlaflow.data.normalize import Normalizer
 from vlaflow.errors import VlaflowError
-from vlaflow.policies.contract import ACTION_IS_PAD, DenoisingPolicy, check_stats
+from vlaflow.interfaces import RuntimeSpec
+from vlaflow.policies.contract import DenoisingPolicy, Generation, check_stats
 from vlaflow.policies.ebt.config import EBTConfig
-from vlaflow.policies.interface import RuntimeSpec
 from vlaflow.policies.nets.encoders import ObsEncoder
 
 
@@ -285,8 +285,8 @@ class EBTPolicy(nn.Module):
             keep_path=cfg.loss_on == "all",
         )
         keep = torch.ones(b, cfg.horizon, 1, device=self.device)
-        if cfg.mask_pad_loss and ACTION_IS_PAD in batch:
-            keep = (~torch.as_tensor(batch[ACTION_IS_PAD], device=self.device).bool()).unsqueeze(-1).float()
+        if cfg.mask_pad_loss and K.ACTION_IS_PAD in batch:
+            keep = (~torch.as_tensor(batch[K.ACTION_IS_PAD], device=self.device).bool()).unsqueeze(-1).float()
         denom = (keep.sum() * cfg.action_dim).clamp(min=1.0)
         per_step = [((xk - target) ** 2 * keep).sum() / denom for xk in (res.path or [res.x])]
         loss = torch.stack(per_step).mean()  # "all": mean over the steps; "last": the final chunk only
@@ -354,6 +354,19 @@ class EBTPolicy(nn.Module):
             x=res.x.detach()[rows], energy=res.energy.detach()[rows], steps_used=res.steps_used[rows]
         )
         return self.unnormalize_action(kept.x), kept
+
+    def generate(
+        self,
+        obs: dict[str, Any],
+        noise: Tensor | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        record_chain: bool = False,
+    ) -> Generation:
+        """Actions with the descent's cost (steps of the slowest row) and final energy (B,)."""
+        actions, kept = self.sample_with_energy(obs, noise, sampler, num_steps, generator)
+        return Generation(actions=actions, nfe=int(kept.steps_used.max()), extras={"energy": kept.energy})
 
     def sample(
         self,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlaflow.data import keys as K
+from vlaflow import keys as K
 
 
 def _gn(c: int, group_size: int) -> nn.GroupNorm:

@@ -1,8 +1,12 @@
-"""Key names of the episode store, defined once.
+"""Key names, defined once: the episode store's arrays, training batches and runtime observations.
 
 Every array in a store lives at ``data/<key>`` and is concatenated along time. Observations start
 with ``obs.``; cameras are ``obs.image.<camera>`` (uint8, HWC). Language lives per episode in
-``meta/`` (see :mod:`vlaflow.data.store`), not per step.
+``meta/`` (see :mod:`vlaflow.data.store`), not per step; a batch or a runtime observation carries it as
+``task`` (text) or ``task_index`` (into the store's task list).
+
+Torch-free and at the bottom of the package: the store, the policies, the torch-free ONNX runtime and the
+robot node all speak these names.
 """
 
 from __future__ import annotations
@@ -11,6 +15,11 @@ ACTION = "action"
 OBS_PREFIX = "obs."
 OBS_STATE = "obs.state"
 IMAGE_PREFIX = "obs.image."
+
+# Training batches and runtime observations (beside the store keys above).
+TASK = "task"  # instruction text: a str (runtime) or a list of B str (batch)
+TASK_INDEX = "task_index"  # (B,) int index into the store's / the policy config's task list
+ACTION_IS_PAD = "action_is_pad"  # (B, H) bool: the action step lies past the episode end (edge padding)
 
 # Store layout.
 DATA_GROUP = "data"
