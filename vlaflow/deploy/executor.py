@@ -44,7 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -526,6 +526,3 @@ class ThreadedExecutor:
         st["tick_overruns"] = self.tick_overruns
         return st
 
-
-def config_dict(cfg: RealtimeConfig) -> dict:
-    return asdict(cfg)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -235,9 +234,6 @@ class PolicyConfig:
             if not K.is_image(k):
                 modes[k] = self.normalization.get(k, "minmax")
         return {k: m for k, m in modes.items() if m != "identity"}
-
-    def lowdim_dim(self) -> int:
-        return sum(math.prod(s) for k, s in self.obs_shapes.items() if not K.is_image(k))
 
     def to_dict(self) -> dict[str, Any]:
         return _to_jsonable(self)

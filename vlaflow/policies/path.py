@@ -114,11 +114,6 @@ class VPCosinePath:
         ts = torch.arange(num_steps - 1, -1, -1, dtype=torch.float32) * ratio
         return torch.cat([ts, torch.tensor([-1.0])])
 
-    def sample_train_time(self, batch: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """Uniform discrete training steps ``k ~ U{0..N-1}`` (as float)."""
-        k = torch.randint(0, self.num_train_steps, (batch,), generator=generator, device=device)
-        return k.float()
-
     def model_time(self, t: Tensor) -> Tensor:
         return torch.as_tensor(t, dtype=torch.float32)
 
@@ -188,5 +183,3 @@ def pi0_train_time(
         s = torch.distributions.Beta(beta_a, beta_b).sample((batch,)).to(device)
     return t_min + (1.0 - t_min) * s
 
-
-PATHS: dict[str, type] = {"vp": VPCosinePath, "flow": RectifiedFlowPath}

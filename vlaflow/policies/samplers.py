@@ -28,7 +28,6 @@ from vlaflow.policies.conversions import to_x0_eps
 from vlaflow.policies.path import GaussianPath
 
 SAMPLERS = ("ddpm", "ddim", "euler", "heun")
-STOCHASTIC = ("ddpm",)  # ddim is stochastic when eta > 0
 
 PredictFn = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, H, Da), t (B,)) -> native prediction (B, H, Da)
 

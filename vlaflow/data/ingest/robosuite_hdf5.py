@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from vlaflow import keys as K
+from vlaflow.data.ingest.robosuite_regen import Regenerator, compose_state, state_names_of
 from vlaflow.errors import IngestError
 
 FORMAT = "robosuite-hdf5"
@@ -251,34 +252,6 @@ def _read_demo(
     return out
 
 
-def _state_key_groups(names: list[str]) -> list[tuple[str, str, str | None]]:
-    """(eef_pos, eef_quat, gripper_qpos|None) key triples, per arm (robot0_eef_pos, robot0_right_eef_pos)."""
-    groups = []
-    for pos in sorted(n for n in names if re.fullmatch(r"robot\d+_(?:\w+_)?eef_pos", n)):
-        quat = pos[: -len("eef_pos")] + "eef_quat"
-        grip = pos[: -len("eef_pos")] + "gripper_qpos"
-        if quat in names:
-            groups.append((pos, quat, grip if grip in names else None))
-    return groups
-
-
-def compose_state(obs: dict[str, np.ndarray]) -> np.ndarray | None:
-    groups = _state_key_groups(list(obs))
-    if not groups:
-        return None
-    parts = [obs[k] for g in groups for k in g if k is not None]
-    return np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1).astype(np.float32)
-
-
-def state_names_of(obs_dims: dict[str, int]) -> list[str]:
-    names: list[str] = []
-    for g in _state_key_groups(list(obs_dims)):
-        for k in g:
-            if k is not None:
-                names += [f"{k}[{i}]" for i in range(obs_dims[k])]
-    return names
-
-
 def episode_model_xml(store: Any, episode: int) -> str | None:
     """The MuJoCo XML recorded with ``episode`` in a store this adapter wrote (None if there was none)."""
     meta = store.attrs.get("robosuite", {})
@@ -394,8 +367,6 @@ def ingest(
         first = _read_demo(h5, src, demos[0], max_steps_per_episode, flip_dataset_images)
         regen = None
         if regenerate_obs:
-            from vlaflow.data.ingest.robosuite_regen import Regenerator
-
             regen = Regenerator(env_name, env_info, env_args, tuple(cameras), image_size, src)
             first.update(regen.observe(first["obs.sim_state"], _model_of(0), demos[0]))
             attrs["robosuite"]["regenerated"] = regen.describe()

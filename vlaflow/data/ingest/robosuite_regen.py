@@ -9,16 +9,46 @@ Used by :mod:`vlaflow.data.ingest.robosuite_hdf5` with ``regenerate_obs=True``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vlaflow import keys as K
-from vlaflow.data.ingest.robosuite_hdf5 import compose_state, state_names_of
 from vlaflow.errors import IngestError
 
 _CONTROLLER_RENAMES = {"damping": "damping_ratio", "damping_limits": "damping_ratio_limits"}
+
+
+# robosuite's low-dim state as vlaflow stores it: per arm, eef position + quaternion + gripper qpos. Shared
+# by the hdf5 reader (states recorded in the file) and the regenerator (states re-rendered by robosuite).
+def _state_key_groups(names: list[str]) -> list[tuple[str, str, str | None]]:
+    """(eef_pos, eef_quat, gripper_qpos|None) key triples, per arm (robot0_eef_pos, robot0_right_eef_pos)."""
+    groups = []
+    for pos in sorted(n for n in names if re.fullmatch(r"robot\d+_(?:\w+_)?eef_pos", n)):
+        quat = pos[: -len("eef_pos")] + "eef_quat"
+        grip = pos[: -len("eef_pos")] + "gripper_qpos"
+        if quat in names:
+            groups.append((pos, quat, grip if grip in names else None))
+    return groups
+
+
+def compose_state(obs: dict[str, np.ndarray]) -> np.ndarray | None:
+    groups = _state_key_groups(list(obs))
+    if not groups:
+        return None
+    parts = [obs[k] for g in groups for k in g if k is not None]
+    return np.concatenate([p.reshape(len(p), -1) for p in parts], axis=1).astype(np.float32)
+
+
+def state_names_of(obs_dims: dict[str, int]) -> list[str]:
+    names: list[str] = []
+    for g in _state_key_groups(list(obs_dims)):
+        for k in g:
+            if k is not None:
+                names += [f"{k}[{i}]" for i in range(obs_dims[k])]
+    return names
 
 
 class Regenerator:
