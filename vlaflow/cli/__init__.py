@@ -1,4 +1,4 @@
-"""The ``vlaflow`` command.
+"""The ``vlaflow`` command (layer 5: every argparse line lives in this package).
 
 Sub-commands are listed once in :data:`COMMANDS` (name -> module, help). A command's module is imported
 only when that command runs, so ``vlaflow --help`` and light commands never pay for torch or simulators.
