@@ -330,6 +330,7 @@ def test_cli_export_eval_onnx_and_bench(diffusion_export, tmp_path, capsys):
 
 
 def test_tensorrt_builder_is_guarded(diffusion_export, capsys):
+    from vlaflow.cli import tensorrt as tensorrt_cli
     from vlaflow.deploy import tensorrt_engine
 
     if tensorrt_engine.tensorrt_available():
@@ -337,7 +338,7 @@ def test_tensorrt_builder_is_guarded(diffusion_export, capsys):
     _, out, _, _ = diffusion_export
     with pytest.raises(VlaflowError, match="needs the `tensorrt` Python package"):
         tensorrt_engine.build_engines(out)
-    assert tensorrt_engine.main([str(out)]) == 1 and "tensorrt" in capsys.readouterr().err
+    assert tensorrt_cli.main([str(out)]) == 1 and "tensorrt" in capsys.readouterr().err
     assert not list(out.glob("*.plan"))
 
 
