@@ -1,4 +1,4 @@
-"""Rollout evaluation of a policy, :func:`evaluate` (the `vlaflow eval` command: :mod:`vlaflow.cli.sim`).
+"""Rollout evaluation of a policy, :func:`evaluate` (the ``vlaflow eval`` command: :mod:`vlaflow.cli.sim`).
 
     vlaflow eval --task pusht --policy CKPT|replay:STORE|random --episodes 50 --seed 100000 \
         --workers 2 --out DIR
