@@ -329,7 +329,55 @@ def test_cli_export_eval_onnx_and_bench(diffusion_export, tmp_path, capsys):
         assert (tmp_path / "b" / f).is_file()
 
 
+def test_bench_latency_takes_typed_options_and_a_score_callable_and_leaves_no_temp_dirs(
+    diffusion_export, tmp_path, monkeypatch
+):
+    """bench_latency needs no simulator (the score comes from the caller) and removes the ONNX exports it
+    makes in the temp dir, when it returns and when it raises."""
+    import dataclasses
+    import tempfile
+
+    from vlaflow.deploy.bench import LatencyBench, bench_latency
+    from vlaflow.errors import ConfigError
+
+    _, _, _, ckpt = diffusion_export
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    calls = []
+
+    def score(factory, episodes, workers, max_steps):
+        rt = factory()  # the exported graphs must still be there while rows are scored
+        assert rt.config.horizon == 8
+        calls.append((episodes, workers, max_steps))
+        return {"mean_score": 0.5, "success_rate": 0.25, "episodes": episodes}
+
+    # a second checkpoint as "one-step" extra: its own export into a second temp dir
+    cfg = LatencyBench(str(ckpt), variants=(("ddim", 4),), onestep=(str(ckpt),), episodes=2, workers=0,
+                       max_steps=8, repeats=2, step_repeats=2)  # fmt: skip
+    result = bench_latency(cfg, score=score)
+    assert [(r["variant"], r["runtime"]) for r in result["rows"]] == [
+        ("DDIM-4", "torch-eager"),
+        ("DDIM-4", "onnxruntime"),
+        ("one-step", "torch-eager"),
+        ("one-step", "onnxruntime"),
+    ]
+    assert all(r["mean_score"] == 0.5 and r["score_source"] == "this run" for r in result["rows"])
+    assert calls == [(2, 0, 8)] * 4 and result["onnx_dir"] is None
+    assert not list(scratch.glob("vlaflow-bench-*"))
+    unscored = bench_latency(dataclasses.replace(cfg, onestep=(), runtimes=("torch-eager",)))
+    assert [r["mean_score"] for r in unscored["rows"]] == [None]
+    with pytest.raises(FileNotFoundError):  # fails after its export: the export must go all the same
+        bench_latency(dataclasses.replace(cfg, scores_from=(str(tmp_path / "missing.json"),)), score=score)
+    assert not list(scratch.glob("vlaflow-bench-*"))
+    with pytest.raises(ConfigError, match="--runtimes"):
+        LatencyBench(str(ckpt), runtimes=("tensorrt",))
+    with pytest.raises(ConfigError, match="--step-repeats must be >= 1"):
+        LatencyBench(str(ckpt), step_repeats=0)
+
+
 def test_tensorrt_builder_is_guarded(diffusion_export, capsys):
+    from vlaflow.cli import tensorrt as tensorrt_cli
     from vlaflow.deploy import tensorrt_engine
 
     if tensorrt_engine.tensorrt_available():
@@ -337,7 +385,7 @@ def test_tensorrt_builder_is_guarded(diffusion_export, capsys):
     _, out, _, _ = diffusion_export
     with pytest.raises(VlaflowError, match="needs the `tensorrt` Python package"):
         tensorrt_engine.build_engines(out)
-    assert tensorrt_engine.main([str(out)]) == 1 and "tensorrt" in capsys.readouterr().err
+    assert tensorrt_cli.main([str(out)]) == 1 and "tensorrt" in capsys.readouterr().err
     assert not list(out.glob("*.plan"))
 
 

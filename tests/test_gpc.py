@@ -149,7 +149,9 @@ def test_weights_zero_one_reproduce_each_parent_and_checkpoint_loads(tmp_path):
         torch.testing.assert_close(loaded.sample(obs, noise=noise), mixed)
     rt = PolicyRuntime(loaded)
     assert rt.config.n_obs_steps == 2 and set(rt.config.obs_shapes) == {"obs.state", "obs.extra"}
-    out = rt.infer({"obs.state": obs["obs.state"][0].numpy(), "obs.extra": obs["obs.extra"][0].numpy()}).actions
+    out = rt.infer(
+        {"obs.state": obs["obs.state"][0].numpy(), "obs.extra": obs["obs.extra"][0].numpy()}
+    ).actions
     assert out.shape == (H, DA) and np.isfinite(out).all()
 
 
@@ -170,7 +172,7 @@ def test_compose_cli_smoke_on_pusht(tmp_path):
     import json
 
     pytest.importorskip("gym_pusht")
-    from vlaflow.policies.compose_cli import add_compose_arguments, run_compose
+    from vlaflow.cli.compose import add_compose_arguments, run_compose
     from vlaflow.policies.runtime import load_policy
 
     def st(n, lo, hi):
@@ -215,3 +217,31 @@ def test_compose_cli_smoke_on_pusht(tmp_path):
     assert (tmp_path / "out" / "score_vs_weight.png").stat().st_size > 0
     rt = load_policy(tmp_path / "out" / "best")
     assert rt.config.extra["family"] == "composed"
+
+
+def test_weight_search_is_pure_and_picks_the_best_mix():
+    """The search needs no simulator: a closed-form score peaked at w = 0.3 must win, as a true mix."""
+    from vlaflow.errors import ConfigError
+    from vlaflow.policies.composed.search import gpc_table, search_weights, table_markdown, weight_grid
+
+    grid = weight_grid(2, [0.0, 0.3, 0.6, 1.0], 0.25)
+    assert grid == [(0.0, 1.0), (0.3, 0.7), (0.6, 0.4), (1.0, 0.0)]
+    seen = []
+
+    def score(w):
+        return {"mean_score": 1 - (w[0] - 0.3) ** 2, "success_rate": 0.5, "n_episodes": 3, "n_errors": 0}
+
+    rows = search_weights(grid, score, on_row=seen.append)
+    assert seen == rows and [r["weights"] for r in rows] == [list(w) for w in grid]
+    table = gpc_table(rows, parents=["a", "b"], parent_names=["A", "B"], task="t", episodes=3, first_seed=7)
+    assert table["best"]["weights"] == [0.3, 0.7] and table["best_beats_every_parent"] is True
+    assert table["seeds"] == [7, 9]
+    assert "best: [0.3, 0.7] (1.000); beats every parent: True" in table_markdown(table)
+    vertex = gpc_table(
+        search_weights(grid, lambda w: {"mean_score": w[0], "success_rate": 0.0}),
+        parents=["a", "b"], parent_names=["A", "B"], task="t", episodes=1, first_seed=0,
+    )  # fmt: skip
+    assert vertex["best"]["weights"] == [1.0, 0.0] and vertex["best_beats_every_parent"] is False
+    assert len(weight_grid(3, None, 0.5)) == 6  # (1,0,0) (0.5,0.5,0) ... on the 2-simplex
+    with pytest.raises(ConfigError, match="mean_score"):
+        search_weights(grid, lambda w: {"score": 1.0})

@@ -17,31 +17,31 @@ from vlaflow.errors import VlaflowError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": (
-        "vlaflow.data.commands",
+        "vlaflow.cli.data",
         "import a dataset (diffusion_policy zarr, LeRobot, robosuite hdf5, rosbag2)",
     ),
     "info": (
-        "vlaflow.data.commands",
+        "vlaflow.cli.data",
         "show an episode store's schema, episodes, tasks and per-key statistics",
     ),
-    "validate": ("vlaflow.data.commands", "check an episode store for damage (exit 1 if it has any)"),
-    "repair": ("vlaflow.data.commands", "drop an unfinished episode tail left by a crashed writer"),
-    "export-lerobot": ("vlaflow.data.commands", "write an episode store as a LeRobot v3.0 dataset"),
-    "collect": ("vlaflow.sim.collect", "record successful scripted-expert rollouts into an episode store"),
-    "teleop": ("vlaflow.sim.teleop", "drive a simulated task from the keyboard and record episodes"),
-    "eval": ("vlaflow.sim.evaluate", "evaluate a policy by rollouts (parallel workers, report.json, videos)"),
+    "validate": ("vlaflow.cli.data", "check an episode store for damage (exit 1 if it has any)"),
+    "repair": ("vlaflow.cli.data", "drop an unfinished episode tail left by a crashed writer"),
+    "export-lerobot": ("vlaflow.cli.data", "write an episode store as a LeRobot v3.0 dataset"),
+    "collect": ("vlaflow.cli.sim", "record successful scripted-expert rollouts into an episode store"),
+    "teleop": ("vlaflow.cli.sim", "drive a simulated task from the keyboard and record episodes"),
+    "eval": ("vlaflow.cli.sim", "evaluate a policy by rollouts (parallel workers, report.json, videos)"),
     "train": ("vlaflow.train.commands", "train a policy from a preset on an episode store"),
     "demo": ("vlaflow.train.commands", "the full demo: collect demos, train a policy, evaluate it"),
     "compose": (
-        "vlaflow.policies.compose_cli",
+        "vlaflow.cli.compose",
         "compose pretrained denoising policies (GPC) and search weights",
     ),
     "distill": ("vlaflow.policies.distill", "distill a one-step consistency head from a teacher checkpoint"),
     "export": (
-        "vlaflow.deploy.export",
+        "vlaflow.cli.export",
         "export a policy to ONNX (encoder + per-step denoiser) with parity report",
     ),
-    "bench": ("vlaflow.deploy.bench", "benchmarks: 'vlaflow bench latency CKPT' (p50/p99, NFE, score)"),
+    "bench": ("vlaflow.cli.bench", "benchmarks: 'vlaflow bench latency CKPT' (p50/p99, NFE, score)"),
 }
 
 

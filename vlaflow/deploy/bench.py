@@ -1,5 +1,6 @@
-"""``vlaflow bench latency CKPT``: per-control-step latency (p50/p99), network evaluations per step, and the
-closed-loop PushT score of each sampling variant, in PyTorch eager and in ONNX Runtime.
+"""Per-control-step latency (p50/p99), network evaluations per step, and the closed-loop PushT score of each
+sampling variant, in PyTorch eager and in ONNX Runtime: :func:`bench_latency` over a :class:`LatencyBench`
+(the ``vlaflow bench latency CKPT`` command, in :mod:`vlaflow.cli.bench`).
 
     vlaflow bench latency CKPT [--onnx DIR] [--variants ddpm:100,ddim:10] [--episodes 50] [--workers 2]
                                [--repeats 50] [--threads 1] [--json] [--out DIR]
@@ -15,24 +16,73 @@ load average before and after the timing.
 
 Writes OUT/latency.json (rows + machine info), OUT/latency.md and OUT/latency_hist.png; ``--json`` prints
 the rows (variant, runtime, nfe, p50_ms, p99_ms, mean_score, ...) as one JSON line.
+
+The score is not computed here: deploy/ sits below sim/, so the caller passes a ``score`` callable (the CLI
+builds it on :func:`vlaflow.sim.evaluate.evaluate`); without one, rows are timed only.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import functools
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vlaflow.errors import ConfigError, VlaflowError
+from vlaflow.errors import ConfigError
 
 RUNTIMES = ("torch-eager", "onnxruntime")
+SAMPLERS = ("ddpm", "ddim", "euler", "heun")
+
+# score(factory, episodes, workers, max_steps) -> {"mean_score", "success_rate", "episodes"}: the closed-loop
+# PushT score of a zero-argument runtime factory. The CLI builds it on vlaflow.sim.evaluate; deploy/ never
+# imports the simulator.
+ScoreFn = Callable[[Callable[[], Any], int, int, "int | None"], dict]
+
+
+@dataclass(frozen=True)
+class LatencyBench:
+    """What ``vlaflow bench latency`` measures (one field per flag; comma lists become tuples)."""
+
+    checkpoint: str  # policy checkpoint directory (PushT low-dim)
+    onnx: str | None = None  # an existing `vlaflow export` of checkpoint; None: export to a temporary dir
+    variants: tuple[tuple[str, int], ...] = ()  # (sampler, steps) rows; (): default_variants(policy)
+    runtimes: tuple[str, ...] = RUNTIMES  # which of RUNTIMES to time
+    rti: bool = False  # add RTI-DP rows (RTIConfig's defaults)
+    onestep: tuple[str, ...] = ()  # one-step consistency student checkpoints to add
+    ebt: str | None = None  # an EBT checkpoint to add
+    episodes: int = 50  # PushT episodes per scored row
+    score_runtimes: tuple[str, ...] = RUNTIMES  # runtimes whose rows get a score
+    score_only: tuple[str, ...] = ()  # "VARIANT/runtime" rows to score; (): all
+    scores_from: tuple[str, ...] = ()  # earlier latency.json files whose scores are reused
+    eager_reports: str | None = None  # DIR/<sampler><steps>/report.json: eager scores of an earlier eval
+    workers: int = 2  # evaluation worker processes
+    max_steps: int | None = None  # episode step limit (None: the task's)
+    repeats: int = 50  # timed control steps per row
+    step_repeats: int = 300  # timed single denoiser steps per runtime
+    threads: int = 1  # torch and onnxruntime intra-op threads
+    out: str | None = None  # directory for latency.json, latency.md, latency_hist.png (None: not written)
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.runtimes if r not in RUNTIMES]
+        if bad or not self.runtimes:
+            raise ConfigError(f"--runtimes must be a comma list of {RUNTIMES}, got {bad or self.runtimes}")
+        for name in ("episodes", "repeats", "step_repeats", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for sampler, steps in self.variants:
+            if sampler not in SAMPLERS or steps < 1:
+                raise ConfigError(
+                    f"variants are (sampler, steps >= 1) with sampler in {SAMPLERS}, got {(sampler, steps)}"
+                )
 
 
 def _variant_name(sampler: str, steps: int) -> str:
@@ -81,19 +131,6 @@ def _machine() -> dict:
     }
 
 
-def _score(factory, episodes: int, workers: int, max_steps: int | None) -> dict:
-    from vlaflow.sim.evaluate import evaluate
-
-    rep = evaluate(
-        factory, task="pusht", n_episodes=episodes, workers=workers, max_steps=max_steps, progress=False
-    )
-    if rep["errors"]:
-        first = rep["errors"][0]["error"].strip().splitlines()[0]
-        raise VlaflowError(f"{len(rep['errors'])} evaluation episode(s) failed: {first}")
-    a = rep["aggregate"]
-    return {"mean_score": a["mean_score"], "success_rate": a["success_rate"], "episodes": a["n_episodes"]}
-
-
 def _reuse_report(path: Path, episodes: int) -> dict | None:
     """The score of an earlier ``vlaflow eval`` of the same variant (e.g. the training benchmark's)."""
     if not path.is_file():
@@ -135,7 +172,7 @@ def _plot(rows: list[dict], samples: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _markdown(result: dict) -> str:
+def latency_markdown(result: dict) -> str:
     ps = result["per_denoiser_step"]
     lines = [
         "# Control-step latency and PushT score per sampling variant",
@@ -165,7 +202,22 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_latency(args: argparse.Namespace) -> dict:
+def bench_latency(cfg: LatencyBench, score: ScoreFn | None = None) -> dict:
+    """Time every row of ``cfg``, score the rows ``score`` is given for (None: latency only, unless a score
+    is reused from ``scores_from`` / ``eager_reports``), write ``cfg.out``; returns latency.json's content.
+
+    ONNX exports made here (no ``cfg.onnx``; one-step students) go to temporary directories that are
+    removed when the benchmark ends, whether it returns or raises.
+    """
+    with contextlib.ExitStack() as stack:
+
+        def scratch() -> Path:
+            return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vlaflow-bench-")))
+
+        return _bench(cfg, score, scratch)
+
+
+def _bench(cfg: LatencyBench, score: ScoreFn | None, scratch: Callable[[], Path]) -> dict:
     import torch
 
     from vlaflow.deploy.onnx_runtime import OnnxPolicy, load_onnx_policy, read_manifest
@@ -173,20 +225,20 @@ def bench_latency(args: argparse.Namespace) -> dict:
     from vlaflow.policies.checkpoint import load_checkpoint
     from vlaflow.policies.runtime import PolicyRuntime, load_policy
 
-    torch.set_num_threads(args.threads)
-    ckpt = Path(args.checkpoint)
+    torch.set_num_threads(cfg.threads)
+    ckpt = Path(cfg.checkpoint)
     policy = load_checkpoint(ckpt)
-    variants = _parse_variants(args.variants) if args.variants else default_variants(policy)
-    tmp = None
-    onnx_dir = Path(args.onnx) if args.onnx else None
-    if onnx_dir is None and "onnxruntime" in args.runtimes:
+    variants = list(cfg.variants) or default_variants(policy)
+    exported = False
+    onnx_dir = Path(cfg.onnx) if cfg.onnx else None
+    if onnx_dir is None and "onnxruntime" in cfg.runtimes:
         from vlaflow.deploy.export import ExportOptions, export_policy
 
-        tmp = Path(tempfile.mkdtemp(prefix="vlaflow-bench-"))
-        onnx_dir = tmp / "onnx"
+        onnx_dir = scratch() / "onnx"
+        exported = True
         print(f"exporting {ckpt} -> {onnx_dir} (parity-checked) ...", file=sys.stderr)
         checked = list(variants)
-        if args.rti:
+        if cfg.rti:
             from vlaflow.deploy.rti import RTIConfig
 
             r = RTIConfig()
@@ -197,9 +249,9 @@ def bench_latency(args: argparse.Namespace) -> dict:
         read_manifest(onnx_dir)
     rng = np.random.default_rng(0)
     obs = random_obs(policy, rng)
-    episodes = args.episodes
+    episodes = cfg.episodes
     previous = {}
-    for f in filter(None, args.scores_from.split(",")):
+    for f in cfg.scores_from:
         for r in json.loads(Path(f).read_text())["rows"]:
             if r.get("mean_score") is not None:
                 src = r.get("score_source")
@@ -220,13 +272,13 @@ def bench_latency(args: argparse.Namespace) -> dict:
         elif reused is not None:
             row.update(reused)
         elif (
-            not args.no_score
+            score is not None
             and factory is not None
-            and runtime in args.score_runtimes
-            and (not args.score_only or f"{variant}/{runtime}" in args.score_only)
+            and runtime in cfg.score_runtimes
+            and (not cfg.score_only or f"{variant}/{runtime}" in cfg.score_only)
         ):
             print(f"scoring {variant} / {runtime} on {episodes} PushT episodes ...", file=sys.stderr)
-            row.update(_score(factory, episodes, args.workers, args.max_steps))
+            row.update(score(factory, episodes, cfg.workers, cfg.max_steps))
             row["score_source"] = "this run"
         rows.append(row)
         samples[f"{variant} / {runtime}"] = ms
@@ -239,23 +291,23 @@ def bench_latency(args: argparse.Namespace) -> dict:
 
     for sampler, steps in variants:
         name = _variant_name(sampler, steps)
-        if "torch-eager" in args.runtimes:
+        if "torch-eager" in cfg.runtimes:
             rt = PolicyRuntime(policy, sampler=sampler, num_steps=steps, seed=0)
-            ms = time_calls(lambda rt=rt: rt.infer(obs), args.repeats)
+            ms = time_calls(lambda rt=rt: rt.infer(obs), cfg.repeats)
             nfe = steps * (2 if sampler == "heun" else 1) - (1 if sampler == "heun" else 0)
             fac = functools.partial(load_policy, str(ckpt), sampler=sampler, num_steps=steps)
             report = (
-                Path(args.eager_reports) / f"{sampler}{steps}" / "report.json" if args.eager_reports else None
+                Path(cfg.eager_reports) / f"{sampler}{steps}" / "report.json" if cfg.eager_reports else None
             )
             add(name, "torch-eager", nfe, ms, fac, report)
-        if "onnxruntime" in args.runtimes:
-            op = OnnxPolicy(onnx_dir, sampler=sampler, num_steps=steps, seed=0, threads=args.threads)
-            ms = time_calls(lambda op=op: op.infer(obs), args.repeats)
+        if "onnxruntime" in cfg.runtimes:
+            op = OnnxPolicy(onnx_dir, sampler=sampler, num_steps=steps, seed=0, threads=cfg.threads)
+            ms = time_calls(lambda op=op: op.infer(obs), cfg.repeats)
             fac = functools.partial(
-                load_onnx_policy, str(onnx_dir), sampler=sampler, num_steps=steps, threads=args.threads
+                load_onnx_policy, str(onnx_dir), sampler=sampler, num_steps=steps, threads=cfg.threads
             )
             add(name, "onnxruntime", op.last_nfe, ms, fac)
-    if args.rti:
+    if cfg.rti:
         from vlaflow.deploy.rti import RTIRuntime, load_rti_policy
 
         rt = RTIRuntime(policy)
@@ -266,65 +318,65 @@ def bench_latency(args: argparse.Namespace) -> dict:
             rt.infer(obs)
             nfes.append(rt.last_nfe)
 
-        ms = time_calls(rti_call, args.repeats, warmup=0)  # the first (full) call is part of the distribution
+        ms = time_calls(rti_call, cfg.repeats, warmup=0)  # the first (full) call is part of the distribution
         add("RTI", "torch-eager", float(np.mean(nfes)), ms, functools.partial(load_rti_policy, str(ckpt)))
-        if "onnxruntime" in args.runtimes:
+        if "onnxruntime" in cfg.runtimes:
             from vlaflow.deploy.onnx_rti import OnnxRTIPolicy, load_onnx_rti_policy
 
             c = rt.rti
             kw = dict(
                 sampler=c.sampler, num_steps=c.num_steps, n_warm_steps=c.n_warm_steps, warm_mode=c.warm_mode
             )
-            orti = OnnxRTIPolicy(onnx_dir, threads=args.threads, **kw)
-            ms = time_calls(lambda: orti.infer(obs), args.repeats, warmup=0)
-            fac = functools.partial(load_onnx_rti_policy, str(onnx_dir), threads=args.threads, **kw)
+            orti = OnnxRTIPolicy(onnx_dir, threads=cfg.threads, **kw)
+            ms = time_calls(lambda: orti.infer(obs), cfg.repeats, warmup=0)
+            fac = functools.partial(load_onnx_rti_policy, str(onnx_dir), threads=cfg.threads, **kw)
             add("RTI", "onnxruntime", float(np.mean(orti.nfe_history)), ms, fac)
-    students = [c for c in args.onestep.split(",") if c]
+    students = list(cfg.onestep)
     extras = [("one-step" if len(students) == 1 else f"one-step {Path(c).name}", c) for c in students] + [
-        ("EBT", args.ebt)
+        ("EBT", cfg.ebt)
     ]
     for label, extra_ckpt in extras:
         if not extra_ckpt:
             continue
         other = load_checkpoint(extra_ckpt)
         rt = PolicyRuntime(other, seed=0)
-        ms = time_calls(lambda rt=rt: rt.infer(obs), args.repeats)
+        ms = time_calls(lambda rt=rt: rt.infer(obs), cfg.repeats)
         nfe = int(getattr(other.config, "num_inference_steps", 1))
         add(label, "torch-eager", nfe, ms, functools.partial(load_policy, str(extra_ckpt)))
         from vlaflow.deploy.export import EXPORTABLE_FAMILIES, ExportOptions, export_policy
 
-        if "onnxruntime" in args.runtimes and other.config.family in EXPORTABLE_FAMILIES:
-            odir = Path(tempfile.mkdtemp(prefix="vlaflow-bench-")) / "onnx"
+        if "onnxruntime" in cfg.runtimes and other.config.family in EXPORTABLE_FAMILIES:
+            odir = scratch() / "onnx"
             export_policy(other, odir, ExportOptions(n_parity_obs=1), source=str(extra_ckpt))
-            op = OnnxPolicy(odir, seed=0, threads=args.threads)
-            ms = time_calls(lambda op=op: op.infer(obs), args.repeats)
-            fac = functools.partial(load_onnx_policy, str(odir), threads=args.threads)
+            op = OnnxPolicy(odir, seed=0, threads=cfg.threads)
+            ms = time_calls(lambda op=op: op.infer(obs), cfg.repeats)
+            fac = functools.partial(load_onnx_policy, str(odir), threads=cfg.threads)
             add(label, "onnxruntime", op.last_nfe, ms, fac)
 
     # One denoiser evaluation at batch 1 in each runtime (the >= 2.5x target is about this number). The two
     # runtimes alternate call by call, so a load change on a shared machine hits both alike.
-    cfg = policy.config
+    pcfg = policy.config
     with torch.inference_mode():
         cond = policy.encode(
             {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in obs.items() if k != "task"}
             | ({"task": [obs["task"]]} if "task" in obs else {})
         )
-        x = torch.randn(1, cfg.horizon, cfg.action_dim)
-        t = torch.tensor([float(policy.path.timesteps(cfg.num_inference_steps)[0])])
+        x = torch.randn(1, pcfg.horizon, pcfg.action_dim)
+        t = torch.tensor([float(policy.path.timesteps(pcfg.num_inference_steps)[0])])
     fns = {}
-    if "torch-eager" in args.runtimes:
+    if "torch-eager" in cfg.runtimes:
 
         def eager_step():
             with torch.inference_mode():
                 policy.predict(x, t, cond)
 
         fns["torch-eager"] = eager_step
-    if onnx_dir is not None and "onnxruntime" in args.runtimes:
-        op = OnnxPolicy(onnx_dir, threads=args.threads)
+    if onnx_dir is not None and "onnxruntime" in cfg.runtimes:
+        op = OnnxPolicy(onnx_dir, threads=cfg.threads)
         xn, tn, cn = x.numpy(), t.numpy(), cond.numpy()
         fns["onnxruntime"] = lambda: op.predict(xn, tn, cn)
     step_ms: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(args.step_repeats + 10):
+    for i in range(cfg.step_repeats + 10):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
@@ -338,10 +390,10 @@ def bench_latency(args: argparse.Namespace) -> dict:
     result = {
         "benchmark": "latency",
         "checkpoint": str(ckpt),
-        "family": cfg.family,
-        "onnx_dir": str(onnx_dir) if onnx_dir and not tmp else None,
-        "threads": args.threads,
-        "repeats": args.repeats,
+        "family": pcfg.family,
+        "onnx_dir": str(onnx_dir) if onnx_dir and not exported else None,
+        "threads": cfg.threads,
+        "repeats": cfg.repeats,
         "task": "pusht",
         "score_episodes": episodes,
         "score_seeds": "100000.." + str(100000 + episodes - 1) if episodes else None,
@@ -353,89 +405,10 @@ def bench_latency(args: argparse.Namespace) -> dict:
         "rows": rows,
         "machine": _machine(),
     }
-    if args.out:
-        out = Path(args.out)
+    if cfg.out:
+        out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "latency.json").write_text(json.dumps(result, indent=1))
-        (out / "latency.md").write_text(_markdown(result))
-        _plot(rows, samples, out / "latency_hist.png", f"{ckpt} - threads {args.threads}, load {load_before}")
-    if tmp is not None:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        (out / "latency.md").write_text(latency_markdown(result))
+        _plot(rows, samples, out / "latency_hist.png", f"{ckpt} - threads {cfg.threads}, load {load_before}")
     return result
-
-
-def _parse_variants(text: str) -> list[tuple[str, int]]:
-    out = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, steps = part.partition(":")
-        if name not in ("ddpm", "ddim", "euler", "heun") or not steps.isdigit() or int(steps) < 1:
-            raise ConfigError(f"--variants entries are SAMPLER:STEPS (ddpm|ddim|euler|heun), got {part!r}")
-        out.append((name, int(steps)))
-    return out
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    p = sub.add_parser(
-        "latency", help="control-step latency + PushT score per variant, eager vs ONNX Runtime"
-    )
-    p.add_argument("checkpoint", help="policy checkpoint directory (PushT low-dim)")
-    p.add_argument(
-        "--onnx", default="", help="an existing `vlaflow export` of CKPT (default: export to a temp dir)"
-    )
-    p.add_argument("--variants", default="", help="SAMPLER:STEPS list (default ddpm:100,ddim:10 | euler:10)")
-    p.add_argument(
-        "--runtimes", default="torch-eager,onnxruntime", help="comma list of torch-eager, onnxruntime"
-    )
-    p.add_argument("--rti", action="store_true", help="add RTI-DP (vlaflow.deploy.rti, eager)")
-    p.add_argument(
-        "--onestep", default="", help="one-step consistency student checkpoint(s) to add (comma list)"
-    )
-    p.add_argument("--ebt", default="", help="an EBT checkpoint to add")
-    p.add_argument("--episodes", type=int, default=50, help="PushT episodes per row for the score")
-    p.add_argument("--no-score", action="store_true", help="latency only")
-    p.add_argument(
-        "--score-runtimes", default="torch-eager,onnxruntime", help="runtimes whose rows get a PushT score"
-    )
-    p.add_argument(
-        "--score-only", default="", help="comma list of VARIANT/runtime rows to score (default all)"
-    )
-    p.add_argument(
-        "--scores-from",
-        default="",
-        help="reuse the scores of earlier latency.json files (comma list; same variant and runtime)",
-    )
-    p.add_argument(
-        "--eager-reports",
-        default="",
-        help="reuse eager scores from DIR/<sampler><steps>/report.json (an eval of CKPT, same episodes)",
-    )
-    p.add_argument("--workers", type=int, default=2, help="evaluation worker processes")
-    p.add_argument("--max-steps", type=int, default=None, help="episode step limit (default: the task's)")
-    p.add_argument("--repeats", type=int, default=50, help="timed control steps per row")
-    p.add_argument("--step-repeats", type=int, default=300, help="timed single denoiser steps per runtime")
-    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
-    p.add_argument("--json", action="store_true", help="print the rows as one JSON line")
-    p.add_argument("--out", default="", help="directory for latency.json, latency.md, latency_hist.png")
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    if args.bench != "latency":
-        raise ConfigError(f"unknown benchmark {args.bench!r}; known: latency")
-    args.runtimes = tuple(r.strip() for r in args.runtimes.split(",") if r.strip())
-    args.score_runtimes = tuple(r.strip() for r in args.score_runtimes.split(",") if r.strip())
-    args.score_only = tuple(r.strip() for r in args.score_only.split(",") if r.strip())
-    bad = [r for r in args.runtimes if r not in RUNTIMES]
-    if bad or not args.runtimes:
-        raise ConfigError(f"--runtimes must be a comma list of {RUNTIMES}, got {bad or args.runtimes}")
-    for name in ("episodes", "repeats", "step_repeats", "threads"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    result = bench_latency(args)
-    print(_markdown(result))
-    if args.json:
-        keys = ("variant", "runtime", "nfe", "p50_ms", "p99_ms", "mean_score", "success_rate", "episodes")
-        print(json.dumps([{k: r.get(k) for k in keys} for r in result["rows"]]))
-    return 0

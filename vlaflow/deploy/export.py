@@ -1,5 +1,5 @@
-"""``vlaflow export CKPT --out DIR``: a denoising policy as ONNX graphs plus a JSON manifest, checked against
-PyTorch before anything is written.
+"""A denoising policy as ONNX graphs plus a JSON manifest, checked against PyTorch before anything is
+written (``vlaflow export CKPT --out DIR``, in :mod:`vlaflow.cli.export`).
 
 What goes where (Nc condition tokens of width Fc, To obs steps, H chunk, Da action dim; batch fixed to 1):
 
@@ -25,7 +25,6 @@ no DIR: everything is written to a temporary sibling directory and renamed into 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -369,63 +368,3 @@ def export_policy(
                 f"ONNX parity check failed, nothing written to {dest}: " + "; ".join(report["failures"][:6])
             )
     return report
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def _parse_samplers(text: str) -> tuple[tuple[str, int], ...]:
-    out = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, steps = part.partition(":")
-        if not steps.isdigit():
-            raise ConfigError(f"--samplers entries are NAME:STEPS (e.g. ddim:10,ddpm:100), got {part!r}")
-        out.append((name, int(steps)))
-    return tuple(out)
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="policy checkpoint directory (diffusion or flow)")
-    parser.add_argument("--out", required=True, help="output directory (written atomically)")
-    parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="torch ONNX exporter")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
-    parser.add_argument(
-        "--unrolled", type=int, default=0, metavar="K", help="also write unrolled.onnx with K sampler steps"
-    )
-    parser.add_argument(
-        "--unrolled-sampler", default="", help="ddim or euler (default: the policy's sampler)"
-    )
-    parser.add_argument(
-        "--samplers", default="", help="NAME:STEPS list checked for parity (default: the policy's + ddpm:N)"
-    )
-    parser.add_argument("--parity-obs", type=int, default=3, help="random observations in the parity check")
-    parser.add_argument("--tol-step", type=float, default=1e-4, help="max-abs per denoiser step")
-    parser.add_argument("--tol-chunk", type=float, default=1e-3, help="max-abs per chunk (normalized units)")
-    parser.add_argument("--min-cosine", type=float, default=0.9999, help="min cosine per step and chunk")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    import torch
-
-    from vlaflow.policies.checkpoint import load_checkpoint
-
-    torch.set_num_threads(1)
-    opts = ExportOptions(
-        opset=args.opset,
-        exporter=args.exporter,
-        unrolled_steps=args.unrolled,
-        unrolled_sampler=args.unrolled_sampler,
-        samplers=_parse_samplers(args.samplers),
-        n_parity_obs=args.parity_obs,
-        tol_step=args.tol_step,
-        tol_chunk=args.tol_chunk,
-        min_cosine=args.min_cosine,
-    )
-    policy = load_checkpoint(args.checkpoint)
-    report = export_policy(policy, args.out, opts, source=str(args.checkpoint))
-    print(f"exported {args.checkpoint} -> {args.out} ({opts.exporter}, opset {opts.opset})")
-    for row in report["summary"]:
-        print(
-            f"  {row['what']:<24} max-abs {row['max_abs']:.2e}  min-cosine {row['min_cosine']:.7f}"
-            f"  (tol {row['tol']:.0e})"
-        )
-    print(f"parity report: {Path(args.out) / PARITY}")
-    return 0

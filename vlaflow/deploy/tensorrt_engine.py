@@ -1,6 +1,6 @@
 """TensorRT engines from a ``vlaflow export`` directory, for machines with TensorRT (Jetson, x86 + NVIDIA).
 
-    python -m vlaflow.deploy.tensorrt_engine EXPORT_DIR [--fp16] [--workspace-mb 1024]
+    python -m vlaflow.cli.tensorrt EXPORT_DIR [--fp16] [--workspace-mb 1024]
     # -> EXPORT_DIR/encoder.plan, EXPORT_DIR/denoiser.plan (+ unrolled.plan); manifest["tensorrt"] lists them
 
 TensorRT cannot be installed on the development machines (no NVIDIA driver), so this module imports
@@ -21,9 +21,7 @@ export's float32 parity thresholds: re-check a chunk's error against the ONNX ru
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from vlaflow.errors import VlaflowError
@@ -96,22 +94,3 @@ def build_engines(export_dir: str | Path, fp16: bool = False, workspace_mb: int 
     manifest["tensorrt"] = {"engines": built, "fp16": fp16, "tensorrt_version": trt.__version__}
     (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return built
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Build TensorRT engines for a `vlaflow export` directory.")
-    ap.add_argument("export_dir")
-    ap.add_argument("--fp16", action="store_true", help="allow FP16 kernels (re-check accuracy)")
-    ap.add_argument("--workspace-mb", type=int, default=1024)
-    args = ap.parse_args(argv)
-    try:
-        built = build_engines(args.export_dir, fp16=args.fp16, workspace_mb=args.workspace_mb)
-    except VlaflowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"built {built} in {args.export_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

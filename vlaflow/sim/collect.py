@@ -1,4 +1,5 @@
-"""``vlaflow collect``: scripted-expert rollouts into an episode store (successful episodes only).
+"""Scripted-expert rollouts into an episode store, successful episodes only (``vlaflow collect``, in
+:mod:`vlaflow.cli.sim`).
 
 Each attempt ``i`` resets the task with seed ``seed + i`` and runs the task's scripted expert
 (:mod:`vlaflow.sim.experts`) until the task reports success or its step limit. Only successes are
@@ -14,7 +15,6 @@ the task spec and the seed of every stored episode (``collect.episode_seeds``), 
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 
@@ -178,54 +178,3 @@ def collect(
     finally:
         env.close()
     return CollectResult(str(out), len(seeds), attempts, n_steps, time.perf_counter() - t0, seeds)
-
-
-def add_collect_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="task name (pick_place, lift, can)")
-    p.add_argument("--episodes", type=int, required=True, help="number of successful episodes to store")
-    p.add_argument("--out", required=True, help="episode store to create")
-    p.add_argument("--obs-mode", choices=["lowdim", "image"], default="lowdim", help="observations to record")
-    p.add_argument(
-        "--seed", type=int, default=0, help="reset seed of the first attempt (attempt i uses seed+i)"
-    )
-    p.add_argument(
-        "--max-attempts",
-        type=int,
-        default=None,
-        help="give up after this many episodes (default 2*episodes+10)",
-    )
-    p.add_argument("--image-size", type=int, default=None, help="camera image side in pixels (image mode)")
-    p.add_argument(
-        "--noise",
-        type=float,
-        default=0.0,
-        help="noise std on executed motion (DART); clean actions stored",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_collect(args: argparse.Namespace) -> int:
-    kw = {}
-    if args.image_size is not None:
-        if args.obs_mode != "image":
-            raise VlaflowError("--image-size only applies with --obs-mode image")
-        kw["render_size"] = args.image_size
-    res = collect(
-        args.task,
-        args.episodes,
-        args.out,
-        obs_mode=args.obs_mode,
-        seed=args.seed,
-        max_attempts=args.max_attempts,
-        noise=args.noise,
-        overwrite=args.overwrite,
-        env_kwargs=kw,
-        progress=not args.no_progress,
-    )
-    print(
-        f"collect {args.task}: wrote {res.n_episodes} episodes ({res.n_steps} steps) to {res.path} "
-        f"from {res.n_attempts} attempts ({res.n_episodes / res.n_attempts:.0%} success) "
-        f"in {res.wall_s:.1f} s"
-    )
-    return 0

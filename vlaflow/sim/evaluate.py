@@ -1,4 +1,4 @@
-"""``vlaflow eval`` and its Python API :func:`evaluate`.
+"""Rollout evaluation of a policy, :func:`evaluate` (the ``vlaflow eval`` command: :mod:`vlaflow.cli.sim`).
 
     vlaflow eval --task pusht --policy CKPT|replay:STORE|random --episodes 50 --seed 100000 \
         --workers 2 --out DIR
@@ -11,7 +11,6 @@ reported beside it. ``replay:STORE`` replays each recorded episode open-loop fro
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,7 +19,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vlaflow.errors import ConfigError, VlaflowError
+from vlaflow.errors import ConfigError
 
 DEFAULT_START_SEED = 100000
 DEFAULT_EPISODES = 50
@@ -182,52 +181,3 @@ def evaluate(
     if out is not None:
         _write_json_atomic(out / "report.json", report)
     return report
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from vlaflow.sim.tasks import TASKS
-
-    parser.add_argument("--task", default="pusht", help=f"task: {', '.join(TASKS)}")
-    parser.add_argument("--policy", required=True, help="checkpoint directory, 'replay:STORE' or 'random'")
-    parser.add_argument(
-        "--episodes",
-        type=int,
-        default=None,
-        help=f"episodes to run (default {DEFAULT_EPISODES}; a replay runs every stored episode)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=DEFAULT_START_SEED, help="first episode seed (seed, seed+1, ...)"
-    )
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (0 = run in this process)")
-    parser.add_argument("--out", required=True, help="output directory for report.json and videos/")
-    parser.add_argument("--videos", type=int, default=2, help="record mp4 videos of the first K episodes")
-    parser.add_argument("--obs-mode", default="auto", choices=OBS_MODE_CHOICES, help="observation variant")
-    parser.add_argument("--max-steps", type=int, default=None, help="override the task's step limit")
-    parser.add_argument("--device", default="cpu", help="torch device for checkpoint policies")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    report = evaluate(
-        args.policy,
-        task=args.task,
-        workers=args.workers,
-        out_dir=args.out,
-        n_episodes=args.episodes,
-        start_seed=args.seed,
-        max_steps=args.max_steps,
-        videos=args.videos,
-        obs_mode=args.obs_mode,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    from vlaflow.sim.harness import format_summary
-
-    print(f"{format_summary(report)} -> {Path(args.out) / 'report.json'}")
-    if report["errors"]:
-        for e in report["errors"]:
-            first = e["error"].strip().splitlines()[0]
-            print(f"  failed: seed {e['seed']}: {first}", file=sys.stderr)
-        raise VlaflowError(f"{len(report['errors'])} episode(s) failed; see {Path(args.out) / 'report.json'}")
-    return 0

@@ -1,4 +1,5 @@
-"""``vlaflow teleop``: drive an arm task by hand and record episodes into an episode store.
+"""Drive an arm task by hand and record episodes into an episode store (``vlaflow teleop``, in
+:mod:`vlaflow.cli.sim`).
 
 Input sources share one small interface, :class:`InputSource`: ``poll(step) -> TeleopCommand`` (an
 end-effector motion in [-1, 1]^3 plus discrete events), ``show(frame)`` and ``close()``.
@@ -19,7 +20,6 @@ the store at once (crash-safe: finished episodes survive a crash); quitting drop
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -349,45 +349,3 @@ def teleop(
         env.close()
         source.close()
     return res
-
-
-def add_teleop_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help=f"arm task ({', '.join(ARM_TASKS)})")
-    p.add_argument("--out", required=True, help="episode store to create or append to")
-    p.add_argument("--obs-mode", choices=["lowdim", "image"], default="lowdim", help="observations to record")
-    p.add_argument(
-        "--seed", type=int, default=0, help="scene seed of the first episode (then +1 per episode)"
-    )
-    p.add_argument(
-        "--input", choices=["keyboard", "joystick"], default="keyboard", help="input device (pygame window)"
-    )
-    p.add_argument(
-        "--script", default=None, help="JSON list of [step, key] events: headless scripted session"
-    )
-    p.add_argument("--speed", type=float, default=1.0, help="fraction of the task's max end-effector step")
-    p.add_argument("--no-auto-save", action="store_true", help="do not save and reset when the task succeeds")
-
-
-def run_teleop(args: argparse.Namespace) -> int:
-    if not 0 < args.speed <= 1:
-        raise VlaflowError(f"--speed must be in (0, 1], got {args.speed}")
-    if args.script:
-        source: InputSource = ScriptedKeys.from_json(args.script)
-        show = False
-    else:
-        source = (
-            JoystickSource(10.0) if args.input == "joystick" else KeyboardSource(10.0)
-        )  # re-paced per task
-        show = True
-    res = teleop(
-        args.task,
-        args.out,
-        source,
-        obs_mode=args.obs_mode,
-        seed=args.seed,
-        speed=args.speed,
-        auto_save_on_success=not args.no_auto_save,
-        show=show,
-    )
-    print(f"teleop {args.task}: saved {res.saved} episodes to {args.out}, discarded {res.discarded}")
-    return 0

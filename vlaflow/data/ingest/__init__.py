@@ -4,10 +4,12 @@ Each module defines::
 
     FORMAT: str                                   # the --format name
     def detect(src: Path) -> bool                 # cheap sniffing for --format auto
-    def add_options(group) -> None                # its own CLI flags (argparse argument group)
-    def options_from_args(args) -> dict           # those flags -> keyword options of ingest()
-    def ingest(src, dest, **options) -> dict      # writes dest atomically (vlaflow.data.store.atomic_store);
+    def ingest(src, dest, *, <typed options>, overwrite=False, progress=True) -> dict
+                                                  # writes dest atomically (vlaflow.data.store.atomic_store);
                                                   # returns a summary {"n_episodes", "n_steps", ...}
+
+The command-line flags of each format, and their parsing into ``ingest``'s keyword options, live in
+:mod:`vlaflow.cli.data` (a new format adds its flags there).
 """
 
 from __future__ import annotations

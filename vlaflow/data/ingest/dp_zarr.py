@@ -10,7 +10,6 @@ the agent position that the Diffusion Policy paper's low-dim and image observati
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -30,26 +29,6 @@ _BLOCK_BYTES = 256 * 1024 * 1024
 def detect(src: Path) -> bool:
     src = Path(src)
     return src.is_dir() and (src / "data").is_dir() and (src / "meta" / "episode_ends").exists()
-
-
-def add_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--key-map",
-        default="",
-        help="dp-zarr: comma-separated src=dst renames, e.g. 'img=obs.image.front,state=obs.state'",
-    )
-    group.add_argument("--fps", type=float, default=None, help="dp-zarr: control rate (default 10, PushT's)")
-    group.add_argument("--task", default=None, help="instruction text stored with every episode")
-
-
-def options_from_args(args: argparse.Namespace) -> dict:
-    key_map = {}
-    for item in filter(None, (args.key_map or "").split(",")):
-        if "=" not in item:
-            raise IngestError(f"--key-map entry {item!r} is not of the form src=dst")
-        a, b = item.split("=", 1)
-        key_map[a.strip()] = b.strip()
-    return {"key_map": key_map, "fps": args.fps, "task": args.task}
 
 
 def _is_image(arr: zarr.Array) -> bool:

@@ -15,7 +15,6 @@ in which case the cameras with missing files are left out (and listed in the sum
 
 from __future__ import annotations
 
-import argparse
 import io
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -39,18 +38,6 @@ _BATCH_BYTES = 128 * 1024 * 1024  # episodes buffered before one store append
 
 def detect(src: Path) -> bool:
     return Path(src).is_dir() and (Path(src) / F.INFO_PATH).is_file()
-
-
-def add_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--skip-missing-video",
-        action="store_true",
-        help="lerobot: import without the cameras whose video files are missing (instead of stopping)",
-    )
-
-
-def options_from_args(args: argparse.Namespace) -> dict:
-    return {"skip_missing_video": bool(getattr(args, "skip_missing_video", False))}
 
 
 @dataclass(frozen=True)

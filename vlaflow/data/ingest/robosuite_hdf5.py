@@ -94,56 +94,6 @@ def detect(src: Path) -> bool:
         return False
 
 
-def add_options(group: Any) -> None:
-    group.add_argument(
-        "--regenerate-obs",
-        action="store_true",
-        help="robosuite-hdf5: rebuild the env and render observations (proprioception, object state, "
-        "cameras) at every recorded state (needs robosuite)",
-    )
-    group.add_argument(
-        "--cameras",
-        default=",".join(DEFAULT_CAMERAS),
-        help="robosuite-hdf5 --regenerate-obs: comma-separated camera names ('' for none)",
-    )
-    group.add_argument("--image-size", type=int, default=84, help="robosuite-hdf5 --regenerate-obs: H = W")
-    group.add_argument(
-        "--max-steps-per-episode", type=int, default=None, help="robosuite-hdf5: keep only the first N steps"
-    )
-    group.add_argument(
-        "--max-episodes", type=int, default=None, help="robosuite-hdf5: keep only the first N demos"
-    )
-    group.add_argument(
-        "--flip-dataset-images",
-        action="store_true",
-        help="robosuite-hdf5: flip stored obs/*_image vertically (files of raw robosuite renders; robomimic "
-        "files are already upright)",
-    )
-    group.add_argument(
-        "--task", default=None, help="instruction text for every episode (default: from the source)"
-    )
-    group.add_argument(
-        "--fps", type=float, default=None, help="control rate of the source (default: from the source)"
-    )
-
-
-def options_from_args(args: Any) -> dict:
-    cams = tuple(c.strip() for c in str(getattr(args, "cameras", "") or "").split(",") if c.strip())
-    opts: dict[str, Any] = {
-        "regenerate_obs": bool(getattr(args, "regenerate_obs", False)),
-        "cameras": cams,
-        "image_size": int(getattr(args, "image_size", 84)),
-        "max_steps_per_episode": getattr(args, "max_steps_per_episode", None),
-        "max_episodes": getattr(args, "max_episodes", None),
-        "flip_dataset_images": bool(getattr(args, "flip_dataset_images", False)),
-    }
-    if getattr(args, "task", None):
-        opts["task"] = args.task
-    if getattr(args, "fps", None):
-        opts["fps"] = float(args.fps)
-    return opts
-
-
 # ----------------------------------------------------------------------------------------------- reading
 def _demo_sort_key(name: str) -> tuple[int, str]:
     m = re.search(r"(\d+)$", name)

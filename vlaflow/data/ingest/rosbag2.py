@@ -104,7 +104,7 @@ class RosbagOptions:
         return roles
 
 
-# ----------------------------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------------------------- detection
 def detect(src: Path) -> bool:
     src = Path(src)
     if src.is_file():
@@ -117,43 +117,6 @@ def detect(src: Path) -> bool:
         (c.is_dir() and (c / "metadata.yaml").is_file()) or c.suffix in (".db3", ".mcap")
         for c in src.iterdir()
     )
-
-
-def add_options(group: Any) -> None:
-    group.add_argument(
-        "--joint-topic", default=None, help="rosbag2: sensor_msgs/JointState topic -> obs.state"
-    )
-    group.add_argument(
-        "--action-topic",
-        default=None,
-        help="rosbag2: JointState / Float64MultiArray / JointTrajectory topic -> action "
-        "(unset: the next tick's joint state)",
-    )
-    group.add_argument(
-        "--image-topic",
-        action="append",
-        default=[],
-        metavar="TOPIC[:CAMERA]",
-        help="rosbag2: Image or CompressedImage topic (repeatable); camera name defaults to the topic's",
-    )
-    group.add_argument("--rate", type=float, default=10.0, help="rosbag2: output rate (Hz), as-of aligned")
-    group.add_argument("--episode-topic", default=None, help="rosbag2: each message starts an episode")
-    group.add_argument("--stamp", choices=STAMP_MODES, default="header", help="rosbag2: message time source")
-    group.add_argument(
-        "--task", default=None, help="instruction text for every episode (default: from the source)"
-    )
-
-
-def options_from_args(args: Any) -> dict:
-    return {
-        "joint_topic": getattr(args, "joint_topic", None),
-        "action_topic": getattr(args, "action_topic", None),
-        "image_topics": [parse_image_topic(s) for s in (getattr(args, "image_topic", None) or [])],
-        "rate": float(getattr(args, "rate", 10.0)),
-        "episode_topic": getattr(args, "episode_topic", None),
-        "task": getattr(args, "task", None) or "",
-        "stamp": getattr(args, "stamp", "header"),
-    }
 
 
 # ----------------------------------------------------------------------------------------------- reading

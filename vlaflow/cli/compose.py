@@ -7,22 +7,24 @@ Two parents: ``--weights`` lists w for the first parent (the second gets 1 - w);
 every point of the simplex with step ``--grid-step``. Every candidate is scored on the same seeds through
 the sim harness. DIR gets ``table.json``, ``table.md``, ``score_vs_weight.png`` and ``best/``, a checkpoint
 directory (family "composed", parents embedded) that ``vlaflow eval --policy DIR/best`` loads.
+
+The search itself (:mod:`vlaflow.policies.composed.search`) knows nothing of the simulator: this module
+hands it a ``score(weights)`` built on :func:`vlaflow.sim.evaluate.evaluate`.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 from pathlib import Path
 
 from vlaflow.errors import ConfigError
+from vlaflow.policies.composed.search import Weights, gpc_table, search_weights, table_markdown, weight_grid
+from vlaflow.sim.evaluate import evaluate
 
-DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
-
-def _composed_runtime(paths, weights, reference, space, sampler, num_steps):
+def composed_runtime(paths, weights, reference, space, sampler, num_steps):
     """Worker-side factory (picklable through functools.partial): load parents, compose, wrap."""
     import torch
 
@@ -41,26 +43,6 @@ def _composed_runtime(paths, weights, reference, space, sampler, num_steps):
         parent_paths=paths,
     )
     return PolicyRuntime(pol)
-
-
-def weight_grid(n_parents: int, weights: list[float] | None, step: float) -> list[tuple[float, ...]]:
-    """Candidate convex weight vectors."""
-    if n_parents == 2:
-        ws = weights if weights is not None else list(DEFAULT_GRID)
-        bad = [w for w in ws if not 0 <= w <= 1]
-        if bad:
-            raise ConfigError(f"--weights must lie in [0, 1], got {bad}")
-        return [(float(w), round(1.0 - float(w), 10)) for w in ws]
-    if weights is not None:
-        raise ConfigError("--weights lists w of the first of two parents; with 3+ parents use --grid-step")
-    k = round(1 / step)
-    if abs(k * step - 1) > 1e-9:
-        raise ConfigError(f"--grid-step must divide 1, got {step}")
-    return [
-        tuple(c / k for c in combo)
-        for combo in itertools.product(range(k + 1), repeat=n_parents)
-        if sum(combo) == k
-    ]
 
 
 def add_compose_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,10 +85,13 @@ def _plot(rows: list[dict], names: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def _print_row(row: dict) -> None:
+    print(f"w={row['weights']}  score {row['mean_score']:.3f}  success {row['success_rate']:.2f}", flush=True)
+
+
 def run_compose(args: argparse.Namespace) -> int:
-    from vlaflow.policies.checkpoint import save_checkpoint
+    from vlaflow.policies.checkpoint import save_checkpoint  # torch: `vlaflow compose --help` stays light
     from vlaflow.policies.composed.model import compose_policies, load_parents
-    from vlaflow.sim.evaluate import evaluate
 
     if len(args.parents) < 2:
         raise ConfigError(f"--parents needs at least 2 checkpoints, got {args.parents}")
@@ -128,10 +113,10 @@ def run_compose(args: argparse.Namespace) -> int:
         f"{Path(p).parent.parent.name}/{Path(p).name}:{q.config.family}"
         for p, q in zip(paths, parents, strict=True)
     ]
-    rows = []
-    for w in grid:
+
+    def score(w: Weights) -> dict:
         factory = functools.partial(
-            _composed_runtime, paths, w, args.reference, args.space, args.sampler, args.num_steps
+            composed_runtime, paths, w, args.reference, args.space, args.sampler, args.num_steps
         )
         rep = evaluate(
             factory,
@@ -143,47 +128,20 @@ def run_compose(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         agg = rep["aggregate"]
-        rows.append(
-            {
-                "weights": list(w),
-                "mean_score": agg["mean_score"],
-                "success_rate": agg["success_rate"],
-                "n_episodes": agg["n_episodes"],
-                "n_errors": len(rep.get("errors", [])),
-            }
-        )
-        print(f"w={list(w)}  score {agg['mean_score']:.3f}  success {agg['success_rate']:.2f}", flush=True)
-    best = max(rows, key=lambda r: r["mean_score"])
-    vertices = [r for r in rows if max(r["weights"]) == 1.0]
-    table = {
-        "parents": paths,
-        "parent_names": names,
-        "task": args.task,
-        "episodes_per_weight": args.episodes,
-        "seeds": [args.seed, args.seed + args.episodes - 1],
-        "rows": rows,
-        "best": best,
-        # a vertex (one weight = 1) is a parent itself: only a true mix can beat the parents
-        "best_beats_every_parent": bool(vertices)
-        and max(best["weights"]) < 1.0
-        and all(best["mean_score"] > v["mean_score"] for v in vertices),
-    }
+        return {
+            "mean_score": agg["mean_score"],
+            "success_rate": agg["success_rate"],
+            "n_episodes": agg["n_episodes"],
+            "n_errors": len(rep.get("errors", [])),
+        }
+
+    rows = search_weights(grid, score, on_row=_print_row)
+    table = gpc_table(
+        rows, parents=paths, parent_names=names, task=args.task, episodes=args.episodes, first_seed=args.seed
+    )
+    best = table["best"]
     (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
-    md = [
-        f"# GPC on {args.task}: {' + '.join(names)}",
-        "",
-        f"{args.episodes} episodes per weight, seeds {args.seed}..{args.seed + args.episodes - 1}",
-        "",
-        "| weights | mean score | success |",
-    ]
-    md += ["|---|---|---|"]
-    md += [f"| {r['weights']} | {r['mean_score']:.3f} | {r['success_rate']:.2f} |" for r in rows]
-    md += [
-        "",
-        f"best: {best['weights']} ({best['mean_score']:.3f}); beats every parent: "
-        f"{table['best_beats_every_parent']}",
-    ]
-    (out / "table.md").write_text("\n".join(md) + "\n")
+    (out / "table.md").write_text(table_markdown(table))
     if len(paths) == 2:
         _plot(rows, names, out / "score_vs_weight.png")
     best_pol = compose_policies(

@@ -1,0 +1,288 @@
+"""Data commands: ``vlaflow ingest``, ``info``, ``validate``, ``repair``, ``export-lerobot``.
+
+Every ingest adapter (:mod:`vlaflow.data.ingest`) takes typed keyword options; this module owns their
+flags. The flags of all formats share one namespace, so a name two adapters use (``--task``, ``--fps``) is
+declared once, in the first format's group, and handed to whichever format runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vlaflow.data.ingest import FORMATS, adapter, detect_format
+from vlaflow.data.ingest.robosuite_hdf5 import DEFAULT_CAMERAS
+from vlaflow.data.ingest.rosbag2 import STAMP_MODES, parse_image_topic
+from vlaflow.data.store import EpisodeStore
+from vlaflow.data.summary import store_damage, store_summary
+from vlaflow.data.video import CODECS
+from vlaflow.errors import IngestError, StoreError
+
+# ----------------------------------------------------------------------------- ingest
+
+
+def _dp_zarr_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--key-map",
+        default="",
+        help="dp-zarr: comma-separated src=dst renames, e.g. 'img=obs.image.front,state=obs.state'",
+    )
+    group.add_argument("--fps", type=float, default=None, help="dp-zarr: control rate (default 10, PushT's)")
+    group.add_argument("--task", default=None, help="instruction text stored with every episode")
+
+
+def _dp_zarr_options(args: argparse.Namespace) -> dict[str, Any]:
+    key_map = {}
+    for item in filter(None, (args.key_map or "").split(",")):
+        if "=" not in item:
+            raise IngestError(f"--key-map entry {item!r} is not of the form src=dst")
+        a, b = item.split("=", 1)
+        key_map[a.strip()] = b.strip()
+    return {"key_map": key_map, "fps": args.fps, "task": args.task}
+
+
+def _lerobot_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--skip-missing-video",
+        action="store_true",
+        help="lerobot: import without the cameras whose video files are missing (instead of stopping)",
+    )
+
+
+def _lerobot_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"skip_missing_video": bool(args.skip_missing_video)}
+
+
+def _robosuite_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--regenerate-obs",
+        action="store_true",
+        help="robosuite-hdf5: rebuild the env and render observations (proprioception, object state, "
+        "cameras) at every recorded state (needs robosuite)",
+    )
+    group.add_argument(
+        "--cameras",
+        default=",".join(DEFAULT_CAMERAS),
+        help="robosuite-hdf5 --regenerate-obs: comma-separated camera names ('' for none)",
+    )
+    group.add_argument("--image-size", type=int, default=84, help="robosuite-hdf5 --regenerate-obs: H = W")
+    group.add_argument(
+        "--max-steps-per-episode", type=int, default=None, help="robosuite-hdf5: keep only the first N steps"
+    )
+    group.add_argument(
+        "--max-episodes", type=int, default=None, help="robosuite-hdf5: keep only the first N demos"
+    )
+    group.add_argument(
+        "--flip-dataset-images",
+        action="store_true",
+        help="robosuite-hdf5: flip stored obs/*_image vertically (files of raw robosuite renders; robomimic "
+        "files are already upright)",
+    )
+    # --task and --fps are the dp-zarr group's (same meaning here; unset: from the source)
+
+
+def _robosuite_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "regenerate_obs": bool(args.regenerate_obs),
+        "cameras": tuple(c.strip() for c in str(args.cameras or "").split(",") if c.strip()),
+        "image_size": int(args.image_size),
+        "max_steps_per_episode": args.max_steps_per_episode,
+        "max_episodes": args.max_episodes,
+        "flip_dataset_images": bool(args.flip_dataset_images),
+    }
+    if args.task:
+        opts["task"] = args.task
+    if args.fps:
+        opts["fps"] = float(args.fps)
+    return opts
+
+
+def _rosbag2_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--joint-topic", default=None, help="rosbag2: sensor_msgs/JointState topic -> obs.state"
+    )
+    group.add_argument(
+        "--action-topic",
+        default=None,
+        help="rosbag2: JointState / Float64MultiArray / JointTrajectory topic -> action "
+        "(unset: the next tick's joint state)",
+    )
+    group.add_argument(
+        "--image-topic",
+        action="append",
+        default=[],
+        metavar="TOPIC[:CAMERA]",
+        help="rosbag2: Image or CompressedImage topic (repeatable); camera name defaults to the topic's",
+    )
+    group.add_argument("--rate", type=float, default=10.0, help="rosbag2: output rate (Hz), as-of aligned")
+    group.add_argument("--episode-topic", default=None, help="rosbag2: each message starts an episode")
+    group.add_argument("--stamp", choices=STAMP_MODES, default="header", help="rosbag2: message time source")
+    # --task is the dp-zarr group's
+
+
+def _rosbag2_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "joint_topic": args.joint_topic,
+        "action_topic": args.action_topic,
+        "image_topics": [parse_image_topic(s) for s in (args.image_topic or [])],
+        "rate": float(args.rate),
+        "episode_topic": args.episode_topic,
+        "task": args.task or "",
+        "stamp": args.stamp,
+    }
+
+
+Flags = Callable[[argparse._ArgumentGroup], None]
+Options = Callable[[argparse.Namespace], dict[str, Any]]
+
+# format -> (its flags, those flags -> keyword options of the adapter's ingest()); same keys as FORMATS
+FORMAT_FLAGS: dict[str, tuple[Flags, Options]] = {
+    "dp-zarr": (_dp_zarr_flags, _dp_zarr_options),
+    "lerobot": (_lerobot_flags, _lerobot_options),
+    "robosuite-hdf5": (_robosuite_flags, _robosuite_options),
+    "rosbag2": (_rosbag2_flags, _rosbag2_options),
+}
+
+
+def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Import a dataset into a vlaflow episode store (zarr). The destination is written to a temporary "
+        "directory and moved into place only when complete, so a failed import leaves nothing behind."
+    )
+    p.add_argument("src", help="source dataset (directory or file)")
+    p.add_argument("dest", help="destination store directory (or fsspec URL); must not exist")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="source format")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for fmt in FORMATS:
+        FORMAT_FLAGS[fmt][0](p.add_argument_group(f"{fmt} options"))
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    src = Path(args.src)
+    if not src.exists():
+        raise IngestError(f"{src}: no such file or directory")
+    if "://" not in args.dest and Path(args.dest).exists() and not args.overwrite:
+        raise IngestError(f"{args.dest}: destination exists (pass --overwrite to replace it)")
+    fmt = detect_format(src) if args.format == "auto" else args.format
+    mod = adapter(fmt)
+    opts = FORMAT_FLAGS[fmt][1](args)
+    t0 = time.perf_counter()
+    summary = mod.ingest(src, args.dest, overwrite=args.overwrite, progress=not args.no_progress, **opts)
+    dt = time.perf_counter() - t0
+    print(
+        f"ingested {src} ({fmt}) -> {args.dest}: {summary['n_episodes']} episodes, "
+        f"{summary['n_steps']} steps in {dt:.1f} s"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="episode store (directory or fsspec URL, e.g. file:///data/pusht.zarr)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    p.add_argument("--no-stats", action="store_true", help="skip per-key statistics (faster on big stores)")
+
+
+def _short(v: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.3g}" for x in v[:6]) + (", ...]" if len(v) > 6 else "]")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    store = EpisodeStore.open(args.store)
+    s = store_summary(store, with_stats=not args.no_stats)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    fps = f"{s['fps']:g} Hz" if s["fps"] else "unknown fps"
+    el = s["episode_length"]
+    print(f"{s['path']}  [{s['format']}]")
+    print(
+        f"  {s['n_episodes']} episodes, {s['n_steps']} steps, {fps}; episode length {el['min']}..{el['max']} "
+        f"(median {el['median']:g})"
+    )
+    print("  keys:")
+    width = max(len(k) for k in s["keys"])
+    for k, d in s["keys"].items():
+        line = f"    {k.ljust(width)}  {d['dtype']:>8} {tuple(d['shape'])!s:<14} {d['role']}"
+        if "stats" in s and k in s["stats"]:
+            st = s["stats"][k]
+            line += f"  min {_short(st['min'])} max {_short(st['max'])}"
+        print(line)
+    if s["tasks"]:
+        print("  tasks:")
+        for t, c in s["tasks"].items():
+            print(f"    {c:5d} x {t!r}")
+    sc = s["success"]
+    if sc["true"] or sc["false"]:
+        print(f"  success: {sc['true']} yes, {sc['false']} no, {sc['unknown']} unknown")
+    for p in s["problems"]:
+        print(f"  PROBLEM: {p}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- validate / repair
+
+
+def add_validate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="episode store to check")
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    store = EpisodeStore.open(args.store)
+    problems = store_damage(store)
+    if problems:
+        print(f"{args.store}: {len(problems)} problem(s):")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print(f"{args.store}: OK ({store.n_episodes} episodes, {store.n_steps} steps)")
+    return 0
+
+
+def add_repair_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="episode store to repair in place")
+
+
+def run_repair(args: argparse.Namespace) -> int:
+    store = EpisodeStore.open(args.store, mode="a")
+    done = store.repair()
+    if not done:
+        print(f"{args.store}: nothing to repair ({store.n_episodes} episodes)")
+    for d in done:
+        print(f"  {d}")
+    if store.problems():
+        raise StoreError(f"{args.store}: still damaged after repair: {store.problems()}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- export-lerobot
+
+
+def add_export_lerobot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="episode store to export")
+    p.add_argument("out", help="output directory for the LeRobot v3.0 dataset (must not exist)")
+    p.add_argument(
+        "--video-codec",
+        default="h264",
+        choices=list(CODECS),
+        help="codec of the camera videos (h264-lossless round-trips images exactly)",
+    )
+    p.add_argument("--fps", type=float, default=None, help="frame rate, for stores that do not record one")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def run_export_lerobot(args: argparse.Namespace) -> int:
+    from vlaflow.data.lerobot_export import export_lerobot  # pyarrow: info / validate stay quick without it
+
+    summary = export_lerobot(
+        args.store, args.out, fps=args.fps, video_codec=args.video_codec, overwrite=args.overwrite
+    )
+    print(f"exported {args.store} -> {args.out} (LeRobot v3.0): {json.dumps(summary)}")
+    return 0

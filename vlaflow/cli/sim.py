@@ -1,0 +1,163 @@
+"""Simulation commands: ``vlaflow collect``, ``teleop`` and ``eval``.
+
+The work is done by :func:`vlaflow.sim.collect.collect`, :func:`vlaflow.sim.teleop.teleop` and
+:func:`vlaflow.sim.evaluate.evaluate`; this module turns flags into their typed parameters and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vlaflow.errors import VlaflowError
+from vlaflow.sim.collect import collect
+from vlaflow.sim.evaluate import DEFAULT_EPISODES, DEFAULT_START_SEED, OBS_MODE_CHOICES, evaluate
+from vlaflow.sim.harness import format_summary
+from vlaflow.sim.tasks import TASKS
+from vlaflow.sim.teleop import ARM_TASKS, InputSource, JoystickSource, KeyboardSource, ScriptedKeys, teleop
+
+# ----------------------------------------------------------------------------- collect
+
+
+def add_collect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task name (pick_place, lift, can)")
+    p.add_argument("--episodes", type=int, required=True, help="number of successful episodes to store")
+    p.add_argument("--out", required=True, help="episode store to create")
+    p.add_argument("--obs-mode", choices=["lowdim", "image"], default="lowdim", help="observations to record")
+    p.add_argument(
+        "--seed", type=int, default=0, help="reset seed of the first attempt (attempt i uses seed+i)"
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=None,
+        help="give up after this many episodes (default 2*episodes+10)",
+    )
+    p.add_argument("--image-size", type=int, default=None, help="camera image side in pixels (image mode)")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="noise std on executed motion (DART); clean actions stored",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    kw = {}
+    if args.image_size is not None:
+        if args.obs_mode != "image":
+            raise VlaflowError("--image-size only applies with --obs-mode image")
+        kw["render_size"] = args.image_size
+    res = collect(
+        args.task,
+        args.episodes,
+        args.out,
+        obs_mode=args.obs_mode,
+        seed=args.seed,
+        max_attempts=args.max_attempts,
+        noise=args.noise,
+        overwrite=args.overwrite,
+        env_kwargs=kw,
+        progress=not args.no_progress,
+    )
+    print(
+        f"collect {args.task}: wrote {res.n_episodes} episodes ({res.n_steps} steps) to {res.path} "
+        f"from {res.n_attempts} attempts ({res.n_episodes / res.n_attempts:.0%} success) "
+        f"in {res.wall_s:.1f} s"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- teleop
+
+
+def add_teleop_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help=f"arm task ({', '.join(ARM_TASKS)})")
+    p.add_argument("--out", required=True, help="episode store to create or append to")
+    p.add_argument("--obs-mode", choices=["lowdim", "image"], default="lowdim", help="observations to record")
+    p.add_argument(
+        "--seed", type=int, default=0, help="scene seed of the first episode (then +1 per episode)"
+    )
+    p.add_argument(
+        "--input", choices=["keyboard", "joystick"], default="keyboard", help="input device (pygame window)"
+    )
+    p.add_argument(
+        "--script", default=None, help="JSON list of [step, key] events: headless scripted session"
+    )
+    p.add_argument("--speed", type=float, default=1.0, help="fraction of the task's max end-effector step")
+    p.add_argument("--no-auto-save", action="store_true", help="do not save and reset when the task succeeds")
+
+
+def run_teleop(args: argparse.Namespace) -> int:
+    if not 0 < args.speed <= 1:
+        raise VlaflowError(f"--speed must be in (0, 1], got {args.speed}")
+    if args.script:
+        source: InputSource = ScriptedKeys.from_json(args.script)
+        show = False
+    else:
+        source = (
+            JoystickSource(10.0) if args.input == "joystick" else KeyboardSource(10.0)
+        )  # re-paced per task
+        show = True
+    res = teleop(
+        args.task,
+        args.out,
+        source,
+        obs_mode=args.obs_mode,
+        seed=args.seed,
+        speed=args.speed,
+        auto_save_on_success=not args.no_auto_save,
+        show=show,
+    )
+    print(f"teleop {args.task}: saved {res.saved} episodes to {args.out}, discarded {res.discarded}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="pusht", help=f"task: {', '.join(TASKS)}")
+    parser.add_argument("--policy", required=True, help="checkpoint directory, 'replay:STORE' or 'random'")
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help=f"episodes to run (default {DEFAULT_EPISODES}; a replay runs every stored episode)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_START_SEED, help="first episode seed (seed, seed+1, ...)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (0 = run in this process)")
+    parser.add_argument("--out", required=True, help="output directory for report.json and videos/")
+    parser.add_argument("--videos", type=int, default=2, help="record mp4 videos of the first K episodes")
+    parser.add_argument("--obs-mode", default="auto", choices=OBS_MODE_CHOICES, help="observation variant")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the task's step limit")
+    parser.add_argument("--device", default="cpu", help="torch device for checkpoint policies")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    report = evaluate(
+        args.policy,
+        task=args.task,
+        workers=args.workers,
+        out_dir=args.out,
+        n_episodes=args.episodes,
+        start_seed=args.seed,
+        max_steps=args.max_steps,
+        videos=args.videos,
+        obs_mode=args.obs_mode,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(f"{format_summary(report)} -> {Path(args.out) / 'report.json'}")
+    if report["errors"]:
+        for e in report["errors"]:
+            first = e["error"].strip().splitlines()[0]
+            print(f"  failed: seed {e['seed']}: {first}", file=sys.stderr)
+        raise VlaflowError(f"{len(report['errors'])} episode(s) failed; see {Path(args.out) / 'report.json'}")
+    return 0
