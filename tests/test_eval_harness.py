@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from vlaflow.cli import main
+from vlaflow.deploy.sync_chunk import SyncChunkExecutor
 from vlaflow.errors import VlaflowError
 from vlaflow.interfaces import RuntimeSpec
 from vlaflow.sim.evaluate import evaluate
-from vlaflow.sim.harness import SyncChunkExecutor, wilson_interval
+from vlaflow.sim.harness import wilson_interval
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PUSHT_ZARR = DATA / "pusht_cchi_v7" / "pusht_cchi_v7_replay.zarr"

@@ -12,19 +12,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vlaflow.deploy.executor import (
-    ChunkSchedule,
-    RealtimeConfig,
-    RealtimeSimPolicy,
-    SimClockExecutor,
-    ThreadedExecutor,
-    boundary_jerk,
-    interior_jerk,
-    parse_latency,
-)
+from vlaflow.deploy.executor import RealtimeConfig, ThreadedExecutor
+from vlaflow.deploy.schedule import ChunkSchedule, boundary_jerk, interior_jerk
+from vlaflow.deploy.sync_chunk import SyncChunkExecutor
 from vlaflow.errors import ConfigError
 from vlaflow.interfaces import RuntimeSpec
-from vlaflow.sim.harness import SyncChunkExecutor
+from vlaflow.sim.realtime import SimClockExecutor, SimRealtimeConfig, parse_latency
+
+
+def _sim_cfg(merge="switch", latency="fixed:0", exec_horizon=0, stall_after=-1):
+    return SimRealtimeConfig(
+        RealtimeConfig(merge=merge, exec_horizon=exec_horizon), latency=latency, stall_after=stall_after
+    )
+
 
 H, TA, FPS = 8, 4, 10.0
 SPEC = RuntimeSpec(
@@ -76,7 +76,7 @@ def _run_sim(cfg, n_steps, latencies_seed=0):
     seed=st.integers(0, 1000),
 )
 def test_never_emits_an_action_whose_time_has_passed(lat_lo, lat_span, merge, s, stall_after, seed):
-    cfg = RealtimeConfig(
+    cfg = _sim_cfg(
         merge=merge, latency=f"uniform:{lat_lo}:{lat_lo + lat_span}", exec_horizon=s, stall_after=stall_after
     )
     out, holds, ex, _ = _run_sim(cfg, 60, seed)
@@ -94,7 +94,7 @@ def test_never_emits_an_action_whose_time_has_passed(lat_lo, lat_span, merge, s,
 
 
 def test_stall_drops_to_hold_after_the_last_chunk():
-    cfg = RealtimeConfig(latency="fixed:0.1", stall_after=2)
+    cfg = _sim_cfg(latency="fixed:0.1", stall_after=2)
     out, holds, ex, _ = _run_sim(cfg, 40)
     first_hold = holds.index(True)
     # chunk 2 started at step 4 (covers 4..11) and was the last to land: steps 12.. are holds of action 11
@@ -106,12 +106,12 @@ def test_zero_latency_equals_synchronous_chunking():
     pol = StepEcho()
     sync = SyncChunkExecutor(pol.infer, SPEC)
     want = [float(sync.act(_obs(t), t)[0]) for t in range(30)]
-    got, holds, ex, _ = _run_sim(RealtimeConfig(latency="fixed:0"), 30)
+    got, holds, ex, _ = _run_sim(_sim_cfg(latency="fixed:0"), 30)
     assert got == want and not any(holds) and ex.stats()["stale_dropped"] == 0
 
 
 def test_latency_drops_stale_actions_and_passes_shift_and_delay():
-    out, holds, ex, pol = _run_sim(RealtimeConfig(merge="rtc", latency="fixed:0.1"), 30)
+    out, holds, ex, pol = _run_sim(_sim_cfg(merge="rtc", latency="fixed:0.1"), 30)
     assert not any(holds)
     st_ = ex.stats()
     assert st_["stale_dropped"] == st_["inferences"] - 1  # one stale action per delayed chunk (d = 1)
@@ -121,7 +121,7 @@ def test_latency_drops_stale_actions_and_passes_shift_and_delay():
 
 
 def test_latency_is_deterministic_per_seed():
-    cfg = RealtimeConfig(latency="lognormal:0.15:0.5")
+    cfg = _sim_cfg(latency="lognormal:0.15:0.5")
     a = _run_sim(cfg, 50, 3)[2].stats()
     b = _run_sim(cfg, 50, 3)[2].stats()
     c = _run_sim(cfg, 50, 4)[2].stats()
@@ -193,15 +193,24 @@ def test_harness_runs_the_realtime_executor(tmp_path):
     env = make_env("pusht", obs_mode="lowdim")
     spec = env.task_spec
     env.close()
-    cfg = RealtimeConfig(merge="switch", latency="fixed:0.25", stats_dir=str(tmp_path / "rt"))
-    pol = RealtimeSimPolicy(RandomPolicy(spec, horizon=8, n_action_steps=4), cfg)
+    cfg = _sim_cfg(merge="switch", latency="fixed:0.25")
+    pol = RandomPolicy(spec, horizon=8, n_action_steps=4)
     rep = evaluate(
-        pol, task="pusht", n_episodes=2, max_steps=25, workers=0, executor="realtime", progress=False
+        pol,
+        task="pusht",
+        n_episodes=2,
+        max_steps=25,
+        workers=0,
+        executor="realtime",
+        realtime=cfg,
+        out_dir=tmp_path,
+        progress=False,
     )
     assert rep["executor"] == "realtime" and rep["aggregate"]["n_episodes"] == 2
-    files = sorted((tmp_path / "rt").glob("seed*.json"))
-    assert len(files) == 2
     import json
 
-    st_ = json.loads(files[0].read_text())
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    per = [e["executor"] for e in on_disk["episodes"]]
+    assert len(per) == 2
+    st_ = per[0]
     assert st_["ticks"] == 25 and st_["stale_dropped"] > 0 and st_["boundaries"] >= 3
