@@ -49,13 +49,13 @@ class StepExecutor(Protocol):
 
 
 def _sync_executor(
-    infer: Callable, spec: RuntimeSpec, task_text: str | None, seed: int, setup
+    infer: Callable, spec: RuntimeSpec, task_text: str | None, seed: int, setup: EvalSetup
 ) -> StepExecutor:
     return SyncChunkExecutor(infer, spec, task_text=task_text)
 
 
 def _sim_clock_executor(
-    infer: Callable, spec: RuntimeSpec, task_text: str | None, seed: int, setup
+    infer: Callable, spec: RuntimeSpec, task_text: str | None, seed: int, setup: EvalSetup
 ) -> StepExecutor:
     return SimClockExecutor(infer, spec, setup.realtime, task_text=task_text, episode_seed=seed)
 
