@@ -4,8 +4,10 @@
         --data STORE --variants contraction,rti,switch@0.1,rtc@0.1,rti@0.1 --episodes 50 --workers 2
 
 Every variant is a closed-loop evaluation on the paper's seeds (100000..) through the sim harness with the
-``realtime`` executor (:mod:`vlaflow.deploy.executor`) on the sim clock, so latency is simulated and the
-result is deterministic per seed. Variants (``NAME`` or ``NAME@LATENCY_S``):
+``realtime`` executor (:mod:`vlaflow.sim.realtime`: the deploy executor core on the sim clock), so latency
+is simulated and the result is deterministic per seed. The executor statistics of each row are read from
+the evaluation's report (``aggregate["executor"]``; per episode in ``episodes[i]["executor"]``).
+Variants (``NAME`` or ``NAME@LATENCY_S``):
 
 - ``sync``: the checkpoint's own sampler (or ``--sampler``/``--steps``), plain switching, zero latency
 - ``switch@L``: the same with a simulated latency L (naive chunk switching)
@@ -60,7 +62,9 @@ def parse_args(argv=None):
         help="std of the warm-start perturbations (normalized units; the shifted chunk's padded tail is "
         "off by ~0.3-0.5; the default matches rti.choose_warm_steps)",
     )
-    p.add_argument("--out", default=str(ROOT / "runs" / "realtime"), help="eval reports + executor stats")
+    p.add_argument(
+        "--out", default=str(ROOT / "runs" / "realtime"), help="eval reports (with executor stats)"
+    )
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--tag", default="", help="label stored with the rows (e.g. the checkpoint's name)")
     return p.parse_args(argv)
@@ -110,9 +114,10 @@ def contraction(args, family: str) -> dict:
 
 
 def evaluate_variant(args, name: str, family: str) -> dict:
-    from vlaflow.deploy.executor import make_realtime_policy
+    from vlaflow.deploy.executor import RealtimeConfig
     from vlaflow.deploy.rti import RTIConfig
     from vlaflow.sim.evaluate import evaluate
+    from vlaflow.sim.realtime import SimRealtimeConfig, make_realtime_policy
 
     base, _, lat = name.partition("@")
     latency = f"fixed:{lat or 0}"
@@ -131,17 +136,7 @@ def evaluate_variant(args, name: str, family: str) -> dict:
     elif merge == "rtc":
         rk = {"beta": args.beta, **({"sampler": args.sampler} if args.sampler else {})}
         rk.update({"num_steps": args.steps} if args.steps else {})
-    stats_dir = Path(args.out) / f"{Path(ckpt).parent.parent.name}_{name}" / "executor"
-    for f in stats_dir.glob("seed*.json"):
-        f.unlink()
-    factory = functools.partial(
-        make_realtime_policy,
-        str(ckpt),
-        merge=merge,
-        latency=latency,
-        runtime_kwargs=rk,
-        stats_dir=str(stats_dir),
-    )
+    factory = functools.partial(make_realtime_policy, str(ckpt), merge=merge, runtime_kwargs=rk)
     t0 = time.perf_counter()
     rep = evaluate(
         factory,
@@ -149,18 +144,12 @@ def evaluate_variant(args, name: str, family: str) -> dict:
         n_episodes=args.episodes,
         workers=args.workers,
         executor="realtime",
-        out_dir=stats_dir.parent,
+        realtime=SimRealtimeConfig(RealtimeConfig(merge=merge), latency=latency),
+        out_dir=Path(args.out) / f"{Path(ckpt).parent.parent.name}_{name}",
         progress=True,
     )
-    per = [json.loads(f.read_text()) for f in sorted(stats_dir.glob("seed*.json"))]
-
-    def mean(key):
-        vals = [p[key] for p in per if p.get(key) is not None]
-        return float(np.mean(vals)) if vals else None
-
-    ticks = sum(p["ticks"] for p in per)
-    nfe = sum(p["nfe_total"] or 0 for p in per)
     agg = rep["aggregate"]
+    ex = agg.get("executor", {})  # the episodes' executor statistics, summed / averaged (report.json)
     row = {
         "variant": name,
         "merge": merge,
@@ -171,17 +160,17 @@ def evaluate_variant(args, name: str, family: str) -> dict:
         "success_rate": agg["success_rate"],
         "n_episodes": agg["n_episodes"],
         "n_errors": agg["n_errors"],
-        "nfe_per_control_step": nfe / ticks if ticks else None,
-        "nfe_per_inference_after_first": max((p["nfe_after_first_max"] or 0) for p in per) if per else None,
-        "nfe_first_inference": per[0]["nfe_first"] if per else None,
-        "boundary_jerk": mean("boundary_jerk"),
-        "boundary_jump": mean("boundary_jump"),
-        "interior_jerk": mean("interior_jerk"),
-        "mean_jerk": mean("mean_jerk"),
-        "underruns": int(sum(p["underruns"] for p in per)),
-        "deadline_misses": int(sum(p["deadline_misses"] for p in per)),
-        "stale_dropped": int(sum(p["stale_dropped"] for p in per)),
-        "inferences": int(sum(p["inferences"] for p in per)),
+        "nfe_per_control_step": ex.get("nfe_per_control_step"),
+        "nfe_per_inference_after_first": ex.get("nfe_after_first_max"),
+        "nfe_first_inference": ex.get("nfe_first"),
+        "boundary_jerk": ex.get("boundary_jerk"),
+        "boundary_jump": ex.get("boundary_jump"),
+        "interior_jerk": ex.get("interior_jerk"),
+        "mean_jerk": ex.get("mean_jerk"),
+        "underruns": ex.get("underruns", 0),
+        "deadline_misses": ex.get("deadline_misses", 0),
+        "stale_dropped": ex.get("stale_dropped", 0),
+        "inferences": ex.get("inferences", 0),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(row), flush=True)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from vlaflow.cli import main
+from vlaflow.deploy.sync_chunk import SyncChunkExecutor
 from vlaflow.errors import VlaflowError
 from vlaflow.interfaces import RuntimeSpec
 from vlaflow.sim.evaluate import evaluate
-from vlaflow.sim.harness import SyncChunkExecutor, wilson_interval
+from vlaflow.sim.harness import wilson_interval
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PUSHT_ZARR = DATA / "pusht_cchi_v7" / "pusht_cchi_v7_replay.zarr"
@@ -126,6 +127,21 @@ def test_chunk_execution_timing():
         SyncChunkExecutor(lambda o: np.zeros((4, 2)), spec).act({"obs.state": np.zeros(1)}, 0)
     with pytest.raises(VlaflowError, match="non-finite"):
         SyncChunkExecutor(lambda o: np.full((5, 2), np.nan), spec).act({"obs.state": np.zeros(1)}, 0)
+
+
+def test_executor_statistics_are_in_each_episode_and_the_aggregate(tmp_path):
+    report = evaluate(
+        GlobalNoisePolicy(), seeds=SEEDS[:2], max_steps=10, workers=0, out_dir=tmp_path, progress=False
+    )
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    for e in on_disk["episodes"]:  # Ta = 3 of H = 6: 10 steps take 4 inferences; the policy counts no NFE
+        assert e["executor"] == {"ticks": 10, "inferences": 4, "nfe_total": None, "nfe_first": None,
+                                 "nfe_after_first_max": None}  # fmt: skip
+    assert (
+        on_disk["aggregate"]["executor"]["ticks"] == 20
+        and on_disk["aggregate"]["executor"]["inferences"] == 8
+    )
+    assert report["episodes"] == on_disk["episodes"]
 
 
 def test_mismatched_policy_lists_both_sides():

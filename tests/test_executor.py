@@ -1,11 +1,18 @@
 """The real-time executor: never an action whose time has passed (property test over random latencies),
 holds when inference stalls, zero latency equals synchronous chunking, the inference worker never runs in
-the control tick, and the harness runs it on the sim clock."""
+the control tick and the tick never waits for it, worker errors surface at the next tick, the streaming
+jerk statistics equal the whole-history ones, the harness runs it on the sim clock with its statistics in
+report.json, and the robot-side modules import no torch."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,23 +20,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlaflow.deploy.executor import (
-    ChunkSchedule,
+    ExecutorCore,
+    InferenceWorker,
     RealtimeConfig,
-    RealtimeSimPolicy,
-    SimClockExecutor,
     ThreadedExecutor,
-    boundary_jerk,
-    interior_jerk,
-    parse_latency,
+    aggregate_stats,
 )
+from vlaflow.deploy.schedule import ChunkSchedule, JerkMeter, boundary_jerk, interior_jerk, mean_jerk
+from vlaflow.deploy.sync_chunk import SyncChunkExecutor
 from vlaflow.errors import ConfigError
 from vlaflow.interfaces import RuntimeSpec
-from vlaflow.sim.harness import SyncChunkExecutor
+from vlaflow.sim.realtime import SimClockExecutor, SimRealtimeConfig, parse_latency
 
 H, TA, FPS = 8, 4, 10.0
 SPEC = RuntimeSpec(
     n_obs_steps=2, horizon=H, n_action_steps=TA, obs_shapes={"obs.state": (1,)}, action_dim=1, fps=FPS
 )
+
+
+def _sim_cfg(merge="switch", latency="fixed:0", exec_horizon=0, stall_after=-1):
+    return SimRealtimeConfig(
+        RealtimeConfig(merge=merge, exec_horizon=exec_horizon), latency=latency, stall_after=stall_after
+    )
 
 
 class StepEcho:
@@ -76,7 +88,7 @@ def _run_sim(cfg, n_steps, latencies_seed=0):
     seed=st.integers(0, 1000),
 )
 def test_never_emits_an_action_whose_time_has_passed(lat_lo, lat_span, merge, s, stall_after, seed):
-    cfg = RealtimeConfig(
+    cfg = _sim_cfg(
         merge=merge, latency=f"uniform:{lat_lo}:{lat_lo + lat_span}", exec_horizon=s, stall_after=stall_after
     )
     out, holds, ex, _ = _run_sim(cfg, 60, seed)
@@ -94,7 +106,7 @@ def test_never_emits_an_action_whose_time_has_passed(lat_lo, lat_span, merge, s,
 
 
 def test_stall_drops_to_hold_after_the_last_chunk():
-    cfg = RealtimeConfig(latency="fixed:0.1", stall_after=2)
+    cfg = _sim_cfg(latency="fixed:0.1", stall_after=2)
     out, holds, ex, _ = _run_sim(cfg, 40)
     first_hold = holds.index(True)
     # chunk 2 started at step 4 (covers 4..11) and was the last to land: steps 12.. are holds of action 11
@@ -106,12 +118,12 @@ def test_zero_latency_equals_synchronous_chunking():
     pol = StepEcho()
     sync = SyncChunkExecutor(pol.infer, SPEC)
     want = [float(sync.act(_obs(t), t)[0]) for t in range(30)]
-    got, holds, ex, _ = _run_sim(RealtimeConfig(latency="fixed:0"), 30)
+    got, holds, ex, _ = _run_sim(_sim_cfg(latency="fixed:0"), 30)
     assert got == want and not any(holds) and ex.stats()["stale_dropped"] == 0
 
 
 def test_latency_drops_stale_actions_and_passes_shift_and_delay():
-    out, holds, ex, pol = _run_sim(RealtimeConfig(merge="rtc", latency="fixed:0.1"), 30)
+    out, holds, ex, pol = _run_sim(_sim_cfg(merge="rtc", latency="fixed:0.1"), 30)
     assert not any(holds)
     st_ = ex.stats()
     assert st_["stale_dropped"] == st_["inferences"] - 1  # one stale action per delayed chunk (d = 1)
@@ -121,7 +133,7 @@ def test_latency_drops_stale_actions_and_passes_shift_and_delay():
 
 
 def test_latency_is_deterministic_per_seed():
-    cfg = RealtimeConfig(latency="lognormal:0.15:0.5")
+    cfg = _sim_cfg(latency="lognormal:0.15:0.5")
     a = _run_sim(cfg, 50, 3)[2].stats()
     b = _run_sim(cfg, 50, 3)[2].stats()
     c = _run_sim(cfg, 50, 4)[2].stats()
@@ -193,15 +205,199 @@ def test_harness_runs_the_realtime_executor(tmp_path):
     env = make_env("pusht", obs_mode="lowdim")
     spec = env.task_spec
     env.close()
-    cfg = RealtimeConfig(merge="switch", latency="fixed:0.25", stats_dir=str(tmp_path / "rt"))
-    pol = RealtimeSimPolicy(RandomPolicy(spec, horizon=8, n_action_steps=4), cfg)
+    cfg = _sim_cfg(merge="switch", latency="fixed:0.25")
+    pol = RandomPolicy(spec, horizon=8, n_action_steps=4)
     rep = evaluate(
-        pol, task="pusht", n_episodes=2, max_steps=25, workers=0, executor="realtime", progress=False
+        pol,
+        task="pusht",
+        n_episodes=2,
+        max_steps=25,
+        workers=0,
+        executor="realtime",
+        realtime=cfg,
+        out_dir=tmp_path,
+        progress=False,
     )
     assert rep["executor"] == "realtime" and rep["aggregate"]["n_episodes"] == 2
-    files = sorted((tmp_path / "rt").glob("seed*.json"))
-    assert len(files) == 2
-    import json
-
-    st_ = json.loads(files[0].read_text())
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    per = [e["executor"] for e in on_disk["episodes"]]
+    assert len(per) == 2
+    st_ = per[0]
     assert st_["ticks"] == 25 and st_["stale_dropped"] > 0 and st_["boundaries"] >= 3
+    agg = on_disk["aggregate"]["executor"]
+    assert agg["n_episodes"] == 2 and agg["ticks"] == 50
+    assert agg["stale_dropped"] == sum(p["stale_dropped"] for p in per)
+    assert agg["boundary_jerk"] == pytest.approx(np.mean([p["boundary_jerk"] for p in per]))
+    assert st_["latency_p50_s"] == pytest.approx(0.25) and on_disk["realtime"]["latency"] == "fixed:0.25"
+
+
+def test_realtime_settings_need_the_realtime_executor():
+    from vlaflow.sim.evaluate import evaluate
+
+    with pytest.raises(ConfigError, match="executor='realtime'"):
+        evaluate("random", seeds=[0], max_steps=2, realtime=_sim_cfg(), progress=False)
+    with pytest.raises(ConfigError, match="SimRealtimeConfig"):
+        evaluate("random", seeds=[0], executor="realtime", realtime=RealtimeConfig(), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- the core
+class Stalling:
+    """The first inference returns at once; later ones block until ``release`` is set (a stuck runtime)."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.release = threading.Event()
+        self.threads: set[int] = set()
+        self.n = 0
+        self.fail_on = fail_on
+
+    def infer(self, obs, shift=None, delay=None):
+        self.threads.add(threading.get_ident())
+        self.n += 1
+        if self.n == self.fail_on:
+            raise RuntimeError("boom in the runtime")
+        if self.n > 1 and self.fail_on is None:
+            self.release.wait()
+        step = float(obs["obs.state"][-1, 0])
+        return (step + np.arange(H, dtype=np.float64))[:, None]
+
+
+def test_tick_never_calls_infer_and_never_waits_for_a_stalled_runtime():
+    pol = Stalling()
+    worker = InferenceWorker(pol.infer, SPEC).start()
+    core = ExecutorCore(worker, SPEC, RealtimeConfig())
+    core.observe(0, 0.0, _obs(0))
+    core.prime(0)  # the first chunk (steps 0..7) is awaited, as a robot waits before moving
+    out, holds, tick_thread = [], [], {}
+
+    def ticks():  # the control loop: 30 ticks while the second inference hangs
+        tick_thread["id"] = threading.get_ident()
+        for k in range(30):
+            core.observe(k, k * core.dt, _obs(k))
+            out.append(float(core.tick(k)[0]))
+            holds.append(core.last_was_hold)
+
+    loop = threading.Thread(target=ticks)
+    loop.start()
+    loop.join(timeout=60)  # generous: a tick that waited on the stuck inference would never finish
+    stuck, in_flight = loop.is_alive(), worker.busy
+    pol.release.set()
+    assert not stuck and len(out) == 30
+    assert tick_thread["id"] not in pol.threads and pol.threads  # infer ran only on the worker thread
+    assert out[:H] == list(range(H)) and not any(holds[:H])  # the primed chunk, step by step
+    assert all(holds[H:]) and out[H:] == [H - 1.0] * (30 - H)  # then holds of its last action
+    st_ = core.stats()
+    assert st_["underruns"] == 30 - H and st_["inferences"] == 1 and st_["ticks"] == 30
+    assert in_flight and worker.wait(timeout=60).step == TA  # the second request (step 4) was still out
+    assert pol.n == 2
+    assert worker.close() and not worker.running
+
+
+def test_an_exception_in_the_worker_is_raised_by_the_next_tick():
+    pol = Stalling(fail_on=2)
+    worker = InferenceWorker(pol.infer, SPEC).start()
+    core = ExecutorCore(worker, SPEC, RealtimeConfig())
+    core.observe(0, 0.0, _obs(0))
+    core.prime(0)
+    emitted = []
+    with pytest.raises(RuntimeError, match="boom in the runtime") as e:
+        for k in range(100_000):  # the error comes back within a few ticks (the worker needs the GIL)
+            core.observe(k, k * core.dt, _obs(k))
+            emitted.append(float(core.tick(k)[0]))
+            time.sleep(0.001)
+    assert any("started at step 4" in n for n in e.value.__notes__)  # the request submitted at tick Ta
+    assert len(emitted) >= TA and emitted[:TA] == list(range(TA))
+    assert not worker.busy  # the tick owns the decision: it may submit again or stop
+    assert worker.close()
+
+
+def test_threaded_executor_stops_its_worker_and_surfaces_errors():
+    pol = Stalling(fail_on=1)
+    ex = ThreadedExecutor(pol.infer, SPEC, lambda: _obs(0), lambda a: None, RealtimeConfig())
+    with pytest.raises(RuntimeError, match="boom in the runtime"):
+        ex.run(5)  # the awaited first chunk fails: the run stops before the first tick
+    assert not ex.worker.running
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(0, 60),
+    marks=st.lists(st.integers(0, 60), max_size=12),
+    seed=st.integers(0, 10_000),
+    stats_at=st.integers(0, 60),
+)
+def test_streaming_jerk_equals_the_whole_history_statistics(n, marks, seed, stats_at):
+    acts = np.random.default_rng(seed).normal(size=(n, 2)).cumsum(axis=0)
+    marks = sorted(marks)
+    meter, boundaries = JerkMeter(), []
+    for i in range(n + 1):
+        if i == min(stats_at, n):  # mid-stream statistics read only what has been emitted so far
+            seen = acts[:i]
+            assert meter.boundary == pytest.approx(boundary_jerk(seen, boundaries), rel=1e-12, abs=1e-12)
+            assert meter.interior == pytest.approx(interior_jerk(seen, boundaries), rel=1e-12, abs=1e-12)
+            assert meter.mean == pytest.approx(mean_jerk(seen), rel=1e-12, abs=1e-12)
+        for _ in range(marks.count(i)):  # a boundary marked before action i is emitted (duplicates too)
+            meter.mark_boundary()
+            boundaries.append(i)
+        if i < n:
+            meter.add(acts[i])
+    assert meter.boundary == pytest.approx(boundary_jerk(acts, boundaries), rel=1e-12, abs=1e-12)
+    assert meter.interior == pytest.approx(interior_jerk(acts, boundaries), rel=1e-12, abs=1e-12)
+    assert meter.mean == pytest.approx(mean_jerk(acts), rel=1e-12, abs=1e-12)
+
+
+def test_aggregate_sums_counts_and_averages_smoothness():
+    a = {"ticks": 10, "underruns": 1, "boundary_jerk": 2.0, "nfe_total": 30, "nfe_first": 10}
+    b = {"ticks": 30, "underruns": 0, "boundary_jerk": 4.0, "nfe_total": 10, "nfe_after_first_max": 3}
+    agg = aggregate_stats([a, b])
+    assert agg["ticks"] == 40 and agg["underruns"] == 1 and agg["boundary_jerk"] == 3.0
+    assert agg["nfe_total"] == 40 and agg["nfe_per_control_step"] == 1.0
+    assert agg["nfe_first"] == 10 and agg["nfe_after_first_max"] == 3 and "stale_dropped" not in agg
+
+
+# ---------------------------------------------------------------------------------------------- homes
+def test_sim_only_pieces_live_in_sim_and_the_robot_pieces_in_deploy():
+    import vlaflow.deploy.executor as ex
+    from vlaflow.deploy.sync_chunk import SyncChunkExecutor as Sync
+    from vlaflow.sim import harness
+    from vlaflow.sim.realtime import (
+        LATENCY_KINDS,
+        SimulatedWorker,
+        draw_latency,
+        make_realtime_policy,
+    )
+
+    assert harness.EXECUTORS["sync"](StepEcho().infer, SPEC, None, 0, None).__class__ is Sync
+    assert LATENCY_KINDS == ("fixed", "uniform", "normal", "lognormal") and SimulatedWorker
+    assert draw_latency("fixed", (0.2,), np.random.default_rng(0)) == 0.2
+    for gone in ("parse_latency", "draw_latency", "SimClockExecutor", "RealtimeSimPolicy", "_ExecutorCore"):
+        assert not hasattr(ex, gone)
+    assert not {"latency", "stall_after", "seed", "stats_dir"} & set(RealtimeConfig.__dataclass_fields__)
+    with pytest.raises(ConfigError, match="merge"):
+        make_realtime_policy("no/such/ckpt", merge="blend")  # named before any checkpoint is read
+    with pytest.raises(ConfigError, match="latency"):
+        SimRealtimeConfig(latency="soon")
+
+
+def test_robot_side_executor_imports_no_torch():
+    code = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import numpy as np
+import vlaflow.deploy.executor, vlaflow.deploy.schedule, vlaflow.deploy.sync_chunk
+from vlaflow.deploy.executor import ExecutorCore, InferenceWorker
+from vlaflow.interfaces import RuntimeSpec
+spec = RuntimeSpec(1, 4, 2, {"obs.state": (1,)}, 1, 50.0)
+with InferenceWorker(lambda obs: np.zeros((4, 1)), spec) as w:
+    core = ExecutorCore(w, spec)
+    core.observe(0, 0.0, {"obs.state": np.zeros(1)})
+    core.prime(0)
+    a = core.tick(0)
+HEAVY = ("torch", "transformers", "onnx", "diffusers", "safetensors")
+heavy = sorted(m for m, v in sys.modules.items() if v is not None and m.split(".")[0] in HEAVY)
+print("ACTION", a.shape, "HEAVY", heavy)
+"""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ACTION (1,) HEAVY []" in res.stdout

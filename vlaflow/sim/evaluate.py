@@ -11,6 +11,7 @@ reported beside it. ``replay:STORE`` replays each recorded episode open-loop fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,12 +19,16 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlaflow.errors import ConfigError
 
 DEFAULT_START_SEED = 100000
 DEFAULT_EPISODES = 50
 OBS_MODE_CHOICES = ("auto", "lowdim", "image")
+
+if TYPE_CHECKING:
+    from vlaflow.sim.realtime import SimRealtimeConfig
 
 
 def _choose_obs_mode(obs_mode: str, policy_spec) -> tuple[str, int | None]:
@@ -75,6 +80,7 @@ def evaluate(
     device: str = "cpu",
     env_kwargs: dict | None = None,
     executor: str = "sync",
+    realtime: SimRealtimeConfig | None = None,
     progress: bool = True,
     start_method: str = "spawn",
 ) -> dict:
@@ -85,9 +91,15 @@ def evaluate(
     process, whatever ``workers`` says). ``seeds`` default to ``start_seed`` + 0..n_episodes-1 (50 episodes);
     a replay runs the store's first ``n_episodes`` episodes (all by default). ``workers=0`` runs in-process.
     Videos of the first ``videos`` episodes go to out_dir/videos/.
+
+    ``executor``: "sync" (infer, execute chunk[0:Ta], replan) or "realtime" (the deploy executor core on the
+    sim clock with simulated latency; its settings are ``realtime``, a
+    :class:`vlaflow.sim.realtime.SimRealtimeConfig`). Each episode's executor statistics are in its
+    ``"executor"`` entry and summed/averaged in ``aggregate["executor"]``.
     """
     from vlaflow.sim.harness import EXECUTORS, EpisodeJob, EvalSetup, aggregate, run_jobs
     from vlaflow.sim.policies import ReplayPolicy, build_policy, check_compatible, describe_policy
+    from vlaflow.sim.realtime import SimRealtimeConfig
     from vlaflow.sim.tasks import make_env
 
     t0 = time.perf_counter()
@@ -103,6 +115,12 @@ def evaluate(
         raise ConfigError("videos need an output directory (out_dir)")
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; known: {', '.join(EXECUTORS)}")
+    if realtime is not None and executor != "realtime":
+        raise ConfigError(f"realtime settings are for executor='realtime', got executor={executor!r}")
+    if realtime is not None and not isinstance(realtime, SimRealtimeConfig):
+        raise ConfigError(f"realtime must be a SimRealtimeConfig, got {type(realtime).__name__}")
+    if executor == "realtime" and realtime is None:
+        realtime = SimRealtimeConfig()
 
     # Build the policy here once: its RuntimeSpec decides the obs mode and is checked against the task before
     # any worker starts. (Workers build their own copy from the same spec.)
@@ -149,6 +167,7 @@ def evaluate(
         policy=policy if not in_memory else None,
         device=device,
         executor=executor,
+        realtime=realtime,
         video_dir=str(out / "videos") if out is not None and videos else None,
     )
     # Reuse the already-built policy when running in-process; workers rebuild from the spec.
@@ -165,6 +184,7 @@ def evaluate(
         "workers": 0 if local is not None else min(workers, len(jobs)),
         "max_steps": None if replay and max_steps is None else limit,
         "executor": executor,
+        **({"realtime": dataclasses.asdict(realtime)} if realtime is not None else {}),
         "runtime": {
             "n_obs_steps": spec.n_obs_steps,
             "horizon": spec.horizon,

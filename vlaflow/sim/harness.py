@@ -1,13 +1,16 @@
 """Rollout evaluation: episodes in worker processes, chunked execution through ``infer``, report.json, videos.
 
-Reproducibility: an episode is a pure function of (task, policy, seed). The env is reset with the seed and the
-policy is re-seeded from it before every episode (:func:`vlaflow.sim.policies.reset_policy`), so per-episode
-results are identical whatever the number of workers or the order in which they pick episodes up.
+Reproducibility: an episode is a pure function of (task, policy, seed, executor settings). The env is reset
+with the seed and the policy is re-seeded from it before every episode
+(:func:`vlaflow.sim.policies.reset_policy`), so per-episode results are identical whatever the number of
+workers or the order in which they pick episodes up.
 
-Execution: an *executor* turns observations into one action per control step using only
-``infer(obs) -> (H, Da)`` and the policy's RuntimeSpec (To, H, Ta); see :class:`SyncChunkExecutor` for the
-timing. A latency-simulating executor (inference that lands k steps late, RTC/RTI merging) has the same two
-methods and is registered in :data:`EXECUTORS`.
+Execution: an *executor* turns observations into one action per control step (``act(obs, t)``) using only
+``infer(obs)`` and the policy's RuntimeSpec (To, H, Ta), and reports its statistics (``stats()``), which
+become the episode's ``result["executor"]``. :data:`EXECUTORS` maps a name to a builder: ``sync``
+(:class:`~vlaflow.deploy.sync_chunk.SyncChunkExecutor`: infer, execute chunk[0:Ta], replan) and
+``realtime`` (:class:`~vlaflow.sim.realtime.SimClockExecutor`: the deploy executor core with simulated
+latency, its settings in ``EvalSetup.realtime``).
 """
 
 from __future__ import annotations
@@ -20,71 +23,45 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
+from vlaflow.deploy.executor import aggregate_stats
+from vlaflow.deploy.sync_chunk import SyncChunkExecutor
 from vlaflow.errors import VlaflowError
-from vlaflow.interfaces import RuntimeSpec, as_infer_result, check_chunk
+from vlaflow.interfaces import RuntimeSpec
+from vlaflow.sim.realtime import SimClockExecutor, SimRealtimeConfig
 
 WORKER_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 # ---------------------------------------------------------------------------------------------- executors
-class SyncChunkExecutor:
-    """Synchronous action chunking: infer on the last To observations, execute chunk[0:Ta], replan.
+class StepExecutor(Protocol):
+    """What the harness drives: one action per control step, statistics at the end of the episode."""
 
-    The obs window holds steps t-To+1..t (oldest first); at the first step of an episode it is padded by
-    repeating the first observation, as training windows are edge-padded. chunk[0] is the action for the
-    current step t. Inference is instantaneous here (the env waits for it).
-    """
+    def act(self, obs: dict[str, np.ndarray], t: int) -> np.ndarray: ...
 
-    def __init__(self, infer: Callable[[dict], np.ndarray], spec: RuntimeSpec, task_text: str | None = None):
-        self.infer = infer
-        self.spec = spec
-        self.keys = spec.obs_keys
-        self.task_text = task_text
-        self.reset()
-
-    def reset(self) -> None:
-        self._window: deque = deque(maxlen=self.spec.n_obs_steps)
-        self._queue: deque = deque()
-        self.n_infer = 0
-
-    def _obs_window(self) -> dict:
-        obs = {k: np.stack([o[k] for o in self._window]) for k in self.keys}  # (To, *shape) per key
-        if self.task_text is not None:
-            obs["task"] = self.task_text
-        return obs
-
-    def act(self, obs: dict[str, np.ndarray], t: int) -> np.ndarray:
-        """The action for control step ``t`` given the observation at ``t``."""
-        obs = {k: obs[k] for k in self.keys}
-        if not self._window:
-            self._window.extend([obs] * self.spec.n_obs_steps)
-        else:
-            self._window.append(obs)
-        if not self._queue:
-            chunk = check_chunk(as_infer_result(self.infer(self._obs_window())).actions, self.spec)  # (H, Da)
-            self.n_infer += 1
-            self._queue.extend(chunk[: self.spec.n_action_steps])
-        return self._queue.popleft()
+    def stats(self) -> dict: ...
 
 
-EXECUTORS: dict[str, type] = {"sync": SyncChunkExecutor}
+def _sync_executor(
+    infer: Callable, spec: RuntimeSpec, task_text: str | None, seed: int, setup: EvalSetup
+) -> StepExecutor:
+    return SyncChunkExecutor(infer, spec, task_text=task_text)
 
 
-def _realtime_executor(infer: Callable[[dict], np.ndarray], spec: RuntimeSpec, task_text: str | None = None):
-    """The deploy layer's real-time executor on the sim clock (simulated latency, RTI/RTC/ensemble merging);
-    its settings travel on the policy (see vlaflow.deploy.executor.make_realtime_policy)."""
-    from vlaflow.deploy.executor import SimClockExecutor
-
-    return SimClockExecutor.for_harness(infer, spec, task_text=task_text)
+def _sim_clock_executor(
+    infer: Callable, spec: RuntimeSpec, task_text: str | None, seed: int, setup: EvalSetup
+) -> StepExecutor:
+    return SimClockExecutor(infer, spec, setup.realtime, task_text=task_text, episode_seed=seed)
 
 
-EXECUTORS["realtime"] = _realtime_executor
+# name -> builder(infer, spec, task_text, episode seed, EvalSetup)
+EXECUTORS: dict[str, Callable[..., StepExecutor]] = {"sync": _sync_executor, "realtime": _sim_clock_executor}
 
 
 # ---------------------------------------------------------------------------------------------- episodes
@@ -110,7 +87,7 @@ class EvalSetup:
     executor: str = "sync"  # key of EXECUTORS
     video_dir: str | None = None  # where episode videos go
     stop_on_success: bool = True  # end an episode at the task's termination (replays always run to the end)
-    extra: dict = field(default_factory=dict)  # settings for custom executors (e.g. a simulated latency)
+    realtime: SimRealtimeConfig | None = None  # the "realtime" executor's settings (None = defaults)
 
 
 def _video_path(setup: EvalSetup, job: EpisodeJob) -> Path:
@@ -137,7 +114,7 @@ def run_episode(env, policy, job: EpisodeJob, setup: EvalSetup) -> dict:
     task_text = None
     if spec.task:
         task_text = getattr(getattr(env, "task_spec", None), "instruction", "") or spec.task
-    executor = EXECUTORS[setup.executor](policy.infer, spec, task_text=task_text)
+    executor = EXECUTORS[setup.executor](policy.infer, spec, task_text, job.seed, setup)
     fps = getattr(getattr(env, "task_spec", None), "fps", None) or spec.fps  # the env's real control rate
     writer = Mp4Writer(_video_path(setup, job), fps=fps) if job.video and setup.video_dir else None
     drift_fn = getattr(env, "replay_drift", None) if recorded is not None else None
@@ -167,6 +144,7 @@ def run_episode(env, policy, job: EpisodeJob, setup: EvalSetup) -> dict:
         "final_reward": float(rewards[-1]) if rewards else 0.0,
         "success": bool(success),
         "length": len(rewards),
+        "executor": executor.stats(),
     }
     if recorded is not None:
         result["episode"] = int(job.replay_episode)
@@ -424,6 +402,9 @@ def aggregate(episodes: Sequence[dict], wall_s: float, replay: bool = False) -> 
         "n_episodes": n,
         "wall_s": float(wall_s),
     }
+    stats = [e["executor"] for e in episodes if e.get("executor")]
+    if stats:
+        agg["executor"] = aggregate_stats(stats)
     if replay:
         drifts = [e["max_drift_px"] for e in episodes if e.get("max_drift_px") is not None]
         agg["replay_within_1px"] = float(np.mean([d <= 1.0 for d in drifts])) if drifts else None

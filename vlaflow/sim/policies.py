@@ -1,8 +1,8 @@
 """Policies the evaluation harness can build by name: ``random``, ``replay:STORE``, or a checkpoint directory.
 
-All follow :class:`vlaflow.interfaces.RuntimePolicy` (``config``, ``infer(obs) -> (H, Da)``,
-``reset``). The harness seeds every episode through :func:`reset_policy`, so a stochastic policy draws the
-same noise for the same episode seed whichever worker runs it.
+All follow :class:`vlaflow.interfaces.RuntimePolicy` (``config``, ``infer(obs) -> InferResult`` holding an
+(H, Da) chunk, ``reset``). The harness seeds every episode through :func:`reset_policy`, so a stochastic
+policy draws the same noise for the same episode seed whichever worker runs it.
 """
 
 from __future__ import annotations
