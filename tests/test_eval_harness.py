@@ -263,7 +263,7 @@ class ImagePolicy:
     def __init__(self):
         self.config = RuntimeSpec(2, 4, 2, {"obs.image.top": (96, 96, 3), "obs.agent_pos": (2,)}, 2, 10.0)
 
-    def reset(self):
+    def reset(self, seed=None):
         pass
 
     def infer(self, obs):

@@ -8,7 +8,6 @@ policy draws the same noise for the same episode seed whichever worker runs it.
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import random
 import sys
@@ -166,26 +165,18 @@ def describe_policy(spec) -> str:
 
 
 def reset_policy(policy, seed: int) -> None:
-    """Start an episode: seed Python, NumPy and (when loaded) torch from ``seed``, then ``policy.reset``.
+    """Start an episode: seed Python, NumPy and (when loaded) torch, then call ``policy.reset(seed=seed)``.
 
-    ``reset(seed=...)`` is used when the policy takes it; global seeding covers policies that draw from
-    the global generators (torch's default generator for sampling noise).
+    Every runtime policy takes ``reset(seed=None)`` (:class:`vlaflow.interfaces.RuntimePolicy`); the global
+    seeding covers policies that also draw from the global generators.
     """
     random.seed(seed)
     np.random.seed(seed % (2**32))
     if "torch" in sys.modules:
         sys.modules["torch"].manual_seed(seed)
     reset = getattr(policy, "reset", None)
-    if reset is None:
-        return
-    try:
-        params = inspect.signature(reset).parameters
-    except (TypeError, ValueError):  # builtins / C-extension callables without a signature
-        params = {}
-    if "seed" in params:
+    if reset is not None:
         reset(seed=seed)
-    else:
-        reset()
 
 
 def check_compatible(policy_spec: RuntimeSpec, task_spec: TaskSpec, policy_name: str) -> None:
