@@ -56,8 +56,8 @@ class ComposedPolicy(nn.Module):
         for i, (p, d) in enumerate(zip(parents, config.parent_configs, strict=True)):
             if p.config.family != d.get("family") or p.config.family not in PARENT_FAMILIES:
                 raise VlaflowError(
-                    f"parent {i} is a {p.config.family!r} policy, its embedded config says {d.get('family')!r} "
-                    f"(composition needs {', '.join(PARENT_FAMILIES)} parents)"
+                    f"parent {i} is a {p.config.family!r} policy, its embedded config says "
+                    f"{d.get('family')!r} (composition needs {', '.join(PARENT_FAMILIES)} parents)"
                 )
         self.config = config
         self.normalizer = Normalizer(stats, config.norm_modes())
@@ -114,8 +114,8 @@ class ComposedPolicy(nn.Module):
         """Packed cond (B, F) -> each parent's condition (B, Nc_i, Fc_i)."""
         if cond.dim() != 2 or cond.shape[1] != self.cond_width:
             raise VlaflowError(
-                f"a composed policy's cond has shape (B, {self.cond_width}) (its parents' {self._cond_shapes} "
-                f"(Nc, Fc) packed), got {tuple(cond.shape)}"
+                f"a composed policy's cond has shape (B, {self.cond_width}) (its parents' (Nc, Fc) "
+                f"{self._cond_shapes} packed), got {tuple(cond.shape)}"
             )
         parts = torch.split(cond, [n * f for n, f in self._cond_shapes], dim=1)
         return [c.reshape(c.shape[0], n, f) for c, (n, f) in zip(parts, self._cond_shapes, strict=True)]
@@ -192,7 +192,7 @@ class ComposedPolicy(nn.Module):
         generator: torch.Generator | None = None,
         record_chain: bool = False,
     ) -> Generation:
-        """Composite action chunks (B, H, Da) in raw units with their cost (NFE) and, optionally, the chain."""
+        """Composite action chunks (B, H, Da) in raw units, their cost (NFE) and, optionally, the chain."""
         res = self.denoise(self.encode(obs), noise, sampler, num_steps, generator, return_chain=record_chain)
         return Generation(actions=self.unnormalize_action(res.x0), nfe=res.nfe, chain=res.steps)
 
