@@ -278,12 +278,16 @@ print("SHAPE", a.shape, "HEAVY", heavy, "SUM", float(a.sum()))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "SHAPE (8, 2) HEAVY []" in res.stdout
-    here = OnnxPolicy(out, seed=4).infer(
-        {
-            "obs.keypoint": np.full((2, 9, 2), 100, np.float32),
-            "obs.agent_pos": np.full((2, 2), 50, np.float32),
-        }
-    ).actions
+    here = (
+        OnnxPolicy(out, seed=4)
+        .infer(
+            {
+                "obs.keypoint": np.full((2, 9, 2), 100, np.float32),
+                "obs.agent_pos": np.full((2, 2), 50, np.float32),
+            }
+        )
+        .actions
+    )
     assert abs(float(res.stdout.split("SUM")[1]) - float(here.sum())) < 1e-3  # same numbers as in-process
 
 
@@ -341,7 +345,13 @@ def test_tensorrt_builder_is_guarded(diffusion_export, capsys):
     assert not list(out.glob("*.plan"))
 
 
-def test_onnx_rti_matches_torch_rti_warm_start(diffusion_export):
+@pytest.mark.parametrize(
+    "gripper_dims, gripper_mode",
+    [((), "none"), ((1,), "none"), ((1,), "clip")],
+    ids=["no-gripper", "dims", "clip"],
+)
+def test_onnx_rti_matches_torch_rti_warm_start(diffusion_export, gripper_dims, gripper_mode):
+    """Torch and ONNX RTI agree call for call, also with a gripper dim: both snap it only under "clip"."""
     from vlaflow.deploy.onnx_rti import OnnxRTIPolicy
     from vlaflow.deploy.rti import RTIConfig, RTIRuntime
 
@@ -352,15 +362,30 @@ def test_onnx_rti_matches_torch_rti_warm_start(diffusion_export):
         return {"obs.keypoint": rng.uniform(0, 512, (2, 9, 2)).astype(np.float32),
                 "obs.agent_pos": rng.uniform(0, 512, (2, 2)).astype(np.float32)}  # fmt: skip
 
-    ref = RTIRuntime(policy, RTIConfig(sampler="ddim", num_steps=4, n_warm_steps=2))
-    onx = OnnxRTIPolicy(out, sampler="ddim", num_steps=4, n_warm_steps=2)
+    fields = dict(sampler="ddim", num_steps=4, n_warm_steps=2, gripper_dims=gripper_dims)
+    fields.update({"gripper_mode": gripper_mode} if gripper_mode != "none" else {})
+    ref = RTIRuntime(policy, RTIConfig(**fields))
+    onx = OnnxRTIPolicy(out, **fields)  # the same settings, as keywords
     ref.infer(obs())
     onx.infer(obs())
     assert onx.last_nfe == 4
-    onx._prev = ref._prev.numpy()  # same previous chunk (first calls drew different noise)
+    # the same previous chunk (first calls drew different noise), its gripper dim well inside (-1, 1)
+    prev = torch.linspace(-0.6, 0.6, 16).view(1, 8, 2)
+    ref._prev, onx._prev = prev.clone(), prev.numpy().copy()
+    chunks, seen = [], []
     for shift in (4, 2):
         o = obs()
+        seen.append(o)
         a, b = ref.infer(o, shift=shift).actions, onx.infer(o, shift=shift).actions
         assert onx.last_nfe == ref.last_nfe == 2
         np.testing.assert_allclose(b, a, atol=5e-3)  # raw PushT units (pixels)
+        chunks.append(a)
     assert onx.nfe_history == [4, 2, 2]
+    # the case is not vacuous: snapping the gripper changes the warm-started chunk
+    snapped = RTIRuntime(policy, RTIConfig(sampler="ddim", num_steps=4, n_warm_steps=2, gripper_dims=(1,),
+                                           gripper_mode="clip"))  # fmt: skip
+    snapped.infer(obs())
+    snapped._prev = prev.clone()
+    moved = not np.allclose(snapped.infer(seen[0], shift=4).actions, chunks[0], atol=1e-3)
+    assert moved == (gripper_mode != "clip")
+    assert onx.rti == ref.rti  # one settings type for both runtimes

@@ -149,7 +149,8 @@ def test_weights_zero_one_reproduce_each_parent_and_checkpoint_loads(tmp_path):
         torch.testing.assert_close(loaded.sample(obs, noise=noise), mixed)
     rt = PolicyRuntime(loaded)
     assert rt.config.n_obs_steps == 2 and set(rt.config.obs_shapes) == {"obs.state", "obs.extra"}
-    out = rt.infer({"obs.state": obs["obs.state"][0].numpy(), "obs.extra": obs["obs.extra"][0].numpy()}).actions
+    one = {"obs.state": obs["obs.state"][0].numpy(), "obs.extra": obs["obs.extra"][0].numpy()}
+    out = rt.infer(one).actions
     assert out.shape == (H, DA) and np.isfinite(out).all()
 
 

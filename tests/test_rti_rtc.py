@@ -321,3 +321,27 @@ def test_rtc_beta_zero_on_a_composed_policy_is_plain_composed_sampling():
     assert torch.equal(got[:, 2:], plain[:, 2:])
     guided = rtc_denoise(comp, cond, prev, 2, 4, beta=5.0, noise=noise).x0.detach()
     assert not torch.allclose(guided[:, 2:], plain[:, 2:])
+
+
+def test_rti_settings_are_one_torch_free_definition():
+    """RTIConfig lives in a torch-free module both runtimes import; its samplers are the torch samplers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vlaflow.deploy import onnx_rti, rti, rti_config
+    from vlaflow.policies.samplers import SAMPLERS
+
+    assert rti.RTIConfig is rti_config.RTIConfig is onnx_rti.RTIConfig
+    assert rti_config.RTI_SAMPLERS == SAMPLERS
+    assert RTIConfig(gripper_dims=(1,)).binarized_dims == ()  # dims alone only name the gripper
+    assert RTIConfig(gripper_dims=[1], gripper_mode="clip").binarized_dims == (1,)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import vlaflow.deploy.onnx_rti, vlaflow.deploy.rti_config\n"
+        "print('OK')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]

@@ -20,15 +20,6 @@ F32 = np.float32
 SAMPLERS = ("ddpm", "ddim", "euler", "onestep")
 
 
-def default_warm_steps(num_steps: int) -> int:
-    """RTI-DP's default tail length on a ``num_steps`` grid: 20 on a 100-step grid, half a short grid.
-
-    Shared by :class:`vlaflow.deploy.rti.RTIConfig` and the torch-free ONNX RTI runtime (measurement behind
-    the number: ``RTIConfig``'s docstring).
-    """
-    return min(20, max(1, int(num_steps) // 2))
-
-
 @dataclass(frozen=True)
 class NpVPPath:
     """VP path over discrete time k in -1..N-1 (k = -1 clean).
