@@ -16,6 +16,10 @@ One sampler run on a *reference* parent's path, time grid and sampler. At every 
 Every parameterization here is affine in (x0, eps) given x_t, so mixing in eps-space, x0-space or
 velocity-space yields the same trajectory. With a single weight of 1 on the reference parent, its native
 prediction passes through untouched, so the composite reproduces that parent exactly under fixed noise.
+
+:func:`mix_predictions` is one evaluation of steps 1-3; ``ComposedPolicy.predict`` (``composed/model.py``)
+is it, so every sampler, RTI-DP and RTC run a composite like any policy; :func:`gpc_sample` runs the
+sampler over it for any objects with ``path`` / ``parameterization`` / ``predict`` (the analytic tests).
 """
 
 from __future__ import annotations
