@@ -278,12 +278,16 @@ print("SHAPE", a.shape, "HEAVY", heavy, "SUM", float(a.sum()))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "SHAPE (8, 2) HEAVY []" in res.stdout
-    here = OnnxPolicy(out, seed=4).infer(
-        {
-            "obs.keypoint": np.full((2, 9, 2), 100, np.float32),
-            "obs.agent_pos": np.full((2, 2), 50, np.float32),
-        }
-    ).actions
+    here = (
+        OnnxPolicy(out, seed=4)
+        .infer(
+            {
+                "obs.keypoint": np.full((2, 9, 2), 100, np.float32),
+                "obs.agent_pos": np.full((2, 2), 50, np.float32),
+            }
+        )
+        .actions
+    )
     assert abs(float(res.stdout.split("SUM")[1]) - float(here.sum())) < 1e-3  # same numbers as in-process
 
 
@@ -389,7 +393,13 @@ def test_tensorrt_builder_is_guarded(diffusion_export, capsys):
     assert not list(out.glob("*.plan"))
 
 
-def test_onnx_rti_matches_torch_rti_warm_start(diffusion_export):
+@pytest.mark.parametrize(
+    "gripper_dims, gripper_mode",
+    [((), "none"), ((1,), "none"), ((1,), "clip")],
+    ids=["no-gripper", "dims", "clip"],
+)
+def test_onnx_rti_matches_torch_rti_warm_start(diffusion_export, gripper_dims, gripper_mode):
+    """Torch and ONNX RTI agree call for call, also with a gripper dim: both snap it only under "clip"."""
     from vlaflow.deploy.onnx_rti import OnnxRTIPolicy
     from vlaflow.deploy.rti import RTIConfig, RTIRuntime
 
@@ -400,15 +410,235 @@ def test_onnx_rti_matches_torch_rti_warm_start(diffusion_export):
         return {"obs.keypoint": rng.uniform(0, 512, (2, 9, 2)).astype(np.float32),
                 "obs.agent_pos": rng.uniform(0, 512, (2, 2)).astype(np.float32)}  # fmt: skip
 
-    ref = RTIRuntime(policy, RTIConfig(sampler="ddim", num_steps=4, n_warm_steps=2))
-    onx = OnnxRTIPolicy(out, sampler="ddim", num_steps=4, n_warm_steps=2)
+    fields = dict(sampler="ddim", num_steps=4, n_warm_steps=2, gripper_dims=gripper_dims)
+    fields.update({"gripper_mode": gripper_mode} if gripper_mode != "none" else {})
+    ref = RTIRuntime(policy, RTIConfig(**fields))
+    onx = OnnxRTIPolicy(out, **fields)  # the same settings, as keywords
     ref.infer(obs())
     onx.infer(obs())
     assert onx.last_nfe == 4
-    onx._prev = ref._prev.numpy()  # same previous chunk (first calls drew different noise)
+    # the same previous chunk (first calls drew different noise), its gripper dim well inside (-1, 1)
+    prev = torch.linspace(-0.6, 0.6, 16).view(1, 8, 2)
+    ref._prev, onx._prev = prev.clone(), prev.numpy().copy()
+    chunks, seen = [], []
     for shift in (4, 2):
         o = obs()
+        seen.append(o)
         a, b = ref.infer(o, shift=shift).actions, onx.infer(o, shift=shift).actions
         assert onx.last_nfe == ref.last_nfe == 2
         np.testing.assert_allclose(b, a, atol=5e-3)  # raw PushT units (pixels)
+        chunks.append(a)
     assert onx.nfe_history == [4, 2, 2]
+    # the case is not vacuous: snapping the gripper changes the warm-started chunk
+    snapped = RTIRuntime(policy, RTIConfig(sampler="ddim", num_steps=4, n_warm_steps=2, gripper_dims=(1,),
+                                           gripper_mode="clip"))  # fmt: skip
+    snapped.infer(obs())
+    snapped._prev = prev.clone()
+    moved = not np.allclose(snapped.infer(seen[0], shift=4).actions, chunks[0], atol=1e-3)
+    assert moved == (gripper_mode != "clip")
+    assert onx.rti == ref.rti  # one settings type for both runtimes
+
+
+# ------------------------------------------------------------------------------------- composed (GPC)
+def test_numpy_time_for_snr_and_v_conversions_match_torch():
+    from vlaflow.policies import conversions as tconv
+
+    vp = VPCosinePath(100)
+    npvp = nps.NpVPPath(vp.alphas_cumprod.numpy())
+    snr = np.array([1e-4, 0.01, 0.3, 1.0, 2.5, 17.0, 150.0], np.float32)
+    np.testing.assert_allclose(
+        npvp.time_for_snr(snr), vp.time_for_snr(torch.from_numpy(snr)).numpy(), atol=2e-5
+    )
+    fl = RectifiedFlowPath()
+    np.testing.assert_array_equal(
+        nps.NpFlowPath().time_for_snr(snr), fl.time_for_snr(torch.from_numpy(snr)).numpy()
+    )
+    g = np.random.default_rng(0)
+    x, pred = g.standard_normal((2, 1, 4, 3)).astype(np.float32)
+    a, s = np.float32(0.8), np.float32(0.6)
+    for param in ("eps", "x0", "velocity", "v"):
+        x0, eps = nps.to_x0_eps(pred, param, x, a, s)
+        tx0, teps = tconv.to_x0_eps(torch.from_numpy(pred), param, torch.from_numpy(x), a, s)
+        np.testing.assert_allclose(x0, tx0.numpy(), atol=1e-6)
+        np.testing.assert_allclose(eps, teps.numpy(), atol=1e-6)
+        back = nps.from_x0_eps(x0, eps, param, a, s)
+        np.testing.assert_allclose(back, tconv.from_x0_eps(tx0, teps, param, a, s).numpy(), atol=1e-6)
+        np.testing.assert_allclose(back, pred, atol=1e-5)  # round trip
+
+
+class _TorchToy:
+    def __init__(self, path, param, w):
+        self.path, self.parameterization, self.w = path, param, w
+
+    def predict(self, x, t, cond):
+        return torch.tanh(x @ self.w) * (1 + 0.01 * t.view(-1, 1, 1)) + cond
+
+
+class _NumpyToy:
+    def __init__(self, path, param, w):
+        self.path, self.parameterization, self.w = path, param, w.numpy()
+
+    def predict(self, x, t, cond):
+        return (np.tanh(x @ self.w) * (1 + np.float32(0.01) * t.reshape(-1, 1, 1)) + cond).astype(np.float32)
+
+
+@pytest.mark.parametrize("reference", [0, 1])
+@pytest.mark.parametrize("space", ["eps", "velocity", "x0", "v"])
+def test_numpy_mixing_matches_the_torch_mixing(reference, space):
+    from vlaflow.deploy import np_compose
+    from vlaflow.policies.compose import mix_predictions
+
+    g = torch.Generator().manual_seed(2)
+    vp = VPCosinePath(100)
+    ws = [torch.randn(3, 3, generator=g) * 0.4 for _ in range(2)]
+    torch_parents = [_TorchToy(vp, "eps", ws[0]), _TorchToy(RectifiedFlowPath(), "velocity", ws[1])]
+    np_paths = [nps.NpVPPath(vp.alphas_cumprod.numpy()), nps.NpFlowPath()]
+    np_parents = [
+        _NumpyToy(pth, p.parameterization, w) for pth, p, w in zip(np_paths, torch_parents, ws, strict=True)
+    ]
+    conds = [torch.randn(1, 4, 3, generator=g) * 0.1 for _ in range(2)]
+    clips, weights = [1.0, None], (0.3, 0.7)
+    same = [p.path == torch_parents[reference].path for p in torch_parents]
+    ts = [50.0, 3.0, 0.0] if reference == 0 else [1.0, 0.5, 0.1]
+    for t in ts:
+        x = torch.randn(1, 4, 3, generator=g)
+        tt = torch.full((1,), t)
+        ref = mix_predictions(torch_parents, conds, weights, reference, space, x, tt, clips)
+        got = np_compose.mix_predictions(
+            np_parents,
+            [c.numpy() for c in conds],
+            weights,
+            reference,
+            space,
+            x.numpy(),
+            tt.numpy(),
+            clips,
+            same,
+        )
+        np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=2e-5)
+    # weight 1 on the reference in its native space: the prediction passes through untouched
+    one = [0.0, 0.0]
+    one[reference] = 1.0
+    native = torch_parents[reference].parameterization
+    x = torch.randn(1, 4, 3, generator=g)
+    got = np_compose.mix_predictions(
+        np_parents,
+        [c.numpy() for c in conds],
+        one,
+        reference,
+        native,
+        x.numpy(),
+        np.float32([ts[0]]),
+        clips,
+        same,
+    )
+    assert np.array_equal(
+        got, np_parents[reference].predict(x.numpy(), np.float32([ts[0]]), conds[reference].numpy())
+    )
+
+
+def _gpc_parents():
+    torch.manual_seed(0)
+    diff = _lowdim("diffusion")
+    torch.manual_seed(1)
+    cfg = FlowConfig(net=TINY_UNET, horizon=8, n_action_steps=4, num_inference_steps=4, n_obs_steps=1,
+                     obs_shapes={"obs.keypoint": (9, 2)})  # fmt: skip
+    flow = build_policy(cfg, {k: PUSHT_STATS[k] for k in cfg.norm_modes()}).eval()
+    return diff, flow
+
+
+def _pusht_obs(rng):
+    return {"obs.keypoint": rng.uniform(0, 512, (2, 9, 2)).astype(np.float32),
+            "obs.agent_pos": rng.uniform(0, 512, (2, 2)).astype(np.float32)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def composed_export(tmp_path_factory):
+    from vlaflow.policies.composed.model import compose_policies
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("gpc")
+    comp = compose_policies(list(_gpc_parents()), (0.6, 0.4))  # diffusion reference: DDIM on the VP path
+    report = export_policy(comp, root / "onnx", ExportOptions(samplers=(("ddim", 4), ("ddpm", 10)), **FAST))
+    return comp, root / "onnx", report
+
+
+def test_composed_export_one_graph_pair_per_parent_and_parity(composed_export):
+    comp, out, report = composed_export
+    assert report["passed"], report["failures"]
+    assert {r["what"] for r in report["summary"]} == {
+        "encoder", "ddim:4 step", "ddim:4 chunk", "ddpm:10 step", "ddpm:10 chunk",
+    }  # fmt: skip
+    for r in report["summary"]:
+        assert r["max_abs"] <= r["tol"] and r["min_cosine"] >= 0.9999
+    assert len(report["samplers"]["ddpm:10"]["steps"]) == 10  # per step: the mixed prediction
+    assert [p["passed"] for p in report["parents"]] == [True, True]  # each parent's graphs alone
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["family"] == "composed" and m["graphs"] == {} and m["parameterization"] == "eps"
+    c = m["composition"]
+    assert c["weights"] == [0.6, 0.4] and c["reference"] == 0 and c["space"] == "eps"
+    assert [(e["dir"], e["family"], e["same_path_as_reference"]) for e in c["parents"]] == [
+        ("parents/0", "diffusion", True), ("parents/1", "flow", False),
+    ]  # fmt: skip
+    assert [e["clip_x0"] for e in c["parents"]] == [1.0, None]
+    for i in (0, 1):
+        files = sorted(f.name for f in (out / "parents" / str(i)).iterdir())
+        assert files == ["denoiser.onnx", "encoder.onnx", "manifest.json", "parity.json"]
+        assert "Loop" not in graph_ops(out / "parents" / str(i) / "denoiser.onnx")
+
+
+def test_onnx_policy_runs_a_composed_export_like_pytorch(composed_export):
+    from vlaflow.deploy.onnx_rti import OnnxRTIPolicy
+
+    comp, out, _ = composed_export
+    rng = np.random.default_rng(5)
+    obs = _pusht_obs(rng)
+    p = OnnxPolicy(out, seed=0)
+    cond = p.encode(obs)
+    assert cond.shape == (1, comp.cond_width) and len(p.parents) == 2
+    noise = rng.standard_normal((1, 8, 2)).astype(np.float32)
+    got = p.unnormalize_action(p.denoise(cond, noise))
+    with torch.inference_mode():
+        ref = comp.sample(
+            {k: torch.from_numpy(v)[None] for k, v in obs.items()}, noise=torch.from_numpy(noise)
+        )
+    np.testing.assert_allclose(got[0], ref[0].numpy(), atol=5e-3)  # raw PushT units (pixels)
+    assert p.last_nfe == 4
+    a = p.infer(obs)
+    assert a.actions.shape == (8, 2) and a.nfe == 4 and np.isfinite(a.actions).all()
+    rti = OnnxRTIPolicy(out, sampler="ddpm", num_steps=10, n_warm_steps=3)
+    rti.infer(obs)
+    rti.infer(_pusht_obs(rng), shift=4)
+    assert rti.nfe_history == [10, 3]
+    with pytest.raises(VlaflowError, match="obs.agent_pos"):
+        p.infer({"obs.keypoint": obs["obs.keypoint"]})
+
+
+def test_composed_export_with_weight_one_reproduces_the_parent_export(tmp_path):
+    from vlaflow.policies.composed.model import compose_policies
+
+    diff, flow = _gpc_parents()
+    comp = compose_policies([diff, flow], (0.0, 1.0))  # flow is the reference: Euler, passed through
+    export_policy(comp, tmp_path / "c", ExportOptions(**FAST))
+    export_policy(flow, tmp_path / "f", ExportOptions(**FAST))
+    obs = _pusht_obs(np.random.default_rng(1))
+    a = OnnxPolicy(tmp_path / "c", seed=3).infer(obs).actions
+    b = OnnxPolicy(tmp_path / "f", seed=3).infer({"obs.keypoint": obs["obs.keypoint"]}).actions
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(VlaflowError, match="no unrolled graph"):
+        export_policy(comp, tmp_path / "u", ExportOptions(unrolled_steps=2, **FAST))
+
+
+def test_cli_export_of_a_composed_checkpoint(tmp_path, capsys):
+    from vlaflow.cli import main
+    from vlaflow.policies.composed.model import compose_policies
+
+    ckpt = save_checkpoint(tmp_path / "gpc", compose_policies(list(_gpc_parents()), (0.5, 0.5)))
+    out = tmp_path / "onnx"
+    rc = main(["export", str(ckpt), "--out", str(out), "--exporter", "torchscript", "--samplers", "ddim:4",
+               "--parity-obs", "1"])  # fmt: skip
+    assert rc == 0 and "ddim:4 chunk" in capsys.readouterr().out
+    assert json.loads((out / "parity.json").read_text())["passed"]
+    assert json.loads((out / "manifest.json").read_text())["source"] == str(ckpt)
+    res = OnnxPolicy(out, seed=0).infer(_pusht_obs(np.random.default_rng(0)))
+    assert res.actions.shape == (8, 2) and res.nfe == 4

@@ -13,7 +13,7 @@ from vlaflow.policies.composed.model import compose_policies
 from vlaflow.policies.diffusion.config import DiffusionConfig
 from vlaflow.policies.flow.config import FlowConfig
 from vlaflow.policies.path import RectifiedFlowPath, VPCosinePath
-from vlaflow.policies.registry import build_policy
+from vlaflow.policies.registry import build_policy, policy_config_from_dict
 from vlaflow.policies.runtime import PolicyRuntime
 
 H, DA = 4, 2
@@ -149,9 +149,8 @@ def test_weights_zero_one_reproduce_each_parent_and_checkpoint_loads(tmp_path):
         torch.testing.assert_close(loaded.sample(obs, noise=noise), mixed)
     rt = PolicyRuntime(loaded)
     assert rt.config.n_obs_steps == 2 and set(rt.config.obs_shapes) == {"obs.state", "obs.extra"}
-    out = rt.infer(
-        {"obs.state": obs["obs.state"][0].numpy(), "obs.extra": obs["obs.extra"][0].numpy()}
-    ).actions
+    one = {"obs.state": obs["obs.state"][0].numpy(), "obs.extra": obs["obs.extra"][0].numpy()}
+    out = rt.infer(one).actions
     assert out.shape == (H, DA) and np.isfinite(out).all()
 
 
@@ -245,3 +244,74 @@ def test_weight_search_is_pure_and_picks_the_best_mix():
     assert len(weight_grid(3, None, 0.5)) == 6  # (1,0,0) (0.5,0.5,0) ... on the 2-simplex
     with pytest.raises(ConfigError, match="mean_score"):
         search_weights(grid, lambda w: {"score": 1.0})
+
+
+def test_composite_is_a_policy_on_the_denoising_contract():
+    """path / parameterization / packed encode / predict / denoise: what RTI, RTC, export and RL use."""
+    from vlaflow.errors import VlaflowError
+    from vlaflow.policies.compose import mix_predictions
+    from vlaflow.policies.contract import DenoisingPolicyContract
+
+    diff, flow = _tiny_parents()
+    comp = compose_policies([diff, flow], (0.3, 0.7))
+    assert isinstance(comp, DenoisingPolicyContract)
+    assert comp.reference == 1 and comp.path == flow.path and comp.parameterization == "velocity"
+    assert comp.config.sampler == "euler" and comp.sampler_kwargs("ddim") == flow.sampler_kwargs("ddim")
+    g = torch.Generator().manual_seed(0)
+    obs = {"obs.state": torch.randn(2, 2, 3, generator=g), "obs.extra": torch.randn(2, 2, 2, generator=g)}
+    with torch.no_grad():
+        cond = comp.encode(obs)
+        own = [diff.encode(obs), flow.encode({"obs.state": obs["obs.state"], "obs.extra": obs["obs.extra"]})]
+        assert cond.shape == (2, comp.cond_width) == (2, sum(c[0].numel() for c in own))
+        for got, want in zip(comp.split_cond(cond), own, strict=True):
+            assert torch.equal(got, want)
+        x, t = torch.randn(2, H, DA, generator=g), torch.full((2,), 0.5)
+        want = mix_predictions([diff, flow], own, (0.3, 0.7), 1, "velocity", x, t)
+        assert torch.equal(comp.predict(x, t, cond), want)
+        assert torch.equal(comp.predict(x, torch.tensor(0.5), cond), want)  # a scalar time broadcasts
+        noise = torch.randn(2, H, DA, generator=g)
+        tail = comp.path.timesteps(8)[-4:]  # a warm start's partial grid
+        res = comp.denoise(cond, noise=noise, timesteps=tail, return_chain=True)
+        assert res.nfe == 3 and len(res.steps) == 3
+        gen = comp.generate(obs, noise=noise, record_chain=True)
+        assert gen.nfe == 8 and len(gen.chain) == 8
+        assert torch.equal(gen.actions, comp.sample(obs, noise=noise))
+    with pytest.raises(VlaflowError, match="packed"):
+        comp.split_cond(cond[:, :-1])
+
+
+def test_composed_config_resolves_the_reference_sampler_and_checks_parents():
+    from vlaflow.errors import ConfigError
+    from vlaflow.policies.composed.config import ComposedConfig
+
+    diff, flow = _tiny_parents()
+    pc = (diff.config.to_dict(), flow.config.to_dict())
+    base = dict(horizon=H, n_action_steps=2, action_dim=DA, obs_shapes={"obs.state": (3,)}, parent_configs=pc)
+    assert ComposedConfig(weights=(0.6, 0.4), **base).sampler == "ddim"  # the heaviest parent's
+    assert ComposedConfig(weights=(0.6, 0.4), reference=1, **base).sampler == "euler"
+    assert ComposedConfig(weights=(0.6, 0.4), sampler="ddpm", **base).sampler == "ddpm"
+    cfg = ComposedConfig(weights=(0.5, 0.5), **base)
+    assert policy_config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="denoising parents"):
+        ComposedConfig(weights=(0.5, 0.5), **{**base, "parent_configs": (pc[0], {**pc[1], "family": "ebt"})})
+
+
+def test_load_parents_refuses_a_non_denoising_checkpoint(tmp_path):
+    from vlaflow.errors import VlaflowError
+    from vlaflow.policies.checkpoint import load_parents
+    from vlaflow.policies.ebt.config import EBTConfig
+
+    diff, _ = _tiny_parents()
+    save_checkpoint(tmp_path / "d", diff)
+    ebt = build_policy(
+        EBTConfig(horizon=H, n_action_steps=2, action_dim=DA, obs_shapes={"obs.state": (3,)}, d_model=16,
+                  n_layers=1, n_heads=2, replay_size=4),
+        _stats(),
+    )  # fmt: skip
+    save_checkpoint(tmp_path / "e", ebt)
+    (loaded,) = load_parents([tmp_path / "d"])
+    assert loaded.config == diff.config
+    with pytest.raises(VlaflowError, match="'ebt' checkpoint; GPC parents must be"):
+        load_parents([tmp_path / "d", tmp_path / "e"])
+    with pytest.raises(VlaflowError, match="not a policy checkpoint"):
+        load_parents([tmp_path / "nowhere"])

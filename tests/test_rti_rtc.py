@@ -259,3 +259,89 @@ def test_rti_warm_steps_default_to_20_or_half_a_short_grid():
     assert RTIConfig(sampler="euler", num_steps=10).n_warm_steps == 5
     assert RTIConfig(sampler="ddim", num_steps=1).n_warm_steps == 1
     assert RTIConfig(n_warm_steps=3).n_warm_steps == 3
+
+
+# ---------------------------------------------------------------------------------------------- composed
+def _composed(weights):
+    from vlaflow.policies.composed.model import compose_policies
+
+    parents = [_policy("diffusion"), _policy("flow")]
+    return compose_policies(parents, weights), parents
+
+
+def _runtimes(kind):
+    if kind == "rti":
+        return lambda p: RTIRuntime(p, RTIConfig(sampler="ddpm", num_steps=20, n_warm_steps=3))
+    return lambda p: RTCRuntime(p, RTCConfig(beta=5.0))
+
+
+@pytest.mark.parametrize("kind", ["rti", "rtc"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_rti_rtc_on_a_composed_policy_with_weight_one_reproduce_that_parent(kind, which):
+    """The composite is a policy on the contract: RTI's warm start and RTC's VJP through ``predict`` run on
+    it unchanged, and with weight 1 on a parent every chunk equals that parent's, bit for bit."""
+    comp, parents = _composed((1.0, 0.0) if which == 0 else (0.0, 1.0))
+    make = _runtimes(kind)
+    rc, rp = make(comp), make(parents[which])
+    rc.reset(seed=3)
+    rp.reset(seed=3)
+    for i in range(4):
+        a, b = rc.infer(_obs(i), shift=3, delay=1), rp.infer(_obs(i), shift=3, delay=1)
+        assert np.array_equal(a.actions, b.actions), (kind, which, i)
+        assert a.nfe == b.nfe
+
+
+@pytest.mark.parametrize("kind", ["rti", "rtc"])
+def test_rti_rtc_on_a_mixed_composed_policy(kind):
+    comp, parents = _composed((0.5, 0.5))
+    rt = _runtimes(kind)(comp)
+    rt.reset(seed=0)
+    outs = [rt.infer(_obs(i), shift=4, delay=2) for i in range(3)]
+    assert all(o.actions.shape == (H, DA) and np.isfinite(o.actions).all() for o in outs)
+    if kind == "rti":
+        assert rt.nfe_history == [20, 3, 3]
+    else:
+        assert [o.nfe for o in outs] == [comp.config.num_inference_steps] * 3
+        assert np.array_equal(outs[2].actions[:2], outs[1].actions[4:6])  # the first d actions frozen
+    # the mix is neither parent
+    solo = _runtimes(kind)(parents[0])
+    solo.reset(seed=0)
+    assert not np.allclose(solo.infer(_obs(0)).actions, outs[0].actions)
+
+
+def test_rtc_beta_zero_on_a_composed_policy_is_plain_composed_sampling():
+    comp, _ = _composed((0.3, 0.7))
+    cond = comp.encode({"obs.state": torch.from_numpy(_obs(0)["obs.state"])[None]})
+    assert cond.shape == (1, comp.cond_width)  # the parents' conditions, packed
+    noise = torch.randn(1, H, DA, generator=torch.Generator().manual_seed(3))
+    prev = torch.randn(1, H, DA, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = comp.denoise(cond, noise=noise).x0
+    got = rtc_denoise(comp, cond, prev, 2, 4, beta=0.0, noise=noise).x0
+    assert torch.equal(got[:, 2:], plain[:, 2:])
+    guided = rtc_denoise(comp, cond, prev, 2, 4, beta=5.0, noise=noise).x0.detach()
+    assert not torch.allclose(guided[:, 2:], plain[:, 2:])
+
+
+def test_rti_settings_are_one_torch_free_definition():
+    """RTIConfig lives in a torch-free module both runtimes import; its samplers are the torch samplers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vlaflow.deploy import onnx_rti, rti, rti_config
+    from vlaflow.policies.samplers import SAMPLERS
+
+    assert rti.RTIConfig is rti_config.RTIConfig is onnx_rti.RTIConfig
+    assert rti_config.RTI_SAMPLERS == SAMPLERS
+    assert RTIConfig(gripper_dims=(1,)).binarized_dims == ()  # dims alone only name the gripper
+    assert RTIConfig(gripper_dims=[1], gripper_mode="clip").binarized_dims == (1,)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import vlaflow.deploy.onnx_rti, vlaflow.deploy.rti_config\n"
+        "print('OK')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]

@@ -28,7 +28,8 @@ def composed_runtime(paths, weights, reference, space, sampler, num_steps):
     """Worker-side factory (picklable through functools.partial): load parents, compose, wrap."""
     import torch
 
-    from vlaflow.policies.composed.model import compose_policies, load_parents
+    from vlaflow.policies.checkpoint import load_parents
+    from vlaflow.policies.composed.model import compose_policies
     from vlaflow.policies.runtime import PolicyRuntime
 
     torch.set_num_threads(1)
@@ -90,8 +91,11 @@ def _print_row(row: dict) -> None:
 
 
 def run_compose(args: argparse.Namespace) -> int:
-    from vlaflow.policies.checkpoint import save_checkpoint  # torch: `vlaflow compose --help` stays light
-    from vlaflow.policies.composed.model import compose_policies, load_parents
+    from vlaflow.policies.checkpoint import (
+        load_parents,
+        save_checkpoint,  # torch: `vlaflow compose --help` stays light
+    )
+    from vlaflow.policies.composed.model import compose_policies
 
     if len(args.parents) < 2:
         raise ConfigError(f"--parents needs at least 2 checkpoints, got {args.parents}")

@@ -15,6 +15,11 @@ What goes where (Nc condition tokens of width Fc, To obs steps, H chunk, Da acti
 - Language: the instruction encoder (a transformers BERT) is not exported. The projected language token of
   every instruction the policy knows (``config.tasks`` and its default task) is computed at export time and
   stored in the manifest; the runtime appends it to ``cond`` and names the known instructions for any other.
+- Composed (GPC) policies: ``parents/<i>/`` holds a complete export of parent i (its encoder and denoiser
+  graphs, manifest and parity report); the composite's manifest has no graphs of its own but a
+  ``composition`` entry (weights, reference, mixing space, per parent its directory, clip and whether it
+  shares the reference's path). The runtime mixes the parents' predictions on the host in float32 numpy
+  (:mod:`vlaflow.deploy.np_compose`); the composite's parity is checked per mixed step and per chunk.
 - ``manifest.json`` : graphs + io names, To/H/Ta/obs shapes, path, sampler, steps, normalizer statistics,
   language tokens. ``parity.json``: max-abs and cosine per denoiser step and per chunk against PyTorch for
   fixed noise and several random observations. JSON only, no pickle.
@@ -44,9 +49,9 @@ VERSION = 1
 MANIFEST, PARITY = "manifest.json", "parity.json"
 EXPORTERS = ("dynamo", "torchscript")
 UNROLLABLE = ("ddim", "euler", "onestep")
-# Families with encode + predict(x_t, t, cond) on a Gaussian path. EBT samples by gradient descent on an
-# energy (a backward pass per step): not exported here.
-EXPORTABLE_FAMILIES = ("diffusion", "flow", "consistency")
+# Families with encode + predict(x_t, t, cond) on a Gaussian path (composed: one export per parent, mixed
+# on the host). EBT samples by gradient descent on an energy (a backward pass per step): not exported here.
+EXPORTABLE_FAMILIES = ("diffusion", "flow", "consistency", "composed")
 
 
 @dataclass(frozen=True)
@@ -258,9 +263,13 @@ def _enc_inputs(policy) -> list[dict]:
 def export_policy(
     policy, out: str | os.PathLike, opts: ExportOptions | None = None, source: str = ""
 ) -> dict:
-    """Export ``policy`` to ``out`` (must not exist or be an earlier export); returns the parity report."""
-    import torch
+    """Export ``policy`` to ``out`` (must not exist or be an earlier export); returns the parity report.
 
+    A composed (GPC) policy is exported as one export per parent under ``parents/<i>/`` (each with its own
+    encoder and denoiser graphs and parity report) plus a manifest whose ``composition`` lists them; the
+    runtime mixes their predictions on the host, and the composite's parity is checked per step (the mixed
+    prediction) and per chunk like any policy's.
+    """
     from vlaflow.deploy.parity import check_parity
 
     opts = opts or ExportOptions()
@@ -276,6 +285,11 @@ def export_policy(
     cfg = policy.config
     samplers = opts.samplers or default_samplers(policy)
     unrolled_sampler = ""
+    if opts.unrolled_steps and family == "composed":
+        raise ConfigError(
+            "a composed policy mixes its parents' predictions on the host: it has no unrolled graph "
+            "(export without --unrolled)"
+        )
     if opts.unrolled_steps:
         unrolled_sampler = opts.unrolled_sampler or cfg.sampler
         if unrolled_sampler not in UNROLLABLE or policy.sampler_kwargs(unrolled_sampler).get("eta", 0.0):
@@ -283,88 +297,143 @@ def export_policy(
                 f"an unrolled graph needs a deterministic sampler {UNROLLABLE} (eta 0), "
                 f"got {unrolled_sampler!r}"
             )
-    EncoderGraph, DenoiserGraph, UnrolledGraph = _modules()
-    enc_inputs = _enc_inputs(policy)
     with atomic_directory(dest, overwrite=True) as tmp:
-        rng = np.random.default_rng(opts.seed)
-        dummy = tuple(
-            torch.from_numpy(
-                rng.integers(0, 256, size=e["shape"], dtype=np.uint8)
-                if e["dtype"] == "uint8"
-                else rng.uniform(-1, 1, size=e["shape"]).astype(np.float32)
-            )
-            for e in enc_inputs
-        )
-        with torch.no_grad():
-            enc_mod = EncoderGraph(policy, [e["key"] for e in enc_inputs]).eval()
-            _export_graph(
-                enc_mod, dummy, tmp / "encoder.onnx", [e["name"] for e in enc_inputs], ["cond"], opts
-            )
-            cond = torch.randn(1, policy.n_cond_tokens, policy.cond_dim)  # (1, Nc, Fc)
-            x = torch.randn(1, cfg.horizon, cfg.action_dim)
-            t0 = torch.tensor(_timesteps(policy, cfg.sampler, cfg.num_inference_steps)[:1])
-            _export_graph(
-                DenoiserGraph(policy),
-                (x, t0, cond),
-                tmp / "denoiser.onnx",
-                ["x_t", "t", "cond"],
-                ["pred"],
-                opts,
-            )
-            if opts.unrolled_steps:
-                unr = UnrolledGraph(policy, unrolled_sampler, opts.unrolled_steps)
-                # Traced (TorchScript exporter) whatever --exporter says: tracing folds the fixed schedule
-                # coefficients into constants, where torch.export meets the schedule's cumprod and stops.
-                traced = dataclasses.replace(opts, exporter="torchscript")
-                _export_graph(unr, (cond, x), tmp / "unrolled.onnx", ["cond", "noise"], ["x0"], traced)
-        spec = policy.spec
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "source": str(source),
-            "family": cfg.family,
-            "parameterization": policy.parameterization,
-            "spec": {
-                "n_obs_steps": spec.n_obs_steps,
-                "horizon": spec.horizon,
-                "n_action_steps": spec.n_action_steps,
-                "obs_shapes": {k: list(map(int, v)) for k, v in spec.obs_shapes.items()},
-                "action_dim": spec.action_dim,
-                "fps": float(spec.fps),
-                "task": spec.task,
-                "extra": dict(spec.extra),
-            },
-            "path": _path_manifest(policy),
-            "sampler": _sampler_manifest(policy, cfg.sampler, cfg.num_inference_steps),
-            "sampler_options": {s: _sampler_manifest(policy, s, n) for s, n in samplers},
-            "timesteps": _timesteps(policy, cfg.sampler, cfg.num_inference_steps),
-            "normalizer": policy.normalizer.to_dict(),
-            "cond": {"n_tokens": int(policy.n_cond_tokens), "dim": int(policy.cond_dim)},
-            "language": {"tokens": _language_tokens(policy)} if policy.text_encoder is not None else None,
-            "graphs": {
-                "encoder": {"file": "encoder.onnx", "inputs": enc_inputs, "outputs": ["cond"]},
-                "denoiser": {"file": "denoiser.onnx", "inputs": ["x_t", "t", "cond"], "outputs": ["pred"]},
-            },
-            "batch_size": 1,
-            "exporter": opts.exporter,
-            "opset": opts.opset,
-            "torch_version": torch.__version__,
-        }
-        if opts.unrolled_steps:
-            manifest["graphs"]["unrolled"] = {
-                "file": "unrolled.onnx",
-                "inputs": ["cond", "noise"],
-                "outputs": ["x0"],
-                "sampler": _sampler_manifest(policy, unrolled_sampler, opts.unrolled_steps),
-                "exporter": "torchscript",
-            }
+        manifest = _common_manifest(policy, samplers, opts, source)
+        if family == "composed":
+            manifest.update(_export_parents(policy, tmp, opts, source))
+        else:
+            manifest.update(_export_graphs(policy, tmp, opts, unrolled_sampler))
         for g in manifest["graphs"].values():
             g["ops"] = graph_ops(tmp / g["file"])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         report = check_parity(policy.eval(), tmp, samplers, opts)
+        if family == "composed":
+            report["parents"] = [
+                {"dir": e["dir"], **json.loads((tmp / e["dir"] / PARITY).read_text())}
+                for e in manifest["composition"]["parents"]
+            ]
         (tmp / PARITY).write_text(json.dumps(report, indent=1))
         if not report["passed"]:
             raise VlaflowError(
                 f"ONNX parity check failed, nothing written to {dest}: " + "; ".join(report["failures"][:6])
             )
     return report
+
+
+def _common_manifest(policy, samplers, opts: ExportOptions, source: str) -> dict:
+    """What every export's manifest says: spec, path, samplers, time grid, normalizer, provenance."""
+    import torch
+
+    cfg, spec = policy.config, policy.spec
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": str(source),
+        "family": cfg.family,
+        "parameterization": policy.parameterization,
+        "spec": {
+            "n_obs_steps": spec.n_obs_steps,
+            "horizon": spec.horizon,
+            "n_action_steps": spec.n_action_steps,
+            "obs_shapes": {k: list(map(int, v)) for k, v in spec.obs_shapes.items()},
+            "action_dim": spec.action_dim,
+            "fps": float(spec.fps),
+            "task": spec.task,
+            "extra": dict(spec.extra),
+        },
+        "path": _path_manifest(policy),
+        "sampler": _sampler_manifest(policy, cfg.sampler, cfg.num_inference_steps),
+        "sampler_options": {s: _sampler_manifest(policy, s, n) for s, n in samplers},
+        "timesteps": _timesteps(policy, cfg.sampler, cfg.num_inference_steps),
+        "normalizer": policy.normalizer.to_dict(),
+        "batch_size": 1,
+        "exporter": opts.exporter,
+        "opset": opts.opset,
+        "torch_version": torch.__version__,
+    }
+
+
+def _export_graphs(policy, tmp: Path, opts: ExportOptions, unrolled_sampler: str) -> dict:
+    """A single policy's encoder / denoiser (/ unrolled) graphs into ``tmp``; their part of the manifest."""
+    import torch
+
+    cfg = policy.config
+    EncoderGraph, DenoiserGraph, UnrolledGraph = _modules()
+    enc_inputs = _enc_inputs(policy)
+    rng = np.random.default_rng(opts.seed)
+    dummy = tuple(
+        torch.from_numpy(
+            rng.integers(0, 256, size=e["shape"], dtype=np.uint8)
+            if e["dtype"] == "uint8"
+            else rng.uniform(-1, 1, size=e["shape"]).astype(np.float32)
+        )
+        for e in enc_inputs
+    )
+    with torch.no_grad():
+        enc_mod = EncoderGraph(policy, [e["key"] for e in enc_inputs]).eval()
+        _export_graph(enc_mod, dummy, tmp / "encoder.onnx", [e["name"] for e in enc_inputs], ["cond"], opts)
+        cond = torch.randn(1, policy.n_cond_tokens, policy.cond_dim)  # (1, Nc, Fc)
+        x = torch.randn(1, cfg.horizon, cfg.action_dim)
+        t0 = torch.tensor(_timesteps(policy, cfg.sampler, cfg.num_inference_steps)[:1])
+        _export_graph(
+            DenoiserGraph(policy), (x, t0, cond), tmp / "denoiser.onnx", ["x_t", "t", "cond"], ["pred"], opts
+        )
+        if opts.unrolled_steps:
+            unr = UnrolledGraph(policy, unrolled_sampler, opts.unrolled_steps)
+            # Traced (TorchScript exporter) whatever --exporter says: tracing folds the fixed schedule
+            # coefficients into constants, where torch.export meets the schedule's cumprod and stops.
+            traced = dataclasses.replace(opts, exporter="torchscript")
+            _export_graph(unr, (cond, x), tmp / "unrolled.onnx", ["cond", "noise"], ["x0"], traced)
+    part = {
+        "cond": {"n_tokens": int(policy.n_cond_tokens), "dim": int(policy.cond_dim)},
+        "language": {"tokens": _language_tokens(policy)} if policy.text_encoder is not None else None,
+        "graphs": {
+            "encoder": {"file": "encoder.onnx", "inputs": enc_inputs, "outputs": ["cond"]},
+            "denoiser": {"file": "denoiser.onnx", "inputs": ["x_t", "t", "cond"], "outputs": ["pred"]},
+        },
+    }
+    if opts.unrolled_steps:
+        part["graphs"]["unrolled"] = {
+            "file": "unrolled.onnx",
+            "inputs": ["cond", "noise"],
+            "outputs": ["x0"],
+            "sampler": _sampler_manifest(policy, unrolled_sampler, opts.unrolled_steps),
+            "exporter": "torchscript",
+        }
+    return part
+
+
+def _export_parents(policy, tmp: Path, opts: ExportOptions, source: str) -> dict:
+    """A composed policy's parents, each a complete export (graphs + its own parity check at its own sampler)
+    under ``tmp/parents/<i>``; the ``composition`` part of the manifest (what the host mixing needs)."""
+    from vlaflow.policies.compose import parent_clip
+
+    (tmp / "parents").mkdir()
+    entries = []
+    for i, p in enumerate(policy.parents):
+        sub = f"parents/{i}"
+        pc = p.config
+        popts = dataclasses.replace(
+            opts, samplers=((pc.sampler, int(pc.num_inference_steps)),), unrolled_steps=0, unrolled_sampler=""
+        )
+        export_policy(p, tmp / sub, popts, source=f"{source}#parents.{i}")
+        clip = parent_clip(p)
+        entries.append(
+            {
+                "dir": sub,
+                "family": pc.family,
+                "parameterization": p.parameterization,
+                "clip_x0": None if clip is None else float(clip),
+                # decided here by PyTorch's path equality, so the host takes the same branch as the torch mix
+                "same_path_as_reference": bool(p.path == policy.path),
+            }
+        )
+    return {
+        "composition": {
+            "weights": [float(w) for w in policy.config.weights],
+            "reference": int(policy.reference),
+            "space": policy.parameterization,
+            "parents": entries,
+        },
+        "graphs": {},
+    }

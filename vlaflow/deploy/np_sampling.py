@@ -2,8 +2,9 @@
 
 Mirrors, line for line, what :mod:`vlaflow.policies.path`, :mod:`vlaflow.policies.conversions` and
 :mod:`vlaflow.policies.samplers` do in PyTorch, for the pieces an exported policy needs: the VP
-squared-cosine and rectified-flow paths (alpha, sigma, time grid), eps/velocity/x0 -> (x0, eps), and the
-DDPM / DDIM / Euler steps. Everything stays float32 like the torch loop, so parity is limited by the
+squared-cosine and rectified-flow paths (alpha, sigma, time grid, the time at a given SNR), eps / velocity /
+x0 / v <-> (x0, eps), and the DDPM / DDIM / Euler steps. GPC's mixing on top of these is
+:mod:`vlaflow.deploy.np_compose`. Everything stays float32 like the torch loop, so parity is limited by the
 network, not by the host arithmetic (tests/test_export.py checks each function against its torch original).
 
 Shapes: H action chunk length, Da action dim; ``x`` is (B, H, Da).
@@ -18,15 +19,6 @@ import numpy as np
 
 F32 = np.float32
 SAMPLERS = ("ddpm", "ddim", "euler", "onestep")
-
-
-def default_warm_steps(num_steps: int) -> int:
-    """RTI-DP's default tail length on a ``num_steps`` grid: 20 on a 100-step grid, half a short grid.
-
-    Shared by :class:`vlaflow.deploy.rti.RTIConfig` and the torch-free ONNX RTI runtime (measurement behind
-    the number: ``RTIConfig``'s docstring).
-    """
-    return min(20, max(1, int(num_steps) // 2))
 
 
 @dataclass(frozen=True)
@@ -67,6 +59,17 @@ class NpVPPath:
         ts = np.arange(num_steps - 1, -1, -1, dtype=F32) * F32(ratio)
         return np.concatenate([ts, np.array([-1.0], F32)])
 
+    def time_for_snr(self, snr) -> np.ndarray:
+        """Inverse of alpha / sigma on the piecewise-linear abar table (``VPCosinePath.time_for_snr``)."""
+        snr = np.asarray(snr, F32)
+        abar_target = (snr * snr / (F32(1) + snr * snr)).astype(F32)
+        asc = np.concatenate([np.ones(1, F32), np.asarray(self.alphas_cumprod, F32)])[::-1]  # ascending
+        idx = np.clip(np.searchsorted(asc, abar_target, side="left"), 1, len(asc) - 1)
+        lo_v, hi_v = asc[idx - 1], asc[idx]
+        w = np.clip((abar_target - lo_v) / np.maximum(hi_v - lo_v, F32(1e-12)), F32(0), F32(1)).astype(F32)
+        pos = F32(len(asc) - 1) - ((idx - 1).astype(F32) + w)
+        return (pos - F32(1.0)).astype(F32)
+
 
 @dataclass(frozen=True)
 class NpFlowPath:
@@ -92,6 +95,10 @@ class NpFlowPath:
         second = F32(0.0) - (n - 1 - i).astype(F32) * step
         return np.where(i < n // 2, first, second).astype(F32)
 
+    def time_for_snr(self, snr) -> np.ndarray:
+        """(1 - t) / t = snr  ->  t = 1 / (1 + snr) (``RectifiedFlowPath.time_for_snr``)."""
+        return (F32(1.0) / (F32(1.0) + np.asarray(snr, F32))).astype(F32)
+
 
 def to_x0_eps(pred: np.ndarray, parameterization: str, x_t: np.ndarray, alpha, sigma):
     """Native prediction -> (x0, eps); the torch original is ``conversions.to_x0_eps``."""
@@ -103,7 +110,27 @@ def to_x0_eps(pred: np.ndarray, parameterization: str, x_t: np.ndarray, alpha, s
         return x0, pred + x0
     if parameterization == "x0":
         return pred, (x_t - a * pred) / s
-    raise ValueError(f"the ONNX runtime supports eps / velocity / x0 predictions, got {parameterization!r}")
+    if parameterization == "v":
+        det = a * a + s * s
+        return (a * x_t - s * pred) / det, (s * x_t + a * pred) / det
+    raise ValueError(
+        f"the ONNX runtime supports eps / velocity / x0 / v predictions, got {parameterization!r}"
+    )
+
+
+def from_x0_eps(x0: np.ndarray, eps: np.ndarray, parameterization: str, alpha, sigma) -> np.ndarray:
+    """(x0, eps) -> the requested parameterization; the torch original is ``conversions.from_x0_eps``."""
+    if parameterization == "eps":
+        return eps
+    if parameterization == "x0":
+        return x0
+    if parameterization == "velocity":
+        return eps - x0
+    if parameterization == "v":
+        return F32(alpha) * eps - F32(sigma) * x0
+    raise ValueError(
+        f"the ONNX runtime supports eps / velocity / x0 / v predictions, got {parameterization!r}"
+    )
 
 
 def ddpm_step(x_t, x0, a, s, an, sn, noise):

@@ -1,12 +1,13 @@
 """RTI-DP on the torch-free ONNX runtime: the same warm start as :mod:`vlaflow.deploy.rti`, in numpy.
 
-First call of an episode: the full grid (``sampler``/``num_steps``, default DDPM-100 like ``RTIConfig``).
-Later calls: the previous clean chunk (normalized) shifted by ``shift`` (last action repeated), optionally
-binarized on gripper dims, placed at the grid time t0 that leaves ``n_warm_steps`` steps as ``alpha(t0) x``
-("place") or ``alpha(t0) x + sigma(t0) eps`` with one fixed eps per episode ("noised"), then only those
-steps with the fresh observation. The
-export must have checked the sampler (``vlaflow export --samplers ddpm:100,...``; diffusion exports check
-DDPM over the full grid by default).
+The settings are the PyTorch runtime's own :class:`~vlaflow.deploy.rti_config.RTIConfig` (one definition,
+so the two runtimes cannot drift apart). First call of an episode: the full grid (``sampler``/``num_steps``,
+default DDPM-100). Later calls: the previous clean chunk (normalized) shifted by ``shift`` (last action
+repeated), binarized on ``gripper_dims`` only under ``gripper_mode="clip"``, placed at the grid time t0 that
+leaves ``n_warm_steps`` steps as ``alpha(t0) x`` ("place") or ``alpha(t0) x + sigma(t0) eps`` with one
+fixed eps per episode ("noised"), then only those steps with the fresh observation. The export must have
+checked the sampler (``vlaflow export --samplers ddpm:100,...``; diffusion exports check DDPM over the full
+grid by default). Works on every export ``OnnxPolicy`` runs, composed policies included.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from vlaflow.deploy import np_sampling as nps
 from vlaflow.deploy.onnx_runtime import OnnxPolicy
+from vlaflow.deploy.rti_config import RTIConfig
 from vlaflow.errors import ConfigError
 from vlaflow.interfaces import InferResult, RuntimeSpec
 
@@ -30,31 +32,48 @@ def shift_chunk(chunk: np.ndarray, shift: int) -> np.ndarray:
     return chunk[:, np.minimum(np.arange(h) + shift, h - 1)]
 
 
+def binarize_dims(chunk: np.ndarray, dims: tuple[int, ...], level: float = 1.0) -> np.ndarray:
+    """Snap ``dims`` of a normalized chunk to +-level (sign, 0 -> +level); twin of ``rti.binarize_dims``."""
+    if not dims:
+        return chunk
+    out = chunk.copy()
+    d = list(dims)
+    out[..., d] = np.where(out[..., d] >= 0, level, -level).astype(out.dtype)
+    return out
+
+
 class OnnxRTIPolicy:
-    """``infer(obs, shift=None) -> (H, Da)`` by RTI-DP over an exported policy; counts ``last_nfe``."""
+    """``infer(obs, shift=None) -> (H, Da)`` by RTI-DP over an exported policy; counts ``last_nfe``.
+
+    ``OnnxRTIPolicy(DIR, RTIConfig(...))`` or ``OnnxRTIPolicy(DIR, sampler=..., n_warm_steps=...)`` with
+    :class:`RTIConfig` fields as keywords.
+    """
 
     def __init__(
         self,
         directory: str | os.PathLike,
-        sampler: str = "ddpm",
-        num_steps: int = 100,
-        n_warm_steps: int = 0,
-        warm_mode: str = "place",
-        gripper_dims: tuple[int, ...] = (),
+        rti: RTIConfig | None = None,
+        *,
         providers=None,
-        seed: int = 0,
         threads: int = 1,
+        **rti_fields,
     ):
-        n_warm_steps = n_warm_steps or nps.default_warm_steps(num_steps)  # 0: the default, as RTIConfig
-        if not 1 <= n_warm_steps <= num_steps:
-            raise ConfigError(f"n_warm_steps must be in 1..num_steps={num_steps}, got {n_warm_steps}")
-        if warm_mode not in ("place", "noised"):
-            raise ConfigError(f"warm_mode must be 'place' or 'noised', got {warm_mode!r}")
+        if rti is not None and rti_fields:
+            raise ConfigError(f"give an RTIConfig or its fields, not both (got fields {sorted(rti_fields)})")
+        self.rti = rti if rti is not None else RTIConfig(**rti_fields)
+        r = self.rti
+        if r.sampler not in nps.SAMPLERS:
+            raise ConfigError(
+                f"the ONNX runtime's samplers are {nps.SAMPLERS}, got RTI sampler {r.sampler!r}"
+            )
         self.base = OnnxPolicy(
-            directory, providers=providers, sampler=sampler, num_steps=num_steps, seed=seed, threads=threads
+            directory,
+            providers=providers,
+            sampler=r.sampler,
+            num_steps=r.num_steps,
+            seed=r.seed,
+            threads=threads,
         )
-        self.n_warm_steps, self.warm_mode, self.gripper_dims = n_warm_steps, warm_mode, tuple(gripper_dims)
-        self.seed = seed
         self.nfe_history: list[int] = []
         self.reset()
 
@@ -67,7 +86,7 @@ class OnnxRTIPolicy:
         return self.base.last_nfe
 
     def reset(self, seed: int | None = None) -> None:
-        self.base.reset(self.seed if seed is None else seed)
+        self.base.reset(self.rti.seed if seed is None else seed)
         spec = self.config
         self._warm_eps = self.base._rng.standard_normal((1, spec.horizon, spec.action_dim), dtype=np.float32)
         self._prev: np.ndarray | None = None
@@ -76,21 +95,17 @@ class OnnxRTIPolicy:
     def infer(
         self, obs: dict[str, Any], *, shift: int | None = None, delay: int | None = None
     ) -> InferResult:
-        b, spec = self.base, self.config
+        b, spec, r = self.base, self.config, self.rti
         shift = spec.n_action_steps if shift is None else int(shift)
         cond = b.encode(obs)
         if self._prev is None:
             noise = b._rng.standard_normal((1, spec.horizon, spec.action_dim), dtype=np.float32)
             x0 = b.denoise(cond, noise)
         else:
-            ts = b.timesteps(b.sampler, b.num_steps)[-(self.n_warm_steps + 1) :]
-            x = shift_chunk(self._prev, shift)
-            if self.gripper_dims:
-                d = list(self.gripper_dims)
-                x = x.copy()
-                x[..., d] = np.where(x[..., d] >= 0, 1.0, -1.0).astype(np.float32)
+            ts = r.warm_timesteps(b.timesteps(b.sampler, b.num_steps))
+            x = binarize_dims(shift_chunk(self._prev, shift), r.binarized_dims)
             x = b.path.alpha(ts[0]) * x  # "place": the marginal's mean at t0 (rti.warm_start)
-            if self.warm_mode == "noised":
+            if r.warm_mode == "noised":
                 x = x + b.path.sigma(ts[0]) * self._warm_eps
             x0, nfe = nps.sample_loop(
                 lambda xt, t: b.predict(xt, t, cond),

@@ -11,6 +11,12 @@ language token of ``obs["task"]`` (stored at export), run the sampler loop of
 :mod:`vlaflow.deploy.np_sampling` in float32 with one ``denoiser.onnx`` call per step (or one call of
 ``unrolled.onnx`` when it matches the sampler asked for), un-normalize. Batch size 1, as exported.
 
+A composed (GPC) export holds one export per parent under ``parents/<i>/`` and its manifest a
+``composition`` entry: ``encode`` runs every parent's encoder and packs their conditions into one (1, F)
+array like ``ComposedPolicy.encode``, ``predict`` runs the active parents' denoisers at matched noise level
+and mixes them on the host (:mod:`vlaflow.deploy.np_compose`); the sampler loop, RTI and the harness see
+one policy.
+
 Noise comes from ``numpy.random.default_rng(seed)`` (re-seeded by ``reset(seed)``): the same seed gives the
 same actions here, but not the same as PyTorch's generator (parity is checked with shared noise at export).
 """
@@ -27,6 +33,7 @@ import numpy as np
 
 from vlaflow import keys as K
 from vlaflow.data.normalize import Normalizer
+from vlaflow.deploy import np_compose
 from vlaflow.deploy import np_sampling as nps
 from vlaflow.errors import VlaflowError
 from vlaflow.interfaces import InferResult, RuntimeSpec, obs_window
@@ -145,11 +152,30 @@ class OnnxPolicy:
                 raise VlaflowError(f"{self.directory}: {graphs[name]['file']} named in {MANIFEST} is missing")
             return ort.InferenceSession(str(f), so, providers=self.providers)
 
-        self.encoder, self.denoiser = session("encoder"), session("denoiser")
-        self.enc_inputs = graphs["encoder"]["inputs"]
-        self.unrolled = session("unrolled") if "unrolled" in graphs and use_unrolled is not False else None
-        lang = m.get("language")
-        self.lang_tokens = {t: np.asarray(v, np.float32) for t, v in lang["tokens"].items()} if lang else None
+        comp = self.composition = m.get("composition")
+        self.parents: list[OnnxPolicy] | None = None
+        if comp is not None:  # GPC: one export per parent, mixed here
+            self.parents = [
+                OnnxPolicy(
+                    self.directory / e["dir"], providers=self.providers, threads=threads, use_unrolled=False
+                )
+                for e in comp["parents"]
+            ]
+            self._cond_sizes = [
+                int(q.manifest["cond"]["n_tokens"]) * int(q.manifest["cond"]["dim"]) for q in self.parents
+            ]
+            self.encoder = self.denoiser = self.unrolled = None
+            self.enc_inputs, self.lang_tokens = [], None
+        else:
+            self.encoder, self.denoiser = session("encoder"), session("denoiser")
+            self.enc_inputs = graphs["encoder"]["inputs"]
+            self.unrolled = (
+                session("unrolled") if "unrolled" in graphs and use_unrolled is not False else None
+            )
+            lang = m.get("language")
+            self.lang_tokens = (
+                {t: np.asarray(v, np.float32) for t, v in lang["tokens"].items()} if lang else None
+            )
         self.sampler = sampler or m["sampler"]["name"]
         self.num_steps = int(num_steps or m["sampler"]["num_steps"])
         if self.sampler not in nps.SAMPLERS:
@@ -187,9 +213,11 @@ class OnnxPolicy:
 
     # -- pieces (also used by the export parity check) --------------------------------------------------
     def encode(self, obs: dict[str, Any]) -> np.ndarray:
-        """Raw obs window (To, ...) per key [+ "task"] -> cond (1, Nc, Fc)."""
+        """Raw obs window (To, ...) per key [+ "task"] -> cond (1, Nc, Fc); composed: packed (1, F)."""
         spec = self._spec
         window = obs_window(spec, obs)
+        if self.parents is not None:  # each parent on its own keys and window, as ComposedPolicy.encode
+            return np.concatenate([q.encode(window).reshape(1, -1) for q in self.parents], axis=1)
         feed = {}
         for e in self.enc_inputs:
             k = e["key"]
@@ -214,7 +242,32 @@ class OnnxPolicy:
         return cond.astype(np.float32)
 
     def predict(self, x_t: np.ndarray, t: np.ndarray, cond: np.ndarray) -> np.ndarray:
-        """One denoiser evaluation: native prediction (1, H, Da)."""
+        """One denoiser evaluation: native prediction (1, H, Da); composed: the parents' mix in its space."""
+        if self.parents is not None:
+            comp = self.composition
+            entries = comp["parents"]
+            if cond.shape[-1] != sum(self._cond_sizes):
+                raise VlaflowError(
+                    f"composed cond has width {cond.shape[-1]}, expected {sum(self._cond_sizes)}"
+                )
+            cuts = np.cumsum(self._cond_sizes)[:-1]
+            conds = [
+                c.reshape(1, int(q.manifest["cond"]["n_tokens"]), int(q.manifest["cond"]["dim"]))
+                for c, q in zip(
+                    np.split(np.asarray(cond, np.float32), cuts, axis=1), self.parents, strict=True
+                )
+            ]
+            return np_compose.mix_predictions(
+                self.parents,
+                conds,
+                comp["weights"],
+                int(comp["reference"]),
+                comp["space"],
+                x_t,
+                t,
+                [e["clip_x0"] for e in entries],
+                [bool(e["same_path_as_reference"]) for e in entries],
+            )
         feed = {"x_t": np.asarray(x_t, np.float32), "t": np.asarray(t, np.float32).reshape(1), "cond": cond}
         return self.denoiser.run(None, feed)[0]
 
@@ -270,6 +323,8 @@ class OnnxPolicy:
         return self.unrolled.run(None, {"cond": cond, "noise": np.asarray(noise, np.float32)})[0]
 
     def unnormalize_action(self, x: np.ndarray) -> np.ndarray:
+        if self.parents is not None:  # the reference parent's statistics, as ComposedPolicy
+            return self.parents[int(self.composition["reference"])].unnormalize_action(x)
         return self.normalizer.unnormalize(K.ACTION, x) if K.ACTION in self.normalizer.modes else x
 
     # -- the runtime interface ------------------------------------------------------------------------

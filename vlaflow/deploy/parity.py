@@ -9,6 +9,10 @@ uniform uint8) and each checked sampler:
   ``policy.denoise`` from the same initial noise and, for DDPM, the same per-step noise (drawn from the
   torch generator in the order ``sample_loop`` draws it). Compared in normalized action units; the raw-unit
   error is reported beside it.
+
+A composed policy goes through the same code: its ``encode`` / ``predict`` are the packed parents'
+conditions and the mixed prediction on both sides, so ``step`` checks each parent's graphs and the host
+mixing together (each parent's own graphs are also checked alone, in its own export's report).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def random_obs(policy, rng: np.random.Generator) -> dict:
             obs[k] = (lo + (hi - lo) * rng.uniform(size=full)).astype(np.float32)
         else:
             obs[k] = rng.standard_normal(full).astype(np.float32)
-    if policy.text_encoder is not None:
+    if policy.text_encoder is not None or policy.spec.extra.get("language"):  # (a composite's parents)
         texts = [*policy.config.tasks, *([policy.spec.task] if policy.spec.task else [])]
         obs["task"] = texts[int(rng.integers(len(texts)))]
     return obs

@@ -34,54 +34,13 @@ import torch
 from torch import Tensor
 
 from vlaflow import keys as K
-from vlaflow.deploy.np_sampling import default_warm_steps
+
+# RTIConfig is defined once, torch-free, for this runtime and the ONNX one; importable from here as before.
+from vlaflow.deploy.rti_config import GRIPPER_MODES, WARM_MODES, RTIConfig  # noqa: F401
 from vlaflow.errors import ConfigError
 from vlaflow.interfaces import InferResult, RuntimeSpec, obs_window
 from vlaflow.policies.runtime import batch_of_one
-from vlaflow.policies.samplers import SAMPLERS, SampleResult, sample_loop
-
-WARM_MODES = ("place", "noised")
-GRIPPER_MODES = ("none", "clip")
-
-
-@dataclass(frozen=True)
-class RTIConfig:
-    """How RTI-DP samples: a DDPM-100 grid, the last 20 steps after the warm start.
-
-    The paper runs only [2, 1, 0] on low-dim PushT (3 steps). On our PushT diffusion policy (Ta = 8 of
-    H = 16, so half of every warm start is the repeated last action) 3 steps scored 0.258, 10 steps 0.838,
-    20 steps 0.957 and 30 steps 0.955 against 0.953 for full DDPM-100 (50 seeds each,
-    ``benchmarks/results/realtime.md``): 20 is the default on a 100-step grid (2.8 network evaluations
-    per control step), half the grid on shorter ones.
-    """
-
-    sampler: str = "ddpm"  # sampler on the grid ("ddpm" | "ddim" | "euler" | "heun")
-    num_steps: int = 100  # the full grid (first call runs all of it; later calls only its tail)
-    n_warm_steps: int = 0  # reverse steps after the warm start (0: min(20, num_steps // 2); paper: 3)
-    warm_mode: str = "place"  # "place": x_t0 = alpha x_prev | "noised": + sigma eps (fixed eps)
-    gripper_dims: tuple[int, ...] = ()  # action dims that are discrete (open/close)
-    gripper_mode: str = "none"  # "clip": binarize the warm start's gripper dims to +-1 | "none"
-    seed: int = 0  # seeds the fixed warm-start eps and stochastic sampler noise (reset(seed) overrides)
-
-    def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"RTIConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.num_steps < 1:
-            raise ConfigError(f"RTIConfig.num_steps must be >= 1, got {self.num_steps}")
-        if self.n_warm_steps == 0:  # auto: 20 on a 100-step grid, half of a short grid
-            object.__setattr__(self, "n_warm_steps", default_warm_steps(self.num_steps))
-        if not 1 <= self.n_warm_steps <= self.num_steps:
-            raise ConfigError(
-                f"RTIConfig.n_warm_steps must be in 1..num_steps={self.num_steps}, got {self.n_warm_steps}"
-            )
-        if self.warm_mode not in WARM_MODES:
-            raise ConfigError(f"RTIConfig.warm_mode must be one of {WARM_MODES}, got {self.warm_mode!r}")
-        if self.gripper_mode not in GRIPPER_MODES:
-            raise ConfigError(
-                f"RTIConfig.gripper_mode must be one of {GRIPPER_MODES}, got {self.gripper_mode!r}"
-            )
-        if self.gripper_mode != "none" and not self.gripper_dims:
-            raise ConfigError("RTIConfig.gripper_mode='clip' needs gripper_dims (the discrete action dims)")
+from vlaflow.policies.samplers import SampleResult, sample_loop
 
 
 # ---------------------------------------------------------------------------------------------- pure maths
@@ -170,11 +129,8 @@ def rti_denoise(
         return policy.denoise(
             cond, noise=noise, sampler=cfg.sampler, num_steps=cfg.num_steps, generator=generator
         )
-    grid = policy.path.timesteps(cfg.num_steps)
-    ts = grid[-(cfg.n_warm_steps + 1) :]
-    x = shift_chunk(prev_clean, shift)
-    if cfg.gripper_mode == "clip":
-        x = binarize_dims(x, cfg.gripper_dims)
+    ts = cfg.warm_timesteps(policy.path.timesteps(cfg.num_steps))
+    x = binarize_dims(shift_chunk(prev_clean, shift), cfg.binarized_dims)
     x = warm_start(x, policy.path, ts[0], cfg.warm_mode, warm_eps)
     return sample_loop(
         lambda xt, t: policy.predict(xt, t, cond),

@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from vlaflow.atomic import atomic_directory
 from vlaflow.errors import VlaflowError
+from vlaflow.policies.composed.config import PARENT_FAMILIES
+from vlaflow.policies.registry import build_policy, policy_config_from_dict
 
 TEXT_ENCODER_DIR = "text_encoder"
 FORMAT = "vlaflow.policy"
@@ -98,8 +100,6 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild the policy saved in ``directory`` (safetensors + JSON only; never unpickles)."""
-    from vlaflow.policies.registry import build_policy, policy_config_from_dict
-
     d = Path(directory)
     meta = read_checkpoint_meta(d)
     cfg = policy_config_from_dict(meta["config"])
@@ -144,3 +144,17 @@ def load_checkpoint_extras(directory: str | os.PathLike) -> tuple[dict, dict[str
     meta = read_checkpoint_meta(d)
     tensors = load_file(str(d / EXTRA_FILE)) if (d / EXTRA_FILE).is_file() else {}
     return meta.get("extra", {}), tensors
+
+
+def load_parents(paths, device: str | torch.device = "cpu") -> list:
+    """GPC parents from checkpoint directories, refusing any family a composite cannot mix up front.
+
+    (Here rather than in ``composed/``: loading needs the family registry, which imports ``composed/``.)
+    """
+    out = []
+    for p in paths:
+        fam = read_checkpoint_meta(p).get("config", {}).get("family")
+        if fam not in PARENT_FAMILIES:
+            raise VlaflowError(f"{p}: a {fam!r} checkpoint; GPC parents must be {PARENT_FAMILIES}")
+        out.append(load_checkpoint(p, device=device))
+    return out

@@ -16,6 +16,10 @@ One sampler run on a *reference* parent's path, time grid and sampler. At every 
 Every parameterization here is affine in (x0, eps) given x_t, so mixing in eps-space, x0-space or
 velocity-space yields the same trajectory. With a single weight of 1 on the reference parent, its native
 prediction passes through untouched, so the composite reproduces that parent exactly under fixed noise.
+
+:func:`mix_predictions` is one evaluation of steps 1-3; ``ComposedPolicy.predict`` (``composed/model.py``)
+is it, so every sampler, RTI-DP and RTC run a composite like any policy; :func:`gpc_sample` runs the
+sampler over it for any objects with ``path`` / ``parameterization`` / ``predict`` (the analytic tests).
 """
 
 from __future__ import annotations
@@ -51,8 +55,55 @@ def default_reference(weights: Sequence[float]) -> int:
     return max(range(len(weights)), key=lambda i: (weights[i], -i))
 
 
-def _parent_clip(parent) -> float | None:
+def parent_clip(parent) -> float | None:
+    """Where ``parent`` clips its own x0 estimates (``clip_x0`` of its default sampler), or None."""
     return parent.sampler_kwargs(parent.config.sampler).get("clip_x0") if hasattr(parent, "config") else None
+
+
+def mix_predictions(
+    parents: Sequence[Any],
+    conds: Sequence[Any],
+    weights: Sequence[float],
+    reference: int,
+    space: str,
+    x: Tensor,
+    t: Tensor,
+    clips: Sequence[float | None] | None = None,
+) -> Tensor:
+    """The composite's prediction (B, H, Da) in ``space`` at ``x`` (B, H, Da), time ``t`` (B,) of the
+    reference path: steps 1-3 of the module docstring.
+
+    ``parents``: objects with ``path``, ``parameterization`` and ``predict(x_t, t, cond)``; ``conds``: each
+    parent's own condition (its ``encode(obs)``); ``clips``: each parent's x0 clip (default
+    :func:`parent_clip`). The numpy twin the ONNX runtime runs is ``vlaflow.deploy.np_compose``.
+    """
+    ref = parents[reference]
+    active = [i for i, w in enumerate(weights) if w > 0]
+    if active == [reference] and space == ref.parameterization:
+        return ref.predict(x, t, conds[reference])  # untouched: w = 1 reproduces the parent exactly
+    clips = [parent_clip(p) for p in parents] if clips is None else clips
+    ref_path = ref.path
+    b = x.shape[0]
+    a_r = ref_path.alpha(t).to(x.device).view(b, 1, 1)
+    s_r = ref_path.sigma(t).to(x.device).view(b, 1, 1)
+    x0_mix = eps_mix = None
+    for i in active:
+        p = parents[i]
+        if p.path == ref_path:
+            t_i, a_i, s_i, x_i = t, a_r, s_r, x
+        else:  # same SNR on the parent's path; x_t rescaled so (x0, eps) are shared
+            t_i = p.path.time_for_snr((a_r / s_r).view(b))
+            a_i = p.path.alpha(t_i).to(x.device).view(b, 1, 1)
+            s_i = p.path.sigma(t_i).to(x.device).view(b, 1, 1)
+            x_i = rescale_between_paths(x, a_r, s_r, a_i, s_i)
+        x0, eps = to_x0_eps(p.predict(x_i, t_i, conds[i]), p.parameterization, x_i, a_i, s_i)
+        if clips[i] is not None:
+            x0 = x0.clamp(-clips[i], clips[i])
+            eps = eps_from_x0(x_i, x0, a_i, s_i)
+        w = weights[i]
+        x0_mix = w * x0 if x0_mix is None else x0_mix + w * x0
+        eps_mix = w * eps if eps_mix is None else eps_mix + w * eps
+    return from_x0_eps(x0_mix, eps_mix, space, a_r, s_r)
 
 
 def composed_predict(
@@ -62,41 +113,11 @@ def composed_predict(
     reference: int,
     space: str,
 ):
-    """``predict(x_t, t) -> mixed prediction in ``space`` on the reference path`` for ``sample_loop``.
-
-    ``parents``: objects with ``path``, ``parameterization`` and ``predict(x_t, t, cond)``; ``conds``: each
-    parent's own condition (its ``encode(obs)``).
-    """
-    ref = parents[reference]
-    ref_path = ref.path
-    active = [i for i, w in enumerate(weights) if w > 0]
-    passthrough = active == [reference] and space == ref.parameterization
-    clips = [_parent_clip(p) for p in parents]
+    """``predict(x_t, t) -> mixed prediction in ``space`` on the reference path`` for ``sample_loop``."""
+    clips = [parent_clip(p) for p in parents]
 
     def predict(x: Tensor, t: Tensor) -> Tensor:
-        if passthrough:
-            return ref.predict(x, t, conds[reference])
-        b = x.shape[0]
-        a_r = ref_path.alpha(t).to(x.device).view(b, 1, 1)
-        s_r = ref_path.sigma(t).to(x.device).view(b, 1, 1)
-        x0_mix = eps_mix = None
-        for i in active:
-            p = parents[i]
-            if p.path == ref_path:
-                t_i, a_i, s_i, x_i = t, a_r, s_r, x
-            else:  # same SNR on the parent's path; x_t rescaled so (x0, eps) are shared
-                t_i = p.path.time_for_snr((a_r / s_r).view(b))
-                a_i = p.path.alpha(t_i).to(x.device).view(b, 1, 1)
-                s_i = p.path.sigma(t_i).to(x.device).view(b, 1, 1)
-                x_i = rescale_between_paths(x, a_r, s_r, a_i, s_i)
-            x0, eps = to_x0_eps(p.predict(x_i, t_i, conds[i]), p.parameterization, x_i, a_i, s_i)
-            if clips[i] is not None:
-                x0 = x0.clamp(-clips[i], clips[i])
-                eps = eps_from_x0(x_i, x0, a_i, s_i)
-            w = weights[i]
-            x0_mix = w * x0 if x0_mix is None else x0_mix + w * x0
-            eps_mix = w * eps if eps_mix is None else eps_mix + w * eps
-        return from_x0_eps(x0_mix, eps_mix, space, a_r, s_r)
+        return mix_predictions(parents, conds, weights, reference, space, x, t, clips)
 
     return predict
 

@@ -1,7 +1,8 @@
 """The policy-family registry: one ``dict[str, type]`` from ``family`` to its policy class.
 
 Each policy class names its config class (``config_class``), so the same entry rebuilds configs from
-JSON and policies from configs.
+JSON and policies from configs. A composite (GPC) embeds its parents' configs: :func:`build_policy` builds
+the parents first, here, and hands them to it, so ``composed/`` never needs this module (no import cycle).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from vlaflow.errors import ConfigError
 from vlaflow.policies.base_config import PolicyConfig, dataclass_from_dict
+from vlaflow.policies.composed.config import ComposedConfig
 from vlaflow.policies.composed.model import ComposedPolicy
 from vlaflow.policies.consistency.model import ConsistencyPolicy
 from vlaflow.policies.diffusion.model import DiffusionPolicy
@@ -42,5 +44,16 @@ def policy_config_from_dict(d: dict[str, Any]) -> PolicyConfig:
 
 
 def build_policy(config: PolicyConfig, stats: dict):
-    """A fresh policy module for ``config`` with normalizer ``stats`` (from ``compute_stats``)."""
-    return policy_class(config.family)(config, stats)
+    """A fresh policy module for ``config`` with normalizer ``stats`` (from ``compute_stats``).
+
+    A composed config's parents are built from their embedded configs, each with its share of ``stats``
+    (a missing key is the parent's clear error), and passed to the composite.
+    """
+    cls = policy_class(config.family)
+    if isinstance(config, ComposedConfig):
+        parents = []
+        for d in config.parent_configs:
+            pcfg = policy_config_from_dict(dict(d))
+            parents.append(build_policy(pcfg, {k: stats[k] for k in pcfg.norm_modes() if k in stats}))
+        return cls(config, stats, parents)
+    return cls(config, stats)

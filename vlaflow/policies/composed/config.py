@@ -8,12 +8,15 @@ from typing import Any
 
 from vlaflow.policies.base_config import NetConfig, PolicyConfig, _check
 
+# Families a composite may mix: denoising policies on a Gaussian path with a multi-step sampler.
+PARENT_FAMILIES = ("diffusion", "flow")
+
 
 @dataclass(frozen=True)
 class ComposedConfig(PolicyConfig):
     family: str = "composed"  # registry name (fixed)
     net: NetConfig = field(default_factory=lambda: NetConfig(kind="transformer"))  # unused; parents' nets
-    sampler: str = ""  # sampler of the composite ("" = the reference parent's)
+    sampler: str = ""  # sampler of the composite ("" = the reference parent's, resolved at construction)
     parent_configs: tuple[dict[str, Any], ...] = ()  # each parent's config.to_dict() (weights in the module)
     parent_paths: tuple[str, ...] = ()  # where the parents were loaded from (provenance only)
     weights: tuple[float, ...] = ()  # convex weights, one per parent (>= 0, sum 1)
@@ -26,6 +29,12 @@ class ComposedConfig(PolicyConfig):
         _check(self.family == "composed", f"ComposedConfig.family must be 'composed', got {self.family!r}")
         super().__post_init__()
         _check(len(self.parent_configs) >= 2, f"need >= 2 parent configs, got {len(self.parent_configs)}")
+        for i, d in enumerate(self.parent_configs):
+            _check(
+                d.get("family") in PARENT_FAMILIES,
+                f"parent_configs[{i}] is a {d.get('family')!r} policy; composition needs denoising parents "
+                f"({', '.join(PARENT_FAMILIES)})",
+            )
         _check(
             len(self.weights) == len(self.parent_configs),
             f"weights {list(self.weights)} must have one entry per parent ({len(self.parent_configs)})",
@@ -42,3 +51,21 @@ class ComposedConfig(PolicyConfig):
             self.space in ("", "eps", "x0", "velocity", "v"),
             f"space must be '', 'eps', 'x0', 'velocity' or 'v', got {self.space!r}",
         )
+        if not self.sampler:
+            # Resolved here, not in the model: code written for any policy (RTC, export, RL) reads
+            # config.sampler as the default sampler, and a checkpoint's loader re-installs the saved config.
+            ref_sampler = str(self.parent_configs[self.reference_index].get("sampler") or "")
+            _check(
+                ref_sampler in self._SAMPLERS[1:],
+                f"the reference parent's sampler {ref_sampler!r} is not one of {self._SAMPLERS[1:]}",
+            )
+            object.__setattr__(self, "sampler", ref_sampler)
+
+    @property
+    def reference_index(self) -> int:
+        """The reference parent: ``reference``, or the heaviest (first on ties), as
+        :func:`vlaflow.policies.compose.default_reference` chooses."""
+        if self.reference >= 0:
+            return self.reference
+        w = self.weights
+        return max(range(len(w)), key=lambda i: (w[i], -i))
