@@ -84,6 +84,11 @@ def build_engines(export_dir: str | Path, fp16: bool = False, workspace_mb: int 
     manifest = read_manifest(d)
     trt = _import_tensorrt()
     built = {}
+    composition = manifest.get("composition")
+    if composition:  # a GPC composite: its graphs live in one complete export per parent
+        for i, parent in enumerate(composition["parents"]):
+            sub = build_engines(d / parent["dir"], fp16=fp16, workspace_mb=workspace_mb)
+            built.update({f"parents/{i}/{k}": f"{parent['dir']}/{v}" for k, v in sub.items()})
     for name in GRAPHS:
         g = manifest["graphs"].get(name)
         if g is None:
