@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -187,4 +188,47 @@ def test_atomic_store_will_not_replace_a_store_another_process_is_writing(tmp_pa
         proc.wait(timeout=30)
     with atomic_store(path, KEYS, fps=10, overwrite=True) as s:  # the killed holder's lock is stale
         assert read_lock(s.path)["pid"] == os.getpid()
+    assert not (path / LOCK_NAME).exists()
+
+
+def _child_appends(path: str, q) -> None:
+    try:
+        EpisodeStore.open(path, mode="a")
+        q.put("opened")
+    except StoreError as e:
+        q.put(f"refused: {e}")
+
+
+def test_a_forked_child_does_not_inherit_its_parents_lock(tmp_path):
+    import multiprocessing as mp
+
+    path = tmp_path / "s.zarr"
+    with EpisodeStore.create(path, KEYS, fps=10):
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        child = ctx.Process(target=_child_appends, args=(str(path), q))
+        child.start()
+        answer = q.get(timeout=60)
+        child.join(timeout=60)
+        assert answer.startswith("refused") and f"pid {os.getpid()}" in answer
+        assert read_lock(path)["pid"] == os.getpid()  # the child's exit did not release it
+    assert not (path / LOCK_NAME).exists()
+
+
+def test_a_reused_pid_or_a_half_written_lock_is_stale(tmp_path):
+    path = tmp_path / "s.zarr"
+    EpisodeStore.create(path, KEYS, fps=10).close()
+    # the recorded pid is alive (it is ours) but the kernel says it started at another time: pid reuse
+    lock = {"pid": os.getppid(), "host": socket.gethostname(), "command": "old", "proc_start": "1"}
+    (path / LOCK_NAME).write_text(json.dumps(lock))
+    with pytest.warns(UserWarning, match="now belongs to another process"):
+        EpisodeStore.open(path, mode="a").close()
+    # a writer killed between creating the lock file and writing it leaves an empty file
+    (path / LOCK_NAME).write_text("")
+    with pytest.raises(StoreError, match="still being written"):
+        EpisodeStore.open(path, mode="a")
+    old = time.time() - 60
+    os.utime(path / LOCK_NAME, (old, old))
+    with pytest.warns(UserWarning, match="unreadable lock file"):
+        EpisodeStore.open(path, mode="a").close()
     assert not (path / LOCK_NAME).exists()

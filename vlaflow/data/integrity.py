@@ -19,6 +19,7 @@ Two questions a reader cannot leave to zarr:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from collections.abc import Iterator
@@ -120,6 +121,7 @@ def read_or_locate(arr: zarr.Array, sel: slice) -> tuple[np.ndarray | None, tupl
         return np.asarray(arr[sel]), None, ""
     except Exception as e:  # blosc/zstd raise RuntimeError, zarr ValueError: find which chunk it was
         first_error = f"{type(e).__name__}: {e}"
+        _drain_zarr_tasks()
     c = chunk_len(arr)
     start, stop, _ = sel.indices(int(arr.shape[0]))
     for b in blocks(arr, stop):
@@ -130,6 +132,26 @@ def read_or_locate(arr: zarr.Array, sel: slice) -> tuple[np.ndarray | None, tupl
         except Exception as e:
             return None, b, f"{type(e).__name__}: {e}"
     return None, None, first_error
+
+
+def _drain_zarr_tasks(timeout: float = 10.0) -> None:
+    """Let the sibling decodes of a failed multi-chunk read finish.
+
+    zarr decodes chunks concurrently; when one fails, the others are left running in zarr's event loop,
+    and a process that exits soon after (a CLI printing the error) prints hundreds of lines of "Task was
+    destroyed but it is pending" / "cannot schedule new futures after shutdown" over the real message.
+    """
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if others:
+            done, _ = await asyncio.wait(others, timeout=timeout)
+            for t in done:  # retrieve their errors: they are the failure we already report
+                if not t.cancelled():
+                    t.exception()
+
+    sync(drain())
 
 
 @dataclass(frozen=True)

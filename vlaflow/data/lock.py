@@ -180,22 +180,6 @@ class LockHandle:
             with contextlib.suppress(FileNotFoundError):
                 held.path.unlink()
 
-    def reassert(self) -> None:
-        """Write the lock file again if something removed it (zarr's own directory wipe does)."""
-        held = _HELD[self.key]
-        if held.path.exists():
-            if (read_lock(held.path.parent) or {}).get("token") != held.info["token"]:
-                raise StoreError(
-                    f"{held.path.parent}: {describe(read_lock(held.path.parent) or {})} took the "
-                    "writer lock while this store was being created"
-                )
-            return
-        if not _try_create(held.path, held.info):
-            raise StoreError(
-                f"{held.path.parent}: another writer took the writer lock while this store was being created "
-                f"({describe(read_lock(held.path.parent) or {})})"
-            )
-
 
 def acquire(store_dir: str | os.PathLike, what: str = "store") -> LockHandle:
     """Take the writer lock of the local store directory ``store_dir`` (which must exist)."""
@@ -203,7 +187,7 @@ def acquire(store_dir: str | os.PathLike, what: str = "store") -> LockHandle:
     path = store_dir / LOCK_NAME
     key = str(path)
     held = _HELD.get(key)
-    if held is not None:
+    if held is not None and held.info["pid"] == os.getpid():  # a forked child's copy is its parent's
         held.count += 1
         return LockHandle(key)
     info = {
