@@ -41,6 +41,11 @@ from pathlib import Path
 
 from vlaflow.errors import StoreError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: takeovers are not serialised there
+    fcntl = None
+
 LOCK_NAME = ".vlaflow-writer.lock"
 _HALF_WRITTEN_GRACE_S = 10.0  # an unreadable lock younger than this may be being written right now
 
@@ -122,6 +127,8 @@ def _try_create(path: Path, info: dict) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
+    except OSError as e:  # a read-only directory or file system: no writer can work here
+        raise StoreError(f"{path.parent}: cannot create the writer lock {path.name} ({e.strerror})") from e
     with os.fdopen(fd, "w") as f:
         json.dump(info, f)
         f.flush()
@@ -132,9 +139,7 @@ def _try_create(path: Path, info: dict) -> bool:
 @contextlib.contextmanager
 def _takeover_guard(store_dir: Path):
     """Serialise stale-lock takeovers (flock on the directory; a no-op where flock does not exist)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    if fcntl is None:  # pragma: no cover
         yield
         return
     fd = os.open(store_dir, os.O_RDONLY)
