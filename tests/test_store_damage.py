@@ -353,3 +353,22 @@ def test_all_fill_chunks_are_stored_and_stores_from_before_dense_chunks_still_op
     (path / "data/action/c/0/0").unlink()  # but a missing data chunk is still reported, with the doubt
     (m,) = EpisodeStore.open(path).missing_chunks()
     assert m.key == "data/action" and "or all zeros in a store written before" in m.message
+
+
+def test_repair_removes_leftover_partial_writes_and_can_back_up_elsewhere(tmp_path):
+    """zarr writes <chunk>.<uuid>.partial and renames it; a SIGKILL in between leaves the .partial file."""
+    path = make_store(tmp_path / "s.zarr", n=5)
+    leftover = path / "data/action/c/0/0.0123abcd.partial"
+    leftover.write_bytes(b"half a chunk")
+    with EpisodeStore.open(path, mode="a") as s:
+        for _, arr in s.root["data"].arrays():  # and an unfinished data tail of 3 steps
+            arr.resize((arr.shape[0] + 3, *arr.shape[1:]))
+        report = validate_store(s, progress=False)
+        assert not report.damaged and any(".partial" in x for x in report.lines())
+        assert report.writer is not None and report.writer["pid"] == os.getpid()
+        assert "a writer holds the store" in report.summary()
+        done = s.repair(backup_dir=tmp_path / "backups")
+    assert not leftover.exists() and any("partial" in a for a in done)
+    assert Path(done.backup).parent == tmp_path / "backups"
+    assert np.load(done.backup, allow_pickle=False)["data/action"].shape == (3, 3)
+    assert validate_store(path, progress=False).ok

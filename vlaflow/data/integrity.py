@@ -240,6 +240,7 @@ def save_backup(path: str, arrays: dict[str, np.ndarray]) -> str:
             np.savez_compressed(f, **arrays)
         return path
     local = path[len("file://") :] if path.startswith("file://") else path
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
     tmp = f"{local}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)

@@ -289,12 +289,14 @@ class StoreChecks:
         return result
 
     def _backup_path(self, backup_dir: str | os.PathLike | None) -> str:
+        """``<store name>.repair-<time>-<pid>.npz`` beside the store (a sibling URL for remote stores)."""
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        name = f"{str(self.path).rstrip('/').rsplit('/', 1)[-1]}.repair-{stamp}.npz"
-        if backup_dir is not None:
-            return os.path.join(str(backup_dir), name)
-        parent = str(self.path).rstrip("/").rsplit("/", 1)[0] if "/" in str(self.path).rstrip("/") else "."
-        return f"{parent}/{name}"
+        if is_remote(self.path):
+            url = str(self.path).rstrip("/")
+            name = f"{url.rsplit('/', 1)[-1]}.repair-{stamp}.npz"
+            return f"{backup_dir}/{name}" if backup_dir is not None else f"{url.rsplit('/', 1)[0]}/{name}"
+        local = local_path(self.path).absolute()
+        return str(Path(backup_dir or local.parent) / f"{local.name}.repair-{stamp}.npz")
 
 
 @dataclass

@@ -16,7 +16,9 @@ from tqdm import tqdm
 
 from vlaflow import keys as K
 from vlaflow.data.integrity import Finding, block_rows, blocks, chunk_file, episode_range, where
+from vlaflow.data.lock import describe, read_lock
 from vlaflow.data.store import EpisodeStore
+from vlaflow.data.store_checks import is_remote, local_path
 
 
 @dataclass
@@ -28,6 +30,7 @@ class ValidationReport:
     n_steps: int | None
     findings: list[Finding] = field(default_factory=list)
     chunks_read: int = 0  # chunks decoded (missing ones are not counted)
+    writer: dict | None = None  # the holder of the store's writer lock, if any (see vlaflow.data.lock)
 
     @property
     def ok(self) -> bool:
@@ -47,6 +50,8 @@ class ValidationReport:
             counts = f"{self.n_episodes} episodes, {self.n_steps} steps, {self.chunks_read} chunks decoded"
             return f"{self.path}: OK ({counts})"
         head = "damaged" if self.damaged else "unfinished tail (`vlaflow repair` trims it)"
+        if self.writer is not None and not self.damaged:
+            head += f"; a writer holds the store ({describe(self.writer)}): the tail may be its append"
         return "\n".join(
             [f"{self.path}: {head}: {len(self.findings)} problem(s):", *("  - " + x for x in self.lines())]
         )
@@ -118,7 +123,8 @@ def validate_store(store: EpisodeStore | str | os.PathLike, *, progress: bool = 
                 )
                 nonfinite.add(key)
     n_eps = int(ends.size) if ends is not None else None
-    return ValidationReport(store.path, n_eps, n_steps, findings, read)
+    writer = None if is_remote(store.path) else read_lock(local_path(store.path))
+    return ValidationReport(store.path, n_eps, n_steps, findings, read, writer)
 
 
 def _meta_eps(rows: tuple[int, int], ends: np.ndarray | None) -> tuple[int, int] | None:
