@@ -304,11 +304,16 @@ class EpisodeStore(StoreChecks):
     def attrs(self) -> dict:
         return {k: v for k, v in self.root.attrs.asdict().items() if k != _ATTR}
 
-    def _n_data(self) -> int:
-        return min(self.root[K.DATA_GROUP][k].shape[0] for k in self._keys)
+    def _data_arrays(self) -> dict[str, zarr.Array]:
+        """Every schema key's array, opened once (each lookup reads its metadata from the store)."""
+        data = self.root[K.DATA_GROUP]
+        return {k: data[k] for k in self._keys}
 
-    def _ends_state(self) -> tuple[np.ndarray, EndsCheck, Finding | None]:
+    def _ends_state(
+        self, data: Mapping[str, zarr.Array] | None = None
+    ) -> tuple[np.ndarray, EndsCheck, Finding | None]:
         """(meta/episode_ends as read, the verdict on it, a finding for an undecodable chunk of it)."""
+        data = self._data_arrays() if data is None else data
         arr = self.root[K.EPISODE_ENDS]
         raw, bad, err = read_or_locate(arr, slice(None))
         if raw is None:
@@ -329,7 +334,8 @@ class EpisodeStore(StoreChecks):
         # a listing is needed only when fill values end the array (a chunk may be absent there)
         missing = [b[0] for b in missing_blocks(arr)] if raw.size and raw[-1] == fill else []
         n_committed = None if self.legacy else arr.attrs.get("n_committed")
-        verdict = check_episode_ends(raw, fill, self._n_data(), chunk_len(arr), missing, n_committed)
+        n_data = min(a.shape[0] for a in data.values())
+        verdict = check_episode_ends(raw, fill, n_data, chunk_len(arr), missing, n_committed)
         return raw, verdict, None
 
     def _raise_if_damaged(self) -> None:
@@ -498,11 +504,16 @@ class EpisodeStore(StoreChecks):
                 )
             arrays[k] = a.astype(spec.dtype, copy=False)
 
+        data_arrays = self._data_arrays()
+        raw, verdict, _ = self._ends_state(data_arrays)
+        if verdict.damage:  # never append to a damaged store
+            raise StoreError(f"{self.path}: the store is damaged: {verdict.damage}; nothing was appended")
         ends_arr = dense(self.root[K.EPISODE_ENDS])
-        n_ep, start = self.n_episodes, self.n_steps  # raises on a damaged store: never append to one
+        n_ep = verdict.n_finished
+        start = int(raw[n_ep - 1]) if n_ep else 0
         # 1. data (anything past `start` is an unfinished tail from a crash: overwrite it)
         for k, a in arrays.items():
-            arr = dense(self.root[K.DATA_GROUP][k])
+            arr = dense(data_arrays[k])
             arr.resize((start + total, *arr.shape[1:]))
             arr[start : start + total] = a
         # 2. per-episode metadata

@@ -57,7 +57,8 @@ class StoreChecks:
 
     def _structure(self) -> list[Finding]:
         """What a glance at shapes and at meta/episode_ends shows (no listing of data chunks)."""
-        raw, verdict, corrupt = self._ends_state()
+        data = self._data_arrays()
+        raw, verdict, corrupt = self._ends_state(data)
         if corrupt is not None:
             return [corrupt]
         out = []
@@ -91,7 +92,7 @@ class StoreChecks:
             )
         n = int(raw[k - 1]) if k else 0
         for key, spec in self._keys.items():
-            arr = self.root[K.DATA_GROUP][key]
+            arr = data[key]
             if tuple(arr.shape[1:]) != spec.shape:
                 out.append(
                     Finding(
@@ -110,8 +111,9 @@ class StoreChecks:
                         key=f"data/{key}",
                     )
                 )
+        meta = self.root[K.META_GROUP] if self._meta_arrays() else None
         for name in self._meta_arrays():
-            m = self.root[K.META_GROUP][name]
+            m = meta[name]
             if m.shape[0] < k:
                 out.append(
                     Finding(
@@ -139,17 +141,19 @@ class StoreChecks:
         zarr would read each of them as its fill value -- zeros -- so a store with any is not fit to train
         on. Cheap enough for ``info`` and for every training run; :meth:`require_intact` raises on them.
         """
-        raw, verdict, corrupt = self._ends_state()
+        data = self._data_arrays()
+        raw, verdict, corrupt = self._ends_state(data)
         if corrupt is not None or verdict.damage:
             return []  # the finished steps are unknown; _structure() reports why
         ends = raw[: verdict.n_finished]
         n_steps, n_ep = (int(ends[-1]) if ends.size else 0), int(ends.size)
         out = []
-        arrays = [(f"data/{k}", self.root[K.DATA_GROUP][k], n_steps, "steps") for k in self._keys]
+        arrays = [(f"data/{k}", data[k], n_steps, "steps") for k in self._keys]
+        meta = self.root[K.META_GROUP]
         for name in self._meta_arrays():
             # stores from before dense chunks legitimately omit an all-unknown success chunk
             if name != "episode_success" or self._dense_chunks:
-                arrays.append((f"meta/{name}", self.root[K.META_GROUP][name], n_ep, "episodes"))
+                arrays.append((f"meta/{name}", meta[name], n_ep, "episodes"))
         for key, arr, n_rows, unit in arrays:
             for b in missing_blocks(arr, n_rows):
                 rows = block_rows(arr, b[0])
