@@ -188,7 +188,7 @@ class LockHandle:
 
 def acquire(store_dir: str | os.PathLike, what: str = "store") -> LockHandle:
     """Take the writer lock of the local store directory ``store_dir`` (which must exist)."""
-    store_dir = Path(store_dir).absolute()
+    store_dir = Path(store_dir).resolve()  # one key per directory, however it is named
     path = store_dir / LOCK_NAME
     key = str(path)
     held = _HELD.get(key)
