@@ -11,10 +11,22 @@ Layout::
 
 Why this order of writes: an episode is appended data first, per-episode metadata next and
 ``episode_ends`` last, and every zarr file write is atomic (LocalStore writes to a temporary file and
-renames). A writer killed at any point leaves a store whose ``episode_ends`` names only complete
-episodes; anything past its last entry is an unfinished tail that readers ignore, ``validate`` reports
-and ``repair`` trims. ``episode_ends`` itself is read defensively (only its longest valid prefix counts),
-because a kill between its resize and its chunk write leaves a fill value at the end.
+renames). After ``episode_ends`` the append records the committed episode count (``n_committed`` in the
+attributes of ``meta/episode_ends``). A writer killed at any point leaves a store whose ``episode_ends``
+names only complete episodes; anything past its last entry is an unfinished tail that readers ignore,
+``validate`` reports and ``repair`` trims. A kill between ``episode_ends``' resize and its chunk write
+leaves fill values at its end (or a chunk never written): that is the only invalid ``episode_ends`` a
+crash can make, and the only one treated as unfinished. Anything else -- a bad entry followed by valid
+ones, a missing chunk where committed episodes were -- is damage: opening the store raises a StoreError
+naming it, and ``repair`` refuses (:mod:`vlaflow.data.integrity` has the rule).
+
+Every chunk is stored, even one equal to the fill value (schema flag ``dense_chunks``), so a chunk object
+missing from the listing is damage and not zeros: :meth:`EpisodeStore.missing_chunks` and
+:meth:`EpisodeStore.require_intact` check that cheaply; :func:`vlaflow.data.validate.validate_store`
+decodes every chunk.
+
+One writer at a time: every writable handle holds the store's writer lock (:mod:`vlaflow.data.lock`)
+until :meth:`EpisodeStore.close` (or the end of its ``with`` block, or interpreter exit).
 
 diffusion_policy's v2 stores (``data/<key>`` + ``meta/episode_ends``, no schema) open read-only with
 keys exactly as stored and a schema inferred from the arrays.
@@ -24,17 +36,31 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
 from vlaflow import keys as K
 from vlaflow.atomic import atomic_directory
+from vlaflow.data.integrity import (
+    EndsCheck,
+    Finding,
+    block_rows,
+    check_episode_ends,
+    chunk_file,
+    chunk_len,
+    missing_blocks,
+    read_or_locate,
+)
+from vlaflow.data.lock import LOCK_NAME, LockHandle, acquire
+from vlaflow.data.store_checks import META_ARRAYS, StoreChecks, dense, is_remote, local_path
 from vlaflow.errors import StoreError
 
 _ATTR = "vlaflow"
@@ -73,8 +99,7 @@ def _chunk_rows(spec: KeySpec) -> int:
     return int(max(1, min(1 << 20, _TARGET_CHUNK_BYTES // row_bytes)))
 
 
-def _is_remote(path: str | os.PathLike) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
+_is_remote, _local_path = is_remote, local_path
 
 
 def _storage_options(path: str | os.PathLike) -> dict | None:
@@ -82,14 +107,12 @@ def _storage_options(path: str | os.PathLike) -> dict | None:
     return {"auto_mkdir": True} if str(path).startswith("file://") else None
 
 
-def _local_path(path: str | os.PathLike) -> Path:
-    s = str(path)
-    return Path(s[len("file://") :]) if s.startswith("file://") else Path(s)
-
-
 @dataclass
-class EpisodeStore:
-    """An open episode store. Use :meth:`create`, :meth:`open` or :func:`atomic_store`."""
+class EpisodeStore(StoreChecks):
+    """An open episode store. Use :meth:`create`, :meth:`open` or :func:`atomic_store`.
+
+    A writable handle holds the store's writer lock: ``close()`` it, or use it as a context manager.
+    """
 
     root: zarr.Group
     path: str
@@ -97,6 +120,9 @@ class EpisodeStore:
     legacy: bool = False  # a diffusion_policy v2 store (no vlaflow schema)
     _keys: dict[str, KeySpec] = field(default_factory=dict)
     _fps: float | None = None
+    _dense_chunks: bool = False  # every chunk is stored (stores written since the flag existed)
+    _lock: LockHandle | None = None
+    _closed: bool = False
 
     # ------------------------------------------------------------------ creation / opening
     @classmethod
@@ -122,14 +148,35 @@ class EpisodeStore:
                 raise StoreError(
                     f"{path}: image key {k!r} must be uint8 (h, w, 3|1), got {s.dtype} {s.shape}"
                 )
-        root = zarr.open_group(
-            str(path), mode="w" if overwrite else "w-", zarr_format=3, storage_options=_storage_options(path)
-        )
+        lock = None
+        if _is_remote(path):
+            root = zarr.open_group(
+                str(path),
+                mode="w" if overwrite else "w-",
+                zarr_format=3,
+                storage_options=_storage_options(path),
+            )
+        else:
+            local = _local_path(path)
+            try:
+                local.mkdir(parents=True, exist_ok=overwrite)
+            except FileExistsError as e:
+                raise StoreError(f"{path}: destination exists (pass overwrite=True / --overwrite)") from e
+            lock = acquire(local)  # before anything is removed: refuses a store another process writes
+            try:
+                for child in local.iterdir():  # what overwrite replaces, except our own lock file
+                    if child.name != LOCK_NAME:
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+                root = zarr.open_group(str(local), mode="a", zarr_format=3)
+            except BaseException:
+                lock.release()
+                raise
         schema = {
             "format": K.FORMAT_NAME,
             "version": K.FORMAT_VERSION,
             "fps": float(fps),
             "keys": {k: s.to_dict() for k, s in specs.items()},
+            "dense_chunks": True,
         }
         root.attrs.update({**dict(attrs or {}), _ATTR: schema})
         data = root.create_group(K.DATA_GROUP)
@@ -151,14 +198,26 @@ class EpisodeStore:
             ("episode_source_index", "int32", -1),
             ("episode_success", "int8", -1),
         ):
-            meta.create_array(name, shape=(0,), chunks=(1 << 16,), dtype=dtype, fill_value=fill)
-        store = cls(root=root, path=str(path), writable=True)
+            meta.create_array(
+                name,
+                shape=(0,),
+                chunks=(1 << 16,),
+                dtype=dtype,
+                fill_value=fill,
+                attributes={"n_committed": 0} if name == "episode_ends" else None,
+            )
+        store = cls(root=root, path=str(path), writable=True, _lock=lock)
         store._load_schema()
+        store._finalize_on_collect()
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> EpisodeStore:
-        """Open a store (local path or fsspec URL). ``mode`` is "r" or "a" (append)."""
+    def open(cls, path: str | os.PathLike, mode: str = "r", *, check: bool = True) -> EpisodeStore:
+        """Open a store (local path or fsspec URL). ``mode`` is "r" or "a" (append, takes the writer lock).
+
+        A damaged store (see the module doc) raises a StoreError naming what is wrong; ``check=False``
+        opens it anyway, for :meth:`problems`, :meth:`repair` and ``validate_store`` to look at.
+        """
         if mode not in ("r", "a"):
             raise StoreError(f"open mode must be 'r' or 'a', got {mode!r}")
         if not _is_remote(path) and not _local_path(path).exists():
@@ -177,7 +236,35 @@ class EpisodeStore:
             raise StoreError(
                 f"{path}: a diffusion_policy v2 store opens read-only; ingest it with `vlaflow ingest`"
             )
+        if mode == "a" and not _is_remote(path):
+            store._lock = acquire(_local_path(path))
+            store._finalize_on_collect()
+        if check:
+            try:
+                store._raise_if_damaged()
+            except BaseException:
+                store.close()
+                raise
         return store
+
+    def close(self) -> None:
+        """Release the writer lock (if held); the handle stays readable. Closing twice is harmless."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self.writable:
+            self._closed = True
+        self.writable = False
+
+    def __enter__(self) -> EpisodeStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _finalize_on_collect(self) -> None:
+        if self._lock is not None:  # released when the handle is collected or at interpreter exit
+            weakref.finalize(self, self._lock.release)
 
     def _load_schema(self) -> None:
         schema = self.root.attrs.get(_ATTR)
@@ -199,6 +286,7 @@ class EpisodeStore:
             )
         self._keys = {k: KeySpec.from_dict(v) for k, v in schema["keys"].items()}
         self._fps = float(schema["fps"])
+        self._dense_chunks = bool(schema.get("dense_chunks", False))
         missing = [k for k in self._keys if k not in self.root[K.DATA_GROUP]]
         if missing:
             raise StoreError(f"{self.path}: schema lists keys with no array under data/: {missing}")
@@ -216,15 +304,58 @@ class EpisodeStore:
     def attrs(self) -> dict:
         return {k: v for k, v in self.root.attrs.asdict().items() if k != _ATTR}
 
+    def _data_arrays(self) -> dict[str, zarr.Array]:
+        """Every schema key's array, opened once (each lookup reads its metadata from the store)."""
+        data = self.root[K.DATA_GROUP]
+        return {k: data[k] for k in self._keys}
+
+    def _ends_state(
+        self, data: Mapping[str, zarr.Array] | None = None
+    ) -> tuple[np.ndarray, EndsCheck, Finding | None]:
+        """(meta/episode_ends as read, the verdict on it, a finding for an undecodable chunk of it)."""
+        data = self._data_arrays() if data is None else data
+        arr = self.root[K.EPISODE_ENDS]
+        raw, bad, err = read_or_locate(arr, slice(None))
+        if raw is None:
+            c = bad[0] if bad else 0
+            f = Finding(
+                "corrupt_chunk",
+                f"{K.EPISODE_ENDS} chunk {c} ({chunk_file(self.path, arr, bad or (0,))}) cannot be decoded "
+                f"({err}): the finished episodes cannot be known",
+                True,
+                key=K.EPISODE_ENDS,
+                chunk=c,
+                file=chunk_file(self.path, arr, bad or (0,)),
+                rows=block_rows(arr, c),
+            )
+            return np.zeros(0, np.int64), EndsCheck(0, 0, f.message), f
+        raw = raw.astype(np.int64)
+        fill = int(arr.fill_value)
+        # a listing is needed only when fill values end the array (a chunk may be absent there)
+        missing = [b[0] for b in missing_blocks(arr)] if raw.size and raw[-1] == fill else []
+        n_committed = None if self.legacy else arr.attrs.get("n_committed")
+        n_data = min(a.shape[0] for a in data.values())
+        verdict = check_episode_ends(raw, fill, n_data, chunk_len(arr), missing, n_committed)
+        return raw, verdict, None
+
+    def _raise_if_damaged(self) -> None:
+        damage = [f for f in self._structure() if f.damage]
+        if damage:
+            more = f" (and {len(damage) - 1} more problem(s))" if len(damage) > 1 else ""
+            raise StoreError(
+                f"{self.path}: the store is damaged: {damage[0].message}{more}. Readers will not use a "
+                f"prefix of it; run `vlaflow validate {self.path}` for a full report"
+            )
+
     @property
     def episode_ends(self) -> np.ndarray:
-        """Cumulative ends of the finished episodes (the longest valid prefix of meta/episode_ends)."""
-        raw = np.asarray(self.root[K.EPISODE_ENDS][:], dtype=np.int64)
-        n_data = min(self.root[K.DATA_GROUP][k].shape[0] for k in self._keys)
-        valid = (raw > np.concatenate([[0], raw[:-1]])) & (raw <= n_data)
-        # The first episode may legitimately be longer than 0 only; a zero-length episode is invalid.
-        bad = np.flatnonzero(~valid)
-        return raw[: bad[0]] if bad.size else raw
+        """Cumulative ends of the finished episodes; a StoreError if ``meta/episode_ends`` is damaged."""
+        raw, verdict, _ = self._ends_state()
+        if verdict.damage:
+            raise StoreError(
+                f"{self.path}: the store is damaged: {verdict.damage}. Run `vlaflow validate {self.path}`"
+            )
+        return raw[: verdict.n_finished]
 
     @property
     def n_episodes(self) -> int:
@@ -250,13 +381,24 @@ class EpisodeStore:
         self._check_key(key)
         return self.root[K.DATA_GROUP][key]
 
+    def _read(self, key: str, sl: slice) -> np.ndarray:
+        arr = self.array(key)
+        out, bad, err = read_or_locate(arr, sl)
+        if out is None:
+            where_ = f"chunk {bad[0]} ({chunk_file(self.path, arr, bad)})" if bad else "a chunk"
+            raise StoreError(
+                f"{self.path}: data/{key} {where_} cannot be decoded ({err}); "
+                f"run `vlaflow validate {self.path}`"
+            )
+        return out
+
     def read(self, key: str) -> np.ndarray:
         """All finished steps of ``key`` as one numpy array."""
-        return np.asarray(self.array(key)[: self.n_steps])
+        return self._read(key, slice(0, self.n_steps))
 
     def get_episode(self, i: int, keys: list[str] | None = None) -> dict[str, np.ndarray]:
         sl = self.episode_slice(i)
-        return {k: np.asarray(self.array(k)[sl]) for k in (keys or list(self._keys))}
+        return {k: self._read(k, sl) for k in (keys or list(self._keys))}
 
     def _check_key(self, key: str) -> None:
         if key not in self._keys:
@@ -282,11 +424,7 @@ class EpisodeStore:
         if self.legacy:
             return {"task": "", "source": "diffusion_policy", "success": None}
         meta = self.root[K.META_GROUP]
-        t, s, ok = (
-            int(meta["episode_task_index"][i]),
-            int(meta["episode_source_index"][i]),
-            int(meta["episode_success"][i]),
-        )
+        t, s, ok = (int(meta[name][i]) for name in META_ARRAYS)
         tasks, sources = self.tasks, self._meta_strings("sources")
         return {
             "task": tasks[t] if 0 <= t < len(tasks) else "",
@@ -311,6 +449,14 @@ class EpisodeStore:
             raise StoreError(f"{self.path}: keys of one episode have different lengths: {lengths}")
         return next(iter(lengths.values()))
 
+    def _require_writable(self, doing: str = "append") -> None:
+        if self._closed:
+            raise StoreError(
+                f"{self.path}: this store handle is closed; open it again with mode='a' to {doing}"
+            )
+        if not self.writable:
+            raise StoreError(f"{self.path}: store is open read-only (open with mode='a' to {doing})")
+
     def append_episodes(
         self,
         data: Mapping[str, np.ndarray],
@@ -323,8 +469,7 @@ class EpisodeStore:
 
         Bulk ingest uses this: one write per array instead of one per episode.
         """
-        if not self.writable:
-            raise StoreError(f"{self.path}: store is open read-only (open with mode='a' to append)")
+        self._require_writable()
         lengths = np.asarray(lengths, dtype=np.int64)
         n_new = len(lengths)
         if n_new == 0:
@@ -359,11 +504,16 @@ class EpisodeStore:
                 )
             arrays[k] = a.astype(spec.dtype, copy=False)
 
-        ends_arr = self.root[K.EPISODE_ENDS]
-        n_ep, start = self.n_episodes, self.n_steps
+        data_arrays = self._data_arrays()
+        raw, verdict, _ = self._ends_state(data_arrays)
+        if verdict.damage:  # never append to a damaged store
+            raise StoreError(f"{self.path}: the store is damaged: {verdict.damage}; nothing was appended")
+        ends_arr = dense(self.root[K.EPISODE_ENDS])
+        n_ep = verdict.n_finished
+        start = int(raw[n_ep - 1]) if n_ep else 0
         # 1. data (anything past `start` is an unfinished tail from a crash: overwrite it)
         for k, a in arrays.items():
-            arr = self.root[K.DATA_GROUP][k]
+            arr = dense(data_arrays[k])
             arr.resize((start + total, *arr.shape[1:]))
             arr[start : start + total] = a
         # 2. per-episode metadata
@@ -371,17 +521,16 @@ class EpisodeStore:
         task_idx = [self._intern(meta, "tasks", t) for t in tasks]
         source_idx = [self._intern(meta, "sources", s) for s in sources]
         ok = [-1 if s is None else int(bool(s)) for s in successes]
-        for name, values in (
-            ("episode_task_index", task_idx),
-            ("episode_source_index", source_idx),
-            ("episode_success", ok),
-        ):
-            m = meta[name]
+        for name, values in zip(META_ARRAYS, (task_idx, source_idx, ok), strict=True):
+            m = dense(meta[name])
             m.resize((n_ep + n_new,))
             m[n_ep:] = np.asarray(values, dtype=m.dtype)
         # 3. episode_ends last: this is what makes the episodes visible
         ends_arr.resize((n_ep + n_new,))
         ends_arr[n_ep:] = start + np.cumsum(lengths)
+        # 4. the committed count: fill values or a missing chunk before it are damage, not a killed append
+        if not self.legacy:
+            ends_arr.attrs["n_committed"] = n_ep + n_new
         return n_ep
 
     @staticmethod
@@ -395,8 +544,7 @@ class EpisodeStore:
     # ------------------------------------------------------------------ statistics
     def save_stats(self, stats: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         """Save normalizer statistics (see :mod:`vlaflow.data.normalize`) with the store."""
-        if not self.writable:
-            raise StoreError(f"{self.path}: store is open read-only")
+        self._require_writable("save statistics")
         payload = {k: {s: np.asarray(v).tolist() for s, v in d.items()} for k, d in stats.items()}
         self.root[K.META_GROUP].attrs["stats"] = {"n_steps": self.n_steps, "keys": payload}
 
@@ -411,60 +559,6 @@ class EpisodeStore:
             k: {s: np.asarray(v, dtype=np.float32) for s, v in d.items()} for k, d in saved["keys"].items()
         }
 
-    # ------------------------------------------------------------------ integrity
-    def problems(self) -> list[str]:
-        """Everything wrong with the store, as human-readable lines (empty when healthy)."""
-        out = []
-        raw = np.asarray(self.root[K.EPISODE_ENDS][:], dtype=np.int64)
-        ends = self.episode_ends
-        if raw.shape[0] != ends.shape[0]:
-            out.append(
-                f"meta/episode_ends has {raw.shape[0] - ends.shape[0]} invalid trailing entries "
-                f"(unfinished episode append); `vlaflow repair` drops them"
-            )
-        n = self.n_steps
-        for k in self._keys:
-            arr = self.root[K.DATA_GROUP][k]
-            if arr.shape[0] > n:
-                out.append(
-                    f"data/{k} has an unfinished tail of {arr.shape[0] - n} steps past the last episode"
-                )
-            if tuple(arr.shape[1:]) != self._keys[k].shape:
-                out.append(f"data/{k} has per-step shape {arr.shape[1:]}, schema says {self._keys[k].shape}")
-        if not self.legacy:
-            for name in ("episode_task_index", "episode_source_index", "episode_success"):
-                m = self.root[K.META_GROUP][name]
-                if m.shape[0] < ends.shape[0]:
-                    out.append(f"meta/{name} has {m.shape[0]} entries for {ends.shape[0]} episodes")
-                elif m.shape[0] > ends.shape[0]:
-                    out.append(
-                        f"meta/{name} has {m.shape[0] - ends.shape[0]} entries for unfinished episodes"
-                    )
-        return out
-
-    def repair(self) -> list[str]:
-        """Trim everything past the last finished episode; returns what was done."""
-        if not self.writable:
-            raise StoreError(f"{self.path}: open with mode='a' to repair")
-        done = []
-        ends = self.episode_ends
-        raw = self.root[K.EPISODE_ENDS]
-        if raw.shape[0] != ends.shape[0]:
-            done.append(f"dropped {raw.shape[0] - ends.shape[0]} invalid entries of meta/episode_ends")
-            raw.resize((ends.shape[0],))
-        n = self.n_steps
-        for k in self._keys:
-            arr = self.root[K.DATA_GROUP][k]
-            if arr.shape[0] > n:
-                done.append(f"trimmed data/{k} from {arr.shape[0]} to {n} steps")
-                arr.resize((n, *arr.shape[1:]))
-        for name in ("episode_task_index", "episode_source_index", "episode_success"):
-            m = self.root[K.META_GROUP][name]
-            if m.shape[0] > ends.shape[0]:
-                done.append(f"trimmed meta/{name} to {ends.shape[0]} episodes")
-                m.resize((ends.shape[0],))
-        return done
-
 
 @contextlib.contextmanager
 def atomic_store(
@@ -477,7 +571,9 @@ def atomic_store(
     """Create a store in a temporary directory beside ``dest`` and move it into place only on success.
 
     A failed or interrupted ingest leaves no ``dest`` (and removes its temporary directory when it can).
-    Remote URLs cannot be renamed atomically, so they are written in place and deleted on failure.
+    An existing ``dest`` that another process is writing (it holds the writer lock) is not replaced; ours
+    holds it until the swap. After the block the handle is read-only. Remote URLs cannot be renamed
+    atomically, so they are written in place and deleted on failure (and are not locked).
     """
     if _is_remote(dest):
         store = EpisodeStore.create(dest, keys, fps, attrs, overwrite=overwrite)
@@ -485,8 +581,6 @@ def atomic_store(
             yield store
         except BaseException:
             with contextlib.suppress(Exception):
-                import fsspec
-
                 fs, p = fsspec.core.url_to_fs(str(dest))
                 fs.rm(p, recursive=True)
             raise
@@ -494,9 +588,17 @@ def atomic_store(
     final = _local_path(dest).absolute()
     if final.exists() and not overwrite:
         raise StoreError(f"{dest}: destination exists (pass --overwrite to replace it)")
-    # the old store is replaced only once the new one is complete, and never deleted before that
-    with atomic_directory(final, overwrite=overwrite, what="destination store") as tmp:
-        store = EpisodeStore.create(tmp, keys, fps, attrs, overwrite=True)
-        yield store
+    dest_lock = acquire(final, "destination store") if final.is_dir() else None
+    try:
+        # the old store is replaced only once the new one is complete, and never deleted before that
+        with atomic_directory(final, overwrite=overwrite, what="destination store") as tmp:
+            store = EpisodeStore.create(tmp, keys, fps, attrs, overwrite=True)
+            try:
+                yield store
+            finally:
+                store.close()  # the lock file leaves the new store before it is moved into place
+    finally:
+        if dest_lock is not None:
+            dest_lock.release()  # its file went with the old store, or is removed here on failure
     store.path = str(final)
-    store.root = zarr.open_group(str(final), mode="r+")
+    store.root = zarr.open_group(str(final), mode="r")
