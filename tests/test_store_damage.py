@@ -372,3 +372,24 @@ def test_repair_removes_leftover_partial_writes_and_can_back_up_elsewhere(tmp_pa
     assert Path(done.backup).parent == tmp_path / "backups"
     assert np.load(done.backup, allow_pickle=False)["data/action"].shape == (3, 3)
     assert validate_store(path, progress=False).ok
+
+
+# ----------------------------------------------------------------------------- the commands
+def test_validate_and_repair_commands_exit_codes_and_dry_run(tmp_path, capsys):
+    """validate: 0 sound / 2 damaged; repair refuses damage (exit 2, nothing changed); info refuses zeros."""
+    from vlaflow.cli import main
+
+    path = make_store(tmp_path / "s.zarr", n=40)
+    assert main(["validate", str(path), "--no-progress"]) == 0
+    assert main(["repair", str(path), "--dry-run"]) == 0
+    set_entry(path, 5, 0)  # a bad entry with valid ones after it: damage
+    before = digest(path)
+    assert main(["validate", str(path), "--no-progress"]) == 2
+    assert "DAMAGE" in capsys.readouterr().out
+    assert main(["repair", str(path)]) == 2
+    assert "refused" in capsys.readouterr().err
+    assert digest(path) == before
+    path2 = make_store(tmp_path / "t.zarr", n=40)
+    (path2 / "data" / "action" / "c" / "0" / "0").unlink()
+    assert main(["info", str(path2)]) == 1
+    assert "missing" in capsys.readouterr().err

@@ -24,8 +24,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vlaflow.cli.data",
         "show an episode store's schema, episodes, tasks and per-key statistics",
     ),
-    "validate": ("vlaflow.cli.data", "check an episode store for damage (exit 1 if it has any)"),
-    "repair": ("vlaflow.cli.data", "drop an unfinished episode tail left by a crashed writer"),
+    "validate": (
+        "vlaflow.cli.data",
+        "read every chunk of an episode store (exit 1: unfinished tail, 2: damaged)",
+    ),
+    "repair": (
+        "vlaflow.cli.data",
+        "trim an unfinished tail left by a killed writer (backed up; refuses damage)",
+    ),
     "export-lerobot": ("vlaflow.cli.data", "write an episode store as a LeRobot v3.0 dataset"),
     "collect": ("vlaflow.cli.sim", "record successful scripted-expert rollouts into an episode store"),
     "teleop": ("vlaflow.cli.sim", "drive a simulated task from the keyboard and record episodes"),

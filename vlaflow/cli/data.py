@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from vlaflow.data.ingest import FORMATS, adapter, detect_format
 from vlaflow.data.ingest.robosuite_hdf5 import DEFAULT_CAMERAS
 from vlaflow.data.ingest.rosbag2 import STAMP_MODES, parse_image_topic
 from vlaflow.data.store import EpisodeStore
-from vlaflow.data.summary import store_damage, store_summary
+from vlaflow.data.summary import store_summary
 from vlaflow.data.video import CODECS
 from vlaflow.errors import IngestError, StoreError
 
@@ -196,6 +197,7 @@ def _short(v: list[float]) -> str:
 
 def run_info(args: argparse.Namespace) -> int:
     store = EpisodeStore.open(args.store)
+    store.require_intact()  # a store with missing chunks reads zeros there: say so, do not summarise zeros
     s = store_summary(store, with_stats=not args.no_stats)
     if args.json:
         print(json.dumps(s, indent=2))
@@ -231,34 +233,56 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", help="episode store to check")
+    p.add_argument("store", help="episode store to check (every chunk of every key is read and decoded)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.epilog = (
+        "exit status: 0 sound, 1 an unfinished tail that `vlaflow repair` trims (a writer was killed "
+        "mid-append), 2 damage that repair refuses (missing or undecodable chunks, bad episode_ends entries, "
+        "non-finite values): each is named with its file, key, chunk and episode range"
+    )
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    store = EpisodeStore.open(args.store)
-    problems = store_damage(store)
-    if problems:
-        print(f"{args.store}: {len(problems)} problem(s):")
-        for p in problems:
-            print(f"  - {p}")
-        return 1
-    print(f"{args.store}: OK ({store.n_episodes} episodes, {store.n_steps} steps)")
-    return 0
+    from vlaflow.data.validate import validate_store
+
+    report = validate_store(args.store, progress=not args.no_progress)
+    print(report.summary())
+    if report.ok:
+        return 0
+    return 2 if report.damaged else 1
 
 
 def add_repair_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="episode store to repair in place")
+    p.add_argument("--dry-run", action="store_true", help="say what would be trimmed; change nothing")
+    p.add_argument(
+        "--backup-dir",
+        default=None,
+        help="where the .npz of everything removed goes (default: beside the store)",
+    )
+    p.epilog = (
+        "repair only trims an unfinished tail (what a writer killed mid-append leaves past the last finished "
+        "episode), after saving the removed rows and metadata to a .npz; it refuses a damaged store and "
+        "changes nothing then (exit 2): run `vlaflow validate` to see what is wrong"
+    )
 
 
 def run_repair(args: argparse.Namespace) -> int:
-    store = EpisodeStore.open(args.store, mode="a")
-    done = store.repair()
-    if not done:
-        print(f"{args.store}: nothing to repair ({store.n_episodes} episodes)")
-    for d in done:
-        print(f"  {d}")
-    if store.problems():
-        raise StoreError(f"{args.store}: still damaged after repair: {store.problems()}")
+    store = EpisodeStore.open(args.store, mode="a", check=False)
+    try:
+        try:
+            result = store.repair(dry_run=args.dry_run, backup_dir=args.backup_dir)
+        except StoreError as e:
+            print(f"vlaflow repair: refused: {e}", file=sys.stderr)
+            return 2
+        if not result:
+            print(f"{args.store}: nothing to repair ({store.n_episodes} episodes)")
+        else:
+            print(result.summary())
+        if not args.dry_run and store.problems():
+            raise StoreError(f"{args.store}: still damaged after repair: {store.problems()}")
+    finally:
+        store.close()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What ``vlaflow info`` and ``vlaflow validate`` report about an episode store, as plain data.
+"""What ``vlaflow info`` reports about an episode store, as plain data (validate: vlaflow.data.validate).
 
 The CLI (:mod:`vlaflow.cli.data`) only prints these; a notebook or a CI check can call them directly.
 """
@@ -58,16 +58,3 @@ def store_summary(store: EpisodeStore, with_stats: bool = True) -> dict[str, Any
             }
         summary["stats"] = stats
     return summary
-
-
-def store_damage(store: EpisodeStore) -> list[str]:
-    """Every problem of the store: its structural ones (:meth:`EpisodeStore.problems`) plus the first
-    non-finite value of each float key. Empty when the store is sound."""
-    problems = store.problems()
-    for k, spec in store.keys.items():
-        if spec.dtype.startswith("float") and store.n_steps:
-            x = store.read(k)
-            if not np.isfinite(x).all():
-                r = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)))[0][0])
-                problems.append(f"data/{k} has a non-finite value at step {r}")
-    return problems
