@@ -182,4 +182,3 @@ def pi0_train_time(
     else:
         s = torch.distributions.Beta(beta_a, beta_b).sample((batch,)).to(device)
     return t_min + (1.0 - t_min) * s
-

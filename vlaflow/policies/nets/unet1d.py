@@ -61,6 +61,8 @@ class ConditionalResidualBlock1D(nn.Module):
 class ConditionalUnet1D(nn.Module):
     """``forward(x (B, H, Da), t (B,), cond (B, Dc)) -> (B, H, Da)``."""
 
+    flat_cond = True  # reads the condition tokens flattened to (B, Nc * Fc)
+
     def __init__(
         self,
         action_dim: int,
