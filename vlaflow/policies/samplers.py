@@ -87,6 +87,11 @@ def _is_zero(v: Tensor) -> bool:
     return v.dim() == 0 and float(v) == 0
 
 
+def _deterministic(step: StepResult) -> bool:
+    """A recorded step that sampled with std 0 (for every sample): it has no density to score."""
+    return not bool(_t(step.std).any())
+
+
 def ddpm_step(
     x_t: Tensor, x0: Tensor, alpha, sigma, alpha_next, sigma_next, noise: Tensor | None
 ) -> StepResult:
@@ -158,7 +163,7 @@ def chain_log_prob(steps: list[StepResult], min_std: float = 0.0) -> Tensor:
     """Sum of per-step Gaussian log-densities of a recorded stochastic chain (steps with std 0 skipped)."""
     total = None
     for st in steps:
-        if min_std == 0 and _is_zero(_t(st.std)):
+        if min_std == 0 and _deterministic(st):
             continue
         lp = gaussian_log_prob(st.x_next, st.mean, st.std, min_std)
         total = lp if total is None else total + lp
@@ -300,7 +305,7 @@ def rescore_chain(
     steps :func:`chain_log_prob` counts (those that sampled with std > 0, or all with ``min_std > 0``)."""
     total = None
     for st in steps:
-        if min_std == 0 and _is_zero(_t(st.std)):
+        if min_std == 0 and _deterministic(st):
             continue
         lp = step_log_prob(
             predict,
