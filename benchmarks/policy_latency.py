@@ -6,10 +6,11 @@
 Measures ``PolicyRuntime.infer`` (numpy in, numpy out: normalize, encode once, sampler loop, unnormalize)
 with randomly initialized weights (latency does not depend on training); the model is the PushT low-dim
 U-Net of ``DiffusionConfig()`` / ``FlowConfig()`` defaults (obs.keypoint (9, 2) + obs.agent_pos (2),
-To = 2, H = 16, 4.56M parameters). Where the time goes: ``predict_ms`` is one network evaluation
-(``policy.predict``), ``outside_network_ms`` = ``median_ms - nfe * predict_ms`` is the rest (observation
-checks, normalization, the sampler's step arithmetic, conversions). On a shared machine the policies are
-measured in ``--rounds`` alternating short runs; each row keeps its per-round medians. ``--section NAME``
+To = 2, H = 16, 4.56M parameters). Where the time goes: ``network_only_ms`` is the chunk's ``nfe``
+network evaluations alone (``policy.predict`` in a loop, timed right after the chunks of the same round),
+``outside_network_ms`` = ``median_ms - network_only_ms`` is the rest (observation checks, normalization,
+the sampler's step arithmetic, conversions). On a shared machine the policies are measured in
+``--rounds`` alternating short runs; each row keeps its per-round medians. ``--section NAME``
 merges the result into the existing JSON under NAME instead of replacing the file.
 """
 
@@ -40,22 +41,30 @@ def _stats(shape, lo, hi):
     return {"min": lo_a, "max": hi_a, "mean": (lo_a + hi_a) / 2, "std": hi_a - lo_a, "q01": lo_a, "q99": hi_a}
 
 
-def _predict_ms(policy, obs, device, repeats: int = 50) -> float:
-    """Median time of one network evaluation at batch 1 (the sampler calls it nfe times per chunk)."""
+def _network_only(policy, obs, device, nfe: int):
+    """One chunk's network evaluations alone: ``nfe`` calls of ``policy.predict`` at batch 1, no sampler."""
     with torch.inference_mode():
         cond = policy.encode(batch_of_one(obs, device))
         x = torch.randn(1, policy.config.horizon, policy.config.action_dim, device=device)
         t = policy.path.timesteps(10)[0]
-        for _ in range(5):
-            policy.predict(x, t, cond)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            policy.predict(x, t, cond)
+
+    def run():
+        with torch.inference_mode():
+            for _ in range(nfe):
+                policy.predict(x, t, cond)
             if device != "cpu":
                 torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+
+    return run
+
+
+def _timed(fn, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def main() -> int:
@@ -86,27 +95,23 @@ def main() -> int:
         cfg = DiffusionConfig() if family == "diffusion" else FlowConfig()
         policy = build_policy(cfg, stats).eval()
         rt = PolicyRuntime(policy, device=args.device, sampler=sampler, num_steps=int(steps))
-        for _ in range(2):
-            rt.infer(obs)
-        runs.append(
-            {"family": family, "sampler": sampler, "steps": int(steps), "rt": rt, "times": [], "rounds": []}
-        )
+        nfe = rt.infer(obs).nfe
+        network = _network_only(rt.policy, obs, args.device, nfe)
+        network()
+        run = {"family": family, "sampler": sampler, "steps": int(steps), "nfe": nfe, "rt": rt}
+        runs.append({**run, "network": network, "times": [], "rounds": [], "net_times": []})
     load_start = os.getloadavg()
     for _ in tqdm(range(args.rounds), desc="rounds"):
         for run in runs:
             reps = max(3, args.repeats // (10 if run["steps"] >= 100 else 1))
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                res = run["rt"].infer(obs)
-                times.append((time.perf_counter() - t0) * 1e3)
-            run["nfe"] = res.nfe
+            times = _timed(lambda rt=run["rt"]: rt.infer(obs), reps)
+            run["net_times"] += _timed(run["network"], reps)  # back to back: the same machine load
             run["times"] += times
             run["rounds"].append(round(float(np.median(times)), 2))
     rows = []
     for run in runs:
         policy = run["rt"].policy
-        pred = _predict_ms(policy, obs, args.device)
+        net = float(np.median(run["net_times"]))
         med = float(np.median(run["times"]))
         rows.append(
             {
@@ -119,8 +124,8 @@ def main() -> int:
                 "median_ms": med,
                 "p90_ms": float(np.percentile(run["times"], 90)),
                 "round_medians_ms": run["rounds"],
-                "predict_ms": pred,
-                "outside_network_ms": med - run["nfe"] * pred,
+                "network_only_ms": net,
+                "outside_network_ms": med - net,
                 "repeats": len(run["times"]),
             }
         )
