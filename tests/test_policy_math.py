@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,7 +17,12 @@ from vlaflow.policies.samplers import (
     ddpm_step,
     euler_step,
     gaussian_log_prob,
+    rescore_chain,
+    reverse_step,
     sample_loop,
+    stack_chain,
+    step_log_prob,
+    unstack_chain,
 )
 
 VP, FLOW = VPCosinePath(100), RectifiedFlowPath()
@@ -162,6 +168,178 @@ def test_chain_log_prob_is_sum_of_step_gaussians():
     assert abs(float(zs.mean())) < 0.2 and abs(float(zs.std()) - 1) < 0.15
     lp = gaussian_log_prob(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor(1.0))
     torch.testing.assert_close(lp, torch.tensor([-1.5 * math.log(2 * math.pi)]))
+
+
+def test_ddpm_step_mean_and_std_match_the_textbook_posterior():
+    """Ho et al.'s posterior in abar terms, on literal numbers: abar_t = 0.5, abar_prev = 0.8."""
+    abar_t, abar_prev = 0.5, 0.8
+    alpha_t = abar_t / abar_prev  # 0.625
+    beta_t = 1 - alpha_t  # 0.375
+    c_x0 = math.sqrt(abar_prev) * beta_t / (1 - abar_t)  # 0.670820...
+    c_xt = math.sqrt(alpha_t) * (1 - abar_prev) / (1 - abar_t)  # 0.316227...
+    var = (1 - abar_prev) / (1 - abar_t) * beta_t  # 0.15
+    x_t = torch.tensor([[1.0, -2.0]])
+    x0 = torch.tensor([[0.5, 0.25]])
+    a, s = torch.tensor(abar_t).sqrt(), torch.tensor(1 - abar_t).sqrt()
+    an, sn = torch.tensor(abar_prev).sqrt(), torch.tensor(1 - abar_prev).sqrt()
+    st = ddpm_step(x_t, x0, a, s, an, sn, torch.tensor([[1.0, -1.0]]))
+    torch.testing.assert_close(st.mean, torch.tensor([[0.5 * c_x0 + c_xt, 0.25 * c_x0 - 2 * c_xt]]))
+    torch.testing.assert_close(st.mean, torch.tensor([[0.651638, -0.464750]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(st.std, torch.tensor(math.sqrt(var)))  # 0.387298
+    torch.testing.assert_close(st.x_next, st.mean + math.sqrt(var) * torch.tensor([[1.0, -1.0]]))
+    # the same step through reverse_step, from an eps prediction whose x0 estimate is the x0 above
+    eps = (x_t - a * x0) / s
+    rs = reverse_step(
+        lambda x, t: eps, None, x_t, torch.tensor(1.0), torch.tensor(0.0),
+        parameterization="eps", sampler="ddpm", draw_noise=False, coefs=(a, s, an, sn),
+    )  # fmt: skip
+    torch.testing.assert_close(rs.mean, st.mean, atol=1e-6, rtol=0)
+    torch.testing.assert_close(rs.std, st.std)
+    assert rs.nfe == 1 and torch.equal(rs.x_next, rs.mean) and torch.equal(rs.x_t, x_t)
+
+
+class _Net(nn.Module):
+    """A small time-dependent eps "network" whose weights can change between sampling and re-scoring."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x, t):  # x (B, H, 3), t (B,)
+        return torch.tanh(self.lin(x)) * (1 + 0.01 * t.view(-1, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "sampler,kw",
+    [
+        ("ddpm", {}),
+        ("ddim", {"eta": 1.0}),
+        ("ddim", {"eta": 0.0, "min_std": 0.1}),
+        ("ddpm", {"min_std": 0.1}),
+    ],
+    ids=["ddpm", "ddim-eta1", "ddim-eta0-minstd", "ddpm-minstd"],
+)
+def test_rescoring_a_recorded_chain_reproduces_its_log_probs(sampler, kw):
+    net = _Net(0)
+    x_init = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(1))
+    common = {"parameterization": "eps", "sampler": sampler, "clip_x0": 1.0, **kw}
+    with torch.no_grad():
+        res = sample_loop(
+            net,
+            VP,
+            x_init,
+            num_steps=8,
+            generator=torch.Generator().manual_seed(2),
+            return_chain=True,
+            **common,
+        )
+        min_std = kw.get("min_std", 0.0)
+        recorded = chain_log_prob(res.steps, min_std)
+        for st in res.steps:  # each step, under the weights that sampled it
+            if float(st.std) == 0 and min_std == 0:
+                continue
+            lp = step_log_prob(net, VP, st, **common)
+            torch.testing.assert_close(lp, gaussian_log_prob(st.x_next, st.mean, st.std, min_std))
+        torch.testing.assert_close(rescore_chain(net, VP, res.steps, **common), recorded)
+        # the same transitions as one flat minibatch with per-sample times (what an RL buffer holds)
+        arrays = stack_chain(res.steps)
+        k, b = arrays["t"].shape
+        assert arrays["x_t"].shape == (k, b, 6, 3) and k == 8
+        flat = unstack_chain({n: v.reshape(1, k * b, *v.shape[2:]) for n, v in arrays.items()})[0]
+        per_transition = step_log_prob(net, VP, flat, **common).view(k, b)
+        if min_std == 0:  # the last step to the clean end is deterministic: not part of the chain's density
+            per_transition = per_transition[arrays["std"][:, 0] > 0]
+        torch.testing.assert_close(per_transition.sum(0), recorded, atol=1e-4, rtol=1e-6)
+        # new weights: a different density, equal to the one rebuilt by hand from the new predictions
+        new = _Net(5)
+        rescored = rescore_chain(new, VP, res.steps, **common)
+        assert (rescored - recorded).abs().min() > 1e-3
+        manual = torch.zeros(4)
+        for st in res.steps:
+            if float(st.std) == 0 and min_std == 0:
+                continue
+            a, s = VP.alpha(st.t), VP.sigma(st.t)
+            an, sn = VP.alpha(st.t_next), VP.sigma(st.t_next)
+            eps = new(st.x_t, st.t.expand(4))
+            x0 = ((st.x_t - s * eps) / a).clamp(-1, 1)
+            ref = (ddpm_step if sampler == "ddpm" else ddim_step)(
+                *(
+                    (st.x_t, x0, a, s, an, sn)
+                    if sampler == "ddpm"
+                    else (st.x_t, x0, eps, a, s, an, sn, kw["eta"])
+                ),
+                None,
+            )
+            manual += gaussian_log_prob(st.x_next, ref.mean, ref.std, min_std)
+        torch.testing.assert_close(rescored, manual)
+
+
+def test_min_std_floors_every_step_and_noise_clip_bounds_the_noise():
+    x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(3))
+    kw = {"parameterization": "eps", "sampler": "ddim", "eta": 0.0, "return_chain": True}
+    with torch.no_grad():
+        plain = sample_loop(_Net(0), VP, x, num_steps=5, **kw)
+        gen = torch.Generator().manual_seed(4)
+        floored = sample_loop(_Net(0), VP, x, num_steps=5, min_std=0.1, noise_clip=0.5, generator=gen, **kw)
+    assert all(float(st.std) == 0 for st in plain.steps)
+    assert all(float(st.std) >= 0.1 for st in floored.steps)  # including the last step to the clean end
+    for st in floored.steps:
+        z = (st.x_next - st.mean) / st.std
+        assert float(z.abs().max()) <= 0.5 + 1e-5
+    # the floored chain has a density; the deterministic one does not
+    assert torch.isfinite(chain_log_prob(floored.steps, 0.1)).all()
+    with pytest.raises(ValueError, match="no stochastic step"):
+        chain_log_prob(plain.steps)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "heun", "onestep"])
+def test_reverse_step_with_per_sample_times_equals_one_call_per_row(sampler):
+    net = _Net(1)
+    path = VP if sampler in ("ddpm", "ddim") else FLOW
+    x = torch.randn(3, 4, 3, generator=torch.Generator().manual_seed(6))
+    if path is VP:
+        t, tn = torch.tensor([80.0, 40.0, 0.0]), torch.tensor([60.0, 20.0, -1.0])  # last row ends clean
+    else:
+        t, tn = torch.tensor([1.0, 0.5, 0.2]), torch.tensor([0.8, 0.3, 0.0])
+    param = "eps" if path is VP else "velocity"
+    kw = {"parameterization": param, "sampler": sampler, "eta": 0.5, "clip_x0": 1.0, "draw_noise": False}
+    with torch.no_grad():
+        batched = reverse_step(net, path, x, t, tn, **kw)
+        for i in range(3):
+            row = reverse_step(net, path, x[i : i + 1], t[i], tn[i], **kw)
+            torch.testing.assert_close(batched.x_next[i : i + 1], row.x_next, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(batched.mean[i : i + 1], row.mean, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(batched.std.reshape(-1)[i if batched.std.numel() > 1 else 0], row.std)
+
+
+def test_onestep_is_one_evaluation_at_the_grid_start_and_mirrors_the_numpy_runtime():
+    from vlaflow.deploy import np_sampling as nps
+
+    net = _Net(2)
+    x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(7))
+    calls = []
+
+    def predict(x_, t_):
+        calls.append(t_.clone())
+        return net(x_, t_)
+
+    grid = torch.tensor([90.0, 30.0, -1.0])
+    with torch.no_grad():
+        res = sample_loop(
+            predict, VP, x, parameterization="eps", sampler="onestep", timesteps=grid, clip_x0=0.5
+        )
+        a, s = VP.alpha(grid[0]), VP.sigma(grid[0])
+        expect = ((x - s * net(x, grid[:1].expand(2))) / a).clamp(-0.5, 0.5)
+    assert res.nfe == 1 and len(calls) == 1 and torch.equal(calls[0], torch.full((2,), 90.0))
+    torch.testing.assert_close(res.x0, expect)
+    out, nfe = nps.sample_loop(
+        lambda x_, t_: net(torch.from_numpy(x_), torch.from_numpy(t_)).detach().numpy(),
+        nps.NpVPPath(VP.alphas_cumprod.numpy()), x.numpy(), parameterization="eps", sampler="onestep",
+        timesteps=grid.numpy(), clip_x0=0.5,
+    )  # fmt: skip
+    assert nfe == 1
+    np.testing.assert_allclose(out, res.x0.numpy(), rtol=0, atol=1e-6)
 
 
 def test_flow_matching_two_mode_toy():

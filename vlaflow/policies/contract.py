@@ -15,19 +15,19 @@ Every denoising policy has:
   deterministic given ``noise`` (stochastic samplers then draw from a generator seeded with 0)
 
 Actions and low-dim observations are normalized inside (``self.normalizer``, saved as normalizer.json);
-images arrive uint8 and are scaled by their encoder. A family (diffusion/, flow/) subclasses
-:class:`DenoisingPolicy` once, supplying its path, training-time distribution and regression target.
+images arrive uint8 and are scaled by their encoder. :class:`DenoisingPolicy` is the
+:class:`~vlaflow.policies.denoising.DenoisingModel` (the contract over any target key and shape) whose
+target is the action chunk; a family (diffusion/, flow/, consistency/) combines it with its path recipe
+(a family mixin or its own hooks: path, training-time distribution, regression target).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlaflow import keys as K
@@ -35,22 +35,18 @@ from vlaflow.data.normalize import Normalizer
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.interfaces import RuntimeSpec
 from vlaflow.policies.base_config import PolicyConfig
+from vlaflow.policies.denoising import DenoisingModel, Generation, make_head
 from vlaflow.policies.nets.encoders import ObsEncoder
-from vlaflow.policies.nets.mlp import MLPHead
-from vlaflow.policies.nets.transformer import TransformerHead
-from vlaflow.policies.nets.unet1d import ConditionalUnet1D
 from vlaflow.policies.path import GaussianPath
-from vlaflow.policies.samplers import SampleResult, sample_loop
 
-
-@dataclass
-class Generation:
-    """What one sampling call of any family produced (``generate``; ``sample`` returns ``.actions``)."""
-
-    actions: Tensor  # (B, H, Da) raw action units
-    nfe: int  # network evaluations (EBT: descent steps, each a forward and a backward pass)
-    chain: list = field(default_factory=list)  # the sampler's StepResults when record_chain=True
-    extras: dict[str, Any] = field(default_factory=dict)  # family-specific, e.g. EBT's final "energy" (B,)
+__all__ = [
+    "DenoisingModel",
+    "DenoisingPolicy",
+    "DenoisingPolicyContract",
+    "Generation",
+    "batch_obs",
+    "check_stats",
+]
 
 
 @runtime_checkable
@@ -98,30 +94,19 @@ def check_stats(config: PolicyConfig, stats: dict) -> None:
                 )
 
 
-class DenoisingPolicy(nn.Module):
-    """Encoders + action head + Gaussian path + normalizer; families override the four hooks below."""
+class DenoisingPolicy(DenoisingModel):
+    """A :class:`DenoisingModel` whose target is the action chunk (H, Da) and whose condition is the
+    observation window (state / image encoders, optional language); families supply the path hooks."""
 
-    parameterization: str = ""  # native prediction: "eps" | "velocity" | "x0"
-
-    # -- family hooks ------------------------------------------------------------------------------
-    def make_path(self) -> GaussianPath:
-        raise NotImplementedError
-
-    def sample_train_time(self, batch_size: int, device) -> Tensor:
-        raise NotImplementedError
-
-    def regression_target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def sampler_kwargs(self, sampler: str) -> dict[str, Any]:
-        return {}
-
-    # -- construction ------------------------------------------------------------------------------
     def __init__(self, config: PolicyConfig, stats: dict):
-        super().__init__()
         check_stats(config, stats)
-        self.config = config
-        self.normalizer = Normalizer(stats, config.norm_modes())
+        super().__init__(
+            config,
+            target_key=K.ACTION,
+            target_shape=(config.horizon, config.action_dim),
+            normalizer=Normalizer(stats, config.norm_modes()),
+            mask_key=K.ACTION_IS_PAD if config.mask_pad_loss else None,
+        )
         self.obs_encoder = ObsEncoder(config.obs_shapes, config.encoder)
         cond_dim = self.obs_encoder.out_dim
         n_tokens = config.n_obs_steps
@@ -134,41 +119,7 @@ class DenoisingPolicy(nn.Module):
             self.lang_proj = nn.Linear(self.text_encoder.out_dim, cond_dim)
             n_tokens += 1
         self.n_cond_tokens, self.cond_dim = n_tokens, cond_dim
-        if config.net.kind == "unet":
-            u = config.net.unet
-            self.head = ConditionalUnet1D(
-                config.action_dim,
-                cond_dim * n_tokens,
-                u.down_dims,
-                u.kernel_size,
-                u.n_groups,
-                u.step_embed_dim,
-            )
-        elif config.net.kind == "mlp":
-            m = config.net.mlp
-            self.head = MLPHead(
-                config.action_dim,
-                config.horizon,
-                cond_dim * n_tokens,
-                m.width,
-                m.n_blocks,
-                m.step_embed_dim,
-            )
-        else:
-            tc = config.net.transformer
-            self.head = TransformerHead(
-                config.action_dim,
-                config.horizon,
-                cond_dim,
-                n_tokens,
-                tc.d_model,
-                tc.n_layers,
-                tc.n_heads,
-                tc.mlp_ratio,
-                tc.dropout,
-                tc.causal,
-            )
-        self.path = self.make_path()
+        self.head = make_head(config.net, self.target_shape, cond_dim, n_tokens)
         self.spec = RuntimeSpec(
             n_obs_steps=config.n_obs_steps,
             horizon=config.horizon,
@@ -185,10 +136,6 @@ class DenoisingPolicy(nn.Module):
                 "language": lang.enabled,
             },
         )
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     # -- observations ------------------------------------------------------------------------------
     def _obs_window(self, obs: dict[str, Any]) -> dict[str, Tensor]:
@@ -256,120 +203,8 @@ class DenoisingPolicy(nn.Module):
             tokens = torch.cat([tokens, lang.unsqueeze(1)], dim=1)
         return tokens
 
-    # -- denoiser ----------------------------------------------------------------------------------
-    def predict(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """Native prediction for x_t (B, H, Da) at path time t (B,) given cond (B, Nc, Fc)."""
-        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
-        tm = self.path.model_time(t)
-        if self.config.net.kind in ("unet", "mlp"):
-            return self.head(x_t, tm, cond.flatten(1))
-        return self.head(x_t, tm, cond)
-
-    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        """= compute_loss, so DistributedDataParallel(policy)(batch) synchronizes gradients."""
-        return self.compute_loss(batch)
-
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        """Masked MSE of the native prediction on a raw-unit batch; metrics are python floats."""
-        cfg = self.config
-        action = torch.as_tensor(batch[K.ACTION], device=self.device).float()
-        if action.dim() != 3 or action.shape[1] != cfg.horizon or action.shape[2] != cfg.action_dim:
-            raise VlaflowError(
-                f"batch 'action' has shape {tuple(action.shape)}, "
-                f"expected (B, {cfg.horizon}, {cfg.action_dim})"
-            )
-        x0 = self.normalizer.normalize(K.ACTION, action) if K.ACTION in self.normalizer.modes else action
-        cond = self.encode(batch)
-        b = x0.shape[0]
-        t = self.sample_train_time(b, x0.device)
-        eps = torch.randn_like(x0)
-        a = self.path.alpha(t).to(x0.device).view(b, 1, 1)
-        s = self.path.sigma(t).to(x0.device).view(b, 1, 1)
-        x_t = a * x0 + s * eps
-        pred = self.predict(x_t, t, cond)
-        err = F.mse_loss(pred, self.regression_target(x0, eps, t), reduction="none")  # (B, H, Da)
-        if cfg.mask_pad_loss and K.ACTION_IS_PAD in batch:
-            keep = (~torch.as_tensor(batch[K.ACTION_IS_PAD], device=err.device).bool()).unsqueeze(-1).float()
-            loss = (err * keep).sum() / (keep.sum() * err.shape[-1]).clamp(min=1.0)
-        else:
-            loss = err.mean()
-        return loss, {"loss": float(loss.detach()), "mse_all": float(err.detach().mean())}
-
-    # -- sampling ----------------------------------------------------------------------------------
-    def denoise(
-        self,
-        cond: Tensor,
-        noise: Tensor | None = None,
-        sampler: str | None = None,
-        num_steps: int | None = None,
-        generator: torch.Generator | None = None,
-        return_chain: bool = False,
-        timesteps: Tensor | None = None,
-    ) -> SampleResult:
-        """Run the sampler in normalized action space from ``noise`` (B, H, Da); for RL/RTI/GPC."""
-        cfg = self.config
-        b = cond.shape[0]
-        shape = (b, cfg.horizon, cfg.action_dim)
-        if noise is None:
-            noise = torch.randn(shape, generator=generator, device=cond.device)
-        else:
-            noise = torch.as_tensor(noise, dtype=torch.float32, device=cond.device)
-            if tuple(noise.shape) != shape:
-                raise VlaflowError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
-            if generator is None:  # deterministic given noise, also for stochastic samplers
-                generator = torch.Generator(device=cond.device).manual_seed(0)
-        sampler = sampler or cfg.sampler
-        steps = num_steps or cfg.num_inference_steps
-        return sample_loop(
-            lambda x, t: self.predict(x, t, cond),
-            self.path,
-            noise,
-            parameterization=self.parameterization,
-            sampler=sampler,
-            num_steps=steps,
-            generator=generator,
-            return_chain=return_chain,
-            timesteps=timesteps,
-            **self.sampler_kwargs(sampler),
-        )
-
     def unnormalize_action(self, x: Tensor) -> Tensor:
         return self.normalizer.unnormalize(K.ACTION, x) if K.ACTION in self.normalizer.modes else x
-
-    def generate(
-        self,
-        obs: dict[str, Any],
-        noise: Tensor | None = None,
-        sampler: str | None = None,
-        num_steps: int | None = None,
-        generator: torch.Generator | None = None,
-        record_chain: bool = False,
-    ) -> Generation:
-        """Action chunks (B, H, Da) in raw units with their cost (NFE) and, optionally, the chain."""
-        cond = self.encode(obs)
-        res = self.denoise(
-            cond,
-            noise=noise,
-            sampler=sampler,
-            num_steps=num_steps,
-            generator=generator,
-            return_chain=record_chain,
-        )
-        return Generation(actions=self.unnormalize_action(res.x0), nfe=res.nfe, chain=res.steps)
-
-    def sample(
-        self,
-        obs: dict[str, Any],
-        noise: Tensor | None = None,
-        sampler: str | None = None,
-        num_steps: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Action chunks (B, H, Da) in raw action units."""
-        return self.generate(obs, noise, sampler, num_steps, generator).actions
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
 def batch_obs(batch: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:

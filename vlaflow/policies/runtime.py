@@ -2,6 +2,17 @@
 
 Stateless per call (encode once, sample once); action queues and latency handling live in wrappers
 (the sim harness, the real-time executor) that use the same ``infer`` / ``reset`` / ``config`` interface.
+
+With ``record_chain=True`` every :class:`~vlaflow.interfaces.InferResult` carries the denoising chain in
+``extras["chain"]``, in the form an RL buffer stores (numpy, batch dim dropped, K recorded steps):
+
+- ``x_t``, ``x_next``, ``mean``, ``x0``: (K, H, Da) float32 in *normalized* action units
+- ``t``, ``t_next``, ``std``: (K,) float32 path times and the std each step sampled with (0: deterministic)
+- ``obs``: the checked observation window ({key: (To, ...)} + ``task``) that re-encodes the condition
+- ``sampler``: the sampler's name (its settings: ``policy.sampler_kwargs(sampler)``)
+
+:func:`vlaflow.policies.samplers.unstack_chain` turns the arrays back into steps (add a batch dim first)
+for :func:`~vlaflow.policies.samplers.rescore_chain` under new weights.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import torch
 
 from vlaflow import keys as K
 from vlaflow.interfaces import InferResult, RuntimeSpec, obs_window
+from vlaflow.policies.samplers import stack_chain
 
 
 class PolicyRuntime:
@@ -26,11 +38,13 @@ class PolicyRuntime:
         sampler: str | None = None,
         num_steps: int | None = None,
         seed: int | None = None,
+        record_chain: bool = False,
     ):
         self.policy = policy if device is None else policy.to(device)
         self.sampler = sampler
         self.num_steps = num_steps
         self.seed = seed
+        self.record_chain = record_chain
         self._generator: torch.Generator | None = None
         self.reset()
 
@@ -54,18 +68,39 @@ class PolicyRuntime:
 
         ``shift`` / ``delay`` are accepted for the runtime interface and unused: every call samples afresh.
         """
-        batch = batch_of_one(obs_window(self.config, obs))
+        window = obs_window(self.config, obs)
+        batch = batch_of_one(window)
+        # eval() walks every sub-module: only switch (and back) when the policy is training, e.g. rollouts
+        # scored during training; a loaded policy stays in eval mode.
         was_training = self.policy.training
-        self.policy.eval()
+        if was_training:
+            self.policy.eval()
         try:
             with torch.inference_mode():
                 gen = self.policy.generate(
-                    batch, sampler=self.sampler, num_steps=self.num_steps, generator=self._generator
+                    batch,
+                    sampler=self.sampler,
+                    num_steps=self.num_steps,
+                    generator=self._generator,
+                    record_chain=self.record_chain,
                 )
         finally:
-            self.policy.train(was_training)
+            if was_training:
+                self.policy.train(True)
         extras = {k: v[0].float().cpu().numpy() for k, v in gen.extras.items() if torch.is_tensor(v)}
+        if self.record_chain:
+            extras["chain"] = self._chain_record(gen.chain, window)
         return InferResult(actions=gen.actions[0].float().cpu().numpy(), nfe=gen.nfe, extras=extras)
+
+    def _chain_record(self, steps: list, window: dict[str, Any]) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "obs": window,
+            "sampler": self.sampler or self.config.extra.get("sampler", ""),
+        }
+        if steps:  # EBT descends instead of denoising: no Gaussian chain to record
+            arrays = stack_chain(steps)
+            record.update({k: v[:, 0].float().cpu().numpy() for k, v in arrays.items()})
+        return record
 
 
 def batch_of_one(window: dict[str, Any], device: str | torch.device | None = None) -> dict[str, Any]:
@@ -83,7 +118,7 @@ def batch_of_one(window: dict[str, Any], device: str | torch.device | None = Non
 
 def load_policy(path: str | os.PathLike, device: str = "cpu", **kwargs) -> PolicyRuntime:
     """Load a checkpoint directory and wrap it; kwargs go to :class:`PolicyRuntime` (sampler, num_steps,
-    seed)."""
+    seed, record_chain)."""
     from vlaflow.policies.checkpoint import load_checkpoint
 
     return PolicyRuntime(load_checkpoint(path, device=device), **kwargs)

@@ -19,9 +19,8 @@ from torch import Tensor
 from vlaflow.errors import VlaflowError
 from vlaflow.policies.consistency.config import ConsistencyConfig
 from vlaflow.policies.contract import DenoisingPolicy
-from vlaflow.policies.conversions import to_x0_eps
 from vlaflow.policies.path import RectifiedFlowPath, VPCosinePath
-from vlaflow.policies.samplers import SampleResult
+from vlaflow.policies.samplers import SampleResult, reverse_step
 
 DISTILL_NOISE, DISTILL_TARGET = "distill.noise", "distill.target"
 
@@ -40,16 +39,29 @@ class ConsistencyPolicy(DenoisingPolicy):
             return VPCosinePath(cfg.num_train_steps)
         return RectifiedFlowPath(cfg.time_scale)
 
-    def x0_at(self, x_t: Tensor, t: Tensor | float, cond: Tensor) -> Tensor:
-        """The student's clean-chunk estimate (B, H, Da) from x_t at path time t (normalized units)."""
-        b = x_t.shape[0]
-        tt = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).reshape(-1).expand(b)
-        pred = self.predict(x_t, tt, cond)
-        a = self.path.alpha(tt).to(x_t.device).view(b, 1, 1)
-        s = self.path.sigma(tt).to(x_t.device).view(b, 1, 1)
-        x0 = to_x0_eps(pred, self.parameterization, x_t, a, s)[0]
+    def default_timesteps(self, num_steps: int) -> Tensor:
+        """[start_time, clean end]: one step from the teacher's first sampler time to the data."""
+        clean = self.path.timesteps(1)[-1:]
+        return torch.cat([torch.tensor([float(self.config.start_time)]), clean])
+
+    def sampler_kwargs(self, sampler: str) -> dict[str, Any]:
         c = self.config.clip_sample_range
-        return x0.clamp(-c, c) if c > 0 else x0
+        return {"clip_x0": c if c > 0 else None}
+
+    def x0_at(self, x_t: Tensor, t: Tensor | float, cond: Tensor) -> Tensor:
+        """The student's clean-chunk estimate (B, H, Da) from x_t at path time t (normalized units); t is a
+        scalar or per sample (B,). The ``onestep`` reverse step, also what training regresses."""
+        tt = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        return reverse_step(
+            lambda x, t_: self.predict(x, t_, cond),
+            self.path,
+            x_t,
+            tt,
+            tt,
+            parameterization=self.parameterization,
+            sampler="onestep",
+            **self.sampler_kwargs("onestep"),
+        ).x0
 
     def denoise(
         self,
@@ -61,22 +73,13 @@ class ConsistencyPolicy(DenoisingPolicy):
         return_chain: bool = False,
         timesteps: Tensor | None = None,
     ) -> SampleResult:
-        cfg = self.config
+        """The shared denoising path with the ``onestep`` sampler on :meth:`default_timesteps`."""
         if sampler not in (None, "onestep") or num_steps not in (None, 1) or timesteps is not None:
             raise VlaflowError(
                 f"a consistency student samples in one step (sampler 'onestep'); got sampler={sampler!r}, "
                 f"num_steps={num_steps!r}"
             )
-        shape = (cond.shape[0], cfg.horizon, cfg.action_dim)
-        if noise is None:
-            noise = torch.randn(shape, generator=generator, device=cond.device)
-        noise = torch.as_tensor(noise, dtype=torch.float32, device=cond.device)
-        if tuple(noise.shape) != shape:
-            raise VlaflowError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
-        return SampleResult(x0=self.x0_at(noise, cfg.start_time, cond), nfe=1)
-
-    def sampler_kwargs(self, sampler: str) -> dict[str, Any]:
-        return {}
+        return super().denoise(cond, noise, "onestep", 1, generator, return_chain)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         """MSE of the one-step output to teacher targets carried in the batch (``vlaflow distill`` builds

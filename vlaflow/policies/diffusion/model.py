@@ -17,10 +17,14 @@ from vlaflow.policies.diffusion.config import DiffusionConfig
 from vlaflow.policies.path import VPCosinePath
 
 
-class DiffusionPolicy(DenoisingPolicy):
-    config_class = DiffusionConfig
+class DiffusionFamily:
+    """The diffusion recipe as hooks of any :class:`~vlaflow.policies.denoising.DenoisingModel` (policy or
+    not): VP squared-cosine path, eps prediction, k ~ U{0..N-1}; DDIM/DDPM with eta and x0 clipping.
+
+    Reads ``config.num_train_steps``, ``ddim_eta``, ``clip_sample``, ``clip_sample_range``.
+    """
+
     parameterization = "eps"
-    config: DiffusionConfig
 
     def make_path(self) -> VPCosinePath:
         return VPCosinePath(self.config.num_train_steps)
@@ -34,3 +38,8 @@ class DiffusionPolicy(DenoisingPolicy):
     def sampler_kwargs(self, sampler: str) -> dict[str, Any]:
         cfg = self.config
         return {"eta": cfg.ddim_eta, "clip_x0": cfg.clip_sample_range if cfg.clip_sample else None}
+
+
+class DiffusionPolicy(DiffusionFamily, DenoisingPolicy):
+    config_class = DiffusionConfig
+    config: DiffusionConfig

@@ -16,10 +16,14 @@ from vlaflow.policies.flow.config import FlowConfig
 from vlaflow.policies.path import RectifiedFlowPath, pi0_train_time
 
 
-class FlowPolicy(DenoisingPolicy):
-    config_class = FlowConfig
+class FlowFamily:
+    """The flow-matching recipe as hooks of any :class:`~vlaflow.policies.denoising.DenoisingModel`:
+    rectified-flow path, velocity prediction, pi0's Beta time sampling.
+
+    Reads ``config.time_scale``, ``time_beta_a``, ``time_beta_b``, ``time_min``.
+    """
+
     parameterization = "velocity"
-    config: FlowConfig
 
     def make_path(self) -> RectifiedFlowPath:
         return RectifiedFlowPath(self.config.time_scale)
@@ -33,3 +37,8 @@ class FlowPolicy(DenoisingPolicy):
 
     def sampler_kwargs(self, sampler: str) -> dict[str, Any]:
         return {}
+
+
+class FlowPolicy(FlowFamily, DenoisingPolicy):
+    config_class = FlowConfig
+    config: FlowConfig

@@ -30,6 +30,8 @@ class ResidualMLPBlock(nn.Module):
 class MLPHead(nn.Module):
     """``forward(x (B, H, Da), t (B,), cond (B, Dc)) -> (B, H, Da)``."""
 
+    flat_cond = True  # reads the condition tokens flattened to (B, Nc * Fc)
+
     def __init__(
         self,
         action_dim: int,

@@ -53,6 +53,8 @@ class DiTBlock(nn.Module):
 class TransformerHead(nn.Module):
     """``forward(x (B, H, Da), t (B,), cond (B, Nc, Fc)) -> (B, H, Da)``."""
 
+    flat_cond = False  # cross-attends to the condition tokens (B, Nc, Fc)
+
     def __init__(
         self,
         action_dim: int,

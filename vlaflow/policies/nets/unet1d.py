@@ -3,6 +3,10 @@
 Shapes: B batch, H action chunk length, Da action dim, Dc flattened condition width.
 Residual blocks are Conv1d -> GroupNorm -> Mish (twice); each block's first activation is modulated
 per channel by FiLM (scale, bias) predicted from ``[diffusion-step embedding ; flattened obs features]``.
+The blocks call their Conv1d / GroupNorm / Mish / Linear kernels functionally and, outside autograd, share
+one Mish of the FiLM input: at batch 1 (a robot's control step) module dispatch was a tenth of the time.
+Outputs and gradients are bit-identical to calling every module (forward hooks on those inner modules
+do not fire).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -37,7 +42,11 @@ class Conv1dBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.block(x)
+        # The modules' own kernels called directly: at batch 1 the three module dispatches per block cost
+        # about as much as the GroupNorm and Mish arithmetic (same ops, so bit-identical outputs).
+        conv, norm, _ = self.block
+        x = F.conv1d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return F.mish(F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
 
 
 class ConditionalResidualBlock1D(nn.Module):
@@ -49,17 +58,27 @@ class ConditionalResidualBlock1D(nn.Module):
         self.c_out = c_out
         self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))  # FiLM scale and bias
         self.residual = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self._residual_conv = c_in != c_out
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:  # x (B, C, H), cond (B, Dcond)
-        out = self.blocks[0](x)
-        scale, bias = self.cond_encoder(cond).unsqueeze(-1).chunk(2, dim=1)
+    def forward(self, x: Tensor, cond: Tensor, mished_cond: Tensor | None = None) -> Tensor:
+        """x (B, C, H), cond (B, Dcond) -> (B, c_out, H); ``mished_cond`` is ``mish(cond)`` when the caller
+        already has it (cond_encoder = Mish -> Linear, and every block of a U-Net reads the same cond)."""
+        first, second = self.blocks
+        _, film = self.cond_encoder
+        out = first(x)
+        m = F.mish(cond) if mished_cond is None else mished_cond
+        scale, bias = F.linear(m, film.weight, film.bias).unsqueeze(-1).chunk(2, dim=1)
         out = scale * out + bias
-        out = self.blocks[1](out)
-        return out + self.residual(x)
+        out = second(out)
+        if self._residual_conv:
+            return out + F.conv1d(x, self.residual.weight, self.residual.bias)
+        return out + x
 
 
 class ConditionalUnet1D(nn.Module):
     """``forward(x (B, H, Da), t (B,), cond (B, Dc)) -> (B, H, Da)``."""
+
+    flat_cond = True  # reads the condition tokens flattened to (B, Nc * Fc)
 
     def __init__(
         self,
@@ -104,18 +123,23 @@ class ConditionalUnet1D(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         h = x.transpose(1, 2)  # (B, Da, H)
         film = torch.cat([self.step_encoder(t), cond], dim=-1)
+        # Every block's FiLM projection reads mish(film): shared when no gradient is recorded. Under autograd
+        # each block keeps its own Mish, so gradients accumulate in the order they always did.
+        m = None if torch.is_grad_enabled() else F.mish(film)
         skips = []
         for r1, r2, down in self.down:
-            h = r2(r1(h, film), film)
+            h = r2(r1(h, film, m), film, m)
             skips.append(h)
             h = down(h)
-        for m in self.mid:
-            h = m(h, film)
+        for mid in self.mid:
+            h = mid(h, film, m)
         for r1, r2, up in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = r2(r1(h, film), film)
+            h = r2(r1(h, film, m), film, m)
             h = up(h)
-        return self.final(h).transpose(1, 2)  # (B, H, Da)
+        block, out = self.final
+        h = block(h)
+        return F.conv1d(h, out.weight, out.bias).transpose(1, 2)  # (B, H, Da)
 
 
 def group_channel_subset(t: int, s: int, groups: int) -> list[int]:
