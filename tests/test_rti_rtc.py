@@ -334,7 +334,8 @@ def test_rti_settings_are_one_torch_free_definition():
     from vlaflow.policies.samplers import SAMPLERS
 
     assert rti.RTIConfig is rti_config.RTIConfig is onnx_rti.RTIConfig
-    assert rti_config.RTI_SAMPLERS == SAMPLERS
+    # the multi-step samplers: a warm start runs a tail of a grid, which the one-step sampler has not
+    assert rti_config.RTI_SAMPLERS == tuple(s for s in SAMPLERS if s != "onestep")
     assert RTIConfig(gripper_dims=(1,)).binarized_dims == ()  # dims alone only name the gripper
     assert RTIConfig(gripper_dims=[1], gripper_mode="clip").binarized_dims == (1,)
     code = (

@@ -13,7 +13,7 @@ from vlaflow.errors import ConfigError
 
 WARM_MODES = ("place", "noised")
 GRIPPER_MODES = ("none", "clip")
-RTI_SAMPLERS = ("ddpm", "ddim", "euler", "heun")  # = vlaflow.policies.samplers.SAMPLERS (a test checks)
+RTI_SAMPLERS = ("ddpm", "ddim", "euler", "heun")  # the multi-step samplers of policies.samplers (tested)
 
 
 def default_warm_steps(num_steps: int) -> int:
