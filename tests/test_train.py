@@ -248,7 +248,8 @@ def test_train_cli_end_to_end(store_path, tmp_path, capsys):
 
 def test_training_lowers_the_loss_and_checkpoints_hold_the_ema(store_path, tmp_path):
     from vlaflow.policies import load_checkpoint
-    from vlaflow.train.trainer import _make_batch, build_run_policy, open_training_data, train
+    from vlaflow.train.objectives.bc import make_batch
+    from vlaflow.train.trainer import build_run_policy, open_training_data, train
 
     cfg = tiny_cfg("train.steps=40", "train.lr=3e-3", "train.ckpt_every=0")
     res = train(cfg, store_path, tmp_path / "r")
@@ -256,7 +257,7 @@ def test_training_lowers_the_loss_and_checkpoints_hold_the_ema(store_path, tmp_p
     torch.manual_seed(cfg.train.seed)
     init = build_run_policy(cfg, stats, store)  # the same initial weights the run started from
     trained = load_checkpoint(res.last_ckpt)
-    batch = _make_batch(ws, np.arange(len(ws)))
+    batch = make_batch(ws, np.arange(len(ws)))
 
     def loss(p):  # every window, fixed noise and diffusion times
         torch.manual_seed(123)
