@@ -1,6 +1,6 @@
 """The one training loop: AdamW + schedule + EMA + clipping, DDP, exact resume, checkpoints, logs, evaluation.
 
-:class:`TrainingLoop` takes the optimiser steps; an :class:`~vlaflow.train.objectives.base.Objective`
+:class:`TrainingLoop` takes the optimiser steps; an :class:`~vlaflow.train.objective.Objective`
 says what a step learns. Behaviour cloning (:mod:`~vlaflow.train.objectives.bc`, what ``vlaflow train``
 runs) and one-step distillation (:mod:`~vlaflow.train.objectives.distill`, ``vlaflow distill``) are two
 objectives on this loop, and so will be the RL and world-model losses: there is no second loop.
@@ -68,7 +68,7 @@ import torch.distributed as dist
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.train import schedule as S
 from vlaflow.train.config import config_diff
-from vlaflow.train.objectives.base import Objective
+from vlaflow.train.objective import Objective
 from vlaflow.train.process import BatchPipeline, Process, start_process, to_device
 from vlaflow.train.runlog import RunLog, plot_curves
 from vlaflow.train.state import (

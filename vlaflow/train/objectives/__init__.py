@@ -1,6 +1,6 @@
-"""What the one training loop learns: one small class per method (a batch source and a loss).
+"""What the one training loop learns: one small class per method (a batch source and a loss), each a
+:class:`vlaflow.train.objective.Objective` (the contract and its defaults).
 
-- :mod:`~vlaflow.train.objectives.base` -- the :class:`Objective` contract and its defaults
 - :mod:`~vlaflow.train.objectives.bc` -- behaviour cloning on demonstration windows (``vlaflow train``)
 - :mod:`~vlaflow.train.objectives.distill` -- one-step consistency distillation (``vlaflow distill``)
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from vlaflow import keys as K
 from vlaflow.train import schedule as S
-from vlaflow.train.objectives.base import Objective
+from vlaflow.train.objective import Objective
 
 
 def make_batch(ws, idx: np.ndarray) -> dict[str, Any]:

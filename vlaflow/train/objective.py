@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 
@@ -64,7 +63,3 @@ class Objective:
             raise ValueError(
                 f"{where}: objective state {sorted(tensors)[:5]} that this objective cannot load"
             )
-
-
-def trainable(module: nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
