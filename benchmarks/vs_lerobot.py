@@ -1,0 +1,240 @@
+"""Training throughput side by side: vlaflow's loop vs LeRobot 0.4.4's DiffusionPolicy, same net, same batch.
+
+    python benchmarks/vs_lerobot.py --data /work/base/pusht.zarr            # 3 alternating rounds
+    python benchmarks/vs_lerobot.py --data pusht.zarr --rounds 5 --threads 2 train.fused_adamw=true
+
+Both nets are the PushT low-dim U-Net (down_dims 64/128/256, kernel 5, 8 groups, To = 2, H = 16, DDPM-100
+training; 4,559,554 parameters -- checked before timing, the run stops if the counts differ), batch 256,
+the same number of torch threads. Each round runs, in fresh processes and alternating which goes first:
+
+* **vlaflow**: ``vlaflow.train.train`` -- the whole training loop on the real store (background batch
+  assembly from the episode store, the per-step seed, AdamW, EMA, clipping, the NaN check, log rows):
+  samples/s over ``--steps`` optimiser steps after ``--warmup`` steps, from the loop's own log rows.
+* **LeRobot**: ``benchmarks/lerobot_side.py train`` in LeRobot's venv -- its ``update_policy`` step
+  (forward + loss, backward, clipping, Adam, scheduler) after its preprocessor, on pre-built batches of
+  the same real windows (``--synthetic`` for random ones): LeRobot's data loading is not timed at all.
+
+Writes ``benchmarks/results/vs_lerobot.json`` (every round, commands, machine, versions, load averages)
+and ``vs_lerobot.md`` (the table). The machine is shared: the load average is recorded before each
+measurement, and the ratio is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+LEROBOT_PY = "/work/venvs/lerobot/bin/python"
+PRESET = "pusht_lowdim_diffusion"
+
+
+def vlaflow_train(data: str, steps: int, warmup: int, threads: int, batch: int, overrides: list[str]) -> dict:
+    """samples/s of ``vlaflow.train.train`` on ``data`` over ``steps`` steps after ``warmup`` steps."""
+    import torch
+
+    from vlaflow.train import apply_overrides, get_preset, train
+
+    every = warmup
+    if steps % every:
+        raise SystemExit(
+            f"--steps ({steps}) must be a multiple of --warmup ({warmup}): rows every warmup steps"
+        )
+    cfg = apply_overrides(
+        get_preset(PRESET),
+        [
+            f"train.steps={warmup + steps}",
+            f"train.batch_size={batch}",
+            f"train.log_every={every}",
+            "train.ckpt_every=0",
+            "train.keep_step_ckpts=false",
+            "eval.task=",
+            f"train.num_threads={threads}",
+            "train.progress=false",
+            *overrides,
+        ],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train(cfg, data, Path(tmp) / "run")
+        with open(Path(tmp) / "run" / "log.csv") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["kind"] == "train"]
+    timed = [r for r in rows if int(r["step"]) > warmup]
+    seconds = sum(every * batch / float(r["samples_per_s"]) for r in timed)
+    losses = [float(r["loss"]) for r in rows]
+    return {
+        "side": "vlaflow",
+        "what": "vlaflow.train.train: the whole loop on the real store (batches, seed, AdamW, EMA, clip, logs)",
+        "samples_per_s": len(timed) * every * batch / seconds,
+        "steps_per_s": len(timed) * every / seconds,
+        "steps": len(timed) * every,
+        "warmup_steps": warmup,
+        "batch_size": batch,
+        "threads": torch.get_num_threads(),
+        "overrides": overrides,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "loop_samples_per_s_incl_warmup": res.samples_per_s,
+    }
+
+
+def vlaflow_params(data: str) -> int:
+    from vlaflow.train import get_preset
+    from vlaflow.train.trainer import build_run_policy, open_training_data
+
+    cfg = get_preset(PRESET)
+    store, _, stats = open_training_data(cfg, data)
+    return sum(p.numel() for p in build_run_policy(cfg, stats, store).parameters())
+
+
+def write_real_batches(data: str, path: Path, n: int) -> None:
+    """``n`` PushT windows of the store in LeRobot's keys: state = agent position, env = keypoints."""
+    import numpy as np
+
+    from vlaflow.train import get_preset
+    from vlaflow.train.trainer import open_training_data
+
+    _, ws, _ = open_training_data(get_preset(PRESET), data)
+    b = ws.get_batch(np.random.default_rng(0).permutation(len(ws))[:n])
+    np.savez(
+        path,
+        state=b["obs.agent_pos"].astype(np.float32),
+        env=b["obs.keypoint"].reshape(n, b["obs.keypoint"].shape[1], -1).astype(np.float32),
+        action=b["action"].astype(np.float32),
+        action_is_pad=b["action_is_pad"],
+    )
+
+
+def _run_json(cmd: list[str], env: dict | None = None) -> dict:
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _md(doc: dict) -> str:
+    s = doc["summary"]
+    lines = [
+        "# Training throughput: vlaflow vs LeRobot 0.4.4 (PushT low-dim U-Net, batch 256)",
+        "",
+        f"{doc['when']}, {doc['machine']['processor']} x {doc['machine']['cpu_count']} CPUs, "
+        f"{doc['threads']} torch threads; parameters: vlaflow {doc['parameters']['vlaflow']:,}, "
+        f"LeRobot {doc['parameters']['lerobot']:,}.",
+        "",
+        "| side | samples/s (median) | per round | what is timed |",
+        "|---|---:|---|---|",
+    ]
+    for side in ("vlaflow", "lerobot"):
+        rounds = ", ".join(f"{r[side]['samples_per_s']:.0f}" for r in doc["rounds"])
+        lines.append(f"| {side} | **{s[side]:.0f}** | {rounds} | {doc['rounds'][0][side]['what']} |")
+    lines += [
+        "",
+        f"Ratio vlaflow / LeRobot: **{s['ratio']:.2f}x** (median of per-round ratios "
+        f"{', '.join(f'{r:.2f}' for r in s['ratios'])}); load average before each measurement: "
+        f"{', '.join(f'{x:.2f}' for x in s['load_avgs'])}.",
+        "",
+        f"Repeat: `{doc['command']}`",
+        "",
+        f"vlaflow: torch {doc['versions']['vlaflow_side'].get('torch')}; LeRobot side: "
+        f"{json.dumps(doc['versions']['lerobot_side'])}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="ingested PushT episode store")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating vlaflow / LeRobot measurement rounds")
+    ap.add_argument("--steps", type=int, default=30, help="timed optimiser steps per measurement")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (also the log interval)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads on both sides")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--synthetic", action="store_true", help="LeRobot on random batches, not the store's")
+    ap.add_argument("--lerobot-python", default=LEROBOT_PY, help="python of the LeRobot venv")
+    ap.add_argument("--out", default=str(RESULTS / "vs_lerobot.json"))
+    ap.add_argument("--side", choices=("vlaflow",), help=argparse.SUPPRESS)  # one measurement, JSON out
+    ap.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="vlaflow training overrides")
+    args = ap.parse_args(argv)
+    if args.side == "vlaflow":
+        print(
+            json.dumps(
+                vlaflow_train(args.data, args.steps, args.warmup, args.threads, args.batch, args.overrides)
+            )
+        )
+        return 0
+
+    sys.path.insert(0, str(HERE))
+    from _meta import run_info
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    lerobot = [args.lerobot_python, str(HERE / "lerobot_side.py")]
+    ours = vlaflow_params(args.data)
+    theirs = _run_json([*lerobot, "params", "--threads", str(args.threads)], env)["parameters"]
+    print(f"parameters: vlaflow {ours:,}, LeRobot {theirs:,}")
+    if ours != theirs:
+        raise SystemExit("the two nets differ in size; the comparison would not be like for like")
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        batches = Path(tmp) / "pusht_windows.npz"
+        if not args.synthetic:
+            write_real_batches(args.data, batches, 8 * args.batch)
+        vl_cmd = [sys.executable, str(Path(__file__).resolve()), "--side", "vlaflow", "--data", args.data]
+        vl_cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        vl_cmd += ["--batch", str(args.batch), *args.overrides]
+        le_cmd = [*lerobot, "train", "--threads", str(args.threads), "--batch", str(args.batch)]
+        le_cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        le_cmd += [] if args.synthetic else ["--batches", str(batches)]
+        for r in range(args.rounds):
+            row = {}
+            order = ("vlaflow", "lerobot") if r % 2 == 0 else ("lerobot", "vlaflow")
+            for side in order:
+                load = os.getloadavg()[0]
+                row[side] = _run_json(vl_cmd if side == "vlaflow" else le_cmd, env)
+                row[side]["load_avg_before"] = load
+                print(
+                    f"round {r + 1}: {side:8s} {row[side]['samples_per_s']:7.0f} samples/s (load {load:.2f})"
+                )
+            row["ratio"] = row["vlaflow"]["samples_per_s"] / row["lerobot"]["samples_per_s"]
+            rounds.append(row)
+    ratios = [r["ratio"] for r in rounds]
+    summary = {
+        "vlaflow": statistics.median(r["vlaflow"]["samples_per_s"] for r in rounds),
+        "lerobot": statistics.median(r["lerobot"]["samples_per_s"] for r in rounds),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "load_avgs": [r[s]["load_avg_before"] for r in rounds for s in ("vlaflow", "lerobot")],
+    }
+    info = run_info()
+    doc = {
+        **info,
+        "threads": args.threads,
+        "batch_size": args.batch,
+        "parameters": {"vlaflow": ours, "lerobot": theirs},
+        "summary": summary,
+        "rounds": rounds,
+        "commands": {"vlaflow": " ".join(vl_cmd), "lerobot": " ".join(le_cmd)},
+        "versions": {"vlaflow_side": info["versions"], "lerobot_side": rounds[0]["lerobot"]["versions"]},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(_md(doc))
+    print(
+        f"vlaflow {summary['vlaflow']:.0f} vs LeRobot {summary['lerobot']:.0f} samples/s: {summary['ratio']:.2f}x"
+    )
+    print(f"-> {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
