@@ -6,12 +6,12 @@ Runs inside LeRobot's own venv (never imports vlaflow)::
     /work/venvs/lerobot/bin/python benchmarks/lerobot_side.py train --threads 2 --batch 256 --steps 30
     /work/venvs/lerobot/bin/python benchmarks/lerobot_side.py sample --threads 2 --repeats 50
 
-The policy: state-only input (``observation.state`` = the agent position (2), ``observation.environment_state``
-= the 9 keypoints (18), as in LeRobot's own PushT keypoint setup), ``down_dims`` (64, 128, 256), kernel 5,
-8 groups, step embedding 128, FiLM scale modulation, To = 2, H = 16, Ta = 8, DDPM with 100 training steps on
-the squared-cosine schedule, epsilon prediction, min-max normalisation -- the config of vlaflow's
-``pusht_lowdim_diffusion`` preset, so both nets have the same parameters and FLOPs (``params`` prints the
-count; ``benchmarks/vs_lerobot.py`` checks it against ours).
+The policy: state-only input (``observation.state`` = the agent position (2),
+``observation.environment_state`` = the 9 keypoints (18), as in LeRobot's own PushT keypoint setup),
+``down_dims`` (64, 128, 256), kernel 5, 8 groups, step embedding 128, FiLM scale modulation, To = 2, H = 16,
+Ta = 8, DDPM with 100 training steps on the squared-cosine schedule, epsilon prediction, min-max
+normalisation -- the config of vlaflow's ``pusht_lowdim_diffusion`` preset, so both nets have the same
+parameters and FLOPs (``params`` prints the count; ``benchmarks/vs_lerobot.py`` checks it against ours).
 
 ``train``: optimizer steps/s of LeRobot's own training step, ``lerobot.scripts.lerobot_train.update_policy``
 (forward with the loss, ``accelerator.backward``, gradient clipping at 10, ``optimizer.step``, cosine
@@ -164,7 +164,7 @@ def run_train(args) -> dict:
     dt = time.perf_counter() - t0
     return {
         "side": "lerobot",
-        "what": "update_policy (forward+loss, backward, clip 10, Adam step, scheduler) after the preprocessor",
+        "what": "update_policy (forward+loss, backward, clip 10, Adam, scheduler) after the preprocessor",
         "samples_per_s": args.steps * args.batch / dt,
         "steps_per_s": args.steps / dt,
         "steps": args.steps,

@@ -99,9 +99,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from vlaflow.cli.train import evaluate_policy, rollout_evaluator
     from vlaflow.train.config import apply_overrides
     from vlaflow.train.presets import get_preset
-    from vlaflow.cli.train import evaluate_policy, rollout_evaluator
     from vlaflow.train.trainer import steps_for_budget, train
 
     data = ensure_data(args)

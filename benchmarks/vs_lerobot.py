@@ -72,7 +72,7 @@ def vlaflow_train(data: str, steps: int, warmup: int, threads: int, batch: int, 
     losses = [float(r["loss"]) for r in rows]
     return {
         "side": "vlaflow",
-        "what": "vlaflow.train.train: the whole loop on the real store (batches, seed, AdamW, EMA, clip, logs)",
+        "what": "vlaflow.train.train: the whole loop on the real store (batches, AdamW, EMA, clip, log)",
         "samples_per_s": len(timed) * every * batch / seconds,
         "steps_per_s": len(timed) * every / seconds,
         "steps": len(timed) * every,
@@ -229,9 +229,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     out.with_suffix(".md").write_text(_md(doc))
-    print(
-        f"vlaflow {summary['vlaflow']:.0f} vs LeRobot {summary['lerobot']:.0f} samples/s: {summary['ratio']:.2f}x"
-    )
+    v, le = summary["vlaflow"], summary["lerobot"]
+    print(f"vlaflow {v:.0f} vs LeRobot {le:.0f} samples/s: {summary['ratio']:.2f}x")
     print(f"-> {out} and {out.with_suffix('.md')}")
     return 0
 
