@@ -4,6 +4,7 @@ Runs inside LeRobot's own venv (never imports vlaflow)::
 
     /work/venvs/lerobot/bin/python benchmarks/lerobot_side.py params
     /work/venvs/lerobot/bin/python benchmarks/lerobot_side.py train --threads 2 --batch 256 --steps 30
+    /work/venvs/lerobot/bin/python benchmarks/lerobot_side.py phases --threads 2 --steps 10
     /work/venvs/lerobot/bin/python benchmarks/lerobot_side.py sample --threads 2 --repeats 50
 
 The policy: state-only input (``observation.state`` = the agent position (2),
@@ -177,6 +178,43 @@ def run_train(args) -> dict:
     }
 
 
+def run_phases(args) -> dict:
+    """Milliseconds per step in each phase of LeRobot's update_policy, replayed step by step (CPU time,
+    which a shared machine disturbs less than wall time)."""
+    policy, pre, cfg = build()
+    policy.train()
+    optimizer = cfg.get_optimizer_preset().build(policy.get_optim_params())
+    batches = make_batches(args.batches, args.batch, 4)
+    phases: dict[str, float] = {}
+    clock = time.process_time
+
+    def tick(name: str, t0: float) -> float:
+        phases[name] = phases.get(name, 0.0) + clock() - t0
+        return clock()
+
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            phases.clear()
+        t = clock()
+        batch = pre(dict(batches[i % len(batches)]))
+        t = tick("preprocess", t)
+        loss, _ = policy.forward(batch)
+        t = tick("forward", t)
+        loss.backward()
+        t = tick("backward", t)
+        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item(), gn.item()
+        tick("clip+optimizer", t)
+    return {
+        "side": "lerobot",
+        "what": "CPU ms per step by phase (update_policy's steps, replayed)",
+        "cpu_ms": {k: 1e3 * v / args.steps for k, v in phases.items()},
+        "threads": torch.get_num_threads(),
+    }
+
+
 def run_sample(args) -> dict:
     policy, pre, post, _cfg = build("DDIM", 10, with_post=True)
     policy.eval()
@@ -228,10 +266,15 @@ def main(argv=None) -> int:
     tr.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     tr.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     tr.add_argument("--batches", default="", help="npz of real windows (default: synthetic)")
+    ph = sub.add_parser("phases", help="CPU ms per step in forward / backward / optimizer")
+    ph.add_argument("--batch", type=int, default=256)
+    ph.add_argument("--steps", type=int, default=10)
+    ph.add_argument("--warmup", type=int, default=3)
+    ph.add_argument("--batches", default="", help="npz of real windows (default: synthetic)")
     sa = sub.add_parser("sample", help="DDIM-10 chunk latency at batch 1")
     sa.add_argument("--repeats", type=int, default=50)
     sa.add_argument("--warmup", type=int, default=5)
-    for p in (tr, sa, sub.choices["params"]):
+    for p in (tr, ph, sa, sub.choices["params"]):
         p.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -240,6 +283,8 @@ def main(argv=None) -> int:
         out = {"side": "lerobot", "parameters": n_params(policy)}
     elif args.cmd == "train":
         out = run_train(args)
+    elif args.cmd == "phases":
+        out = run_phases(args)
     else:
         out = run_sample(args)
     import lerobot

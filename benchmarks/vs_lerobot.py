@@ -86,6 +86,62 @@ def vlaflow_train(data: str, steps: int, warmup: int, threads: int, batch: int, 
     }
 
 
+def vlaflow_phases(data: str, steps: int, warmup: int, threads: int, batch: int) -> dict:
+    """CPU ms per step in each phase of the loop's step, replayed with the loop's own pieces."""
+    import copy
+    import time
+
+    import torch
+
+    from vlaflow.train import get_preset
+    from vlaflow.train import schedule as S
+    from vlaflow.train.loop import _Ema, clip_grad_norm
+    from vlaflow.train.objectives.bc import BehaviourCloning
+    from vlaflow.train.trainer import build_run_policy, open_training_data
+
+    torch.set_num_threads(threads)
+    cfg = get_preset(PRESET)
+    store, ws, stats = open_training_data(cfg, data)
+    torch.manual_seed(0)
+    policy = build_run_policy(cfg, stats, store)
+    obj = BehaviourCloning(policy, ws, batch_size=batch, seed=0, rank=0, world=1)
+    ema = _Ema(copy.deepcopy(policy).requires_grad_(False), policy)
+    params = obj.param_groups()[0]["params"]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, foreach=True)
+    phases: dict[str, float] = {}
+    clock = time.process_time
+
+    def tick(name: str, t0: float) -> float:
+        phases[name] = phases.get(name, 0.0) + clock() - t0
+        return clock()
+
+    for i in range(warmup + steps):
+        if i == warmup:
+            phases.clear()
+        t = clock()
+        b = obj.batch(i)  # on the loop's background thread in training
+        t = tick("batch (background)", t)
+        torch.manual_seed(S.step_seed(0, i))
+        loss, _ = obj.loss(b)
+        t = tick("forward", t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t = tick("backward", t)
+        gn = clip_grad_norm(params, 10.0)
+        ok = bool((torch.isfinite(loss.detach()) & torch.isfinite(gn)).item())
+        opt.step()
+        t = tick("clip+optimizer", t)
+        ema.update(0.99)
+        tick("ema", t)
+        assert ok
+    return {
+        "side": "vlaflow",
+        "what": "CPU ms per step by phase (the loop's step, replayed with its own pieces)",
+        "cpu_ms": {k: 1e3 * v / steps for k, v in phases.items()},
+        "threads": torch.get_num_threads(),
+    }
+
+
 def vlaflow_params(data: str) -> int:
     from vlaflow.train import get_preset
     from vlaflow.train.trainer import build_run_policy, open_training_data
@@ -141,6 +197,7 @@ def _md(doc: dict) -> str:
         f"{', '.join(f'{r:.2f}' for r in s['ratios'])}); load average before each measurement: "
         f"{', '.join(f'{x:.2f}' for x in s['load_avgs'])}.",
         "",
+        *_phases_md(doc.get("phases") or {}),
         f"Repeat: `{doc['command']}`",
         "",
         f"vlaflow: torch {doc['versions']['vlaflow_side'].get('torch')}; LeRobot side: "
@@ -148,6 +205,18 @@ def _md(doc: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _phases_md(phases: dict) -> list[str]:
+    if not phases:
+        return []
+    names = list(dict.fromkeys([*phases["vlaflow"]["cpu_ms"], *phases["lerobot"]["cpu_ms"]]))
+    lines = ["Where the time goes (CPU ms per step, one process each, replayed step by step):", ""]
+    lines += ["| phase | vlaflow | LeRobot |", "|---|---:|---:|"]
+    for n in names:
+        v, le = phases["vlaflow"]["cpu_ms"].get(n), phases["lerobot"]["cpu_ms"].get(n)
+        lines.append(f"| {n} | {'' if v is None else f'{v:.1f}'} | {'' if le is None else f'{le:.1f}'} |")
+    return [*lines, ""]
 
 
 def main(argv=None) -> int:
@@ -161,7 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic", action="store_true", help="LeRobot on random batches, not the store's")
     ap.add_argument("--lerobot-python", default=LEROBOT_PY, help="python of the LeRobot venv")
     ap.add_argument("--out", default=str(RESULTS / "vs_lerobot.json"))
-    ap.add_argument("--side", choices=("vlaflow",), help=argparse.SUPPRESS)  # one measurement, JSON out
+    ap.add_argument("--phases", action="store_true", help="also a CPU-time breakdown by phase per side")
+    ap.add_argument("--side", choices=("vlaflow", "vlaflow-phases"), help=argparse.SUPPRESS)  # JSON out
     ap.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="vlaflow training overrides")
     args = ap.parse_args(argv)
     if args.side == "vlaflow":
@@ -206,6 +276,15 @@ def main(argv=None) -> int:
                 )
             row["ratio"] = row["vlaflow"]["samples_per_s"] / row["lerobot"]["samples_per_s"]
             rounds.append(row)
+        phases = {}
+        if args.phases:
+            ph_cmd = [sys.executable, str(Path(__file__).resolve()), "--side", "vlaflow-phases"]
+            ph_cmd += ["--data", args.data, "--threads", str(args.threads), "--batch", str(args.batch)]
+            phases["vlaflow"] = _run_json(ph_cmd, env)
+            le_ph = [*lerobot, "phases", "--threads", str(args.threads), "--batch", str(args.batch)]
+            phases["lerobot"] = _run_json(
+                le_ph + ([] if args.synthetic else ["--batches", str(batches)]), env
+            )
     ratios = [r["ratio"] for r in rounds]
     summary = {
         "vlaflow": statistics.median(r["vlaflow"]["samples_per_s"] for r in rounds),
@@ -222,6 +301,7 @@ def main(argv=None) -> int:
         "parameters": {"vlaflow": ours, "lerobot": theirs},
         "summary": summary,
         "rounds": rounds,
+        "phases": phases,
         "commands": {"vlaflow": " ".join(vl_cmd), "lerobot": " ".join(le_cmd)},
         "versions": {"vlaflow_side": info["versions"], "lerobot_side": rounds[0]["lerobot"]["versions"]},
     }

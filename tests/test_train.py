@@ -649,3 +649,21 @@ def test_critic_group_gets_its_learning_rate_scale(monkeypatch):
     assert (
         seen[0] == [0.0, 0.0] and seen[1] == pytest.approx([5e-4, 5e-3]) and seen[2][1] == pytest.approx(1e-2)
     )
+
+
+def test_fused_adamw_is_float_rounding_away_from_the_default(store_path, tmp_path):
+    from vlaflow.train.trainer import train
+
+    a = train(tiny_cfg("train.steps=10", "train.log_every=1"), store_path, tmp_path / "a")
+    b = train(
+        tiny_cfg("train.steps=10", "train.log_every=1", "train.fused_adamw=true"), store_path, tmp_path / "b"
+    )
+
+    def losses(run):
+        return [float(r.split(",")[2]) for r in (run / "log.csv").read_text().splitlines()[1:]]
+
+    np.testing.assert_allclose(losses(tmp_path / "b"), losses(tmp_path / "a"), rtol=1e-5)
+    wa, wb = weights(a.last_ckpt), weights(b.last_ckpt)
+    for k in wa:
+        if wa[k].is_floating_point():
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)

@@ -41,6 +41,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.device",
         "train.max_minutes",
         "train.progress",
+        "train.fused_adamw",  # float rounding only (see TrainConfig.fused_adamw)
         "eval.n_workers",
         "eval.final_episodes",
     }
@@ -63,6 +64,7 @@ def loop_config(cfg: RunConfig) -> LoopConfig:
         ema_max=t.ema_max,
         ema_min=t.ema_min,
         grad_clip=t.grad_clip,
+        fused_adamw=t.fused_adamw,
         seed=t.seed,
         workers=t.num_workers,
         max_seconds=60 * t.max_minutes,
