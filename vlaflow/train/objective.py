@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from vlaflow.errors import VlaflowError
+
 
 class Objective:
     """Base of every objective; subclasses set :attr:`module` and implement :meth:`batch` and :meth:`loss`.
@@ -60,6 +62,6 @@ class Objective:
     def load_extra_state(self, tensors: dict[str, Tensor], where: Path) -> None:
         """Restore :meth:`extra_state` after a resume (``tensors`` without the ``objective/`` prefix)."""
         if tensors:
-            raise ValueError(
+            raise VlaflowError(
                 f"{where}: objective state {sorted(tensors)[:5]} that this objective cannot load"
             )

@@ -114,7 +114,8 @@ class BatchPipeline:
             threads = self.workers if mode == "parallel" else 1
             self.pool = ThreadPoolExecutor(threads, thread_name_prefix="vlaflow-batch")
         self.ahead: deque[Future] = deque()
-        self.next_step = start
+        self.next_step = start  # the next step to queue
+        self.expect = start  # the next step the loop must ask for
         self._fill()
 
     def _fill(self) -> None:
@@ -126,6 +127,9 @@ class BatchPipeline:
 
     def get(self, step: int) -> Any:
         """The batch of ``step`` (steps are asked for in order)."""
+        if step != self.expect:
+            raise VlaflowError(f"batch of step {step} asked for, but the pipeline is at step {self.expect}")
+        self.expect += 1
         if self.pool is None:
             return self.make(step)
         if not self.ahead:  # a step count without an end ran past what was queued
