@@ -211,7 +211,11 @@ def _phases_md(phases: dict) -> list[str]:
     if not phases:
         return []
     names = list(dict.fromkeys([*phases["vlaflow"]["cpu_ms"], *phases["lerobot"]["cpu_ms"]]))
-    lines = ["Where the time goes (CPU ms per step, one process each, replayed step by step):", ""]
+    lines = [
+        "Where the time goes (CPU ms per step at 1 thread -- CPU time, which other jobs on a shared",
+        "machine disturb less than wall time -- each side's step replayed phase by phase):",
+        "",
+    ]
     lines += ["| phase | vlaflow | LeRobot |", "|---|---:|---:|"]
     for n in names:
         v, le = phases["vlaflow"]["cpu_ms"].get(n), phases["lerobot"]["cpu_ms"].get(n)
@@ -230,7 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic", action="store_true", help="LeRobot on random batches, not the store's")
     ap.add_argument("--lerobot-python", default=LEROBOT_PY, help="python of the LeRobot venv")
     ap.add_argument("--out", default=str(RESULTS / "vs_lerobot.json"))
-    ap.add_argument("--phases", action="store_true", help="also a CPU-time breakdown by phase per side")
+    ap.add_argument("--phases", action="store_true", help="also a CPU-time breakdown by phase (1 thread)")
     ap.add_argument("--side", choices=("vlaflow", "vlaflow-phases"), help=argparse.SUPPRESS)  # JSON out
     ap.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="vlaflow training overrides")
     args = ap.parse_args(argv)
@@ -240,6 +244,9 @@ def main(argv=None) -> int:
                 vlaflow_train(args.data, args.steps, args.warmup, args.threads, args.batch, args.overrides)
             )
         )
+        return 0
+    if args.side == "vlaflow-phases":
+        print(json.dumps(vlaflow_phases(args.data, 10, 3, args.threads, args.batch)))
         return 0
 
     sys.path.insert(0, str(HERE))
@@ -279,9 +286,9 @@ def main(argv=None) -> int:
         phases = {}
         if args.phases:
             ph_cmd = [sys.executable, str(Path(__file__).resolve()), "--side", "vlaflow-phases"]
-            ph_cmd += ["--data", args.data, "--threads", str(args.threads), "--batch", str(args.batch)]
+            ph_cmd += ["--data", args.data, "--threads", "1", "--batch", str(args.batch)]
             phases["vlaflow"] = _run_json(ph_cmd, env)
-            le_ph = [*lerobot, "phases", "--threads", str(args.threads), "--batch", str(args.batch)]
+            le_ph = [*lerobot, "phases", "--threads", "1", "--batch", str(args.batch)]
             phases["lerobot"] = _run_json(
                 le_ph + ([] if args.synthetic else ["--batches", str(batches)]), env
             )
