@@ -188,13 +188,20 @@ def _md(doc: dict) -> str:
         "| side | samples/s (median) | per round | what is timed |",
         "|---|---:|---|---|",
     ]
-    for side in ("vlaflow", "lerobot"):
+    for side in doc["commands"]:
         rounds = ", ".join(f"{r[side]['samples_per_s']:.0f}" for r in doc["rounds"])
-        lines.append(f"| {side} | **{s[side]:.0f}** | {rounds} | {doc['rounds'][0][side]['what']} |")
+        what = doc["rounds"][0][side]["what"] + (" + train.fused_adamw=true" if "fused" in side else "")
+        lines.append(f"| {side} | **{s[side]:.0f}** | {rounds} | {what} |")
+    fused = (
+        f"; with train.fused_adamw=true **{s['ratio_fused']:.2f}x** "
+        f"({', '.join(f'{r:.2f}' for r in s['ratios_fused'])})"
+        if "ratio_fused" in s
+        else ""
+    )
     lines += [
         "",
         f"Ratio vlaflow / LeRobot: **{s['ratio']:.2f}x** (median of per-round ratios "
-        f"{', '.join(f'{r:.2f}' for r in s['ratios'])}); load average before each measurement: "
+        f"{', '.join(f'{r:.2f}' for r in s['ratios'])}){fused}. Load average before each measurement: "
         f"{', '.join(f'{x:.2f}' for x in s['load_avgs'])}.",
         "",
         *_phases_md(doc.get("phases") or {}),
@@ -235,6 +242,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lerobot-python", default=LEROBOT_PY, help="python of the LeRobot venv")
     ap.add_argument("--out", default=str(RESULTS / "vs_lerobot.json"))
     ap.add_argument("--phases", action="store_true", help="also a CPU-time breakdown by phase (1 thread)")
+    ap.add_argument(
+        "--fused-row", action="store_true", help="also vlaflow with train.fused_adamw=true in every round"
+    )
     ap.add_argument("--side", choices=("vlaflow", "vlaflow-phases"), help=argparse.SUPPRESS)  # JSON out
     ap.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="vlaflow training overrides")
     args = ap.parse_args(argv)
@@ -271,17 +281,22 @@ def main(argv=None) -> int:
         le_cmd = [*lerobot, "train", "--threads", str(args.threads), "--batch", str(args.batch)]
         le_cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
         le_cmd += [] if args.synthetic else ["--batches", str(batches)]
+        sides = {"vlaflow": vl_cmd, "lerobot": le_cmd}
+        if args.fused_row:
+            sides["vlaflow fused"] = [*vl_cmd, "train.fused_adamw=true"]
         for r in range(args.rounds):
             row = {}
-            order = ("vlaflow", "lerobot") if r % 2 == 0 else ("lerobot", "vlaflow")
+            order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for side in order:
                 load = os.getloadavg()[0]
-                row[side] = _run_json(vl_cmd if side == "vlaflow" else le_cmd, env)
+                row[side] = _run_json(sides[side], env)
                 row[side]["load_avg_before"] = load
                 print(
-                    f"round {r + 1}: {side:8s} {row[side]['samples_per_s']:7.0f} samples/s (load {load:.2f})"
+                    f"round {r + 1}: {side:14s} {row[side]['samples_per_s']:7.0f} samples/s (load {load:.2f})"
                 )
             row["ratio"] = row["vlaflow"]["samples_per_s"] / row["lerobot"]["samples_per_s"]
+            if args.fused_row:
+                row["ratio_fused"] = row["vlaflow fused"]["samples_per_s"] / row["lerobot"]["samples_per_s"]
             rounds.append(row)
         phases = {}
         if args.phases:
@@ -293,13 +308,12 @@ def main(argv=None) -> int:
                 le_ph + ([] if args.synthetic else ["--batches", str(batches)]), env
             )
     ratios = [r["ratio"] for r in rounds]
-    summary = {
-        "vlaflow": statistics.median(r["vlaflow"]["samples_per_s"] for r in rounds),
-        "lerobot": statistics.median(r["lerobot"]["samples_per_s"] for r in rounds),
-        "ratio": statistics.median(ratios),
-        "ratios": ratios,
-        "load_avgs": [r[s]["load_avg_before"] for r in rounds for s in ("vlaflow", "lerobot")],
-    }
+    summary = {side: statistics.median(r[side]["samples_per_s"] for r in rounds) for side in sides}
+    summary |= {"ratio": statistics.median(ratios), "ratios": ratios}
+    if args.fused_row:
+        summary["ratios_fused"] = [r["ratio_fused"] for r in rounds]
+        summary["ratio_fused"] = statistics.median(summary["ratios_fused"])
+    summary["load_avgs"] = [r[side]["load_avg_before"] for r in rounds for side in sides]
     info = run_info()
     doc = {
         **info,
@@ -309,7 +323,7 @@ def main(argv=None) -> int:
         "summary": summary,
         "rounds": rounds,
         "phases": phases,
-        "commands": {"vlaflow": " ".join(vl_cmd), "lerobot": " ".join(le_cmd)},
+        "commands": {side: " ".join(cmd) for side, cmd in sides.items()},
         "versions": {"vlaflow_side": info["versions"], "lerobot_side": rounds[0]["lerobot"]["versions"]},
     }
     out = Path(args.out)
