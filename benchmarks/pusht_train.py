@@ -3,7 +3,8 @@
     python benchmarks/pusht_train.py --preset pusht_lowdim_diffusion --minutes 30 \
         --samplers ddim:10,ddpm:100 --out runs/bench/pusht_lowdim_diffusion
 
-Trains with ``vlaflow.train.trainer.train`` (the same loop as ``vlaflow train``): the step count is
+Trains with ``vlaflow.train.trainer.train`` (the same loop as ``vlaflow train``, with the CLI's rollout
+evaluator for the ``--monitor-every`` rollouts): the step count is
 calibrated from a short timing run so the cosine schedule ends at the budget, and ``train.max_minutes``
 stops it there regardless. Then the final (EMA) checkpoint is rolled out on seeds 100000.. (50 by
 default, 300 steps each) once per sampler, and one row per sampler is appended to
@@ -98,9 +99,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from vlaflow.cli.train import evaluate_policy, rollout_evaluator
     from vlaflow.train.config import apply_overrides
     from vlaflow.train.presets import get_preset
-    from vlaflow.train.trainer import evaluate_policy, steps_for_budget, train
+    from vlaflow.train.trainer import steps_for_budget, train
 
     data = ensure_data(args)
     cfg = apply_overrides(get_preset(args.preset), list(args.overrides))
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
         ],
     )
     print(f"training {cfg.name}: {steps} steps, budget {args.minutes} min -> {out}")
-    res = train(cfg, data, out)
+    res = train(cfg, data, out, evaluate=rollout_evaluator(cfg))
     cfg = apply_overrides(cfg, ["eval.seed_start=100000"])
     from vlaflow.policies import load_checkpoint
 

@@ -67,7 +67,7 @@ def _teacher(store: Path, tmp: Path, fam: str) -> Path:
 @pytest.mark.parametrize("fam", ["flow", "diffusion"])
 def test_student_learns_the_teacher_map_and_loads_like_any_policy(store, tmp_path, fam):
     import vlaflow
-    from vlaflow.policies.distill import distill
+    from vlaflow.train.objectives.distill import distill
 
     teacher = _teacher(store, tmp_path, fam)
     kw = dict(
@@ -128,7 +128,7 @@ def test_distill_cli_and_eval_of_the_student(store, tmp_path):
 def test_narrower_student_learns_from_scratch_and_loads(store, tmp_path):
     import vlaflow
     from vlaflow.errors import ConfigError
-    from vlaflow.policies.distill import distill, parse_dims
+    from vlaflow.train.objectives.distill import distill, parse_dims
 
     teacher = _teacher(store, tmp_path, "flow")
     kw = dict(
@@ -149,7 +149,7 @@ def test_narrower_student_learns_from_scratch_and_loads(store, tmp_path):
 
 def test_mlp_student_trains_on_a_cached_fixed_teacher_set(store, tmp_path, monkeypatch):
     import vlaflow
-    import vlaflow.policies.distill as D
+    import vlaflow.train.objectives.distill as D
     from vlaflow.errors import ConfigError
 
     teacher = _teacher(store, tmp_path, "flow")
@@ -193,7 +193,7 @@ def test_mlp_student_trains_on_a_cached_fixed_teacher_set(store, tmp_path, monke
 
 def test_parse_student_net():
     from vlaflow.errors import ConfigError
-    from vlaflow.policies.distill import parse_student_net
+    from vlaflow.train.objectives.distill import parse_student_net
 
     assert parse_student_net("mlp:1024x3") == ("mlp", (1024, 3))
     assert parse_student_net("MLP") == ("mlp", None)
@@ -205,7 +205,7 @@ def test_parse_student_net():
 
 
 def test_narrower_unet_starts_from_a_channel_subset_of_the_teacher(store, tmp_path):
-    import vlaflow.policies.distill as D
+    import vlaflow.train.objectives.distill as D
     from vlaflow.errors import ConfigError
     from vlaflow.policies.checkpoint import load_checkpoint
     from vlaflow.policies.registry import build_policy

@@ -248,7 +248,8 @@ def test_train_cli_end_to_end(store_path, tmp_path, capsys):
 
 def test_training_lowers_the_loss_and_checkpoints_hold_the_ema(store_path, tmp_path):
     from vlaflow.policies import load_checkpoint
-    from vlaflow.train.trainer import _make_batch, build_run_policy, open_training_data, train
+    from vlaflow.train.objectives.bc import make_batch
+    from vlaflow.train.trainer import build_run_policy, open_training_data, train
 
     cfg = tiny_cfg("train.steps=40", "train.lr=3e-3", "train.ckpt_every=0")
     res = train(cfg, store_path, tmp_path / "r")
@@ -256,7 +257,7 @@ def test_training_lowers_the_loss_and_checkpoints_hold_the_ema(store_path, tmp_p
     torch.manual_seed(cfg.train.seed)
     init = build_run_policy(cfg, stats, store)  # the same initial weights the run started from
     trained = load_checkpoint(res.last_ckpt)
-    batch = _make_batch(ws, np.arange(len(ws)))
+    batch = make_batch(ws, np.arange(len(ws)))
 
     def loss(p):  # every window, fixed noise and diffusion times
         torch.manual_seed(123)
@@ -488,3 +489,181 @@ def test_pusht_benchmark_runner_appends_rows(tmp_path):
             0.0 <= row["mean_score"] <= 1.0 and row["seeds"] == "100000..100001" and row["train_steps"] == 3
         )
         assert {"success_rate", "train_minutes", "command", "machine", "versions"} <= set(row)
+
+
+# ----------------------------------------------------------------------------------------- the loop's seams
+def test_train_needs_an_evaluator_for_rollouts_and_does_not_import_the_simulators(store_path, tmp_path):
+    from vlaflow.train.trainer import train
+
+    with pytest.raises(ConfigError, match="no evaluate callable"):
+        train(tiny_cfg("eval.task=pick_place"), store_path, tmp_path / "r")
+    code = (
+        "import sys, vlaflow.train.trainer, vlaflow.train.loop, vlaflow.train.objectives.distill; "
+        "print(sorted(m for m in sys.modules if m.startswith('vlaflow.sim') or m.startswith('vlaflow.cli')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_periodic_evaluation_through_an_evaluate_callable_selects_best(store_path, tmp_path):
+    from vlaflow.train.trainer import train
+
+    calls = []
+
+    def evaluate(policy, *, n_episodes, out_dir, video, ckpt):
+        step = json.loads((ckpt / "train_state.json").read_text())["step"]
+        calls.append((step, n_episodes, video, out_dir.name, policy.training))
+        return {"score": {5: 0.3, 10: 0.8, 15: 0.5}.get(step, 0.6), "success_rate": 0.1}
+
+    cfg = tiny_cfg("train.steps=17", "train.eval_every=5", "train.eval_episodes=3", "eval.final_episodes=7")
+    res = train(apply_overrides(cfg, ["eval.task=pick_place"]), store_path, tmp_path / "r", evaluate=evaluate)
+    assert calls == [
+        (5, 3, False, "step_0000005", False),
+        (10, 3, False, "step_0000010", False),
+        (15, 3, False, "step_0000015", False),
+        (17, 7, True, "step_0000017", False),  # the final evaluation, with video
+    ]
+    assert res.best_score == 0.8 and res.final_eval["score"] == 0.6
+    best = json.loads((res.best_ckpt / "train_state.json").read_text())
+    assert best["step"] == 10 and best["best_step"] == 10
+    rows = (tmp_path / "r" / "log.csv").read_text().splitlines()
+    assert sum(",eval," in r for r in rows) == 4 and rows[0].startswith(
+        "step,kind,loss,lr,grad_norm,ema_decay"
+    )
+
+
+def _toy_actor_critic():
+    """An RL-shaped objective: a tiny diffusion policy (deployed) + a critic trained beside it at 10x lr,
+    a counter as objective state, batches drawn on the loop's thread."""
+    from vlaflow.policies import DiffusionConfig, NetConfig, UNetConfig, build_policy
+    from vlaflow.train.objective import Objective
+
+    z = {k: np.zeros(d, np.float32) for k, d in (("action", 3), ("obs.state", 5))}
+    stats = {k: {"min": v - 3, "max": v + 3, "mean": v, "std": v + 1} for k, v in z.items()}
+    net = NetConfig(
+        kind="unet", unet=UNetConfig(down_dims=(8, 16), kernel_size=3, n_groups=4, step_embed_dim=8)
+    )
+    cfg = DiffusionConfig(obs_shapes={"obs.state": (5,)}, action_dim=3, horizon=8, n_action_steps=4, net=net)
+
+    class ActorCritic(Objective):
+        prefetch = "none"
+
+        def __init__(self):
+            torch.manual_seed(0)
+            self.module = torch.nn.ModuleDict(
+                {"actor": build_policy(cfg, stats), "critic": torch.nn.Linear(10, 1)}
+            )
+            self.updates = torch.zeros(())
+
+        def param_groups(self):
+            m = self.module
+            critic = {"params": list(m["critic"].parameters()), "lr_scale": 10.0}
+            return [{"params": list(m["actor"].parameters())}, critic]
+
+        def batch(self, step):
+            g = torch.Generator().manual_seed(step)
+            return {
+                "obs.state": torch.randn(4, 2, 5, generator=g),
+                "action": torch.randn(4, 8, 3, generator=g),
+            }
+
+        def loss(self, batch):
+            bc, _ = self.module["actor"].compute_loss(batch)
+            v = self.module["critic"](batch["obs.state"].flatten(1)).squeeze(-1)
+            value_loss = ((v - batch["action"].sum((1, 2))) ** 2).mean()
+            return bc + value_loss, {"value_loss": float(value_loss.detach())}
+
+        def after_step(self, step):
+            self.updates += 1
+            return {"updates": float(self.updates)}
+
+        def deploy(self, module):
+            return module["actor"]
+
+        def extra_state(self):
+            return {"updates": self.updates.clone()}
+
+        def load_extra_state(self, tensors, where):
+            self.updates = tensors["updates"].clone()
+
+    return ActorCritic
+
+
+def test_an_actor_critic_objective_fits_the_loop_and_resumes_exactly(tmp_path):
+    """Resumed at step 4 of a constant-lr run (the cut run's schedule is the full run's): bit-identical."""
+    import dataclasses
+
+    import vlaflow
+    from vlaflow.train.loop import LoopConfig, RunMeta, TrainingLoop
+
+    ActorCritic = _toy_actor_critic()
+
+    def run(out, steps, resume=False):
+        lc = LoopConfig(steps=steps, batch_size=4, lr=1e-3, schedule="constant", ema=True, grad_clip=1.0)
+        lc = dataclasses.replace(lc, log_every=2, ckpt_every=3, num_threads=1, progress=False, device="cpu")
+        loop = TrainingLoop(lc, out, resume=resume)
+        obj = ActorCritic()
+        meta = RunMeta(config={"steps": steps, "lr": 1e-3}, resumable=frozenset({"steps"}))
+        return loop.run(obj, meta=meta), obj
+
+    ref, ref_obj = run(tmp_path / "ref", 8)
+    run(tmp_path / "cut", 4)
+    res, obj = run(tmp_path / "cut", 8, resume=True)
+    assert res.step == 8 and float(obj.updates) == float(ref_obj.updates) == 8
+    a, b = weights(ref.last_ckpt), weights(res.last_ckpt)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("ema/critic.") for k in a) and "objective/updates" in a
+    assert any(k.startswith("model/critic.") for k in a)
+    assert not any(k.startswith("critic") for k in load_file(str(ref.last_ckpt / "model.safetensors")))
+    header = (tmp_path / "ref" / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"updates", "value_loss", "loss", "grad_norm"} <= set(header)
+    rt = vlaflow.load_policy(ref.last_ckpt)  # the deployed part is a plain policy checkpoint
+    assert rt.infer({"obs.state": np.zeros((2, 5), np.float32)}).actions.shape == (8, 3)
+    with pytest.raises(ConfigError, match=r"(?s)cannot resume.*lr: 0.001 -> 0.002"):
+        lc = LoopConfig(steps=9, batch_size=4, lr=1e-3, num_threads=1, progress=False, device="cpu")
+        TrainingLoop(lc, tmp_path / "ref", resume=True).run(
+            ActorCritic(), meta=RunMeta(config={"steps": 9, "lr": 2e-3}, resumable=frozenset({"steps"}))
+        )
+
+
+def test_critic_group_gets_its_learning_rate_scale(monkeypatch):
+    from vlaflow.train.loop import LoopConfig, TrainingLoop
+
+    ActorCritic = _toy_actor_critic()
+    seen, groups = [], []
+
+    class Watch(ActorCritic):
+        def after_step(self, step):
+            seen.append([g["lr"] for g in groups[0]])
+
+    real = torch.optim.AdamW
+
+    def spy(params, **kw):
+        opt = real(params, **kw)
+        groups.append(opt.param_groups)
+        return opt
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    lc = LoopConfig(steps=3, lr=1e-3, warmup_steps=2, num_threads=1, progress=False, device="cpu")
+    TrainingLoop(lc).run(Watch())
+    assert (
+        seen[0] == [0.0, 0.0] and seen[1] == pytest.approx([5e-4, 5e-3]) and seen[2][1] == pytest.approx(1e-2)
+    )
+
+
+def test_fused_adamw_is_float_rounding_away_from_the_default(store_path, tmp_path):
+    from vlaflow.train.trainer import train
+
+    a = train(tiny_cfg("train.steps=10", "train.log_every=1"), store_path, tmp_path / "a")
+    b = train(
+        tiny_cfg("train.steps=10", "train.log_every=1", "train.fused_adamw=true"), store_path, tmp_path / "b"
+    )
+
+    def losses(run):
+        return [float(r.split(",")[2]) for r in (run / "log.csv").read_text().splitlines()[1:]]
+
+    np.testing.assert_allclose(losses(tmp_path / "b"), losses(tmp_path / "a"), rtol=1e-5)
+    wa, wb = weights(a.last_ckpt), weights(b.last_ckpt)
+    for k in wa:
+        if wa[k].is_floating_point():
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)

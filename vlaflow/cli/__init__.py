@@ -36,13 +36,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("vlaflow.cli.sim", "record successful scripted-expert rollouts into an episode store"),
     "teleop": ("vlaflow.cli.sim", "drive a simulated task from the keyboard and record episodes"),
     "eval": ("vlaflow.cli.sim", "evaluate a policy by rollouts (parallel workers, report.json, videos)"),
-    "train": ("vlaflow.train.commands", "train a policy from a preset on an episode store"),
-    "demo": ("vlaflow.train.commands", "the full demo: collect demos, train a policy, evaluate it"),
+    "train": ("vlaflow.cli.train", "train a policy from a preset on an episode store"),
+    "demo": ("vlaflow.cli.train", "the full demo: collect demos, train a policy, evaluate it"),
     "compose": (
         "vlaflow.cli.compose",
         "compose pretrained denoising policies (GPC) and search weights",
     ),
-    "distill": ("vlaflow.policies.distill", "distill a one-step consistency head from a teacher checkpoint"),
+    "distill": ("vlaflow.cli.distill", "distill a one-step consistency head from a teacher checkpoint"),
     "export": (
         "vlaflow.cli.export",
         "export a policy to ONNX (encoder + per-step denoiser) with parity report",

@@ -65,6 +65,7 @@ class ReplayPolicy:
 
         self.store_path = str(store_path)
         store = EpisodeStore.open(store_path)
+        store.require_intact()  # missing chunks would read as zeros: refuse before any work
         keys = store.keys
         if "action" not in keys:
             raise VlaflowError(f"{store_path}: replay needs an 'action' key; the store has {sorted(keys)}")

@@ -1,6 +1,9 @@
-"""Training: configs and presets, the loop (AdamW, EMA, rollout-selected checkpoints, DDP, resume), CLI.
+"""Training: configs and presets, the one loop (AdamW, EMA, DDP, resume) and its objectives.
 
 ``from vlaflow.train import train, RunConfig, get_preset`` — heavy imports (torch) happen on first use.
+The loop is :mod:`vlaflow.train.loop`; objectives (behaviour cloning, one-step distillation) are in
+:mod:`vlaflow.train.objectives`. The command line (``vlaflow train | demo | distill``) is in
+:mod:`vlaflow.cli`.
 """
 
 from __future__ import annotations

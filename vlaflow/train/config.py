@@ -40,6 +40,9 @@ class TrainConfig:
     ema_max: float = 0.9999  # EMA decay ceiling
     ema_min: float = 0.0  # EMA decay floor
     grad_clip: float = 10.0  # max global gradient norm (0 = no clipping)
+    # AdamW's fused kernel: ~3% faster CPU steps, last-bit float differences (the PushT preset's 300-step
+    # loss curve: 290 of 300 values equal at 6 digits, max relative difference 1.7e-6); off = bit-exact
+    fused_adamw: bool = False
     eval_every: int = 0  # rollout-evaluate the EMA policy every N steps (0 = only at the end)
     eval_episodes: int = 10  # rollouts per periodic evaluation
     eval_at_end: bool = True  # rollout-evaluate after the last step too

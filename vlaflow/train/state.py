@@ -5,7 +5,9 @@ Layout of one checkpoint directory::
     config.json, model.safetensors, normalizer.json   the policy's own files (EMA weights when EMA is on):
                                                        ``vlaflow.load_policy(dir)`` loads them for inference
     train_state.safetensors                           raw (non-EMA) weights "model/<name>" and AdamW moments
-                                                       "optim/<param index>/<name>"
+                                                       "optim/<param index>/<name>"; when the trained module
+                                                       is more than the deployed policy (RL critics), its EMA
+                                                       "ema/<name>"; an objective's own "objective/<name>"
     train_state.json                                  step, seed, best score, elapsed time, run config
 
 The learning rate is a pure function of the step and the RNG is derived from (seed, step) (see
@@ -69,13 +71,16 @@ def save_training_checkpoint(
     raw_policy: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a complete checkpoint at ``dest`` atomically (temp dir + rename)."""
+    """Write a complete checkpoint at ``dest`` atomically (temp dir + rename); ``extra`` tensors join the
+    resume state under their own (prefixed) names."""
     dest = Path(dest)
     with atomic_directory(dest, overwrite=True) as tmp:
         write_checkpoint_files(tmp, deploy_policy)
         tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in raw_policy.state_dict().items()}
         tensors.update(optimizer_tensors(optimizer))
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
         save_file(tensors, str(tmp / TRAIN_STATE_TENSORS))
         state_doc = {"format": FORMAT, "version": VERSION, **state}
         (tmp / TRAIN_STATE_JSON).write_text(json.dumps(state_doc, indent=1))

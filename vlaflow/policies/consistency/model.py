@@ -5,7 +5,7 @@ head and lives on the teacher's Gaussian path; ``predict(x_t, t, cond)`` returns
 (``x0``, or ``velocity`` for flow teachers so that the teacher's own weights are a good start:
 x0 = x_1 - u at t = 1). Sampling is one evaluation at the teacher's start time: the teacher's initial noise
 goes in, the teacher's final action (approximately) comes out. Trained by ``vlaflow distill``
-(:mod:`vlaflow.policies.distill`) on teacher (noise, trajectory, final action) data, not by
+(:mod:`vlaflow.train.objectives.distill`) on teacher (noise, trajectory, final action) data, not by
 ``compute_loss`` on demonstrations.
 """
 

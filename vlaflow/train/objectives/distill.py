@@ -1,4 +1,4 @@
-"""``vlaflow distill --teacher CKPT --data STORE --out DIR``: a one-step consistency student from a teacher.
+"""One-step consistency distillation as an objective of the training loop (``vlaflow distill``).
 
 What is trained (say it plainly): **distillation of the teacher's sampling ODE onto its trajectories**.
 Observation windows are drawn from the store; for each, the teacher runs its own deterministic sampler
@@ -7,123 +7,54 @@ The student f(x_t, t, obs) is regressed onto the chain's final action from (a) t
 teacher's start time (the one-step map that inference uses) and (b) one random intermediate state of the
 same chain (the consistency property along the probability-flow ODE: every point of a trajectory maps
 to its end). Teacher data are generated on the fly into a pool that is refreshed as training goes, or,
-with ``--teacher-pairs N``, generated once up front (optionally kept in ``--teacher-cache FILE`` for the
-next student): the teacher's K-step sampling then stops costing every update, so a cheap student takes
-many more updates in the same wall time.
+with ``teacher_pairs_n=N`` (``--teacher-pairs N``), generated once up front (optionally kept in a cache
+file for the next student): the teacher's K-step sampling then stops costing every update, so a cheap
+student takes many more updates in the same wall time. The pool's refreshes run on the loop's background
+batch thread, beside the student's updates.
 
-By default the student has the teacher's nets and starts from the teacher's weights. ``--student-dims``
+By default the student has the teacher's nets and starts from the teacher's weights. ``student_dims``
 gives the student a narrower U-Net (e.g. ``32,64,128`` under a ``64,128,256`` teacher: about a quarter
 of the multiply-adds per evaluation, for control loops whose latency budget the teacher's net misses);
-it then starts from scratch, except for any non-head (observation encoder) weights of matching shape.
-``--student-net mlp:1024x3`` gives it a residual-MLP head instead (width x blocks; `nets/mlp.py`), a few
-matrix-vector products per evaluation: the head to use when the control step must fit in a millisecond
-or two on a CPU.
+it then starts from a channel subset of the teacher's U-Net (:func:`vlaflow.policies.nets.unet1d.
+narrowed_state`) or from scratch, keeping any non-head (observation encoder) weights of matching shape.
+``student_net="mlp:1024x3"`` gives it a residual-MLP head instead (width x blocks; ``nets/mlp.py``), a
+few matrix-vector products per evaluation: the head to use when the control step must fit in a
+millisecond or two on a CPU.
 A flow teacher's student keeps the velocity output (x0 = x_1 - u at t = 1 is the teacher's own one-step
 Euler estimate), a diffusion teacher's student outputs x0. The result is a policy checkpoint (family
 ``consistency``) that ``vlaflow.load_policy`` and ``vlaflow eval`` use like any other, with one network
 evaluation per chunk.
+
+The pieces: :func:`student_config` (the student's config), :func:`teacher_pairs` / :func:`teacher_set`
+(teacher data, the fixed set's cache), the narrowed-U-Net start (:func:`narrowable`,
+:func:`narrowed_unet_state`), :class:`OneStepDistillation` (the batch source and the student loss) and
+:func:`distill` (all of it on :class:`vlaflow.train.loop.TrainingLoop`).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
 
 from vlaflow.errors import ConfigError, VlaflowError
-
-
-def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True, help="teacher checkpoint directory (diffusion or flow)")
-    parser.add_argument("--data", required=True, help="episode store whose observations drive the teacher")
-    parser.add_argument("--out", required=True, help="output checkpoint directory for the student")
-    parser.add_argument("--minutes", type=float, default=12.0, help="wall-clock training budget (default 12)")
-    parser.add_argument("--steps", type=int, default=0, help="stop after this many updates (0 = budget only)")
-    parser.add_argument("--batch-size", type=int, default=128, help="student minibatch size (default 128)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    parser.add_argument(
-        "--lr-decay",
-        choices=("none", "cosine"),
-        default="none",
-        help="learning-rate schedule over the budget (steps or minutes, whichever ends first): constant "
-        "(default) or cosine to zero, which helps a from-scratch student fit the teacher closely",
-    )
-    parser.add_argument(
-        "--pool", type=int, default=4096, help="teacher pairs kept in the pool (default 4096)"
-    )
-    parser.add_argument(
-        "--refresh", type=int, default=256, help="new teacher pairs generated every 10 updates (default 256)"
-    )
-    parser.add_argument(
-        "--chain-weight", type=float, default=0.5, help="weight of the intermediate-state loss (default 0.5)"
-    )
-    parser.add_argument("--teacher-sampler", default="", help="teacher sampler (default: its config's)")
-    parser.add_argument("--teacher-steps", type=int, default=0, help="teacher steps (default: its config's)")
-    parser.add_argument(
-        "--student-dims",
-        default="",
-        help="U-Net widths of a smaller student, e.g. 32,64,128 (default: the teacher's net and weights)",
-    )
-    parser.add_argument(
-        "--student-net",
-        default="",
-        help="student head: mlp:WIDTHxBLOCKS (e.g. mlp:1024x3) or unet:D1,D2,D3 "
-        "(default: the teacher's net and weights)",
-    )
-    parser.add_argument(
-        "--student-init",
-        choices=("auto", "teacher", "scratch"),
-        default="auto",
-        help="a narrower U-Net student starts from a channel subset of the teacher's weights (auto, "
-        "teacher) or from random weights (scratch); other heads always start from scratch",
-    )
-    parser.add_argument(
-        "--teacher-pairs",
-        type=int,
-        default=0,
-        help="generate this many teacher pairs once, up front, and train on that fixed set "
-        "(default 0: an on-the-fly pool of --pool pairs, --refresh new ones every 10 updates)",
-    )
-    parser.add_argument(
-        "--teacher-cache",
-        default="",
-        help="file for the --teacher-pairs set: loaded when it exists (and was made by the same teacher, "
-        "sampler, steps and store), else written after generation",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for windows and noise (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_distill(args: argparse.Namespace) -> int:
-    summary = distill(
-        teacher=args.teacher,
-        data=args.data,
-        out=args.out,
-        minutes=args.minutes,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_decay=args.lr_decay,
-        pool=args.pool,
-        refresh=args.refresh,
-        chain_weight=args.chain_weight,
-        teacher_sampler=args.teacher_sampler,
-        teacher_steps=args.teacher_steps,
-        student_dims=parse_dims(args.student_dims),
-        student_net=args.student_net,
-        teacher_pairs_n=args.teacher_pairs,
-        teacher_cache=args.teacher_cache,
-        student_init=args.student_init,
-        seed=args.seed,
-        threads=args.threads,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
+from vlaflow.policies.base_config import MLPConfig
+from vlaflow.policies.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
+from vlaflow.policies.consistency.config import ConsistencyConfig
+from vlaflow.policies.contract import batch_obs
+from vlaflow.policies.conversions import to_x0_eps
+from vlaflow.policies.nets.unet1d import narrowed_state
+from vlaflow.policies.registry import build_policy
+from vlaflow.train.loop import LoopConfig, TrainingLoop
+from vlaflow.train.objective import Objective
 
 
 def parse_dims(text: str) -> tuple[int, ...] | None:
@@ -169,11 +100,6 @@ def parse_student_net(text: str):
 def student_config(teacher, teacher_path: str, sampler: str, steps: int, down_dims=None, net_spec=None):
     """The student's config: the teacher's shapes, encoders and net (or a U-Net of ``down_dims`` widths, or
     the head of ``net_spec`` from :func:`parse_student_net`); its path; the start time of its grid."""
-    import dataclasses
-
-    from vlaflow.policies.base_config import MLPConfig
-    from vlaflow.policies.consistency.config import ConsistencyConfig
-
     tc = teacher.config
     fam = tc.family
     if fam not in ("diffusion", "flow"):
@@ -221,10 +147,6 @@ def teacher_pairs(teacher, ws, idx, sampler: str, steps: int, generator):
 
     Everything in normalized action units; (B, H, Da) tensors.
     """
-    import torch
-
-    from vlaflow.policies.contract import batch_obs
-
     batch = ws.get_batch(idx)
     obs = {k: torch.from_numpy(v) for k, v in batch_obs(batch, teacher.config.obs_shapes).items()}
     with torch.no_grad():
@@ -262,7 +184,6 @@ def narrowable(teacher_net, student_net) -> bool:
 def narrowed_unet_state(teacher_sd: dict, student_sd: dict, groups: int) -> dict:
     """Policy state dicts -> the student's ``head.*`` weights cut from the teacher's U-Net head
     (:func:`vlaflow.policies.nets.unet1d.narrowed_state`)."""
-    from vlaflow.policies.nets.unet1d import narrowed_state
 
     def head(sd):
         return {k[len("head.") :]: v for k, v in sd.items() if k.startswith("head.")}
@@ -272,8 +193,6 @@ def narrowed_unet_state(teacher_sd: dict, student_sd: dict, groups: int) -> dict
 
 def _concat_pairs(parts: list[tuple], keep: int) -> tuple:
     """Teacher-pair tuples -> one, keeping the newest ``keep``."""
-    import torch
-
     obs = {}
     for k in parts[0][0]:
         vals = [p[0][k] for p in parts]
@@ -287,11 +206,7 @@ def _concat_pairs(parts: list[tuple], keep: int) -> tuple:
 def _cache_meta(teacher: str, data: str, sampler: str, steps: int) -> dict:
     """What made a teacher set: the teacher (path and a hash of its weights, so a retrained teacher at the
     same path does not reuse stale pairs), the store, the sampler and its steps."""
-    import hashlib
-
     h = hashlib.sha256()
-    from vlaflow.policies.checkpoint import MODEL_FILE
-
     with open(Path(teacher) / MODEL_FILE, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
@@ -309,9 +224,6 @@ def teacher_set(
 ) -> tuple[tuple, bool]:
     """(``n`` teacher pairs, whether they were read from ``cache``): made by ``fresh(k)`` in chunks (with a
     progress bar) and written to ``cache``, unless that file exists."""
-    import torch
-    from tqdm.auto import tqdm
-
     if cache and Path(cache).is_file():
         blob = torch.load(cache, weights_only=True)
         if blob["meta"] != meta:
@@ -335,6 +247,71 @@ def teacher_set(
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"meta": meta, "pairs": pairs}, cache)
     return pairs, False
+
+
+class OneStepDistillation(Objective):
+    """Teacher pairs -> the student's one-step (and chain-state) regression onto the teacher's final x0.
+
+    ``buf`` holds the pairs (obs, noise, mid state, mid time, final x0; normalized action units, (B, H, Da)).
+    Without ``fixed``, ``fresh(refresh)`` new pairs join the pool every 10 updates (newest ``pool`` kept):
+    a source with state, prepared ahead in step order ("sequential").
+    """
+
+    prefetch = "sequential"
+
+    def __init__(self, student, buf: tuple, fresh, *, batch_size: int, rng: np.random.Generator,
+                 fixed: bool, pool: int, refresh: int, chain_weight: float):  # fmt: skip
+        self.module = student
+        self.buf, self.fresh, self.rng = buf, fresh, rng
+        self.batch_size, self.fixed, self.pool, self.refresh = batch_size, fixed, pool, refresh
+        self.chain_weight = chain_weight
+        self.start_time = student.config.start_time
+
+    def batch(self, step: int) -> tuple:
+        if step % 10 == 0 and step > 0 and not self.fixed:
+            self.buf = _concat_pairs([self.buf, self.fresh(self.refresh)], self.pool)
+        n = self.buf[1].shape[0]
+        sel = torch.from_numpy(self.rng.integers(0, n, size=self.batch_size))
+        obs = {k: v[sel] for k, v in self.buf[0].items()}
+        return (obs, *(x[sel] for x in self.buf[1:]))
+
+    def loss(self, batch: tuple) -> tuple[Tensor, dict[str, Any]]:
+        obs, noise, mid, mid_t, target = batch
+        student = self.module
+        cond = student.encode(obs)
+        loss = torch.nn.functional.mse_loss(student.x0_at(noise, self.start_time, cond), target)
+        if self.chain_weight > 0:
+            x0_mid = _x0_at_times(student, mid, mid_t, cond)
+            loss = loss + self.chain_weight * torch.nn.functional.mse_loss(x0_mid, target)
+        return loss, {}
+
+
+def _start_student(tpol, cfg, stats, student_init: str, device: str):
+    """(student, how it started): the teacher's weights (same net), a channel subset of its U-Net, or
+    scratch (matching observation-encoder weights copied)."""
+    student = build_policy(cfg, stats).to(device)
+    if cfg.net == tpol.config.net:
+        missing = student.load_state_dict(tpol.state_dict(), strict=False)
+        if missing.unexpected_keys or missing.missing_keys:
+            raise VlaflowError(f"teacher and student nets differ: {missing}")
+        return student, "teacher"
+    own = student.state_dict()
+    shared = {
+        k: v
+        for k, v in tpol.state_dict().items()
+        if not k.startswith("head.") and k in own and own[k].shape == v.shape
+    }
+    init = "scratch"
+    if student_init != "scratch" and narrowable(tpol.config.net, cfg.net):
+        shared |= narrowed_unet_state(tpol.state_dict(), own, cfg.net.unet.n_groups)
+        init = "teacher channels"
+    elif student_init == "teacher":
+        raise ConfigError(
+            "--student-init teacher needs a U-Net student no wider than the teacher's U-Net, with "
+            "its levels, kernel, groups and step embedding"
+        )
+    student.load_state_dict(shared, strict=False)
+    return student, init
 
 
 def distill(
@@ -361,15 +338,11 @@ def distill(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Train a one-step student of ``teacher`` on ``data``'s observations; returns a summary dict."""
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
+    """Train a one-step student of ``teacher`` on ``data``'s observations into the checkpoint ``out``
+    (``out/distill.json`` holds the returned summary). The budget is ``minutes`` of wall time from the
+    start (a fixed teacher set's generation not counted) or ``steps`` updates, whichever ends first."""
     from vlaflow.data.store import EpisodeStore
     from vlaflow.data.windows import WindowSampler
-    from vlaflow.policies.checkpoint import load_checkpoint, save_checkpoint
-    from vlaflow.policies.registry import build_policy
 
     if minutes <= 0 and steps <= 0:
         raise ConfigError("give a budget: --minutes > 0 or --steps > 0")
@@ -397,30 +370,9 @@ def distill(
     stats = {
         k: {s: np.asarray(v) for s, v in st.items()} for k, st in tpol.normalizer.to_dict()["stats"].items()
     }
-    student = build_policy(cfg, stats).to(device)
-    init = "teacher"
-    if cfg.net == tpol.config.net:
-        missing = student.load_state_dict(tpol.state_dict(), strict=False)
-        if missing.unexpected_keys or missing.missing_keys:
-            raise VlaflowError(f"teacher and student nets differ: {missing}")
-    else:  # another head: observation encoders of the same shape are copied
-        own = student.state_dict()
-        shared = {
-            k: v
-            for k, v in tpol.state_dict().items()
-            if not k.startswith("head.") and k in own and own[k].shape == v.shape
-        }
-        init = "scratch"
-        if student_init != "scratch" and narrowable(tpol.config.net, cfg.net):
-            shared |= narrowed_unet_state(tpol.state_dict(), own, cfg.net.unet.n_groups)
-            init = "teacher channels"
-        elif student_init == "teacher":
-            raise ConfigError(
-                "--student-init teacher needs a U-Net student no wider than the teacher's U-Net, with "
-                "its levels, kernel, groups and step embedding"
-            )
-        student.load_state_dict(shared, strict=False)
+    student, init = _start_student(tpol, cfg, stats, student_init, device)
     store = EpisodeStore.open(data)
+    store.require_intact()  # missing chunks would read as zeros: refuse before any work
     keys = list(cfg.obs_shapes)
     absent = [k for k in keys if k not in store.keys]
     if absent:
@@ -431,7 +383,7 @@ def distill(
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
 
-    def fresh(n):
+    def fresh(n):  # module-level teacher_pairs looked up per call (tests count the calls)
         return teacher_pairs(tpol, ws, rng.integers(0, len(ws), size=n), sampler, n_steps, gen)
 
     # held-out check set: the student's one-step error to the teacher on fresh windows and noise
@@ -445,44 +397,33 @@ def distill(
         buf = fresh(min(pool, max(batch_size, refresh * 4)))
     t_train = time.perf_counter()
     teacher_s = t_train - t_teacher
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-6)
     # the budget counts from the start; a fixed teacher set's generation is reported apart (teacher_set_s)
-    deadline = (
-        t_start + (minutes * 60 if minutes > 0 else float("inf")) + (teacher_s if teacher_pairs_n else 0.0)
+    left = (
+        (t_start + minutes * 60 + (teacher_s if teacher_pairs_n else 0.0) - t_train) if minutes > 0 else 0.0
     )
-    bar = tqdm(total=steps or None, desc="distill", unit="step", disable=not progress)
-    step, losses = 0, []
-    student.train()
-    while True:
-        if steps and step >= steps:
-            break
-        now = time.perf_counter()
-        if now > deadline:
-            break
-        if step % 10 == 0 and step > 0 and not teacher_pairs_n:
-            buf = _concat_pairs([buf, fresh(refresh)], pool)
-        if lr_decay == "cosine":  # by the fraction of the budget spent, steps or wall time
-            frac = max(step / steps if steps else 0.0, (now - t_train) / (deadline - t_train))
-            for g in opt.param_groups:
-                g["lr"] = lr * 0.5 * (1.0 + np.cos(np.pi * min(frac, 1.0)))
-        n = buf[1].shape[0]
-        sel = torch.from_numpy(rng.integers(0, n, size=batch_size))
-        obs = {k: v[sel] for k, v in buf[0].items()}
-        noise, mid, mid_t, target = (x[sel].to(device) for x in buf[1:])
-        cond = student.encode(obs)
-        loss = torch.nn.functional.mse_loss(student.x0_at(noise, cfg.start_time, cond), target)
-        if chain_weight > 0:
-            x0_mid = _x0_at_times(student, mid, mid_t.to(device), cond)
-            loss = loss + chain_weight * torch.nn.functional.mse_loss(x0_mid, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    bar.close()
+    objective = OneStepDistillation(
+        student, buf, fresh, batch_size=batch_size, rng=rng, fixed=bool(teacher_pairs_n), pool=pool,
+        refresh=refresh, chain_weight=chain_weight,
+    )  # fmt: skip
+    updates, losses = 0, []
+    if minutes <= 0 or left > 0:
+        loop_cfg = LoopConfig(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            betas=(0.9, 0.999),  # AdamW's defaults
+            weight_decay=1e-6,
+            schedule="budget_cosine" if lr_decay == "cosine" else "constant",
+            grad_clip=10.0,
+            seed=seed,
+            max_seconds=left,
+            device=device,
+            num_threads=torch.get_num_threads(),
+            progress=progress,
+            desc="distill",
+        )
+        res = TrainingLoop(loop_cfg).run(objective)
+        updates, losses = res.step, res.recent_losses
     student.eval()
     with torch.no_grad():
         cond = student.encode(val[0])
@@ -505,10 +446,10 @@ def distill(
         if cfg.net.kind != "mlp"
         else f"mlp:{cfg.net.mlp.width}x{cfg.net.mlp.n_blocks}",
         "student_init": init,
-        "updates": step,
+        "updates": updates,
         "lr": lr,
         "lr_decay": lr_decay,
-        "teacher_pairs": int(buf[1].shape[0]) if teacher_pairs_n else None,
+        "teacher_pairs": int(objective.buf[1].shape[0]) if teacher_pairs_n else None,
         "teacher_set_s": round(teacher_s, 1) if teacher_pairs_n else None,  # reading it, when cached
         "teacher_set_cached": cached if teacher_pairs_n else None,
         "train_s": round(time.perf_counter() - t_train, 1),
@@ -527,10 +468,6 @@ def distill(
 
 def _x0_at_times(student, x_t, t, cond):
     """x0 estimates at per-sample times (B,)."""
-    import torch
-
-    from vlaflow.policies.conversions import to_x0_eps
-
     b = x_t.shape[0]
     pred = student.predict(x_t, t, cond)
     a = student.path.alpha(t).view(b, 1, 1)
@@ -542,8 +479,6 @@ def _x0_at_times(student, x_t, t, cond):
 
 def _teacher_onestep(teacher, val):
     """The teacher's own one-evaluation estimate from the same noise (a baseline for the student's error)."""
-    import torch
-
     with torch.no_grad():
         cond = teacher.encode(val[0])
         return teacher.denoise(cond, noise=val[1], num_steps=1).x0

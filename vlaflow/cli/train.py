@@ -1,14 +1,105 @@
-"""``vlaflow train`` and ``vlaflow demo``."""
+"""``vlaflow train`` and ``vlaflow demo``, and the rollout evaluator they hand to the training loop.
+
+The training library (:mod:`vlaflow.train`) does not import the simulators; this module wires them in:
+:func:`rollout_evaluator` turns a run config's ``eval`` section into the ``evaluate`` callable of
+:func:`vlaflow.train.trainer.train`, and the demo collects its demonstrations with :mod:`vlaflow.sim`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlaflow.errors import ConfigError, VlaflowError
+from vlaflow.train.config import EvalConfig, RunConfig
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class RolloutEvaluator:
+    """Scores a policy by rollouts through the sim harness (:func:`vlaflow.sim.evaluate.evaluate`).
+
+    With ``eval.n_workers > 1`` and a saved checkpoint, episodes run in that many worker processes (each
+    loads the checkpoint); otherwise the in-memory policy runs in this process. ``sampler`` / ``num_steps``
+    override the policy's inference sampler.
+    """
+
+    eval: EvalConfig  # task, obs mode, seeds, episode length, workers
+    progress: bool = True  # progress bar over episodes
+    sampler: str | None = None  # inference sampler override
+    num_steps: int | None = None  # inference steps override
+
+    def __call__(
+        self, policy, *, n_episodes: int, out_dir: Path, video: bool = False, ckpt: Path | None = None
+    ):
+        """Returns {"score", "success_rate", "n_errors", "report"}."""
+        from vlaflow.sim.evaluate import evaluate
+
+        if self.eval.n_workers > 1 and ckpt is not None:
+            import functools
+
+            from vlaflow.policies.runtime import load_policy
+
+            target = functools.partial(load_policy, str(ckpt), sampler=self.sampler, num_steps=self.num_steps)
+            workers = self.eval.n_workers
+        else:
+            from vlaflow.policies.runtime import PolicyRuntime
+
+            target, workers = PolicyRuntime(policy, sampler=self.sampler, num_steps=self.num_steps), 0
+        report = evaluate(
+            target,
+            task=self.eval.task,
+            workers=workers,
+            out_dir=out_dir,
+            n_episodes=n_episodes,
+            start_seed=self.eval.seed_start,
+            max_steps=self.eval.max_steps or None,
+            videos=1 if video else 0,
+            obs_mode=self.eval.obs_mode,
+            progress=self.progress,
+        )
+        return _summary(report)
+
+
+def rollout_evaluator(cfg: RunConfig, sampler: str | None = None, num_steps: int | None = None):
+    """The evaluator of ``cfg.eval`` (None when the run asks for no rollouts: ``eval.task`` empty)."""
+    if not cfg.eval.task:
+        return None
+    return RolloutEvaluator(cfg.eval, progress=cfg.train.progress, sampler=sampler, num_steps=num_steps)
+
+
+def evaluate_policy(
+    policy,
+    cfg: RunConfig,
+    n_episodes: int,
+    out_dir: Path,
+    video: bool = False,
+    ckpt: Path | None = None,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+) -> dict:
+    """Rollout-evaluate ``policy`` on ``cfg.eval`` once (see :class:`RolloutEvaluator`)."""
+    ev = RolloutEvaluator(cfg.eval, progress=cfg.train.progress, sampler=sampler, num_steps=num_steps)
+    return ev(policy, n_episodes=n_episodes, out_dir=out_dir, video=video, ckpt=ckpt)
+
+
+def _summary(report: dict) -> dict:
+    agg = report.get("aggregate", report)
+    n_err = len(report.get("errors", []) or [])
+    if n_err:
+        first = report["errors"][0]
+        print(f"warning: {n_err} evaluation episode(s) failed; first: {first}")
+    return {
+        "score": float(agg.get("mean_score", math.nan)),
+        "success_rate": agg.get("success_rate"),
+        "n_errors": n_err,
+        "report": report,
+    }
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -31,7 +122,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_run_config(preset: str | None, overrides: list[str], out: Path | None, resume: bool):
     """Preset + overrides, or (with --resume and no preset) the run's saved config + overrides."""
-    from vlaflow.train.config import RunConfig, apply_overrides
+    from vlaflow.train.config import apply_overrides
     from vlaflow.train.presets import get_preset
 
     if preset:
@@ -59,7 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError("--data STORE and --out RUN are required")
     from vlaflow.train.trainer import train
 
-    res = train(cfg, args.data, out, resume=args.resume)
+    res = train(cfg, args.data, out, resume=args.resume, evaluate=rollout_evaluator(cfg))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(
@@ -138,7 +229,7 @@ def run_demo(args: argparse.Namespace) -> int:
         cfg, [f"train.steps={steps}", f"train.max_minutes={train_minutes:.2f}", f"train.eval_every={every}"]
     )
     print(f"[3/4] training for {steps} steps (~{sps:.0f} samples/s, budget {train_minutes:.1f} min)")
-    res = train(cfg, demos, out / "run")
+    res = train(cfg, demos, out / "run", evaluate=rollout_evaluator(cfg))
     ev = res.final_eval
     total = (time.perf_counter() - t0) / 60
     paths = _eval_paths(res)
