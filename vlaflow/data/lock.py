@@ -8,9 +8,9 @@ the handle is garbage-collected, and at normal interpreter exit.
 
 The rules:
 
-- The lock file is created atomically (``O_CREAT | O_EXCL``) and holds JSON: pid, host, the holder's start
-  time, its command line, and (on Linux) the kernel's start time of the process, so a reused pid is not
-  mistaken for the holder.
+- The lock file is created atomically (written under a unique name, then hard-linked into place) and
+  holds JSON: pid, host, the holder's start time, its command line, and (on Linux) the kernel's start
+  time of the process, so a reused pid is not mistaken for the holder.
 - A second writer gets a :class:`~vlaflow.errors.StoreError` naming the holder. Readers are never blocked.
 - A lock whose holder is gone -- same host, and that pid is no longer running (or is a zombie, or is now
   a different process) -- is stale: a SIGKILLed writer cannot clean up, so the next writer takes it over
@@ -123,17 +123,36 @@ def describe(info: dict) -> str:
 
 
 def _try_create(path: Path, info: dict) -> bool:
+    """Create the lock file with its content in one step: written and synced under a unique name, then
+    hard-linked into place (``link`` fails if the lock exists), so no reader ever sees a half-written lock
+    (a second writer racing the first would otherwise read an empty file and could not name the holder)."""
+    tmp = path.with_name(f"{path.name}.{info['token']}.tmp")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as e:  # a read-only directory or file system: no writer can work here
         raise StoreError(f"{path.parent}: cannot create the writer lock {path.name} ({e.strerror})") from e
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return True
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive create, then write (short window)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+                f.flush()
+                os.fsync(f.fileno())
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 @contextlib.contextmanager
