@@ -54,7 +54,7 @@ def loopback_config(max_participants: int = 16) -> str:
 
 
 def use_loopback() -> None:
-    """Set ``CYCLONEDDS_URI`` to the loopback configuration unless the user has set it (before any DDS call)."""
+    """Set ``CYCLONEDDS_URI`` to the loopback configuration unless the user has set it (before DDS starts)."""
     os.environ.setdefault("CYCLONEDDS_URI", loopback_config())
 
 
@@ -171,8 +171,8 @@ def dds_qos(spec: QosSpec):
         from cyclonedds.util import duration
 
         policies.append(Policy.Reliability.Reliable(duration(milliseconds=100)))
-        durable = Policy.Durability.TransientLocal if spec.profile == "latched" else Policy.Durability.Volatile
-        policies.append(durable)
+        latched = spec.profile == "latched"
+        policies.append(Policy.Durability.TransientLocal if latched else Policy.Durability.Volatile)
     return Qos(*policies)
 
 
@@ -237,8 +237,13 @@ class DdsTransport:
         return t
 
     def subscribe(
-        self, topic: str, msgtype: str, qos: QosSpec, callback: Callback, on_error: ErrorCallback | None = None
-    ) -> None:
+        self,
+        topic: str,
+        msgtype: str,
+        qos: QosSpec,
+        callback: Callback,
+        on_error: ErrorCallback | None = None,
+    ) -> None:  # noqa: E501
         from cyclonedds.core import InstanceState, ReadCondition, SampleState, ViewState
         from cyclonedds.sub import DataReader
 

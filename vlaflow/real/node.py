@@ -244,7 +244,7 @@ class PolicyNode:
         first = max(0, now_step - landed.step)
         # the first-action check compares a primed chunk with the measured state the robot rests in
         measured = self.measured(self._frame) if self._priming and self._frame is not None else None
-        verdict = self.safety.validate_chunk(landed.chunk, first, measured)
+        verdict = self.safety.validate_chunk(landed.chunk, first, measured, continuous=not self._priming)
         if not verdict and self.run is not None:
             self.run.chunk_rejects[verdict.reason] = self.run.chunk_rejects.get(verdict.reason, 0) + 1
             self.log(

@@ -93,13 +93,14 @@ class SafetyLayer:
 
     # ------------------------------------------------------------------------------------------ chunks
     def validate_chunk(
-        self, chunk: np.ndarray, first: int = 0, measured: np.ndarray | None = None
+        self, chunk: np.ndarray, first: int = 0, measured: np.ndarray | None = None, continuous: bool = True
     ) -> Verdict:
         """Accept or reject a landed chunk whose rows from ``first`` on will be executed.
 
         ``measured``: the measured value of each dim (NaN where there is none), for the first-action
         check of position dims. Velocity and acceleration are checked over the executed rows, starting
-        from the last command let through (so the jump into the chunk counts).
+        from the last command let through (so the jump into the chunk counts) unless ``continuous`` is
+        False (a primed chunk, which the engage ramp joins to the measured state).
         """
         c = np.asarray(chunk, dtype=np.float64)
         n = self.action.dim
@@ -128,7 +129,8 @@ class SafetyLayer:
                     f"{self.action.names[j]}: first action {rows[0, j]:.4g}, measured {m[j]:.4g} "
                     f"(|diff| {d[j]:.4g} > {self.safety.max_first_action_distance})",
                 )
-        path = rows if self.last is None else np.concatenate([self.last[None], rows])
+        joined = continuous and self.last is not None
+        path = np.concatenate([self.last[None], rows]) if joined else rows
         if len(path) >= 2:
             v = np.diff(path, axis=0) / self.dt  # (n-1, Da)
             over = (np.abs(v) > self.vmax * (1 + 1e-9)) & self.pos
@@ -139,7 +141,7 @@ class SafetyLayer:
                     f"{self.action.names[j]}: {abs(v[i, j]):.4g}/s at step {i} > max_velocity "
                     f"{self.vmax[j]:.4g}",
                 )
-            v0 = self.velocity[None] if self.last is not None else v[:1]
+            v0 = self.velocity[None] if joined else v[:1]
             a = np.diff(np.concatenate([v0, v]), axis=0) / self.dt
             over = (np.abs(a) > self.amax * (1 + 1e-9)) & self.pos
             if over.any():
