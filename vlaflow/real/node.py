@@ -512,7 +512,9 @@ class PolicyNode:
                 self.tick(slot)
                 if self.state == "running" and not was_running:  # engaged: tick on the locked phase
                     slot = self.t0_ns + dt_ns * (1 + max(0, (self.transport.now_ns() - self.t0_ns) // dt_ns))
-                    self.step = round((slot - self.t0_ns) / dt_ns) - 1
+                    # the primed chunk starts at the slot before the first tick: a robot at rest loses
+                    # none of its first actions to the time priming took
+                    self.t0_ns, self.step = slot - dt_ns, 0
                 else:
                     slot += dt_ns
                 if diag_every is not None and self.transport.now_ns() >= next_diag:
