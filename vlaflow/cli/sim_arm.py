@@ -202,12 +202,15 @@ class SimArm:
             if cmd.type == FLOAT64_ARRAY and r.msg.layout.dim:
                 label = r.msg.layout.dim[0].label
             stamp = msgs.stamp_ns(r.msg) if cmd.type == JOINT_TRAJECTORY else None
+            traj = cmd.type == JOINT_TRAJECTORY
+            data = (r.msg.points[0].positions if r.msg.points else []) if traj else r.msg.data
             row = {
                 "recv_ns": r.recv_ns,
                 "label": label,
                 "stamp_ns": stamp,
                 "step": self.step,
                 "substep": substep,
+                "data": [float(x) for x in data],
             }
             self._log.write(json.dumps(row) + "\n")
         if cmd.type == FLOAT64_ARRAY:

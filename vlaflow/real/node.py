@@ -171,7 +171,9 @@ class PolicyNode:
         self.engage_refused: str | None = None  # why the last engage was refused (cleared by a new enable)
         self._frame: Frame | None = None
         self._jitter: deque[float] = deque(maxlen=WINDOW)
-        self._e2e: deque[float] = deque(maxlen=WINDOW)
+        self._e2e: deque[float] = deque(maxlen=WINDOW)  # observation -> first command of its chunk
+        self._age: deque[float] = deque(maxlen=WINDOW)  # observation -> every command it drives
+        self._last_source: int | None = None
         self._obs_stamp: dict[int, int] = {}  # request step -> newest capture stamp of its frame
         self.commands_sent = 0
         self.ticks = 0
@@ -373,11 +375,17 @@ class PolicyNode:
         self._publish(out, t_ns, self._preview(self.contract.command.lookahead - 1, hold=True))
 
     def _record_latency(self, t_ns: int) -> None:
+        """End-to-end latency: capture stamp of a chunk's observation -> its first command written (the
+        chunk's fresh action); and the age of every command's observation (chunks run open loop)."""
         for start, h in reversed(self.worker_v.accepted):
             if start <= self.step < start + h:
                 stamp = self._obs_stamp.get(start)
                 if stamp is not None:
-                    self._e2e.append((self.transport.now_ns() - stamp) / NS)
+                    age = (self.transport.now_ns() - stamp) / NS
+                    self._age.append(age)
+                    if start != self._last_source:
+                        self._e2e.append(age)
+                self._last_source = start
                 break
         for k in [k for k in self._obs_stamp if k < self.step - 4 * self.spec.horizon]:
             del self._obs_stamp[k]
@@ -548,6 +556,8 @@ class PolicyNode:
             "tick_jitter_p99_s": _pct(self._jitter, 99),
             "e2e_latency_p50_s": _pct(self._e2e, 50),
             "e2e_latency_p99_s": _pct(self._e2e, 99),
+            "command_age_p50_s": _pct(self._age, 50),
+            "command_age_p99_s": _pct(self._age, 99),
         }
 
     def publish_diagnostics(self) -> None:
