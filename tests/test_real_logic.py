@@ -371,3 +371,31 @@ def test_delta_node_holds_to_zero_motion_on_disable():
     cmds = commands(bus, c.command.topic)
     assert np.allclose(cmds[-1].data[:3], 0) and node.state == "disabled"
     assert node.runs[-1]["end_reason"] == "disabled" and "vlaflow:" in cmds[-1].layout.dim[0].label
+
+
+# ------------------------------------------------------------------------------------------- trajectories
+def test_trajectory_replacement_drops_past_points_and_replaces_future_ones():
+    from vlaflow.real.trajectory import TrajectoryFollower
+
+    t0 = 1_700_000_000 * NS
+    f = TrajectoryFollower(["a", "b"], np.zeros(2))
+    f.replace(msgs.joint_trajectory(t0, ["a", "b"], [([1.0, 2.0], [0.0, 0.0], NS)]), t0)
+    assert f.sample(t0 + NS // 2) == pytest.approx([0.5, 1.0])  # Hermite with zero end velocities: midpoint
+    assert f.sample(t0 + 2 * NS) == pytest.approx([1.0, 2.0])  # holds the last point
+    # a new message at t0 + 0.5 s: its first point is already past (dropped), the rest replaces the future
+    msg = msgs.joint_trajectory(t0, ["a"], [([9.0], [0.0], NS // 4), ([-1.0], [0.0], NS)])
+    f.replace(msg, t0 + NS // 2)
+    assert f.dropped_points == 1 and f.end_ns == t0 + NS
+    assert f.sample(t0 + NS) == pytest.approx([-1.0, 1.0])  # joint b keeps its commanded position
+    assert f.sample(t0 + NS // 2) == pytest.approx([0.5, 1.0])  # continuous at the replacement instant
+    with pytest.raises(Exception, match=r"joint_names: expected a subset"):
+        f.replace(msgs.joint_trajectory(t0, ["c"], [([1.0], [0.0], NS)]), t0 + NS)
+
+
+def test_rclpy_transport_is_behind_a_guarded_import():
+    import importlib.util
+
+    mod = importlib.import_module("vlaflow.real.rclpy_node")  # importable without ROS 2
+    if importlib.util.find_spec("rclpy") is None:
+        with pytest.raises(ImportError, match="needs ROS 2"):
+            mod.make_lifecycle_node("onnx:x", "panda_joints")

@@ -95,6 +95,12 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--summary", default=None, help="write the per-run summaries and diagnostics here (JSON)")
     p.add_argument("--diagnostics-hz", type=float, default=1.0, help="diagnostics messages per second")
+    p.add_argument(
+        "--transport",
+        choices=["dds", "rclpy"],
+        default="dds",
+        help="dds: CycloneDDS with ROS 2 wire names (default); rclpy: a ROS 2 lifecycle node (untested here)",
+    )
     _transport_args(p)
 
 
@@ -122,6 +128,11 @@ def run_node(args: argparse.Namespace) -> int:
     from vlaflow.real.node import NodeConfig, PolicyNode
     from vlaflow.real.runtime import load_runtime
 
+    if args.transport == "rclpy":
+        from vlaflow.real.rclpy_node import spin_lifecycle_node
+
+        spin_lifecycle_node(args.policy, args.robot, args.merge, args.device)
+        return 0
     contract = load_contract(args.robot)
     kw = {"threads": args.threads} if args.threads and args.policy.startswith("onnx:") else {}
     if args.threads and not args.policy.startswith("onnx:"):

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from vlaflow.real import msgs
-from vlaflow.real.contract import BOOL, STRING, QosSpec, RobotContract
+from vlaflow.real.contract import BOOL, DIAGNOSTIC_ARRAY, STRING, QosSpec, RobotContract
 
 STATUS_TOPIC = "/vlaflow/sim/status"
 
@@ -36,6 +36,23 @@ class EpisodeDriver:
         self._status: dict | None = None
         self._cv = threading.Condition()
         transport.subscribe(STATUS_TOPIC, STRING, QosSpec("reliable", 10), self._on_status)
+        self.node_state: str | None = None  # from the node's diagnostics
+        transport.subscribe(
+            contract.topics.diagnostics, DIAGNOSTIC_ARRAY, QosSpec("reliable", 10), self._on_diag
+        )
+
+    def _on_diag(self, r) -> None:
+        for st in r.msg.status:
+            for kv in st.values:
+                if kv.key == "state":
+                    self.node_state = kv.value
+
+    def wait_node(self, state: str, timeout: float) -> bool:
+        """Wait (bounded) for the node's diagnostics to report ``state``; False on timeout."""
+        t_end = time.monotonic() + timeout
+        while self.node_state != state and time.monotonic() < t_end:
+            time.sleep(0.02)
+        return self.node_state == state
 
     def _on_status(self, r) -> None:
         with self._cv:
@@ -70,4 +87,8 @@ class EpisodeDriver:
             st = self.status(limit, lambda s: s["seed"] == seed and (s["success"] or s["step"] >= max_steps))
         finally:
             self.enable(False)
+        # the node brings motion to rest first (hold commands keep the gripper as it is); a reset that
+        # came before they stop would start the next scene with them
+        time.sleep(self.c.safety.hold_decel_s + 3 * self.c.dt)
+        self.wait_node("disabled", 5.0)
         return EpisodeResult(seed, bool(st["success"]), int(st["step"]), time.monotonic() - t0)

@@ -421,6 +421,9 @@ class PolicyNode:
         if self._ramp:
             self.core = None  # primed again on the state the ramp ends in
         self.state = "running"
+        # the primed chunk's first action goes out at the next tick: a robot at rest loses none of its
+        # actions to the time priming took
+        self.step = -1
         if lock is not None:  # tick k runs phase_offset after the lock stream's k-th stamp
             stamp = self.frames.buffers[lock].newest().capture_ns
             self.t0_ns = stamp + round(self.contract.control.phase_offset_s * NS)
@@ -520,9 +523,7 @@ class PolicyNode:
                 self.tick(slot)
                 if self.state == "running" and not was_running:  # engaged: tick on the locked phase
                     slot = self.t0_ns + dt_ns * (1 + max(0, (self.transport.now_ns() - self.t0_ns) // dt_ns))
-                    # the primed chunk starts at the slot before the first tick: a robot at rest loses
-                    # none of its first actions to the time priming took
-                    self.t0_ns, self.step = slot - dt_ns, 0
+                    self.t0_ns = slot  # step 0 (the primed chunk's first action) is the first tick
                 else:
                     slot += dt_ns
                 if diag_every is not None and self.transport.now_ns() >= next_diag:
