@@ -53,6 +53,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "the pybullet pick_place arm behind ROS 2 topics (CycloneDDS), wall clock",
     ),
     "node": ("vlaflow.cli.real", "run a policy on a robot over ROS 2 topics (enable / e-stop, safety layer)"),
+    "enable": ("vlaflow.cli.real", "engage / disengage / e-stop a running node (its latched topics)"),
     "record": ("vlaflow.cli.real", "record teleop episodes from ROS 2 topics into an episode store (+ MCAP)"),
     "serve": ("vlaflow.cli.real", "serve a policy over websocket + msgpack (openpi-client compatible)"),
 }

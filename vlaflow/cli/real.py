@@ -159,6 +159,50 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- enable
+def add_enable_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--robot", default="panda_pick_place", help="robot contract (for the topic names)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--off", action="store_true", help="disengage (the node brings motion to rest)")
+    g.add_argument("--estop", action="store_true", help="latch the e-stop (until the node restarts)")
+    p.add_argument("--seed", type=int, default=None, help="reset the scene / runtime seed first (sim-arm)")
+    p.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the node to confirm")
+    p.add_argument("--domain", type=int, default=0, help="DDS domain id (ROS_DOMAIN_ID)")
+
+
+def run_enable(args: argparse.Namespace) -> int:
+    from vlaflow.real import msgs
+    from vlaflow.real.contract import BOOL, STRING, QosSpec, load_contract
+    from vlaflow.real.dds import DdsTransport
+    from vlaflow.real.driver import EpisodeDriver
+
+    c = load_contract(args.robot)
+    t = DdsTransport(args.domain)
+    try:
+        d = EpisodeDriver(c, t)
+        if args.seed is not None:
+            t.publisher(c.topics.episode, STRING, QosSpec("reliable", 10)).publish(
+                msgs.string_msg(f"reset:{args.seed}")
+            )
+            time.sleep(0.3)
+        if args.estop:
+            topic, value, want = c.topics.estop, True, "estopped"
+        else:
+            topic, value, want = c.topics.enable, not args.off, "disabled" if args.off else "running"
+        pub = t.publisher(topic, BOOL, QosSpec("latched", 1))
+        pub.publish(msgs.bool_msg(value))
+        ok = d.wait_node(
+            want, args.wait
+        )  # the latched sample lives as long as this writer: stay until confirmed
+        _log(
+            f"{topic} <- {value}: "
+            + (f"node is {want}" if ok else f"node did not report {want!r} within {args.wait} s")
+        )
+        return 0 if ok else 1
+    finally:
+        t.close()
+
+
 # ----------------------------------------------------------------------------------------- record
 def add_record_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--robot", required=True, help="robot contract: a YAML file or a shipped name")
