@@ -49,7 +49,7 @@ def soak_contract(workdir: Path) -> Path:
 
 
 class CircleRuntime:
-    """Joint 1 and 2 circle the home pose (radius 0.25 rad, 1 rad/s), the rest hold: smooth, within limits."""
+    """Joints 1 and 2 circle the home pose (radius 0.15 rad, 0.5 rad/s), the rest drift home: smooth."""
 
     def __init__(self, latency: str, seed: int = 0):
         from vlaflow.interfaces import RuntimeSpec
@@ -69,13 +69,14 @@ class CircleRuntime:
         t_end = time.monotonic() + draw_latency(*self.lat, self.rng)
         q = np.asarray(obs["obs.state"][-1], dtype=np.float64)[:8]
         out, p = [], q.copy()
-        for _ in range(16):
+        for _ in range(16):  # gentle enough from rest: |dv| per tick <= 0.15 rad/s (4.5 rad/s^2 < 7.5)
             r = p[:2] - HOME[:2]
-            n = max(np.linalg.norm(r), 1e-6)
-            v = 1.0 * np.array([-r[1], r[0]]) + 2.0 * (0.25 - n) * r / n
+            n = np.linalg.norm(r)
+            radial = r / n if n > 1e-3 else np.array([1.0, 0.0])
+            v = 0.5 * np.array([-r[1], r[0]]) + np.clip(1.0 * (0.15 - n), -0.15, 0.15) * radial
             p = p.copy()
             p[:2] += v / RATE
-            p[2:] += np.clip(HOME[2:] - p[2:], -0.02, 0.02)
+            p[2:] += np.clip(0.01 * (HOME[2:] - p[2:]), -0.003, 0.003)
             out.append(p)
         time.sleep(max(0.0, t_end - time.monotonic()))
         return InferResult(np.stack(out).astype(np.float32), nfe=0)
