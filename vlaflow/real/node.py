@@ -288,12 +288,7 @@ class PolicyNode:
         """The next ``n`` commands as they stand now (scheduled, clamped; or the hold), without committing."""
         if n <= 0:
             return []
-        saved = (
-            self.safety.last.copy(),
-            self.safety.velocity.copy(),
-            self.safety._hold_rate,
-            dict(self.safety.interventions),
-        )
+        saved = self.safety.snapshot()
         out = []
         try:
             for i in range(1, n + 1):
@@ -302,7 +297,7 @@ class PolicyNode:
                 self.safety.commit(b)
                 out.append(b)
         finally:
-            self.safety.last, self.safety.velocity, self.safety._hold_rate, self.safety.interventions = saved
+            self.safety.restore(saved)
         return out
 
     # ------------------------------------------------------------------------------------------ the tick

@@ -88,6 +88,14 @@ class SafetyLayer:
             self.velocity = np.where(self.pos, (command - self.last) / self.dt, 0.0)
         self.last = command.copy()
 
+    def snapshot(self) -> tuple:
+        """The state the next clamp / hold depend on (previews restore it, committing nothing)."""
+        last = None if self.last is None else self.last.copy()
+        return last, self.velocity.copy(), self._hold_rate, dict(self.interventions)
+
+    def restore(self, state: tuple) -> None:
+        self.last, self.velocity, self._hold_rate, self.interventions = state
+
     def count(self, kind: str, n: int = 1) -> None:
         self.interventions[kind] = self.interventions.get(kind, 0) + n
 
