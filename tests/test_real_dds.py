@@ -154,7 +154,7 @@ class Rig:
     """sim-arm (the CLI) + the node (scripted-expert runtime) + this test's own participant."""
 
     def __init__(self, env, tmp: Path):
-        self.domain = _domain()
+        self.domain, self.env = _domain(), env
         self.contract = load_contract("panda_pick_place")
         self.summary = tmp / "node_summary.json"
         self.cmd_log = tmp / "commands.jsonl"
@@ -280,8 +280,17 @@ def test_late_inference_decelerates_to_hold(rig):
     late = [a for t, a in rig.commands if t > t_mark]
     assert int(rig.diag["underruns"]) > under0 + 5
     assert sum(np.allclose(a[:3], 0) for a in late) >= 2  # holds (at rest) between late chunks
+    # the operator's command: `vlaflow enable --off` returns once the node reports itself disabled
+    off = subprocess.run(
+        [sys.executable, "-m", "vlaflow.cli", "enable", "--off", "--domain", str(rig.domain), "--wait", "10"],
+        env=rig.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert off.returncode == 0, off.stderr
+    assert rig.diag["state"] == "disabled"
     rig.driver.enable(False)
-    time.sleep(0.5)
 
 
 def test_estop_gates_output_within_one_tick(rig):
