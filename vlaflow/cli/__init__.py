@@ -48,6 +48,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "export a policy to ONNX (encoder + per-step denoiser) with parity report",
     ),
     "bench": ("vlaflow.cli.bench", "benchmarks: 'vlaflow bench latency CKPT' (p50/p99, NFE, score)"),
+    "sim-arm": (
+        "vlaflow.cli.real",
+        "the pybullet pick_place arm behind ROS 2 topics (CycloneDDS), wall clock",
+    ),
+    "node": ("vlaflow.cli.real", "run a policy on a robot over ROS 2 topics (enable / e-stop, safety layer)"),
+    "enable": ("vlaflow.cli.real", "engage / disengage / e-stop a running node (its latched topics)"),
+    "record": ("vlaflow.cli.real", "record teleop episodes from ROS 2 topics into an episode store (+ MCAP)"),
+    "serve": ("vlaflow.cli.real", "serve a policy over websocket + msgpack (openpi-client compatible)"),
 }
 
 

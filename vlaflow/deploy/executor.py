@@ -308,10 +308,14 @@ class ExecutorCore:
         self._submit(step, awaited=True)
         self._land(self.worker.wait(timeout), step)
 
-    def tick(self, step: int) -> np.ndarray:
-        """The action for control step ``step``: collect, submit when due, emit. Never waits on inference."""
+    def tick(self, step: int, request: bool = True) -> np.ndarray:
+        """The action for control step ``step``: collect, submit when due, emit. Never waits on inference.
+
+        ``request=False`` collects and emits but starts no inference (a robot node whose observation is
+        stale stops requesting chunks on it).
+        """
         self._collect(step)
-        if not self.worker.busy and self.due(step):
+        if request and not self.worker.busy and self.due(step):
             self._submit(step)
             self._collect(step)  # a (simulated) zero-latency inference lands in the tick that started it
         return self._emit(step)
