@@ -378,12 +378,12 @@ def test_sim_only_pieces_live_in_sim_and_the_robot_pieces_in_deploy():
         SimRealtimeConfig(latency="soon")
 
 
-def test_robot_side_executor_imports_no_torch():
+def test_robot_side_executor_and_onnx_runtime_import_no_torch():
     code = """
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
 import numpy as np
-import vlaflow.deploy.executor, vlaflow.deploy.schedule, vlaflow.deploy.sync_chunk
+import vlaflow.deploy.executor, vlaflow.deploy.onnx_runtime, vlaflow.deploy.schedule, vlaflow.deploy.sync_chunk
 from vlaflow.deploy.executor import ExecutorCore, InferenceWorker
 from vlaflow.interfaces import RuntimeSpec
 spec = RuntimeSpec(1, 4, 2, {"obs.state": (1,)}, 1, 50.0)
