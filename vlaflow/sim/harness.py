@@ -121,6 +121,7 @@ def run_episode(env, policy, job: EpisodeJob, setup: EvalSetup) -> dict:
         options = {"reset_to_state": recorded["obs.state"][0]}
         max_steps = min(max_steps, len(recorded["action"]))
     obs, info = env.reset(seed=job.seed, options=options)
+    reset_info = info
     # Language-conditioned policies (a default instruction in their spec) also get an instruction.
     task_text = None
     if spec.task:
@@ -167,8 +168,8 @@ def run_episode(env, policy, job: EpisodeJob, setup: EvalSetup) -> dict:
         result["task"] = job.task
     if task_text is not None:
         result["instruction"] = task_text
-    if "goal_split" in info:
-        result["goal_split"] = info["goal_split"]
+    if "goal_split" in reset_info:
+        result["goal_split"] = reset_info["goal_split"]
     metrics = getattr(env, "episode_metrics", None)
     if metrics is not None:
         result["metrics"] = {k: float(v) for k, v in metrics().items()}
@@ -444,7 +445,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the bounds are exactly 0 / 1 at 0 / n successes (rounding would put them a hair inside)
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def aggregate(episodes: Sequence[dict], wall_s: float, replay: bool = False) -> dict:
