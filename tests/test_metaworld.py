@@ -160,6 +160,8 @@ def test_fresh_env_and_history_do_not_change_an_episode():
         episode(a, 11)  # a's history: another episode first
         x, y = episode(a, 12), episode(b, 12)
         assert x.shape == y.shape and np.array_equal(x, y)
+        with pytest.raises(VlaflowError, match="replays from a recorded obs.state are not supported"):
+            a.reset(seed=0, options={"reset_to_state": x[0]})
     finally:
         a.close(), b.close()
 

@@ -203,6 +203,11 @@ class MetaWorldEnv(gym.Env):
 
     # ------------------------------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if options and options.get("reset_to_state") is not None:
+            raise ConfigError(
+                f"{self.task_spec.name}: replays from a recorded obs.state are not supported (Meta-World's "
+                "observation does not determine the simulator state); evaluate by seed instead"
+            )
         super().reset(seed=seed)
         if seed is not None:
             self._env.seed(int(seed))
