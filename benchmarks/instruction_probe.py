@@ -4,10 +4,13 @@
 cube, a tray) and differ only in the instruction ("put the red cube in the tray" / "... blue ..."), so a
 policy that ignores the instruction follows it in at most about half of the episodes. Per instruction:
 
-- the scripted expert (which reads the target from the env) over ``--experts`` seeds: success and
-  ``followed`` (the first cube lifted 3 cm was the instructed one, or the episode succeeded);
+- the scripted expert (which reads the target from the env) over ``--experts`` seeds;
 - with ``--policy CKPT``: the policy through ``vlaflow eval --task probe:two_cubes`` (same seeds for both
-  instructions), success, ``followed`` and how often it lifted the wrong cube first.
+  instructions).
+
+Measures (``TwoCubePickPlaceEnv.episode_metrics``): success; ``followed`` (success, or the first cube the
+grasp point came within 2.5 cm of was the instructed one); the wrong cube reached first; the instructed /
+the wrong cube lifted first (3 cm).
 
 Target (issue 16): >= 90% of episodes follow the given instruction, for each instruction.
 
@@ -33,6 +36,7 @@ from vlaflow.sim.tasks import TASK_SETS, make_env  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "probe:two_cubes"
 SEED = 100000
+METRICS = ("followed", "wrong_cube_reached", "target_lifted", "wrong_cube_lifted")
 
 
 def rate(k: int, n: int) -> dict:
@@ -45,16 +49,13 @@ def experts(n: int) -> dict:
     for task in TASK_SETS[PROBE]:
         env = make_env(task)
         expert = make_expert(task, env)
-        ok = followed = 0
+        counts = dict.fromkeys(("success", *METRICS), 0)
         for s in range(SEED, SEED + n):
             ro = rollout_expert(env, expert, s, env.task_spec.max_steps, record=False)
-            ok += ro.success
-            followed += env.episode_metrics()["followed"] == 1.0
-        out[task] = {
-            "instruction": env.task_spec.instruction,
-            "success": rate(ok, n),
-            "followed": rate(followed, n),
-        }
+            counts["success"] += ro.success
+            for m, v in env.episode_metrics().items():
+                counts[m] += v == 1.0
+        out[task] = {"instruction": env.task_spec.instruction, **{k: rate(v, n) for k, v in counts.items()}}
         env.close()
         print(task, out[task], flush=True)
     return out
@@ -71,8 +72,7 @@ def policy_probe(policy: str, episodes: int, workers: int, out_dir: Path) -> dic
         out[task] = {
             "instruction": report["per_task"][task]["instructions"],
             "success": rate(sum(e["success"] for e in eps), n),
-            "followed": rate(sum(e["metrics"]["followed"] == 1.0 for e in eps), n),
-            "wrong_cube_lifted": rate(sum(e["metrics"]["wrong_cube_lifted"] == 1.0 for e in eps), n),
+            **{m: rate(sum(e["metrics"][m] == 1.0 for e in eps), n) for m in METRICS},
         }
         print(task, out[task], flush=True)
     return {
@@ -89,11 +89,12 @@ def render_md(res: dict) -> str:
         "# Instruction-following probe: two cubes, one instruction (probe:two_cubes)",
         "",
         f"`{info['command']}` at {info['when']} (commit {info['git_commit']}); seeds {SEED}.. for both "
-        "instructions (the same scenes). followed = the first cube lifted 3 cm was the instructed one, or "
-        "the episode succeeded. Target: followed >= 90% for each instruction.",
+        "instructions (the same scenes). followed = success, or the first cube the grasp point came within "
+        "2.5 cm of was the instructed one. Target: followed >= 90% for each instruction.",
         "",
-        "| who | instruction | success | followed | wrong cube first |",
-        "|---|---|---|---|---|",
+        "| who | instruction | success | followed | wrong cube reached first | instructed cube lifted first "
+        "| wrong cube lifted first |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def cell(r: dict | None) -> str:
@@ -108,10 +109,8 @@ def render_md(res: dict) -> str:
         for task in TASK_SETS[PROBE]:
             r = block[task]
             text = r["instruction"] if isinstance(r["instruction"], str) else ", ".join(r["instruction"])
-            lines.append(
-                f"| {who} | {text} | {cell(r['success'])} | {cell(r['followed'])} | "
-                f"{cell(r.get('wrong_cube_lifted'))} |"
-            )
+            cells = " | ".join(cell(r.get(k)) for k in ("success", *METRICS))
+            lines.append(f"| {who} | {text} | {cells} |")
     if res.get("policy"):
         lines += [
             "",

@@ -22,7 +22,9 @@ def test_two_cube_probe_scenes_instructions_and_experts(tmp_path):
         assert i_blue["instruction"] == "put the blue cube in the tray"
         for env in (red, blue):
             ro = rollout_expert(env, make_expert(env.task_spec.name, env), 7, env.task_spec.max_steps)
-            assert ro.success and env.episode_metrics() == {"followed": 1.0, "wrong_cube_lifted": 0.0}
+            m = env.episode_metrics()
+            assert ro.success and m["followed"] == m["target_lifted"] == 1.0
+            assert m["wrong_cube_reached"] == m["wrong_cube_lifted"] == 0.0
     finally:
         red.close(), blue.close()
     collect("pick_place_two", 4, str(tmp_path / "s"), progress=False)
@@ -33,7 +35,13 @@ def test_two_cube_probe_scenes_instructions_and_experts(tmp_path):
     }
     rep = evaluate("random", task="probe:two_cubes", seeds=[1, 2], max_steps=5, workers=0, progress=False)
     assert set(rep["per_task"]) == {"pick_place_two_red", "pick_place_two_blue"}
-    assert "followed" in rep["per_task"]["pick_place_two_red"] and "followed" in rep["aggregate"]
+    assert "followed" in rep["per_task"]["pick_place_two_red"]["metrics"]
+    assert set(rep["aggregate"]["metrics"]) == {
+        "followed",
+        "target_lifted",
+        "wrong_cube_lifted",
+        "wrong_cube_reached",
+    }
 
 
 def test_moving_the_other_cube_is_not_following_the_instruction():
@@ -52,7 +60,12 @@ def test_moving_the_other_cube_is_not_following_the_instruction():
     try:
         ro = rollout_expert(env, OtherCubeExpert(env), 3, env.task_spec.max_steps)
         assert not ro.success and env.unwrapped._in_tray("blue")  # the blue cube is in, yet no success
-        assert env.episode_metrics() == {"followed": 0.0, "wrong_cube_lifted": 1.0}
+        assert env.episode_metrics() == {
+            "followed": 0.0,
+            "wrong_cube_reached": 1.0,
+            "target_lifted": 0.0,
+            "wrong_cube_lifted": 1.0,
+        }
     finally:
         env.close()
     try:

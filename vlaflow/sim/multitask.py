@@ -70,17 +70,20 @@ def refuse_unseen(policy_name: str, trained: Sequence[str], unseen: list[str], t
 
 
 def per_task_report(tasks: Sequence[str], episodes: list[dict], errors: list[dict], specs: dict) -> dict:
-    """``per_task``: for each task its aggregate (success with a Wilson interval, score, lengths, probe
-    metrics), the instruction(s) its episodes were given, its error count and the first video."""
+    """``per_task``: for each task its aggregate (success with a Wilson interval, score, lengths, the means
+    of the env's ``episode_metrics`` such as the probe's ``followed``), the instruction(s) its episodes
+    were given, its error count and the first video."""
     out = {}
     for task in tasks:
         eps = [e for e in episodes if e.get("task") == task]
         agg = aggregate(eps, wall_s=0.0)
         agg.pop("wall_s")
         agg["mean_length"] = float(np.mean([e["length"] for e in eps])) if eps else 0.0
-        metrics = sorted({k for e in eps for k in e.get("metrics", {})})
-        for k in metrics:
-            agg[k] = float(np.mean([e["metrics"][k] for e in eps if k in e.get("metrics", {})]))
+        names = sorted({k for e in eps for k in e.get("metrics", {})})  # the env's episode_metrics()
+        if names:
+            agg["metrics"] = {
+                k: float(np.mean([e["metrics"][k] for e in eps if k in e.get("metrics", {})])) for k in names
+            }
         agg["n_errors"] = sum(e.get("task") == task for e in errors)
         agg["instructions"] = sorted({e["instruction"] for e in eps if "instruction" in e})
         agg["task_instruction"] = specs[task].instruction
@@ -94,7 +97,7 @@ def per_task_report(tasks: Sequence[str], episodes: list[dict], errors: list[dic
 def average(per_task: dict, episodes: list[dict], wall_s: float) -> dict:
     """The report's ``aggregate`` for a task set: the mean of the per-task success rates (each task weighs
     the same) and a Wilson interval on all episodes pooled (equal to the mean when every task ran the same
-    number of episodes), plus the pooled score and probe metrics."""
+    number of episodes), plus the mean score and the mean over tasks of each episode metric."""
     rates = [a["success_rate"] for a in per_task.values() if a["n_episodes"]]
     n = len(episodes)
     k = sum(bool(e["success"]) for e in episodes)
@@ -109,16 +112,19 @@ def average(per_task: dict, episodes: list[dict], wall_s: float) -> dict:
         "n_tasks": len(per_task),
         "wall_s": float(wall_s),
     }
-    for m in ("followed", "wrong_cube_lifted"):  # the probe's measures, where the tasks report them
-        if any(m in a for a in per_task.values()):
-            agg[m] = float(np.mean([a[m] for a in per_task.values() if m in a]))
+    names = sorted({m for a in per_task.values() for m in a.get("metrics", {})})
+    if names:
+        agg["metrics"] = {
+            m: float(np.mean([a["metrics"][m] for a in per_task.values() if m in a.get("metrics", {})]))
+            for m in names
+        }
     return agg
 
 
 def format_table(report: dict) -> str:
     """The per-task table (Markdown) of a multi-task report, with the average last."""
     per_task = report["per_task"]
-    extra = [m for m in ("followed",) if any(m in a for a in per_task.values())]
+    extra = [m for m in ("followed",) if any(m in a.get("metrics", {}) for a in per_task.values())]
     head = "| task | instruction | success | 95% CI | mean len |" + "".join(f" {m} |" for m in extra)
     lines = [head, "|" + "---|" * (5 + len(extra))]
     for task, a in per_task.items():
@@ -129,9 +135,9 @@ def format_table(report: dict) -> str:
             f"| {task} | {told} | {n_ok}/{a['n_episodes']} ({100 * a['success_rate']:.0f}%) | "
             f"{100 * lo:.0f}-{100 * hi:.0f}% | {a['mean_length']:.0f} |"
         )
-        lines.append(row + "".join(f" {100 * a[m]:.0f}% |" for m in extra))
+        lines.append(row + "".join(f" {100 * a['metrics'][m]:.0f}% |" for m in extra))
     g = report["aggregate"]
     lo, hi = g["success_ci95"]
     row = f"| **average** | | **{100 * g['success_rate']:.1f}%** | {100 * lo:.1f}-{100 * hi:.1f}% | |"
-    lines.append(row + "".join(f" {100 * g[m]:.0f}% |" for m in extra if m in g))
+    lines.append(row + "".join(f" **{100 * g['metrics'][m]:.0f}%** |" for m in extra))
     return "\n".join(lines)

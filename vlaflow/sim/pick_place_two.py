@@ -12,9 +12,10 @@ draws the target per seed (for collecting demonstrations of both).
 - ``info["instruction"]`` (from ``reset``) is the episode's instruction; the harness gives it to a
   language-conditioned policy and ``collect`` stores it as the episode's task text.
 - Success: the target cube rests in the tray, released, and the other cube is not in the tray.
-- ``episode_metrics()``: ``followed`` (the first cube lifted 3 cm off the table was the instructed one, or
-  the episode succeeded) and ``wrong_cube_lifted``, so a probe separates reading the instruction from
-  the motor skill of finishing the placement.
+- ``episode_metrics()`` separates reading the instruction from the motor skill of finishing the placement:
+  ``followed`` (the episode succeeded, or the first cube the grasp point came within 2.5 cm of was the
+  instructed one: the policy went for it), ``wrong_cube_reached`` (it went for the other one first),
+  ``target_lifted`` / ``wrong_cube_lifted`` (the first cube lifted 3 cm off the table).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ STATE_NAMES = (
 )
 MIN_SEPARATION = 0.09  # metres between the cube centres at reset: room for the open fingers
 LIFTED = 0.03  # metres above its resting height that count as lifted
+REACHED = 0.025  # grasp point to cube centre distance (metres) that counts as going for that cube
 
 
 def two_cube_spec(obs_mode: str, cfg: PickPlaceConfig, target: str) -> TaskSpec:
@@ -93,6 +95,7 @@ class TwoCubePickPlaceEnv(PickPlaceEnv):
         p.changeVisualShape(self._tray, -1, rgbaColor=[0.75, 0.75, 0.72, 1], physicsClientId=c)
         self.target = "red"
         self._first_lifted: str | None = None
+        self._first_reached: str | None = None
         self._succeeded = False
 
     # The parent's `_cube` is the instructed cube, so its expert, success test and contact checks apply to
@@ -128,7 +131,7 @@ class TwoCubePickPlaceEnv(PickPlaceEnv):
         pick = np.random.default_rng([int(base), 3]).integers(2)
         self.target = self.target_mode if self.target_mode != "random" else ("red", "blue")[pick]
         self._cube = self._cubes[self.target]
-        self._first_lifted, self._succeeded = None, False
+        self._first_lifted, self._first_reached, self._succeeded = None, None, False
         return self._obs(), {
             "success": False,
             "instruction": INSTRUCTIONS[self.target],
@@ -157,6 +160,12 @@ class TwoCubePickPlaceEnv(PickPlaceEnv):
 
     def step(self, action):
         obs, reward, terminated, truncated, info = super().step(action)
+        if self._first_reached is None:
+            ee = self.ee_pos()
+            for color in COLORS:
+                if np.linalg.norm(self._pose(color)[0] - ee) < REACHED:
+                    self._first_reached = color
+                    break
         if self._first_lifted is None:
             for color in COLORS:
                 if self._pose(color)[0][2] > self.cfg.cube_half + LIFTED:
@@ -168,7 +177,9 @@ class TwoCubePickPlaceEnv(PickPlaceEnv):
     def episode_metrics(self) -> dict[str, float]:
         """Per-episode probe measures (the harness adds them to the episode's report entry)."""
         return {
-            "followed": float(self._succeeded or self._first_lifted == self.target),
+            "followed": float(self._succeeded or self._first_reached == self.target),
+            "wrong_cube_reached": float(self._first_reached == self.distractor),
+            "target_lifted": float(self._first_lifted == self.target),
             "wrong_cube_lifted": float(self._first_lifted == self.distractor),
         }
 
