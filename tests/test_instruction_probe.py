@@ -17,7 +17,7 @@ def test_two_cube_probe_scenes_instructions_and_experts(tmp_path):
     red, blue = make_env("pick_place_two_red"), make_env("pick_place_two_blue")
     try:
         (o_red, i_red), (o_blue, i_blue) = red.reset(seed=7), blue.reset(seed=7)
-        assert np.array_equal(o_red["obs.state"], o_blue["obs.state"]) and o_red["obs.state"].shape == (28,)
+        assert np.array_equal(o_red["obs.state"], o_blue["obs.state"]) and o_red["obs.state"].shape == (20,)
         assert i_red["instruction"] == "put the red cube in the tray"
         assert i_blue["instruction"] == "put the blue cube in the tray"
         for env in (red, blue):

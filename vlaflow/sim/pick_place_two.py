@@ -7,8 +7,10 @@ seed (both cube poses, the tray, the arm's start) does not depend on which cube 
 the instruction: a policy that ignores the instruction scores at most ~50% on the pair. ``pick_place_two``
 draws the target per seed (for collecting demonstrations of both).
 
-- ``obs.state`` (Dg = 28): grasp point (3), finger opening (1), arm joints (7), red cube position +
-  quaternion xyzw (7), blue cube (7), tray centre (3). Image mode: the first 11 + ``obs.image.front``.
+- ``obs.state`` (Dg = 20): grasp point (3), finger opening (1), arm joints (7), red cube position (3),
+  blue cube position (3), tray centre (3). No cube orientations: the expert does not use them, and a
+  tumbling cube's quaternion (with its sign flips) is noise to a cloned policy. Image mode: the first 11
+  + ``obs.image.front``.
 - ``info["instruction"]`` (from ``reset``) is the episode's instruction; the harness gives it to a
   language-conditioned policy and ``collect`` stores it as the episode's task text.
 - Success: the target cube rests in the tray, released, and the other cube is not in the tray.
@@ -33,7 +35,7 @@ TARGETS = ("red", "blue", "random")
 STATE_NAMES = (
     ["ee_x", "ee_y", "ee_z", "gripper_width"]
     + [f"joint_{i}" for i in range(7)]
-    + [f"{c}_{n}" for c in COLORS for n in ("x", "y", "z", "qx", "qy", "qz", "qw")]
+    + [f"{c}_{n}" for c in COLORS for n in ("x", "y", "z")]
     + ["tray_x", "tray_y", "tray_z"]
 )
 MIN_SEPARATION = 0.09  # metres between the cube centres at reset: room for the open fingers
@@ -145,7 +147,7 @@ class TwoCubePickPlaceEnv(PickPlaceEnv):
     def _state_vector(self) -> np.ndarray:
         s = self.privileged_state()
         joints = [js[0] for js in self._p.getJointStates(self._robot, range(7), physicsClientId=self._cid)]
-        cubes = [np.concatenate(self._pose(color)) for color in COLORS]
+        cubes = [self._pose(color)[0] for color in COLORS]
         return np.concatenate([s["ee_pos"], s["gripper_width"], joints, *cubes, s["tray_pos"]]).astype(
             np.float32
         )

@@ -183,13 +183,13 @@ PRESET_DATA: dict[str, dict] = {
         "eval": {**_PICK_PLACE_EVAL, "obs_mode": "image"},
     },
     "pick_place_two_lowdim_language_diffusion": {
-        "about": "two-cube probe (pick_place_two): state (28) + instruction says red or blue cube, U-Net",
+        "about": "two-cube probe (pick_place_two): state (20) + instruction says red or blue cube, U-Net",
         "family": "diffusion",
         "policy": {
             "n_obs_steps": 2,
             "horizon": 8,
             "n_action_steps": 4,
-            "obs_shapes": {"obs.state": [28]},
+            "obs_shapes": {"obs.state": [20]},
             "action_dim": 4,
             "fps": 10.0,
             "encoder": {
