@@ -240,6 +240,8 @@ def test_instruction_override_reaches_the_policy():
     assert own["aggregate"]["success_rate"] == 1.0 and told["aggregate"]["success_rate"] == 0.0
     assert told["instruction"] == "close the drawer"
     assert {e["instruction"] for e in told["episodes"]} == {"close the drawer"}
+    with pytest.raises(VlaflowError, match="not language-conditioned"):
+        evaluate("random", instruction="close the drawer", **kw)
 
 
 def test_unseen_tasks_are_refused_unless_allowed(tmp_path):

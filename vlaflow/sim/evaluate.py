@@ -178,6 +178,11 @@ def evaluate(
                 env.close()
     for t in tasks:
         check_compatible(policy_obj.config, specs[t], name)
+    if instruction is not None and not policy_obj.config.task:
+        raise ConfigError(
+            f"--instruction {instruction!r} was given, but policy {name!r} is not language-conditioned "
+            "(its RuntimeSpec has no default task), so it would be ignored"
+        )
     trained = multitask.trained_instructions(policy_obj)
     unseen = multitask.unseen_tasks(trained, specs)
     if unseen and not allow_unseen_tasks:
