@@ -95,6 +95,7 @@ def summarise(args, report_path: Path) -> dict:
 def render_md(res: dict) -> str:
     info = res["run_info"]
     load0 = [round(x, 1) for x in info["machine"]["load_avg_at_start"]]
+    flags = " --obs-mode image --image-size 84" if res["obs_mode"] == "image" else ""
     periodic = ", ".join(f"{p['success_rate']:.0%} @ {p['step']}" for p in res["periodic_eval_success"])
     return "\n".join(
         [
@@ -103,7 +104,7 @@ def render_md(res: dict) -> str:
             f"`{info['command']}` at {info['when']} (commit {info['git_commit']}), "
             f"{info['machine']['cpu_count']} CPUs shared with other jobs (load {load0} when summarised).",
             "",
-            f"- data: `vlaflow collect --task mw:mt10 --episodes 50` (seeds 0.., 500 episodes) -> "
+            f"- data: `vlaflow collect --task mw:mt10 --episodes 50{flags}` (seeds 0.., 500 episodes) -> "
             f"`{res['store']}`",
             f"- training: {res['train_steps']} steps at batch {res['batch_size']} in "
             f"**{res['train_minutes']} min** of training time ({res['torch_threads']} torch thread(s); "
@@ -131,6 +132,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True, help="training run directory (trained when missing)")
     ap.add_argument("--image-size", type=int, default=84, help="camera side when collecting image data")
     ap.add_argument("--reeval", type=Path, default=None, help="evaluate again into this directory")
+    ap.add_argument("--report", type=Path, default=None, help="summarise this evaluation report instead")
     ap.add_argument("--episodes", type=int, default=50, help="episodes per task (with --reeval)")
     ap.add_argument("--note", default="", help="a remark for the results (e.g. the machine's load)")
     ap.add_argument("overrides", nargs="*", help="training overrides, e.g. train.max_minutes=30")
@@ -147,11 +149,12 @@ def main() -> None:
         n = str(args.episodes)
         sh(["vlaflow", "eval", "--task", "mw:mt10", "--policy", ckpt, "--episodes-per-task", n,
             "--workers", "2", "--out", str(args.reeval), "--quiet"])  # fmt: skip
-    res = summarise(args, final_report(args.run, args.reeval))
+    report = args.report or final_report(args.run, args.reeval)
+    res = summarise(args, report)
     res["run_info"] = run_info(("vlaflow", "numpy", "torch", "mujoco", "metaworld"))
     res["note"] = args.note
     name = f"metaworld_mt10_{'image' if image else 'lowdim'}"
-    shutil.copyfile(final_report(args.run, args.reeval), RESULTS / f"{name}_report.json")  # every episode
+    shutil.copyfile(report, RESULTS / f"{name}_report.json")  # every episode
     res["eval"]["report_copy"] = f"benchmarks/results/{name}_report.json"
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(render_md(res))
