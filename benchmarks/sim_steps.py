@@ -4,6 +4,8 @@ within 1 px, score >= 0.94).
 
     python benchmarks/sim_steps.py                          # pusht steps, 50-episode eval, replay check
     python benchmarks/sim_steps.py --tasks lift can --only steps   # other tasks' env rates (merged in)
+    python benchmarks/sim_steps.py --tasks mw:reach mw:drawer-open mw:pick-place --only steps --seconds 3
+        # Meta-World rows: the 39-d state, and one 84x84 corner camera
 
 Results are merged into benchmarks/results/sim_steps.json (one entry per benchmark, each with the command,
 machine and versions of the run that measured it) and rendered to sim_steps.md. The machine is shared: each

@@ -14,15 +14,23 @@ from vlaflow.errors import VlaflowError
 from vlaflow.sim.collect import collect
 from vlaflow.sim.evaluate import DEFAULT_EPISODES, DEFAULT_START_SEED, OBS_MODE_CHOICES, evaluate
 from vlaflow.sim.harness import format_summary
-from vlaflow.sim.tasks import TASKS
+from vlaflow.sim.multitask import format_table
+from vlaflow.sim.tasks import TASK_SETS, TASKS, is_task_set
 from vlaflow.sim.teleop import ARM_TASKS, InputSource, JoystickSource, KeyboardSource, ScriptedKeys, teleop
 
 # ----------------------------------------------------------------------------- collect
 
 
 def add_collect_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="task name (pick_place, lift, can)")
-    p.add_argument("--episodes", type=int, required=True, help="number of successful episodes to store")
+    p.add_argument(
+        "--task",
+        required=True,
+        help="task with a scripted expert (pick_place, pick_place_two, lift, can, mw:<name>) or a task set "
+        "(mw:mt10, ...: every member into one store)",
+    )
+    p.add_argument(
+        "--episodes", type=int, required=True, help="successful episodes to store (per task for a task set)"
+    )
     p.add_argument("--out", required=True, help="episode store to create")
     p.add_argument("--obs-mode", choices=["lowdim", "image"], default="lowdim", help="observations to record")
     p.add_argument(
@@ -40,6 +48,11 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="noise std on executed motion (DART); clean actions stored",
+    )
+    p.add_argument(
+        "--paraphrase",
+        action="store_true",
+        help="store one of the task's instructions per episode (drawn by seed) instead of the canonical one",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,7 +75,11 @@ def run_collect(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         env_kwargs=kw,
         progress=not args.no_progress,
+        paraphrase=args.paraphrase,
     )
+    if len(res.per_task) > 1:
+        for name, r in res.per_task.items():
+            print(f"  {name}: {r['episodes']} episodes from {r['attempts']} attempts")
     print(
         f"collect {args.task}: wrote {res.n_episodes} episodes ({res.n_steps} steps) to {res.path} "
         f"from {res.n_attempts} attempts ({res.n_episodes / res.n_attempts:.0%} success) "
@@ -120,7 +137,12 @@ def run_teleop(args: argparse.Namespace) -> int:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="pusht", help=f"task: {', '.join(TASKS)}")
+    parser.add_argument(
+        "--task",
+        default="pusht",
+        help=f"task ({', '.join(t for t in TASKS if not t.startswith('mw:'))}, mw:<name>) or task set "
+        f"({', '.join(TASK_SETS)})",
+    )
     parser.add_argument("--policy", required=True, help="checkpoint directory, 'replay:STORE' or 'random'")
     parser.add_argument(
         "--episodes",
@@ -129,11 +151,32 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"episodes to run (default {DEFAULT_EPISODES}; a replay runs every stored episode)",
     )
     parser.add_argument(
+        "--episodes-per-task",
+        type=int,
+        default=None,
+        help=f"episodes per task of a task set, the same seeds for each (default {DEFAULT_EPISODES})",
+    )
+    parser.add_argument(
+        "--instruction",
+        default=None,
+        help="tell a language-conditioned policy this instruction instead of each task's own",
+    )
+    parser.add_argument(
+        "--allow-unseen-tasks",
+        action="store_true",
+        help="evaluate on tasks the policy was not trained on (refused otherwise); the report lists them",
+    )
+    parser.add_argument(
         "--seed", type=int, default=DEFAULT_START_SEED, help="first episode seed (seed, seed+1, ...)"
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (0 = run in this process)")
     parser.add_argument("--out", required=True, help="output directory for report.json and videos/")
-    parser.add_argument("--videos", type=int, default=2, help="record mp4 videos of the first K episodes")
+    parser.add_argument(
+        "--videos",
+        type=int,
+        default=None,
+        help="record mp4 videos of the first K episodes (of each task of a task set); default 2, 1 per task",
+    )
     parser.add_argument("--obs-mode", default="auto", choices=OBS_MODE_CHOICES, help="observation variant")
     parser.add_argument("--max-steps", type=int, default=None, help="override the task's step limit")
     parser.add_argument("--device", default="cpu", help="torch device for checkpoint policies")
@@ -141,19 +184,34 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    multi = is_task_set(args.task)
+    n_episodes = args.episodes
+    if args.episodes_per_task is not None:
+        if args.episodes is not None and args.episodes != args.episodes_per_task:
+            raise VlaflowError("give --episodes or --episodes-per-task, not both")
+        n_episodes = args.episodes_per_task
+    elif multi and args.episodes is not None:
+        raise VlaflowError(f"{args.task} is a task set: give --episodes-per-task N (episodes for each task)")
+    videos = args.videos if args.videos is not None else (1 if multi else 2)
     report = evaluate(
         args.policy,
         task=args.task,
         workers=args.workers,
         out_dir=args.out,
-        n_episodes=args.episodes,
+        n_episodes=n_episodes,
         start_seed=args.seed,
         max_steps=args.max_steps,
-        videos=args.videos,
+        videos=videos,
         obs_mode=args.obs_mode,
         device=args.device,
         progress=not args.quiet,
+        instruction=args.instruction,
+        allow_unseen_tasks=args.allow_unseen_tasks,
     )
+    if multi:
+        print(format_table(report))
+    if report.get("unseen_tasks"):
+        print(f"note: evaluated on tasks the policy was not trained on: {', '.join(report['unseen_tasks'])}")
     print(f"{format_summary(report)} -> {Path(args.out) / 'report.json'}")
     if report["errors"]:
         for e in report["errors"]:

@@ -7,6 +7,14 @@ PushT defaults follow the Diffusion Policy paper: seeds 100000..100049, at most 
 score = mean over episodes of the max reward clip(coverage / 0.95, 0, 1); success (coverage > 0.95) is
 reported beside it. ``replay:STORE`` replays each recorded episode open-loop from its recorded start state
 (episodes in store order; seeds play no part) and reports the block drift against the recording.
+
+Task sets run task by task in one worker pool, with a per-task table in the summary::
+
+    vlaflow eval --task mw:mt10 --policy CKPT --episodes-per-task 50 --workers 2 --out DIR \
+        [--instruction "open the drawer"] [--allow-unseen-tasks]
+
+Meta-World seeds from 100000 on (the default) draw held-out goal/object positions
+(:mod:`vlaflow.sim.metaworld_tasks`); each episode's ``goal_split`` says which positions it used.
 """
 
 from __future__ import annotations
@@ -51,7 +59,17 @@ def _versions() -> dict[str, str]:
     import vlaflow
 
     out = {"vlaflow": vlaflow.__version__, "python": sys.version.split()[0]}
-    for pkg in ("numpy", "gymnasium", "gym-pusht", "pymunk", "torch", "av"):
+    for pkg in (
+        "numpy",
+        "gymnasium",
+        "gym-pusht",
+        "pymunk",
+        "torch",
+        "av",
+        "mujoco",
+        "metaworld",
+        "pybullet",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -83,6 +101,8 @@ def evaluate(
     realtime: SimRealtimeConfig | None = None,
     progress: bool = True,
     start_method: str = "spawn",
+    instruction: str | None = None,
+    allow_unseen_tasks: bool = False,
 ) -> dict:
     """Evaluate ``policy`` on ``task`` by rollouts; returns the report (also written to out_dir/report.json).
 
@@ -92,15 +112,25 @@ def evaluate(
     a replay runs the store's first ``n_episodes`` episodes (all by default). ``workers=0`` runs in-process.
     Videos of the first ``videos`` episodes go to out_dir/videos/.
 
+    A task set (``mw:mt10``, ``probe:two_cubes``; :data:`vlaflow.sim.tasks.TASK_SETS`) runs every member with
+    the same seeds: ``n_episodes`` and ``videos`` count per task, all jobs share one worker pool, and the
+    report adds ``tasks``, ``per_task`` (success with a Wilson interval per task) and an ``aggregate`` whose
+    success rate is the mean over tasks (:mod:`vlaflow.sim.multitask`; ``summary.md`` holds the table).
+
+    ``instruction`` replaces every task's instruction for a language-conditioned policy (tell it another
+    task in the same scene). A policy trained on some instructions is refused on tasks none of whose
+    instructions it saw, unless ``allow_unseen_tasks`` (then the report lists them as ``unseen_tasks``).
+
     ``executor``: "sync" (infer, execute chunk[0:Ta], replan) or "realtime" (the deploy executor core on the
     sim clock with simulated latency; its settings are ``realtime``, a
     :class:`vlaflow.sim.realtime.SimRealtimeConfig`). Each episode's executor statistics are in its
     ``"executor"`` entry and summed/averaged in ``aggregate["executor"]``.
     """
+    from vlaflow.sim import multitask
     from vlaflow.sim.harness import EXECUTORS, EpisodeJob, EvalSetup, aggregate, run_jobs
     from vlaflow.sim.policies import ReplayPolicy, build_policy, check_compatible, describe_policy
     from vlaflow.sim.realtime import SimRealtimeConfig
-    from vlaflow.sim.tasks import make_env
+    from vlaflow.sim.tasks import expand_tasks, is_task_set, make_env
 
     t0 = time.perf_counter()
     if workers < 0:
@@ -119,33 +149,51 @@ def evaluate(
         raise ConfigError(f"realtime settings are for executor='realtime', got executor={executor!r}")
     if realtime is not None and not isinstance(realtime, SimRealtimeConfig):
         raise ConfigError(f"realtime must be a SimRealtimeConfig, got {type(realtime).__name__}")
+    if instruction is not None and not str(instruction).strip():
+        raise ConfigError("instruction must be a non-empty sentence (or None for each task's own)")
     if executor == "realtime" and realtime is None:
         realtime = SimRealtimeConfig()
+    tasks = expand_tasks(task)  # an unknown name lists the tasks and task sets
+    multi = is_task_set(task)
 
-    # Build the policy here once: its RuntimeSpec decides the obs mode and is checked against the task before
-    # any worker starts. (Workers build their own copy from the same spec.)
+    # Build the policy here once: its RuntimeSpec decides the obs mode and is checked against every task
+    # before any worker starts. (Workers build their own copy from the same spec.)
     probe_kwargs = {"obs_mode": "lowdim" if obs_mode == "auto" else obs_mode, **(env_kwargs or {})}
-    probe = make_env(task, **probe_kwargs)
+    probe = make_env(tasks[0], **probe_kwargs)
     try:
         in_memory = hasattr(policy, "infer")
         policy_obj = policy if in_memory else build_policy(policy, probe.task_spec, device=device)
-        task_spec = probe.task_spec
+        specs = {tasks[0]: probe.task_spec}
     finally:
         probe.close()
     name = describe_policy(policy)
     mode, render_size = _choose_obs_mode(obs_mode, policy_obj.config)
     kwargs = {"obs_mode": mode, **({"render_size": render_size} if render_size else {}), **(env_kwargs or {})}
-    if kwargs != probe_kwargs:  # the policy wants another obs variant: build it once to read its spec
-        env = make_env(task, **kwargs)
-        try:
-            task_spec = env.task_spec
-        finally:
-            env.close()
-    check_compatible(policy_obj.config, task_spec, name)
+    for t in tasks:  # each task's spec in the policy's obs variant (one env build each)
+        if t not in specs or kwargs != probe_kwargs:
+            env = make_env(t, **kwargs)
+            try:
+                specs[t] = env.task_spec
+            finally:
+                env.close()
+    for t in tasks:
+        check_compatible(policy_obj.config, specs[t], name)
+    if instruction is not None and not policy_obj.config.task:
+        raise ConfigError(
+            f"--instruction {instruction!r} was given, but policy {name!r} is not language-conditioned "
+            "(its RuntimeSpec has no default task), so it would be ignored"
+        )
+    trained = multitask.trained_instructions(policy_obj)
+    unseen = multitask.unseen_tasks(trained, specs)
+    if unseen and not allow_unseen_tasks:
+        multitask.refuse_unseen(name, trained, unseen, tasks)
 
     replay = isinstance(policy_obj, ReplayPolicy)
+    task_spec = specs[tasks[0]]
     limit = max_steps or task_spec.max_steps
     if replay:
+        if multi:
+            raise ConfigError(f"a replay runs one store on one task, not the task set {task!r}")
         n = policy_obj.n_episodes if n_episodes is None else min(n_episodes, policy_obj.n_episodes)
         jobs = [EpisodeJob(i, i, max_steps or 10**9, video=i < videos, replay_episode=i) for i in range(n)]
     else:
@@ -153,7 +201,15 @@ def evaluate(
             seeds = range(start_seed, start_seed + (n_episodes or DEFAULT_EPISODES))
         elif n_episodes is not None:
             seeds = list(seeds)[:n_episodes]
-        jobs = [EpisodeJob(i, int(s), limit, video=i < videos) for i, s in enumerate(seeds)]
+        seeds = [int(s) for s in seeds]
+        if multi:
+            jobs = [
+                EpisodeJob(k * len(seeds) + i, s, max_steps or specs[t].max_steps, video=i < videos, task=t)
+                for k, t in enumerate(tasks)
+                for i, s in enumerate(seeds)
+            ]
+        else:
+            jobs = [EpisodeJob(i, s, limit, video=i < videos) for i, s in enumerate(seeds)]
     if not jobs:
         raise ConfigError("no episodes to evaluate (empty seed list)")
 
@@ -169,6 +225,7 @@ def evaluate(
         executor=executor,
         realtime=realtime,
         video_dir=str(out / "videos") if out is not None and videos else None,
+        instruction=instruction,
     )
     # Reuse the already-built policy when running in-process; workers rebuild from the spec.
     local = policy_obj if (in_memory or workers == 0) else None
@@ -185,6 +242,8 @@ def evaluate(
         "max_steps": None if replay and max_steps is None else limit,
         "executor": executor,
         **({"realtime": dataclasses.asdict(realtime)} if realtime is not None else {}),
+        **({"instruction": instruction} if instruction is not None else {}),
+        **({"unseen_tasks": unseen} if unseen else {}),
         "runtime": {
             "n_obs_steps": spec.n_obs_steps,
             "horizon": spec.horizon,
@@ -197,7 +256,15 @@ def evaluate(
         "aggregate": aggregate(episodes, time.perf_counter() - t0, replay=replay),
         "videos": [e["video"] for e in episodes if "video" in e],
     }
+    if multi:
+        report["tasks"] = list(tasks)
+        report["episodes_per_task"] = len(seeds)
+        report["seeds"] = [seeds[0], seeds[-1]] if seeds else []
+        report["per_task"] = multitask.per_task_report(tasks, episodes, errors, specs)
+        report["aggregate"] = multitask.average(report["per_task"], episodes, time.perf_counter() - t0)
     report["aggregate"]["n_errors"] = len(errors)
     if out is not None:
+        if multi:
+            (out / "summary.md").write_text(f"# {task} | {name}\n\n{multitask.format_table(report)}\n")
         _write_json_atomic(out / "report.json", report)
     return report

@@ -20,6 +20,8 @@ from enum import IntEnum
 import numpy as np
 
 from vlaflow.errors import VlaflowError
+from vlaflow.sim.metaworld_catalog import PREFIX
+from vlaflow.sim.metaworld_catalog import TASK_NAMES as MW_TASK_NAMES
 
 
 class Phase(IntEnum):
@@ -156,8 +158,13 @@ class PickPlaceExpert:
 # task name -> expert class; each takes the env and exposes reset() and act(obs) -> action
 EXPERTS: dict[str, str] = {
     "pick_place": "vlaflow.sim.experts:PickPlaceExpert",
+    # the two-cube probe: the env's privileged "cube_pos" is the instructed cube
+    "pick_place_two": "vlaflow.sim.experts:PickPlaceExpert",
+    "pick_place_two_red": "vlaflow.sim.experts:PickPlaceExpert",
+    "pick_place_two_blue": "vlaflow.sim.experts:PickPlaceExpert",
     "lift": "vlaflow.sim.robosuite_tasks:RobosuiteExpert",
     "can": "vlaflow.sim.robosuite_tasks:RobosuiteExpert",
+    **{PREFIX + n: "vlaflow.sim.metaworld_tasks:MetaWorldExpert" for n in MW_TASK_NAMES},
 }
 
 

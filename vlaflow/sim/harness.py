@@ -1,9 +1,15 @@
 """Rollout evaluation: episodes in worker processes, chunked execution through ``infer``, report.json, videos.
 
-Reproducibility: an episode is a pure function of (task, policy, seed, executor settings). The env is reset
-with the seed and the policy is re-seeded from it before every episode
+Reproducibility: an episode is a pure function of (task, policy, seed, instruction, executor settings). The
+env is reset with the seed and the policy is re-seeded from it before every episode
 (:func:`vlaflow.sim.policies.reset_policy`), so per-episode results are identical whatever the number of
-workers or the order in which they pick episodes up.
+workers or the order in which they pick episodes up. Jobs may name different tasks (multi-task evaluation,
+:mod:`vlaflow.sim.multitask`): each process keeps one env per task, built when first needed.
+
+Instruction: a language-conditioned policy (one whose RuntimeSpec has a default ``task``) is told, in order
+of precedence, the job's instruction, the evaluation's override (``EvalSetup.instruction``), the instruction
+the env's ``reset`` returned in ``info["instruction"]`` (tasks whose instruction varies by episode), or the
+task's own ``task_spec.instruction``; the episode's report entry records what it was told.
 
 Execution: an *executor* turns observations into one action per control step (``act(obs, t)``) using only
 ``infer(obs)`` and the policy's RuntimeSpec (To, H, Ta), and reports its statistics (``stats()``), which
@@ -15,6 +21,7 @@ latency, its settings in ``EvalSetup.realtime``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing as mp
 import os
@@ -74,6 +81,8 @@ class EpisodeJob:
     max_steps: int  # step limit
     video: bool = False  # record an mp4 of this episode
     replay_episode: int | None = None  # replay: the store episode whose start state and actions are used
+    task: str | None = None  # task registry name of this episode (None: the setup's task)
+    instruction: str | None = None  # instruction for a language-conditioned policy (None: see module doc)
 
 
 @dataclass(frozen=True)
@@ -88,11 +97,13 @@ class EvalSetup:
     video_dir: str | None = None  # where episode videos go
     stop_on_success: bool = True  # end an episode at the task's termination (replays always run to the end)
     realtime: SimRealtimeConfig | None = None  # the "realtime" executor's settings (None = defaults)
+    instruction: str | None = None  # instruction override for every episode (None: each task's own)
 
 
 def _video_path(setup: EvalSetup, job: EpisodeJob) -> Path:
     tag = f"ep{job.replay_episode:04d}" if job.replay_episode is not None else f"seed{job.seed}"
-    return Path(setup.video_dir) / f"{setup.task}_{job.index:03d}_{tag}.mp4"
+    task = (job.task or setup.task).replace(":", "_")  # "mw:reach" -> "mw_reach"
+    return Path(setup.video_dir) / f"{task}_{job.index:03d}_{tag}.mp4"
 
 
 def run_episode(env, policy, job: EpisodeJob, setup: EvalSetup) -> dict:
@@ -110,10 +121,17 @@ def run_episode(env, policy, job: EpisodeJob, setup: EvalSetup) -> dict:
         options = {"reset_to_state": recorded["obs.state"][0]}
         max_steps = min(max_steps, len(recorded["action"]))
     obs, info = env.reset(seed=job.seed, options=options)
-    # Language-conditioned policies (a default instruction in their spec) also get the task's instruction.
+    reset_info = info
+    # Language-conditioned policies (a default instruction in their spec) also get an instruction.
     task_text = None
     if spec.task:
-        task_text = getattr(getattr(env, "task_spec", None), "instruction", "") or spec.task
+        task_text = (
+            job.instruction
+            or setup.instruction
+            or info.get("instruction")
+            or getattr(getattr(env, "task_spec", None), "instruction", "")
+            or spec.task
+        )
     executor = EXECUTORS[setup.executor](policy.infer, spec, task_text, job.seed, setup)
     fps = getattr(getattr(env, "task_spec", None), "fps", None) or spec.fps  # the env's real control rate
     writer = Mp4Writer(_video_path(setup, job), fps=fps) if job.video and setup.video_dir else None
@@ -146,6 +164,15 @@ def run_episode(env, policy, job: EpisodeJob, setup: EvalSetup) -> dict:
         "length": len(rewards),
         "executor": executor.stats(),
     }
+    if job.task is not None:
+        result["task"] = job.task
+    if task_text is not None:
+        result["instruction"] = task_text
+    if "goal_split" in reset_info:
+        result["goal_split"] = reset_info["goal_split"]
+    metrics = getattr(env, "episode_metrics", None)
+    if metrics is not None:
+        result["metrics"] = {k: float(v) for k, v in metrics().items()}
     if recorded is not None:
         result["episode"] = int(job.replay_episode)
         result["max_drift_px"] = float(max_drift) if drift_fn is not None else None
@@ -162,12 +189,40 @@ def _write_frame(writer, env) -> None:
         writer.write(np.asarray(frame, dtype=np.uint8))
 
 
+class TaskEnvs:
+    """One process's envs, one per task, each built on first use (multi-task jobs share a worker)."""
+
+    def __init__(self, setup: EvalSetup, first=None):
+        self.setup = setup
+        self.envs: dict[str, object] = {} if first is None else {setup.task: first}
+
+    def get(self, task: str | None):
+        from vlaflow.sim.tasks import make_env
+
+        task = task or self.setup.task
+        if task not in self.envs:
+            self.envs[task] = make_env(task, **self.setup.env_kwargs)
+        return self.envs[task]
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            env.close()
+        self.envs.clear()
+
+
+def first_task(setup: EvalSetup) -> str:
+    """The task whose env is built first: the setup's task, or a task set's first member."""
+    from vlaflow.sim.tasks import expand_tasks
+
+    return expand_tasks(setup.task)[0]
+
+
 def build_env_and_policy(setup: EvalSetup, policy=None):
-    """The env for ``setup`` and the policy (built from ``setup.policy`` unless an object is given)."""
+    """The env of ``setup``'s (first) task and the policy (built from ``setup.policy`` unless given)."""
     from vlaflow.sim.policies import build_policy
     from vlaflow.sim.tasks import make_env
 
-    env = make_env(setup.task, **setup.env_kwargs)
+    env = make_env(first_task(setup), **setup.env_kwargs)
     if policy is None:
         policy = build_policy(setup.policy, env.task_spec, device=setup.device)
     return env, policy
@@ -175,6 +230,8 @@ def build_env_and_policy(setup: EvalSetup, policy=None):
 
 def _error_entry(job: EpisodeJob, message: str) -> dict:
     entry = {"seed": int(job.seed), "error": message}
+    if job.task is not None:
+        entry["task"] = job.task
     if job.replay_episode is not None:
         entry["episode"] = int(job.replay_episode)
     return entry
@@ -193,6 +250,7 @@ def _worker_main(conn, setup: EvalSetup) -> None:
     """Worker process: build env + policy once, then run the jobs the parent sends until it sends None."""
     try:
         env, policy = build_env_and_policy(setup)
+        envs = TaskEnvs(dataclasses.replace(setup, task=first_task(setup)), env)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
     except BaseException as e:
@@ -204,10 +262,10 @@ def _worker_main(conn, setup: EvalSetup) -> None:
         if job is None:
             break
         try:
-            conn.send(("ok", run_episode(env, policy, job, setup)))
+            conn.send(("ok", run_episode(envs.get(job.task), policy, job, setup)))
         except Exception as e:
             conn.send(("error", _error_entry(job, _short_tb(e))))
-    env.close()
+    envs.close()
 
 
 @contextmanager
@@ -297,6 +355,7 @@ def run_jobs(
     try:
         if workers == 0 or policy is not None:
             env, policy = build_env_and_policy(setup, policy)
+            envs = TaskEnvs(dataclasses.replace(setup, task=first_task(setup)), env)
             # One torch thread, as in the workers, so in-process results match worker results (to rounding).
             torch = sys.modules.get("torch")
             threads = torch.get_num_threads() if torch is not None else None
@@ -305,11 +364,11 @@ def run_jobs(
             try:
                 for job in jobs:
                     try:
-                        record(job, "ok", run_episode(env, policy, job, setup))
+                        record(job, "ok", run_episode(envs.get(job.task), policy, job, setup))
                     except Exception as e:
                         record(job, "error", _error_entry(job, _short_tb(e)))
             finally:
-                env.close()
+                envs.close()
                 if threads is not None:
                     torch.set_num_threads(threads)
         else:
@@ -386,7 +445,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the bounds are exactly 0 / 1 at 0 / n successes (rounding would put them a hair inside)
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def aggregate(episodes: Sequence[dict], wall_s: float, replay: bool = False) -> dict:

@@ -47,6 +47,10 @@ _PUSHT_EVAL = {"task": "pusht", "obs_mode": "lowdim", "seed_start": 100000, "max
 
 _PICK_PLACE_EVAL = {"task": "pick_place", "seed_start": 100000, "max_steps": 120}
 
+# Meta-World MT10 (`vlaflow collect --task mw:mt10 --episodes 50 [--obs-mode image]`): 80 Hz, Da = 4, the
+# instruction per episode; evaluated with 50 episodes per task on the held-out seeds 100000.. (500 steps).
+_MT10_EVAL = {"task": "mw:mt10", "seed_start": 100000, "max_steps": 0, "n_workers": 2, "final_episodes": 50}
+
 PRESET_DATA: dict[str, dict] = {
     "pusht_lowdim_diffusion": {
         "about": "PushT keypoints + agent position, U-Net diffusion (DDPM-100 training, DDIM-10 inference)",
@@ -177,6 +181,117 @@ PRESET_DATA: dict[str, dict] = {
             "n_action_steps": 8,
         },
         "eval": {**_PICK_PLACE_EVAL, "obs_mode": "image"},
+    },
+    "pick_place_two_lowdim_language_diffusion": {
+        "about": "two-cube probe (pick_place_two): state (20) + instruction says red or blue cube, U-Net",
+        "family": "diffusion",
+        "policy": {
+            "n_obs_steps": 2,
+            "horizon": 8,
+            "n_action_steps": 4,
+            "obs_shapes": {"obs.state": [20]},
+            "action_dim": 4,
+            "fps": 10.0,
+            "encoder": {
+                "state_encoder": "mlp",
+                "state_hidden_dims": [256],
+                "state_feature_dim": 128,
+                "language": {"enabled": True},
+            },
+            "net": {"kind": "unet", "unet": {"down_dims": [128, 256], "kernel_size": 5, "n_groups": 8}},
+            "sampler": "ddim",
+            "num_inference_steps": 10,
+        },
+        # measured on `vlaflow collect --task pick_place_two --episodes 400 --noise 0.1`: 4000 steps (26 min,
+        # one thread) follow 14% / 24% of the red / blue instructions (results/instruction_probe.md)
+        "train": {
+            "steps": 4000,
+            "batch_size": 128,
+            "lr": 1e-3,
+            "warmup_steps": 100,
+            "eval_every": 2000,
+            "eval_episodes": 10,
+            "ckpt_every": 500,
+            "log_every": 50,
+        },
+        "data": {"obs_keys": ["obs.state"], "n_obs_steps": 2, "horizon": 8, "n_action_steps": 4},
+        # both instructions on the same held-out scenes (vlaflow.sim.pick_place_two)
+        "eval": {"task": "probe:two_cubes", "seed_start": 100000, "max_steps": 120, "obs_mode": "lowdim"},
+    },
+    "mt10_lowdim_language_diffusion": {
+        "about": "Meta-World MT10, 39-d state + instruction (tiny BERT), U-Net diffusion, one policy",
+        "family": "diffusion",
+        "policy": {
+            "n_obs_steps": 2,
+            "horizon": 16,
+            "n_action_steps": 8,
+            "obs_shapes": {"obs.state": [39]},
+            "action_dim": 4,
+            "fps": 80.0,
+            "encoder": {
+                "state_encoder": "mlp",
+                "state_hidden_dims": [256],
+                "state_feature_dim": 128,
+                "language": {"enabled": True},
+            },
+            "net": {"kind": "unet", "unet": {"down_dims": [128, 256], "kernel_size": 5, "n_groups": 8}},
+            "sampler": "ddim",
+            "num_inference_steps": 10,
+        },
+        # sized for ~45 min on one free CPU core (~1.5 steps/s at batch 256); rollouts (10 per task every
+        # 1000 steps, 50 per task at the end) are not counted in that time
+        "train": {
+            "steps": 4000,
+            "batch_size": 256,
+            "lr": 1e-3,
+            "warmup_steps": 200,
+            "eval_every": 1000,
+            "eval_episodes": 10,
+            "ckpt_every": 1000,
+            "log_every": 50,
+        },
+        "data": {"obs_keys": ["obs.state"], "n_obs_steps": 2, "horizon": 16, "n_action_steps": 8},
+        "eval": {**_MT10_EVAL, "obs_mode": "lowdim"},
+    },
+    "mt10_image_language_diffusion": {
+        "about": "Meta-World MT10, corner camera 84x84 + hand/fingers (4) + instruction, ResNet-18 GN (GPU)",
+        "family": "diffusion",
+        "policy": {
+            "n_obs_steps": 2,
+            "horizon": 16,
+            "n_action_steps": 8,
+            "obs_shapes": {"obs.image.corner": [84, 84, 3], "obs.state": [4]},
+            "action_dim": 4,
+            "fps": 80.0,
+            "encoder": {
+                "image_backbone": "resnet18",
+                "crop_shape": [76, 76],
+                "num_keypoints": 32,
+                "image_feature_dim": 64,
+                "language": {"enabled": True},
+            },
+            "net": {"kind": "unet", "unet": {"down_dims": [128, 256, 512]}},
+            "sampler": "ddim",
+            "num_inference_steps": 10,
+        },
+        "train": {
+            "steps": 30000,
+            "batch_size": 64,
+            "lr": 3e-4,
+            "warmup_steps": 500,
+            "eval_every": 0,
+            "eval_episodes": 50,
+            "ckpt_every": 1000,
+            "log_every": 50,
+            "num_workers": 2,
+        },
+        "data": {
+            "obs_keys": ["obs.image.corner", "obs.state"],
+            "n_obs_steps": 2,
+            "horizon": 16,
+            "n_action_steps": 8,
+        },
+        "eval": {**_MT10_EVAL, "obs_mode": "image"},
     },
 }
 
