@@ -48,7 +48,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from vlaflow import keys as K
-from vlaflow.atomic import atomic_directory
+from vlaflow.atomic import atomic_directory, restore_aside, stale_leftovers
 from vlaflow.data.integrity import (
     EndsCheck,
     Finding,
@@ -221,7 +221,13 @@ class EpisodeStore(StoreChecks):
         if mode not in ("r", "a"):
             raise StoreError(f"open mode must be 'r' or 'a', got {mode!r}")
         if not _is_remote(path) and not _local_path(path).exists():
-            raise StoreError(f"{path}: no such episode store")
+            aside = stale_leftovers(_local_path(path).absolute())["old"]
+            hint = (
+                f"; a killed replacement left the old one at {aside[-1]}: `vlaflow repair {path}` restores it"
+                if aside
+                else ""
+            )
+            raise StoreError(f"{path}: no such episode store{hint}")
         try:
             root = zarr.open_group(
                 str(path), mode="r" if mode == "r" else "r+", storage_options=_storage_options(path)
@@ -586,6 +592,7 @@ def atomic_store(
             raise
         return
     final = _local_path(dest).absolute()
+    restore_aside(final)  # a store a killed replacement left aside is the existing destination again
     if final.exists() and not overwrite:
         raise StoreError(f"{dest}: destination exists (pass --overwrite to replace it)")
     dest_lock = acquire(final, "destination store") if final.is_dir() else None
