@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlaflow.atomic import OVERWRITE_HELP
 from vlaflow.errors import VlaflowError
 from vlaflow.sim.collect import collect
 from vlaflow.sim.evaluate import DEFAULT_EPISODES, DEFAULT_START_SEED, OBS_MODE_CHOICES, evaluate
@@ -54,8 +55,21 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="store one of the task's instructions per episode (drawn by seed) instead of the canonical one",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument(
+        "--resume",
+        "--append",
+        dest="resume",
+        action="store_true",
+        help="continue the store at --out (same task, --seed, --noise, --paraphrase): its episodes are kept "
+        "and the next seeds are tried until --episodes are stored; what a killed collect left is resumed so",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.epilog = (
+        "--out is written as episodes finish (a kill keeps every finished one; --resume continues). An "
+        "existing --out is refused unless --resume or --overwrite; --overwrite keeps the old store until the "
+        "new one is complete."
+    )
 
 
 def run_collect(args: argparse.Namespace) -> int:
@@ -76,6 +90,7 @@ def run_collect(args: argparse.Namespace) -> int:
         env_kwargs=kw,
         progress=not args.no_progress,
         paraphrase=args.paraphrase,
+        resume=args.resume,
     )
     if len(res.per_task) > 1:
         for name, r in res.per_task.items():
