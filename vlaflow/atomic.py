@@ -221,7 +221,7 @@ def check_destination(
     restore_aside(dest)  # a killed replacement's previous version counts as the existing destination
     real = dest.resolve()
     for name, src in (sources or {}).items():
-        if src is None or "://" in str(src):
+        if src is None or "://" in str(src) or not Path(src).exists():
             continue
         rel = _relation(real, Path(src).resolve())
         if rel is not None:
@@ -234,3 +234,38 @@ def check_destination(
             f"{dest}: {what} exists (pass --overwrite to replace it, or choose another {flag})"
         )
     return dest
+
+
+@contextmanager
+def fresh_directory(
+    dest: str | os.PathLike,
+    *,
+    overwrite: bool,
+    sources: dict[str, str | os.PathLike | None] | None = None,
+    what: str = "output directory",
+    flag: str = "--out",
+) -> Iterator[Path]:
+    """A new empty ``dest`` to write in place, for commands whose outputs record their own paths (an
+    evaluation report naming its videos, the demo's run recording its store) and so cannot be written
+    elsewhere and renamed. :func:`check_destination` first; an existing ``dest`` (with ``overwrite``) is
+    renamed aside, not deleted: success deletes it, an error removes the partial new one and puts it back
+    (with no previous one, the partial output stays, for a look at what failed), and a kill leaves it
+    complete beside ``dest`` (a ``.NAME.old-PID-*`` sibling, removed by the next
+    successful run).
+    """
+    dest = check_destination(dest, overwrite=overwrite, sources=sources, what=what, flag=flag)
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = dest.with_name(f".{dest.name}{OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        os.replace(dest, old)
+    try:
+        dest.mkdir(parents=True)
+        yield dest
+    except BaseException:
+        if old is not None:  # the previous output comes back; with none, the partial one stays to look at
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(old, dest)
+        raise
+    for p in [old, *stale_leftovers(dest)["old"], *stale_leftovers(dest)["tmp"]]:
+        if p is not None:
+            shutil.rmtree(p, ignore_errors=True)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlaflow.atomic import OVERWRITE_HELP
+from vlaflow.atomic import OVERWRITE_HELP, fresh_directory
 from vlaflow.errors import VlaflowError
 from vlaflow.sim.collect import collect
 from vlaflow.sim.evaluate import DEFAULT_EPISODES, DEFAULT_START_SEED, OBS_MODE_CHOICES, evaluate
@@ -185,7 +185,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=DEFAULT_START_SEED, help="first episode seed (seed, seed+1, ...)"
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (0 = run in this process)")
-    parser.add_argument("--out", required=True, help="output directory for report.json and videos/")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory for report.json and videos/ (must not exist; never the policy's directory)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument(
         "--videos",
         type=int,
@@ -208,21 +213,8 @@ def run_eval(args: argparse.Namespace) -> int:
     elif multi and args.episodes is not None:
         raise VlaflowError(f"{args.task} is a task set: give --episodes-per-task N (episodes for each task)")
     videos = args.videos if args.videos is not None else (1 if multi else 2)
-    report = evaluate(
-        args.policy,
-        task=args.task,
-        workers=args.workers,
-        out_dir=args.out,
-        n_episodes=n_episodes,
-        start_seed=args.seed,
-        max_steps=args.max_steps,
-        videos=videos,
-        obs_mode=args.obs_mode,
-        device=args.device,
-        progress=not args.quiet,
-        instruction=args.instruction,
-        allow_unseen_tasks=args.allow_unseen_tasks,
-    )
+    with fresh_directory(args.out, overwrite=args.overwrite, sources=_policy_sources(args.policy)) as out:
+        report = _evaluate(args, out, n_episodes, videos)
     if multi:
         print(format_table(report))
     if report.get("unseen_tasks"):
@@ -234,3 +226,29 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"  failed: seed {e['seed']}: {first}", file=sys.stderr)
         raise VlaflowError(f"{len(report['errors'])} episode(s) failed; see {Path(args.out) / 'report.json'}")
     return 0
+
+
+def _policy_sources(policy: str) -> dict[str, str]:
+    """What --out must not be, contain or lie inside: the policy's own files (checkpoint, export, store)."""
+    for prefix in ("replay:", "onnx:"):
+        if policy.startswith(prefix):
+            return {f"--policy {policy}": policy[len(prefix) :]}
+    return {f"--policy {policy}": policy}
+
+
+def _evaluate(args: argparse.Namespace, out: Path, n_episodes: int | None, videos: int) -> dict:
+    return evaluate(
+        args.policy,
+        task=args.task,
+        workers=args.workers,
+        out_dir=out,
+        n_episodes=n_episodes,
+        start_seed=args.seed,
+        max_steps=args.max_steps,
+        videos=videos,
+        obs_mode=args.obs_mode,
+        device=args.device,
+        progress=not args.quiet,
+        instruction=args.instruction,
+        allow_unseen_tasks=args.allow_unseen_tasks,
+    )
