@@ -198,7 +198,30 @@ def _short(v: list[float]) -> str:
     return "[" + ", ".join(f"{x:.3g}" for x in v[:6]) + (", ...]" if len(v) > 6 else "]")
 
 
+def _not_a_store_hint(path: str) -> None:
+    """A dataset of an ingestible format given to info / validate: say what it is and how to import it."""
+    p = Path(path)
+    if "://" in path or not p.exists():
+        return
+    if p.is_dir() and (p / "data").is_dir() and (p / "meta" / "episode_ends").exists():
+        return  # a store (or a diffusion_policy zarr, which opens read-only)
+    try:
+        fmt = detect_format(p)
+    except IngestError:
+        return
+    names = {
+        "lerobot": "a LeRobot dataset",
+        "robosuite-hdf5": "a robosuite / robomimic hdf5 file",
+        "rosbag2": "a ROS 2 bag",
+    }
+    raise StoreError(
+        f"{path} is {names.get(fmt, fmt)}, not a vlaflow episode store; import it first: "
+        f"`vlaflow ingest {path} OUT.zarr` (format {fmt}), then `vlaflow info OUT.zarr`"
+    )
+
+
 def run_info(args: argparse.Namespace) -> int:
+    _not_a_store_hint(args.store)
     store = EpisodeStore.open(args.store)
     store.require_intact()  # a store with missing chunks reads zeros there: say so, do not summarise zeros
     s = store_summary(store, with_stats=not args.no_stats)
@@ -250,6 +273,7 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 def run_validate(args: argparse.Namespace) -> int:
     from vlaflow.data.validate import validate_store
 
+    _not_a_store_hint(args.store)
     report = validate_store(args.store, progress=not args.no_progress)
     print(report.summary())
     if report.ok:
