@@ -21,7 +21,8 @@ the command's sources is refused always (a command never writes into what it rea
 Crash tests pause a writer at a named point of a replacement with ``VLAFLOW_TEST_PAUSE=POINT:MARKER`` (it
 writes its pid to the file MARKER and sleeps, so the test can SIGKILL it exactly there); the points are
 ``written`` (new directory complete, nothing renamed), ``aside`` (old renamed aside, new not yet in) and
-``swapped`` (new in place, old not yet deleted).
+``swapped`` (new in place, old not yet deleted); the episode store adds ``append`` (an episode's data and
+metadata written, its ``episode_ends`` entry not yet).
 """
 
 from __future__ import annotations
@@ -46,11 +47,21 @@ OVERWRITE_HELP = (
 PAUSE_ENV = "VLAFLOW_TEST_PAUSE"
 
 
+_pause_hits: dict[str, int] = {}
+
+
 def pause_point(name: str) -> None:
-    """Crash-test hook (see the module doc): with ``VLAFLOW_TEST_PAUSE=name:MARKER`` set, write our pid to
-    MARKER and sleep until killed. Costs one environment lookup otherwise."""
+    """Crash-test hook (see the module doc): with ``VLAFLOW_TEST_PAUSE=name:MARKER`` (or ``name@N:MARKER``,
+    the N-th time the point is reached) set, write our pid to MARKER and sleep until killed. Costs one
+    environment lookup otherwise."""
     spec = os.environ.get(PAUSE_ENV)
-    if not spec or spec.partition(":")[0] != name:
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")[0].partition("@")
+    if point != name:
+        return
+    _pause_hits[name] = _pause_hits.get(name, 0) + 1
+    if _pause_hits[name] < int(nth or 1):
         return
     Path(spec.partition(":")[2]).write_text(str(os.getpid()))
     while True:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlaflow.atomic import OVERWRITE_HELP, check_destination
+from vlaflow.atomic import OVERWRITE_HELP, check_destination, stale_leftovers
 from vlaflow.data.ingest import FORMATS, adapter, detect_format
 from vlaflow.data.ingest.robosuite_hdf5 import DEFAULT_CAMERAS
 from vlaflow.data.ingest.rosbag2 import STAMP_MODES, parse_image_topic
@@ -168,7 +168,13 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
 def run_ingest(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if not src.exists():
-        raise IngestError(f"{src}: no such file or directory")
+        aside = stale_leftovers(src.absolute())["old"]
+        hint = (
+            f"; a killed replacement left it at {aside[-1]}: `vlaflow repair {src}` restores it"
+            if aside
+            else ""
+        )
+        raise IngestError(f"{src}: no such file or directory{hint}")
     check_destination(
         args.dest, overwrite=args.overwrite, sources={"the source": src}, what="destination", flag="DEST"
     )
@@ -294,6 +300,7 @@ def add_repair_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also remove temp stores of killed writers that hold finished episodes (kept by default)",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (of the decoding check)")
     p.epilog = (
         "repair only trims an unfinished tail (what a writer killed mid-append leaves past the last finished "
         "episode), after saving the removed rows and metadata to a .npz; it refuses a damaged store and "
@@ -309,8 +316,21 @@ def run_repair(args: argparse.Namespace) -> int:
         print(f"{'would put' if args.dry_run else 'put'} back {back} -> {args.store} (a killed replacement)")
         if args.dry_run:
             return 0
+    from vlaflow.data.validate import validate_store
+
     store = EpisodeStore.open(args.store, mode="a", check=False)
     try:
+        # every chunk decoded first: a truncated chunk is damage that trimming cannot mend
+        report = validate_store(store, progress=not args.no_progress)
+        if report.damaged:
+            damage = [x for x in report.lines() if x.startswith("DAMAGE")]
+            print(
+                f"vlaflow repair: refused: {args.store} is damaged, not unfinished; nothing was changed:\n  "
+                + "\n  ".join(damage)
+                + "\nRestore the named files from a copy or re-ingest the source",
+                file=sys.stderr,
+            )
+            return 2
         for line in clean_siblings(args.store, discard=args.discard_leftovers, dry_run=args.dry_run):
             print(line)
         try:

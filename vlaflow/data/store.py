@@ -48,7 +48,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from vlaflow import keys as K
-from vlaflow.atomic import atomic_directory, restore_aside, stale_leftovers
+from vlaflow.atomic import atomic_directory, pause_point, restore_aside, stale_leftovers
 from vlaflow.data.integrity import (
     EndsCheck,
     Finding,
@@ -531,6 +531,7 @@ class EpisodeStore(StoreChecks):
             m = dense(meta[name])
             m.resize((n_ep + n_new,))
             m[n_ep:] = np.asarray(values, dtype=m.dtype)
+        pause_point("append")  # crash tests: a kill here leaves exactly an unfinished tail
         # 3. episode_ends last: this is what makes the episodes visible
         ends_arr.resize((n_ep + n_new,))
         ends_arr[n_ep:] = start + np.cumsum(lengths)
