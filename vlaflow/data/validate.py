@@ -51,7 +51,8 @@ class ValidationReport:
         notes = "".join(f"\n  note: {n}" for n in self.notes)
         if self.ok:
             counts = f"{self.n_episodes} episodes, {self.n_steps} steps, {self.chunks_read} chunks decoded"
-            return f"{self.path}: OK ({counts}){notes}"
+            held = f"; a writer holds the store ({describe(self.writer)})" if self.writer is not None else ""
+            return f"{self.path}: OK ({counts}){held}{notes}"
         head = "damaged" if self.damaged else "unfinished tail (`vlaflow repair` trims it)"
         if self.writer is not None and not self.damaged:
             head += f"; a writer holds the store ({describe(self.writer)}): the tail may be its append"
