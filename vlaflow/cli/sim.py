@@ -213,6 +213,7 @@ def run_eval(args: argparse.Namespace) -> int:
     elif multi and args.episodes is not None:
         raise VlaflowError(f"{args.task} is a task set: give --episodes-per-task N (episodes for each task)")
     videos = args.videos if args.videos is not None else (1 if multi else 2)
+    check_policy_arg(args.policy, args.device)
     with fresh_directory(args.out, overwrite=args.overwrite, sources=_policy_sources(args.policy)) as out:
         report = _evaluate(args, out, n_episodes, videos)
     if multi:
@@ -226,6 +227,53 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"  failed: seed {e['seed']}: {first}", file=sys.stderr)
         raise VlaflowError(f"{len(report['errors'])} episode(s) failed; see {Path(args.out) / 'report.json'}")
     return 0
+
+
+def check_policy_arg(policy: str, device: str) -> None:
+    """Say what a wrong --policy is and what to pass instead, before any env or worker starts."""
+    hint = "pass a checkpoint directory (e.g. RUN/checkpoints/best), onnx:EXPORT_DIR, replay:STORE or random"
+    if policy == "random":
+        return
+    for prefix, what in (("replay:", "episode store"), ("onnx:", "ONNX export directory")):
+        if policy.startswith(prefix) and not Path(policy[len(prefix) :]).exists():
+            raise VlaflowError(f"--policy {policy}: no such {what} {policy[len(prefix) :]}")
+    if policy.startswith("onnx:"):
+        if not (Path(policy[5:]) / "manifest.json").is_file():
+            raise VlaflowError(
+                f"--policy {policy}: {policy[5:]} is not an ONNX export (no manifest.json); "
+                + (
+                    "it is a checkpoint: pass it without onnx:"
+                    if (Path(policy[5:]) / "config.json").is_file()
+                    else hint
+                )
+            )
+        return
+    if policy.startswith("replay:"):
+        return
+    p = Path(policy)
+    if not p.exists():
+        raise VlaflowError(f"--policy {policy}: no such path; {hint}")
+    if (p / "manifest.json").is_file():
+        raise VlaflowError(
+            f"--policy {policy} is an ONNX export (manifest.json); pass --policy onnx:{policy}"
+        )
+    if (p / "checkpoints").is_dir():
+        found = sorted(
+            str(c) for c in (p / "checkpoints").iterdir() if c.is_dir() and not c.name.startswith(".")
+        )
+        raise VlaflowError(
+            f"--policy {policy} is a training run directory; pass one of its checkpoints: "
+            + (", ".join(found) if found else "(it has none yet)")
+        )
+    if (p / "data").is_dir() and (p / "meta" / "episode_ends").exists():
+        raise VlaflowError(
+            f"--policy {policy} is an episode store; to replay it pass --policy replay:{policy}"
+        )
+    if device.startswith("cuda"):
+        import torch  # only here: `vlaflow eval --help` and non-CUDA runs stay as they were
+
+        if not torch.cuda.is_available():
+            raise VlaflowError(f"--device {device!r} but CUDA is not available here; use --device cpu")
 
 
 def _policy_sources(policy: str) -> dict[str, str]:
