@@ -126,3 +126,29 @@ def test_killed_collect_overwrite_keeps_the_old_store(tmp_path, reference, capsy
     )  # finished episodes are not deleted unasked
     assert main(["repair", str(out), "--discard-leftovers"]) == 0
     assert leftovers(out) == {"tmp": [], "old": []} and digest(out) == before
+
+
+def test_killed_teleop_keeps_its_saved_episodes_and_seeds(tmp_path, capsys):
+    """teleop appends each saved episode at once; a kill inside the second save keeps the first, and the
+    seed list (written before each episode) is trimmed to the episodes that exist."""
+    import json
+
+    script = tmp_path / "keys.json"
+    keys = [[0, "enter"], [1, "f"], [2, "enter"], [3, "enter"], [4, "r"], [5, "r"], [6, "enter"], [7, "q"]]
+    script.write_text(json.dumps(keys))
+    out = tmp_path / "t.zarr"
+    cmd = vlaflow_cmd(
+        "teleop", "--task", "pick_place", "--out", str(out), "--script", str(script), "--seed", "5"
+    )
+    run_and_kill_at(cmd, "append@2", tmp_path / "marker")
+    s = EpisodeStore.open(out)
+    assert s.n_episodes == 1 and s.episode_lengths.tolist() == [2]
+    assert s.attrs["teleop"]["episode_seeds"] == [5, 6]  # the second seed was written, its episode was not
+    assert validate_store(out, progress=False).findings  # the killed append's tail, reported
+    assert (
+        main(["teleop", "--task", "pick_place", "--out", str(out), "--script", str(script), "--seed", "9"])
+        == 0
+    )
+    s = EpisodeStore.open(out)
+    assert s.episode_lengths.tolist() == [2, 2, 3]
+    assert s.attrs["teleop"]["episode_seeds"] == [5, 9, 10]  # one seed per stored episode

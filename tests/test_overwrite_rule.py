@@ -148,3 +148,14 @@ def test_check_destination_and_fresh_directory(tmp_path):
         (d / "new.txt").write_text("new")
     assert files(out) == {"new.txt": b"new"}
     assert {p.name for p in tmp_path.iterdir()} == {"src", "out"}  # no aside copy left
+
+
+def test_train_out_that_is_some_other_non_empty_directory_is_refused(tmp_path, capsys):
+    store = make_store(tmp_path / "s.zarr", n=3)
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(b"\xff\xd8")
+    args = ["train", "--preset", "pusht_lowdim_diffusion", "--data", str(store), "--out", str(other)]
+    assert main([*args, "train.steps=1"]) == 1
+    assert "is not a run directory" in capsys.readouterr().err
+    assert files(other) == {"a.jpg": b"\xff\xd8"}

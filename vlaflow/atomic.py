@@ -214,6 +214,7 @@ def check_destination(
     what: str = "output directory",
     flag: str = "--out",
     exists_ok: bool = False,
+    remedy: str | None = None,
 ) -> Path:
     """The one overwrite rule for a command that writes a directory, checked before any work.
 
@@ -224,6 +225,7 @@ def check_destination(
       own rule for an existing destination, such as ``train --resume`` or appending ``teleop``). Even an
       empty directory counts: a typo in ``--out`` should not quietly reuse an unrelated directory.
 
+    ``remedy`` replaces the "(pass --overwrite ...)" advice for a command without that flag.
     Returns ``dest`` as given. URLs (``scheme://``) are not checked here; their writers check them.
     """
     if "://" in str(dest):
@@ -242,7 +244,7 @@ def check_destination(
             )
     if (dest.exists() or dest.is_symlink()) and not (overwrite or exists_ok):
         raise VlaflowError(
-            f"{dest}: {what} exists (pass --overwrite to replace it, or choose another {flag})"
+            f"{dest}: {what} exists ({remedy or f'pass --overwrite to replace it, or choose another {flag}'})"
         )
     return dest
 

@@ -149,8 +149,18 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if not args.data or out is None:
         raise ConfigError("--data STORE and --out RUN are required")
-    # the one overwrite rule: never into the store; an existing run is the loop's (--resume) to judge
-    check_destination(out, overwrite=False, exists_ok=True, sources={"--data": args.data})
+    # the one overwrite rule: never into the store; an existing run is the loop's (--resume) to judge, any
+    # other non-empty directory is refused
+    is_run = any((out / n).exists() for n in ("log.csv", "run_config.json", "checkpoints"))
+    reusable = not out.exists() or is_run or (out.is_dir() and not any(out.iterdir()))
+    check_destination(
+        out,
+        overwrite=False,
+        exists_ok=reusable,
+        sources={"--data": args.data},
+        what="--out",
+        remedy="and is not a run directory that --resume could continue; choose another --out",
+    )
     from vlaflow.train.trainer import train
 
     res = train(cfg, args.data, out, resume=args.resume, evaluate=rollout_evaluator(cfg))
