@@ -9,14 +9,18 @@ checkpoints, ONNX exports, training checkpoints) goes through :func:`atomic_dire
 
 The three steps of a replacement are renames on one file system, so at every instant either the old or the
 new directory is complete: a kill between the two renames leaves the old one beside the missing ``dest``,
-and :func:`recover_directory` renames it back. An error inside the block removes ``tmp`` and leaves
-``dest`` as it was. Temp and old directories are hidden siblings named after ``dest`` and the writer's
-process id (``.NAME.tmp-PID-XXXX``, ``.NAME.old-PID-XXXX``), so :func:`leftovers` can report what a killed
-writer left behind and :func:`stale` can tell it from a directory a live writer is still filling.
+and :func:`restore_aside` renames it back (every later write to ``dest`` calls it first, and so does
+``vlaflow repair``; :func:`recover_directory` is the same for a writer resuming its own work). An error
+inside the block removes ``tmp`` and leaves ``dest`` as it was. Temp and old directories are hidden
+siblings named after ``dest`` and the writer's process id (``.NAME.tmp-PID-XXXX``, ``.NAME.old-PID-XXXX``),
+so :func:`leftovers` can report what a killed writer left behind and :func:`stale` can tell it from a
+directory a live writer is still filling.
 
 The overwrite rule every command that writes a directory follows is :func:`check_destination`: an existing
 destination is refused without ``--overwrite``, and a destination that is, contains or lies inside one of
-the command's sources is refused always (a command never writes into what it reads).
+the command's sources is refused always (a command never writes into what it reads). Commands whose outputs
+record their own paths (an evaluation report naming its videos) write in place through
+:func:`fresh_directory`, which keeps the old directory aside until the new one is done.
 
 Crash tests pause a writer at a named point of a replacement with ``VLAFLOW_TEST_PAUSE=POINT:MARKER`` (it
 writes its pid to the file MARKER and sleeps, so the test can SIGKILL it exactly there); the points are
