@@ -182,6 +182,18 @@ def restore_aside(dest: str | os.PathLike, *, dry_run: bool = False) -> Path | N
     return olds[-1]
 
 
+def aside_hint(dest: str | os.PathLike) -> str:
+    """For a missing ``dest``: where a killed replacement left its previous version, and the way back
+    (to append to a "no such ..." message; empty when there is none, or for a URL)."""
+    if "://" in str(dest) and not str(dest).startswith("file://"):
+        return ""
+    local = Path(str(dest).removeprefix("file://")).absolute()
+    aside = stale_leftovers(local)["old"]
+    if not aside:
+        return ""
+    return f"; a killed replacement left the old one at {aside[-1]}: `vlaflow repair {dest}` restores it"
+
+
 def recover_directory(dest: str | os.PathLike) -> Path:
     """``dest`` itself, or -- after a kill between the two renames of a replacement -- the complete previous
     directory left beside it, renamed back into place. Stale temp directories (their writer is gone) are

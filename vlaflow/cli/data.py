@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlaflow.atomic import OVERWRITE_HELP, check_destination, stale_leftovers
+from vlaflow.atomic import OVERWRITE_HELP, aside_hint, check_destination
 from vlaflow.data.ingest import FORMATS, adapter, detect_format
 from vlaflow.data.ingest.robosuite_hdf5 import DEFAULT_CAMERAS
 from vlaflow.data.ingest.rosbag2 import STAMP_MODES, parse_image_topic
@@ -168,13 +168,7 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
 def run_ingest(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if not src.exists():
-        aside = stale_leftovers(src.absolute())["old"]
-        hint = (
-            f"; a killed replacement left it at {aside[-1]}: `vlaflow repair {src}` restores it"
-            if aside
-            else ""
-        )
-        raise IngestError(f"{src}: no such file or directory{hint}")
+        raise IngestError(f"{src}: no such file or directory{aside_hint(src)}")
     check_destination(
         args.dest, overwrite=args.overwrite, sources={"the source": src}, what="destination", flag="DEST"
     )

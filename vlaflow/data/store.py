@@ -48,7 +48,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from vlaflow import keys as K
-from vlaflow.atomic import atomic_directory, pause_point, restore_aside, stale_leftovers
+from vlaflow.atomic import aside_hint, atomic_directory, pause_point, restore_aside
 from vlaflow.data.integrity import (
     EndsCheck,
     Finding,
@@ -221,13 +221,7 @@ class EpisodeStore(StoreChecks):
         if mode not in ("r", "a"):
             raise StoreError(f"open mode must be 'r' or 'a', got {mode!r}")
         if not _is_remote(path) and not _local_path(path).exists():
-            aside = stale_leftovers(_local_path(path).absolute())["old"]
-            hint = (
-                f"; a killed replacement left the old one at {aside[-1]}: `vlaflow repair {path}` restores it"
-                if aside
-                else ""
-            )
-            raise StoreError(f"{path}: no such episode store{hint}")
+            raise StoreError(f"{path}: no such episode store{aside_hint(path)}")
         try:
             root = zarr.open_group(
                 str(path), mode="r" if mode == "r" else "r+", storage_options=_storage_options(path)
