@@ -95,9 +95,12 @@ def run_collect(args: argparse.Namespace) -> int:
     if len(res.per_task) > 1:
         for name, r in res.per_task.items():
             print(f"  {name}: {r['episodes']} episodes from {r['attempts']} attempts")
+    if res.kept:
+        print(f"collect {args.task}: {res.kept} episodes were already in {res.path}; continued from there")
     print(
-        f"collect {args.task}: wrote {res.n_episodes} episodes ({res.n_steps} steps) to {res.path} "
-        f"from {res.n_attempts} attempts ({res.n_episodes / res.n_attempts:.0%} success) "
+        f"collect {args.task}: wrote {res.n_episodes - res.kept} episodes ({res.n_steps} steps) to "
+        f"{res.path}; {res.n_episodes} from {res.n_attempts} attempts "
+        f"({res.n_episodes / max(res.n_attempts, 1):.0%} success) "
         f"in {res.wall_s:.1f} s"
     )
     return 0

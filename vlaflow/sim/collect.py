@@ -122,6 +122,7 @@ class CollectResult:
     wall_s: float  # seconds
     seeds: list[int] = field(default_factory=list)  # reset seed of each stored episode
     per_task: dict[str, dict] = field(default_factory=dict)  # task -> {"episodes", "attempts", "seeds"}
+    kept: int = 0  # episodes that were already in the store (--resume); n_steps counts only the new ones
 
 
 def episode_instruction(spec, ro: Rollout, paraphrase: bool) -> str:
@@ -187,6 +188,7 @@ def collect(
     try:
         with open_destination(out, store_keys(spec0), spec0.fps, attrs, overwrite, resume) as store:
             progress_log = _resume_progress(store, tasks, attrs["collect"]) if resume else {}
+            kept = store.n_episodes
 
             def record(name: str, seeds: list[int], attempts: int) -> None:
                 # written before the episode is appended: a kill between the two leaves a seed more than
@@ -255,7 +257,7 @@ def collect(
     finally:
         env.close()
     return CollectResult(
-        str(out), len(all_seeds), total_attempts, n_steps, time.perf_counter() - t0, all_seeds, per_task
+        str(out), len(all_seeds), total_attempts, n_steps, time.perf_counter() - t0, all_seeds, per_task, kept
     )
 
 
