@@ -297,8 +297,8 @@ def add_repair_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (of the decoding check)")
     p.epilog = (
         "repair only trims an unfinished tail (what a writer killed mid-append leaves past the last finished "
-        "episode), after saving the removed rows and metadata to a .npz; it refuses a damaged store and "
-        "changes nothing then (exit 2): run `vlaflow validate` to see what is wrong. It also puts back a "
+        "episode), after saving the removed rows and metadata to a .npz; it first decodes every chunk (as "
+        "validate does) and refuses a damaged store, changing nothing then (exit 2). It also puts back a "
         "store that a killed --overwrite left moved aside (STORE missing, .STORE.old-* beside it) and "
         "removes the hidden temp directories of killed writers"
     )
