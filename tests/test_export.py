@@ -642,3 +642,56 @@ def test_cli_export_of_a_composed_checkpoint(tmp_path, capsys):
     assert json.loads((out / "manifest.json").read_text())["source"] == str(ckpt)
     res = OnnxPolicy(out, seed=0).infer(_pusht_obs(np.random.default_rng(0)))
     assert res.actions.shape == (8, 2) and res.nfe == 4
+
+
+def _edited_export(src: Path, dest: Path, edit) -> Path:
+    import shutil
+
+    shutil.copytree(src, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    edit(m)
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return dest
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "absolute graph path",
+        "graph path out of the directory",
+        "symlink out",
+        "graphs swapped",
+        "shape",
+        "horizon",
+    ],
+)
+def test_manifest_paths_are_confined_and_shapes_checked(diffusion_export, tmp_path, case):
+    """issue 12: a manifest names only files of its own export, and its graphs' inputs are what it says."""
+    _, onnx_dir, _, _ = diffusion_export
+    outside = tmp_path / "elsewhere.onnx"
+    outside.write_bytes((onnx_dir / "encoder.onnx").read_bytes())
+
+    def edit(m):
+        if case == "absolute graph path":
+            m["graphs"]["encoder"]["file"] = str(outside)
+        elif case == "graph path out of the directory":
+            m["graphs"]["encoder"]["file"] = "../elsewhere.onnx"
+        elif case == "symlink out":
+            m["graphs"]["encoder"]["file"] = "link.onnx"
+        elif case == "graphs swapped":
+            m["graphs"]["denoiser"]["file"] = "encoder.onnx"
+        elif case == "horizon":  # the spec disagrees with the graphs
+            m["spec"]["horizon"] += 1
+        else:
+            m["graphs"]["encoder"]["inputs"][0]["shape"][1] += 1
+
+    d = _edited_export(onnx_dir, tmp_path / "x", edit)
+    if case == "symlink out":
+        (d / "link.onnx").symlink_to(outside)
+    want = {
+        "graphs swapped": "the graph's inputs are",
+        "shape": "its spec",
+        "horizon": "input 'x_t' has shape",
+    }.get(case, "outside the export directory")
+    with pytest.raises(VlaflowError, match=want):
+        OnnxPolicy(d)

@@ -4,10 +4,12 @@ PushT score wired in from :func:`vlaflow.sim.evaluate.evaluate`, then the table 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
 
+from vlaflow.atomic import OVERWRITE_HELP, fresh_directory
 from vlaflow.deploy.bench import SAMPLERS, LatencyBench, bench_latency, latency_markdown
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.sim.evaluate import evaluate
@@ -81,7 +83,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--step-repeats", type=int, default=300, help="timed single denoiser steps per runtime")
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON line")
-    p.add_argument("--out", default="", help="directory for latency.json, latency.md, latency_hist.png")
+    p.add_argument(
+        "--out",
+        default="",
+        help="directory for latency.json, latency.md, latency_hist.png (must not exist; never an input's)",
+    )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -107,7 +114,17 @@ def run_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         out=args.out or None,
     )
-    result = bench_latency(cfg, score=None if args.no_score else pusht_score)
+    inputs = {"the checkpoint": args.checkpoint, "--onnx": args.onnx or None, "--ebt": args.ebt or None}
+    inputs.update({f"--scores-from {p}": p for p in cfg.scores_from})
+    inputs.update({f"--onestep {p}": p for p in cfg.onestep})
+    if args.eager_reports:
+        inputs["--eager-reports"] = args.eager_reports
+    with (
+        fresh_directory(args.out, overwrite=args.overwrite, sources=inputs)
+        if args.out
+        else contextlib.nullcontext()
+    ):
+        result = bench_latency(cfg, score=None if args.no_score else pusht_score)
     print(latency_markdown(result))
     if args.json:
         keys = ("variant", "runtime", "nfe", "p50_ms", "p99_ms", "mean_score", "success_rate", "episodes")

@@ -19,6 +19,7 @@ import functools
 import json
 from pathlib import Path
 
+from vlaflow.atomic import OVERWRITE_HELP, atomic_directory, check_destination
 from vlaflow.errors import ConfigError
 from vlaflow.policies.composed.search import Weights, gpc_table, search_weights, table_markdown, weight_grid
 from vlaflow.sim.evaluate import evaluate
@@ -62,7 +63,10 @@ def add_compose_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="", help="sampler override ('' = the reference parent's)")
     parser.add_argument("--num-steps", type=int, default=None, help="sampler steps (default: reference's)")
     parser.add_argument("--max-steps", type=int, default=None, help="episode step limit override")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--out", required=True, help="output directory (table, plot, best/); must not exist, never a parent's"
+    )
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -91,16 +95,14 @@ def _print_row(row: dict) -> None:
 
 
 def run_compose(args: argparse.Namespace) -> int:
-    from vlaflow.policies.checkpoint import (
-        load_parents,
-        save_checkpoint,  # torch: `vlaflow compose --help` stays light
-    )
+    from vlaflow.policies.checkpoint import load_parents  # torch: `vlaflow compose --help` stays light
     from vlaflow.policies.composed.model import compose_policies
 
     if len(args.parents) < 2:
         raise ConfigError(f"--parents needs at least 2 checkpoints, got {args.parents}")
     if args.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
+    check_destination(args.out, overwrite=args.overwrite, sources={f"--parents {p}": p for p in args.parents})
     paths = [str(Path(p).resolve()) for p in args.parents]
     parents = load_parents(paths)  # validates family, action space and normalization up front
     compose_policies(parents, [1.0] + [0.0] * (len(parents) - 1))
@@ -111,8 +113,6 @@ def run_compose(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"--weights must be comma-separated numbers, got {args.weights!r}") from e
     grid = weight_grid(len(paths), ws, args.grid_step)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     names = [
         f"{Path(p).parent.parent.name}/{Path(p).name}:{q.config.family}"
         for p, q in zip(paths, parents, strict=True)
@@ -144,6 +144,18 @@ def run_compose(args: argparse.Namespace) -> int:
         rows, parents=paths, parent_names=names, task=args.task, episodes=args.episodes, first_seed=args.seed
     )
     best = table["best"]
+    with atomic_directory(args.out, overwrite=args.overwrite, what="output directory") as out:
+        _write_outputs(out, table, rows, names, paths, parents, best, args)
+    out = Path(args.out)
+    print(f"best weights {best['weights']} score {best['mean_score']:.3f} -> {out / 'best'}")
+    return 0
+
+
+def _write_outputs(out: Path, table, rows, names, paths, parents, best, args) -> None:
+    """Everything compose writes, into the temp directory that then replaces --out whole."""
+    from vlaflow.policies.checkpoint import save_checkpoint
+    from vlaflow.policies.composed.model import compose_policies
+
     (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
     (out / "table.md").write_text(table_markdown(table))
     if len(paths) == 2:
@@ -158,5 +170,3 @@ def run_compose(args: argparse.Namespace) -> int:
         parent_paths=paths,
     )
     save_checkpoint(out / "best", best_pol, extra_json={"gpc_table": "../table.json"})
-    print(f"best weights {best['weights']} score {best['mean_score']:.3f} -> {out / 'best'}")
-    return 0

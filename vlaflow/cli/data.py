@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vlaflow.atomic import OVERWRITE_HELP, aside_hint, check_destination
 from vlaflow.data.ingest import FORMATS, adapter, detect_format
 from vlaflow.data.ingest.robosuite_hdf5 import DEFAULT_CAMERAS
 from vlaflow.data.ingest.rosbag2 import STAMP_MODES, parse_image_topic
+from vlaflow.data.siblings import clean_siblings, restore_aside
 from vlaflow.data.store import EpisodeStore
 from vlaflow.data.summary import store_summary
 from vlaflow.data.video import CODECS
@@ -157,7 +159,7 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="source dataset (directory or file)")
     p.add_argument("dest", help="destination store directory (or fsspec URL); must not exist")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="source format")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for fmt in FORMATS:
         FORMAT_FLAGS[fmt][0](p.add_argument_group(f"{fmt} options"))
@@ -166,9 +168,10 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
 def run_ingest(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if not src.exists():
-        raise IngestError(f"{src}: no such file or directory")
-    if "://" not in args.dest and Path(args.dest).exists() and not args.overwrite:
-        raise IngestError(f"{args.dest}: destination exists (pass --overwrite to replace it)")
+        raise IngestError(f"{src}: no such file or directory{aside_hint(src)}")
+    check_destination(
+        args.dest, overwrite=args.overwrite, sources={"the source": src}, what="destination", flag="DEST"
+    )
     fmt = detect_format(src) if args.format == "auto" else args.format
     mod = adapter(fmt)
     opts = FORMAT_FLAGS[fmt][1](args)
@@ -195,7 +198,30 @@ def _short(v: list[float]) -> str:
     return "[" + ", ".join(f"{x:.3g}" for x in v[:6]) + (", ...]" if len(v) > 6 else "]")
 
 
+def _not_a_store_hint(path: str) -> None:
+    """A dataset of an ingestible format given to info / validate: say what it is and how to import it."""
+    p = Path(path)
+    if "://" in path or not p.exists():
+        return
+    if p.is_dir() and (p / "data").is_dir() and (p / "meta" / "episode_ends").exists():
+        return  # a store (or a diffusion_policy zarr, which opens read-only)
+    try:
+        fmt = detect_format(p)
+    except IngestError:
+        return
+    names = {
+        "lerobot": "a LeRobot dataset",
+        "robosuite-hdf5": "a robosuite / robomimic hdf5 file",
+        "rosbag2": "a ROS 2 bag",
+    }
+    raise StoreError(
+        f"{path} is {names.get(fmt, fmt)}, not a vlaflow episode store; import it first: "
+        f"`vlaflow ingest {path} OUT.zarr` (format {fmt}), then `vlaflow info OUT.zarr`"
+    )
+
+
 def run_info(args: argparse.Namespace) -> int:
+    _not_a_store_hint(args.store)
     store = EpisodeStore.open(args.store)
     store.require_intact()  # a store with missing chunks reads zeros there: say so, do not summarise zeros
     s = store_summary(store, with_stats=not args.no_stats)
@@ -226,6 +252,8 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  success: {sc['true']} yes, {sc['false']} no, {sc['unknown']} unknown")
     for p in s["problems"]:
         print(f"  PROBLEM: {p}")
+    for note in s["leftovers"]:
+        print(f"  NOTE: {note}")
     return 0
 
 
@@ -245,6 +273,7 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 def run_validate(args: argparse.Namespace) -> int:
     from vlaflow.data.validate import validate_store
 
+    _not_a_store_hint(args.store)
     report = validate_store(args.store, progress=not args.no_progress)
     print(report.summary())
     if report.ok:
@@ -260,16 +289,44 @@ def add_repair_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="where the .npz of everything removed goes (default: beside the store)",
     )
+    p.add_argument(
+        "--discard-leftovers",
+        action="store_true",
+        help="also remove temp stores of killed writers that hold finished episodes (kept by default)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (of the decoding check)")
     p.epilog = (
         "repair only trims an unfinished tail (what a writer killed mid-append leaves past the last finished "
-        "episode), after saving the removed rows and metadata to a .npz; it refuses a damaged store and "
-        "changes nothing then (exit 2): run `vlaflow validate` to see what is wrong"
+        "episode), after saving the removed rows and metadata to a .npz; it first decodes every chunk (as "
+        "validate does) and refuses a damaged store, changing nothing then (exit 2). It also puts back a "
+        "store that a killed --overwrite left moved aside (STORE missing, .STORE.old-* beside it) and "
+        "removes the hidden temp directories of killed writers"
     )
 
 
 def run_repair(args: argparse.Namespace) -> int:
+    back = restore_aside(args.store, dry_run=args.dry_run)
+    if back is not None:
+        print(f"{'would put' if args.dry_run else 'put'} back {back} -> {args.store} (a killed replacement)")
+        if args.dry_run:
+            return 0
+    from vlaflow.data.validate import validate_store
+
     store = EpisodeStore.open(args.store, mode="a", check=False)
     try:
+        # every chunk decoded first: a truncated chunk is damage that trimming cannot mend
+        report = validate_store(store, progress=not args.no_progress)
+        if report.damaged:
+            damage = [x for x in report.lines() if x.startswith("DAMAGE")]
+            print(
+                f"vlaflow repair: refused: {args.store} is damaged, not unfinished; nothing was changed:\n  "
+                + "\n  ".join(damage)
+                + "\nRestore the named files from a copy or re-ingest the source",
+                file=sys.stderr,
+            )
+            return 2
+        for line in clean_siblings(args.store, discard=args.discard_leftovers, dry_run=args.dry_run):
+            print(line)
         try:
             result = store.repair(dry_run=args.dry_run, backup_dir=args.backup_dir)
         except StoreError as e:
@@ -299,12 +356,13 @@ def add_export_lerobot_arguments(p: argparse.ArgumentParser) -> None:
         help="codec of the camera videos (h264-lossless round-trips images exactly)",
     )
     p.add_argument("--fps", type=float, default=None, help="frame rate, for stores that do not record one")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def run_export_lerobot(args: argparse.Namespace) -> int:
     from vlaflow.data.lerobot_export import export_lerobot  # pyarrow: info / validate stay quick without it
 
+    check_destination(args.out, overwrite=args.overwrite, sources={"the store": args.store}, flag="OUT")
     summary = export_lerobot(
         args.store, args.out, fps=args.fps, video_codec=args.video_codec, overwrite=args.overwrite
     )

@@ -9,13 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 
+from vlaflow.atomic import OVERWRITE_HELP
 from vlaflow.train.objectives.distill import distill, parse_dims
 
 
 def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", required=True, help="teacher checkpoint directory (diffusion or flow)")
     parser.add_argument("--data", required=True, help="episode store whose observations drive the teacher")
-    parser.add_argument("--out", required=True, help="output checkpoint directory for the student")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output checkpoint directory for the student (must not exist; never the teacher or the store)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--minutes", type=float, default=12.0, help="wall-clock training budget (default 12)")
     parser.add_argument("--steps", type=int, default=0, help="stop after this many updates (0 = budget only)")
     parser.add_argument("--batch-size", type=int, default=128, help="student minibatch size (default 128)")
@@ -99,6 +105,7 @@ def run_distill(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print(json.dumps(summary, indent=2))
     return 0

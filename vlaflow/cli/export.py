@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlaflow.atomic import OVERWRITE_HELP, check_destination
 from vlaflow.deploy.export import EXPORTERS, PARITY, ExportOptions, export_policy
 from vlaflow.errors import ConfigError
 
@@ -22,7 +23,12 @@ def _parse_samplers(text: str) -> tuple[tuple[str, int], ...]:
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="policy checkpoint directory (diffusion or flow)")
-    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory (written atomically; must not exist, never the checkpoint)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="torch ONNX exporter")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
     parser.add_argument(
@@ -45,6 +51,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     from vlaflow.policies.checkpoint import load_checkpoint
 
+    check_destination(args.out, overwrite=args.overwrite, sources={"the checkpoint": args.checkpoint})
     torch.set_num_threads(1)
     opts = ExportOptions(
         opset=args.opset,

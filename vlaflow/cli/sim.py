@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlaflow.atomic import OVERWRITE_HELP, fresh_directory
 from vlaflow.errors import VlaflowError
 from vlaflow.sim.collect import collect
 from vlaflow.sim.evaluate import DEFAULT_EPISODES, DEFAULT_START_SEED, OBS_MODE_CHOICES, evaluate
@@ -54,8 +55,21 @@ def add_collect_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="store one of the task's instructions per episode (drawn by seed) instead of the canonical one",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument(
+        "--resume",
+        "--append",
+        dest="resume",
+        action="store_true",
+        help="continue the store at --out (same task, --seed, --noise, --paraphrase): its episodes are kept "
+        "and the next seeds are tried until --episodes are stored; what a killed collect left is resumed so",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.epilog = (
+        "--out is written as episodes finish (a kill keeps every finished one; --resume continues). An "
+        "existing --out is refused unless --resume or --overwrite; --overwrite keeps the old store until the "
+        "new one is complete."
+    )
 
 
 def run_collect(args: argparse.Namespace) -> int:
@@ -76,13 +90,17 @@ def run_collect(args: argparse.Namespace) -> int:
         env_kwargs=kw,
         progress=not args.no_progress,
         paraphrase=args.paraphrase,
+        resume=args.resume,
     )
     if len(res.per_task) > 1:
         for name, r in res.per_task.items():
             print(f"  {name}: {r['episodes']} episodes from {r['attempts']} attempts")
+    if res.kept:
+        print(f"collect {args.task}: {res.kept} episodes were already in {res.path}; continued from there")
     print(
-        f"collect {args.task}: wrote {res.n_episodes} episodes ({res.n_steps} steps) to {res.path} "
-        f"from {res.n_attempts} attempts ({res.n_episodes / res.n_attempts:.0%} success) "
+        f"collect {args.task}: wrote {res.n_episodes - res.kept} episodes ({res.n_steps} steps) to "
+        f"{res.path}; {res.n_episodes} from {res.n_attempts} attempts "
+        f"({res.n_episodes / max(res.n_attempts, 1):.0%} success) "
         f"in {res.wall_s:.1f} s"
     )
     return 0
@@ -170,7 +188,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=DEFAULT_START_SEED, help="first episode seed (seed, seed+1, ...)"
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (0 = run in this process)")
-    parser.add_argument("--out", required=True, help="output directory for report.json and videos/")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory for report.json and videos/ (must not exist; never the policy's directory)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument(
         "--videos",
         type=int,
@@ -193,21 +216,9 @@ def run_eval(args: argparse.Namespace) -> int:
     elif multi and args.episodes is not None:
         raise VlaflowError(f"{args.task} is a task set: give --episodes-per-task N (episodes for each task)")
     videos = args.videos if args.videos is not None else (1 if multi else 2)
-    report = evaluate(
-        args.policy,
-        task=args.task,
-        workers=args.workers,
-        out_dir=args.out,
-        n_episodes=n_episodes,
-        start_seed=args.seed,
-        max_steps=args.max_steps,
-        videos=videos,
-        obs_mode=args.obs_mode,
-        device=args.device,
-        progress=not args.quiet,
-        instruction=args.instruction,
-        allow_unseen_tasks=args.allow_unseen_tasks,
-    )
+    check_policy_arg(args.policy, args.device)
+    with fresh_directory(args.out, overwrite=args.overwrite, sources=_policy_sources(args.policy)) as out:
+        report = _evaluate(args, out, n_episodes, videos)
     if multi:
         print(format_table(report))
     if report.get("unseen_tasks"):
@@ -219,3 +230,76 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"  failed: seed {e['seed']}: {first}", file=sys.stderr)
         raise VlaflowError(f"{len(report['errors'])} episode(s) failed; see {Path(args.out) / 'report.json'}")
     return 0
+
+
+def check_policy_arg(policy: str, device: str) -> None:
+    """Say what a wrong --policy is and what to pass instead, before any env or worker starts."""
+    hint = "pass a checkpoint directory (e.g. RUN/checkpoints/best), onnx:EXPORT_DIR, replay:STORE or random"
+    if policy == "random":
+        return
+    for prefix, what in (("replay:", "episode store"), ("onnx:", "ONNX export directory")):
+        if policy.startswith(prefix) and not Path(policy[len(prefix) :]).exists():
+            raise VlaflowError(f"--policy {policy}: no such {what} {policy[len(prefix) :]}")
+    if policy.startswith("onnx:"):
+        if not (Path(policy[5:]) / "manifest.json").is_file():
+            raise VlaflowError(
+                f"--policy {policy}: {policy[5:]} is not an ONNX export (no manifest.json); "
+                + (
+                    "it is a checkpoint: pass it without onnx:"
+                    if (Path(policy[5:]) / "config.json").is_file()
+                    else hint
+                )
+            )
+        return
+    if policy.startswith("replay:"):
+        return
+    p = Path(policy)
+    if not p.exists():
+        raise VlaflowError(f"--policy {policy}: no such path; {hint}")
+    if (p / "manifest.json").is_file():
+        raise VlaflowError(
+            f"--policy {policy} is an ONNX export (manifest.json); pass --policy onnx:{policy}"
+        )
+    if (p / "checkpoints").is_dir():
+        found = sorted(
+            str(c) for c in (p / "checkpoints").iterdir() if c.is_dir() and not c.name.startswith(".")
+        )
+        raise VlaflowError(
+            f"--policy {policy} is a training run directory; pass one of its checkpoints: "
+            + (", ".join(found) if found else "(it has none yet)")
+        )
+    if (p / "data").is_dir() and (p / "meta" / "episode_ends").exists():
+        raise VlaflowError(
+            f"--policy {policy} is an episode store; to replay it pass --policy replay:{policy}"
+        )
+    if device.startswith("cuda"):
+        import torch  # only here: `vlaflow eval --help` and non-CUDA runs stay as they were
+
+        if not torch.cuda.is_available():
+            raise VlaflowError(f"--device {device!r} but CUDA is not available here; use --device cpu")
+
+
+def _policy_sources(policy: str) -> dict[str, str]:
+    """What --out must not be, contain or lie inside: the policy's own files (checkpoint, export, store)."""
+    for prefix in ("replay:", "onnx:"):
+        if policy.startswith(prefix):
+            return {f"--policy {policy}": policy[len(prefix) :]}
+    return {f"--policy {policy}": policy}
+
+
+def _evaluate(args: argparse.Namespace, out: Path, n_episodes: int | None, videos: int) -> dict:
+    return evaluate(
+        args.policy,
+        task=args.task,
+        workers=args.workers,
+        out_dir=out,
+        n_episodes=n_episodes,
+        start_seed=args.seed,
+        max_steps=args.max_steps,
+        videos=videos,
+        obs_mode=args.obs_mode,
+        device=args.device,
+        progress=not args.quiet,
+        instruction=args.instruction,
+        allow_unseen_tasks=args.allow_unseen_tasks,
+    )

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlaflow.atomic import OVERWRITE_HELP, check_destination, fresh_directory
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.train.config import EvalConfig, RunConfig
 
@@ -148,6 +149,18 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if not args.data or out is None:
         raise ConfigError("--data STORE and --out RUN are required")
+    # the one overwrite rule: never into the store; an existing run is the loop's (--resume) to judge, any
+    # other non-empty directory is refused
+    is_run = any((out / n).exists() for n in ("log.csv", "run_config.json", "checkpoints"))
+    reusable = not out.exists() or is_run or (out.is_dir() and not any(out.iterdir()))
+    check_destination(
+        out,
+        overwrite=False,
+        exists_ok=reusable,
+        sources={"--data": args.data},
+        what="--out",
+        remedy="and is not a run directory that --resume could continue; choose another --out",
+    )
     from vlaflow.train.trainer import train
 
     res = train(cfg, args.data, out, resume=args.resume, evaluate=rollout_evaluator(cfg))
@@ -181,23 +194,21 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, default=150, help="expert demonstrations to collect")
     parser.add_argument("--eval-episodes", type=int, default=30, help="rollouts of the final evaluation")
     parser.add_argument("--seed", type=int, default=0, help="seed of collection and training")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     parser.add_argument("overrides", nargs="*", metavar="FIELD=VALUE", help="extra training overrides")
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """Collect scripted-expert demos, train a low-dim diffusion policy in the time left, evaluate, report."""
-    import shutil
-
     t0 = time.perf_counter()
     out = Path(args.out)
     if args.minutes < 3:
         raise ConfigError(f"--minutes must be >= 3 (collect + train + evaluate), got {args.minutes}")
-    if out.exists():
-        if not args.overwrite:
-            raise VlaflowError(f"{out} exists; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    with fresh_directory(out, overwrite=args.overwrite, what="demo directory"):
+        return _run_demo(args, out, t0)
+
+
+def _run_demo(args: argparse.Namespace, out: Path, t0: float) -> int:
     demos = out / "demos.zarr"
     print(f"[1/4] collecting {args.episodes} scripted-expert demonstrations of {DEMO_TASK!r} -> {demos}")
     n_ok = _collect_demos(demos, args.episodes, args.seed)

@@ -90,6 +90,46 @@ def missing_blocks(arr: zarr.Array, n_rows: int | None = None) -> list[tuple[int
     return [b for b in blocks(arr, n_rows) if arr.metadata.encode_chunk_key(b) not in present]
 
 
+def _blosc_framed(arr: zarr.Array) -> bool:
+    """Whether each chunk file of ``arr`` is exactly one blosc frame (vlaflow's stores, most v2 stores)."""
+    md = arr.metadata
+    codecs = getattr(md, "codecs", None)
+    if codecs is not None:  # zarr v3: an array->bytes codec, then the bytes->bytes ones
+        rest = [c for c in codecs if type(c).__name__ != "BytesCodec"]
+        return len(rest) == 1 and type(rest[0]).__name__ == "BloscCodec"
+    comp = getattr(md, "compressor", None)
+    return comp is not None and getattr(comp, "codec_id", "") == "blosc" and not getattr(md, "filters", None)
+
+
+def truncated_blocks(store_path: str, arr: zarr.Array, n_rows: int | None = None) -> list[tuple[tuple, str]]:
+    """Chunk files (of the rows [0, n_rows)) whose length disagrees with their blosc header: (coords, why).
+
+    Why a header check and not only decoding: blosc stores incompressible data (noisy camera images) as a
+    raw copy and its decoder trusts the header's size, so a truncated chunk of that kind can decode without
+    an error into garbage. Reading 16 bytes per chunk finds it for certain, cheaply (local stores only).
+    """
+    if "://" in store_path and not store_path.startswith("file://"):
+        return []
+    if not _blosc_framed(arr):
+        return []
+    out = []
+    for b in blocks(arr, n_rows):
+        path = chunk_file(store_path, arr, b)
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except FileNotFoundError:  # missing: missing_blocks reports it
+            continue
+        if len(head) < 16:
+            out.append((b, f"{size} bytes, shorter than a blosc header"))
+        elif int.from_bytes(head[12:16], "little") != size:
+            out.append(
+                (b, f"{size} bytes where its blosc header says {int.from_bytes(head[12:16], 'little')}")
+            )
+    return out
+
+
 def partial_files(arr: zarr.Array) -> list[str]:
     return [k for k in listed_keys(arr) if k.endswith(PARTIAL_SUFFIX)]
 

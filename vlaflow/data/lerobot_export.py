@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from vlaflow import keys as K
-from vlaflow.atomic import replace_directory, temp_sibling
+from vlaflow.atomic import check_destination, replace_directory, restore_aside, temp_sibling
 from vlaflow.data import lerobot_format as F
 from vlaflow.data.video import CODECS, VideoWriter, encoder_for
 from vlaflow.errors import VlaflowError
@@ -191,6 +191,8 @@ def export_lerobot(
     fps_out: float | int = int(rate) if rate.is_integer() else rate
     encoder, choice = encoder_for(video_codec)
     out = Path(out_dir).absolute()
+    restore_aside(out)  # an export a killed replacement left aside is the existing output again
+    check_destination(out, overwrite=True, sources={"the store": store_path})
     if out.exists() and not overwrite:
         raise VlaflowError(f"{out_dir}: output exists (pass overwrite=True / --overwrite to replace it)")
     image_keys = [k for k in store.keys if K.is_image(k)]

@@ -48,7 +48,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from vlaflow import keys as K
-from vlaflow.atomic import atomic_directory
+from vlaflow.atomic import aside_hint, atomic_directory, pause_point, restore_aside
 from vlaflow.data.integrity import (
     EndsCheck,
     Finding,
@@ -221,7 +221,7 @@ class EpisodeStore(StoreChecks):
         if mode not in ("r", "a"):
             raise StoreError(f"open mode must be 'r' or 'a', got {mode!r}")
         if not _is_remote(path) and not _local_path(path).exists():
-            raise StoreError(f"{path}: no such episode store")
+            raise StoreError(f"{path}: no such episode store{aside_hint(path)}")
         try:
             root = zarr.open_group(
                 str(path), mode="r" if mode == "r" else "r+", storage_options=_storage_options(path)
@@ -525,6 +525,7 @@ class EpisodeStore(StoreChecks):
             m = dense(meta[name])
             m.resize((n_ep + n_new,))
             m[n_ep:] = np.asarray(values, dtype=m.dtype)
+        pause_point("append")  # crash tests: a kill here leaves exactly an unfinished tail
         # 3. episode_ends last: this is what makes the episodes visible
         ends_arr.resize((n_ep + n_new,))
         ends_arr[n_ep:] = start + np.cumsum(lengths)
@@ -586,6 +587,7 @@ def atomic_store(
             raise
         return
     final = _local_path(dest).absolute()
+    restore_aside(final)  # a store a killed replacement left aside is the existing destination again
     if final.exists() and not overwrite:
         raise StoreError(f"{dest}: destination exists (pass --overwrite to replace it)")
     dest_lock = acquire(final, "destination store") if final.is_dir() else None

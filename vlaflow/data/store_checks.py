@@ -26,6 +26,7 @@ from vlaflow.data.integrity import (
     episode_range,
     missing_blocks,
     save_backup,
+    truncated_blocks,
     where,
 )
 from vlaflow.errors import StoreError
@@ -136,7 +137,8 @@ class StoreChecks:
         return out
 
     def missing_chunks(self) -> list[Finding]:
-        """Chunks that the finished episodes need and the store does not hold (a listing, no decoding).
+        """Chunks that the finished episodes need and the store does not hold (a listing, no decoding),
+        and chunk files cut short (a 16-byte header read each: ``integrity.truncated_blocks``).
 
         zarr would read each of them as its fill value -- zeros -- so a store with any is not fit to train
         on. Cheap enough for ``info`` and for every training run; :meth:`require_intact` raises on them.
@@ -170,6 +172,23 @@ class StoreChecks:
                         "missing_chunk",
                         f"{key} chunk {b[0]} ({where(rows, eps, unit)}) is missing: {file}; zarr would "
                         f"read it as fill values{hint}",
+                        True,
+                        key=key,
+                        chunk=b[0],
+                        file=file,
+                        rows=rows,
+                        episodes=eps,
+                    )
+                )
+            for b, why in truncated_blocks(self.path, arr, n_rows):
+                rows = block_rows(arr, b[0])
+                rows = (rows[0], min(rows[1], n_rows))
+                eps = episode_range(ends, rows) if unit == "steps" else (rows[0], rows[1] - 1)
+                file = chunk_file(self.path, arr, b)
+                out.append(
+                    Finding(
+                        "corrupt_chunk",
+                        f"{key} chunk {b[0]} ({where(rows, eps, unit)}) is truncated: {file} has {why}",
                         True,
                         key=key,
                         chunk=b[0],

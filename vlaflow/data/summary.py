@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from vlaflow.data.siblings import sibling_notes
 from vlaflow.data.store import EpisodeStore
 
 
@@ -43,6 +44,7 @@ def store_summary(store: EpisodeStore, with_stats: bool = True) -> dict[str, Any
             "unknown": sum(s is None for s in successes),
         },
         "problems": store.problems(),
+        "leftovers": sibling_notes(store.path),  # hidden temp / old siblings of killed writers
     }
     if with_stats and store.n_steps:
         stats = {}

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from vlaflow import keys as K
 from vlaflow.data.integrity import Finding, block_rows, blocks, chunk_file, episode_range, where
 from vlaflow.data.lock import describe, read_lock
+from vlaflow.data.siblings import sibling_notes
 from vlaflow.data.store import EpisodeStore
 from vlaflow.data.store_checks import is_remote, local_path
 
@@ -31,6 +32,7 @@ class ValidationReport:
     findings: list[Finding] = field(default_factory=list)
     chunks_read: int = 0  # chunks decoded (missing ones are not counted)
     writer: dict | None = None  # the holder of the store's writer lock, if any (see vlaflow.data.lock)
+    notes: list[str] = field(default_factory=list)  # leftovers of killed writers beside it (not damage)
 
     @property
     def ok(self) -> bool:
@@ -46,15 +48,19 @@ class ValidationReport:
         return [("DAMAGE: " if f.damage else "unfinished: ") + f.message for f in self.findings]
 
     def summary(self) -> str:
+        notes = "".join(f"\n  note: {n}" for n in self.notes)
         if self.ok:
             counts = f"{self.n_episodes} episodes, {self.n_steps} steps, {self.chunks_read} chunks decoded"
-            return f"{self.path}: OK ({counts})"
+            held = f"; a writer holds the store ({describe(self.writer)})" if self.writer is not None else ""
+            return f"{self.path}: OK ({counts}){held}{notes}"
         head = "damaged" if self.damaged else "unfinished tail (`vlaflow repair` trims it)"
         if self.writer is not None and not self.damaged:
             head += f"; a writer holds the store ({describe(self.writer)}): the tail may be its append"
-        return "\n".join(
-            [f"{self.path}: {head}: {len(self.findings)} problem(s):", *("  - " + x for x in self.lines())]
-        )
+        lines = [
+            f"{self.path}: {head}: {len(self.findings)} problem(s):",
+            *("  - " + x for x in self.lines()),
+        ]
+        return "\n".join(lines) + notes
 
 
 def validate_store(store: EpisodeStore | str | os.PathLike, *, progress: bool = True) -> ValidationReport:
@@ -124,7 +130,7 @@ def validate_store(store: EpisodeStore | str | os.PathLike, *, progress: bool = 
                 nonfinite.add(key)
     n_eps = int(ends.size) if ends is not None else None
     writer = None if is_remote(store.path) else read_lock(local_path(store.path))
-    return ValidationReport(store.path, n_eps, n_steps, findings, read, writer)
+    return ValidationReport(store.path, n_eps, n_steps, findings, read, writer, sibling_notes(store.path))
 
 
 def _meta_eps(rows: tuple[int, int], ends: np.ndarray | None) -> tuple[int, int] | None:

@@ -106,9 +106,10 @@ class WindowSampler:
             if s == run_e:
                 run_e = e
             else:
-                out.append(np.asarray(arr[run_s:run_e]))
+                out.append(store._read(key, slice(run_s, run_e)))
                 run_s, run_e = s, e
-        out.append(np.asarray(arr[run_s:run_e]))
+        # the store's reader names an undecodable chunk by file (not a raw blosc traceback)
+        out.append(store._read(key, slice(run_s, run_e)))
         rows_arr = np.concatenate(out) if len(out) > 1 else out[0]
         # models train in float32; stores may keep float64 sources bit-exact (robosuite states, actions)
         return rows_arr.astype(np.float32) if rows_arr.dtype == np.float64 else rows_arr

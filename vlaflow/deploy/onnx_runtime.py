@@ -68,6 +68,33 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return m
 
 
+def confined(directory: Path, rel: str, what: str) -> Path:
+    """``directory / rel`` when it stays inside ``directory`` (no absolute path, no ``..`` out of it, no
+    symlink out of it): a manifest names files of its own export and nothing else on the machine."""
+    root = directory.resolve()
+    target = (directory / rel).resolve()
+    if Path(rel).is_absolute() or (target != root and root not in target.parents):
+        raise VlaflowError(f"{directory}: {MANIFEST} names {what} {rel!r}, outside the export directory")
+    return directory / rel
+
+
+def check_inputs(session, path: Path, expected: dict[str, Sequence[int]]) -> None:
+    """The graph's inputs are the manifest's, with the manifest's shapes (fixed dimensions compared; a
+    dynamic one, a name or None, matches anything). A mismatch is an error naming graph, input, both."""
+    have = {i.name: i.shape for i in session.get_inputs()}
+    if set(have) != set(expected):
+        raise VlaflowError(
+            f"{path}: the graph's inputs are {sorted(have)}, {MANIFEST} says {sorted(expected)}"
+        )
+    for name, want in expected.items():
+        got = list(have[name])
+        fixed = [isinstance(g, int) for g in got]
+        if len(got) != len(want) or any(f and g != int(w) for f, g, w in zip(fixed, got, want, strict=False)):
+            raise VlaflowError(
+                f"{path}: input {name!r} has shape {got}; {MANIFEST} and the policy spec need {list(want)}"
+            )
+
+
 def resolve_providers(providers: Sequence | None) -> list:
     """Provider names, (name, options) pairs or aliases (cpu, cuda, tensorrt) -> the session's list.
 
@@ -146,18 +173,39 @@ class OnnxPolicy:
         so = session_options(threads)
         graphs = m["graphs"]
 
+        horizon, da = self._spec.horizon, self._spec.action_dim
+        cond = m.get("cond") or {}
+        cond_shape = [1, int(cond.get("n_tokens", 0)), int(cond.get("dim", 0))]
+        for e in graphs.get("encoder", {}).get("inputs", []):  # the manifest agrees with its own spec
+            want = [1, self._spec.n_obs_steps, *self._spec.obs_shapes.get(e["key"], ())]
+            if list(e["shape"]) != want:
+                raise VlaflowError(
+                    f"{self.directory}: {MANIFEST} gives encoder input {e['key']!r} shape {e['shape']}, "
+                    f"its spec {want}"
+                )
+        expected = {
+            "encoder": {e["name"]: e["shape"] for e in graphs.get("encoder", {}).get("inputs", [])},
+            "denoiser": {"x_t": [1, horizon, da], "t": [1], "cond": cond_shape},
+            "unrolled": {"cond": cond_shape, "noise": [1, horizon, da]},
+        }
+
         def session(name):
-            f = self.directory / graphs[name]["file"]
+            f = confined(self.directory, graphs[name]["file"], f"graph file of {name!r}")
             if not f.is_file():
                 raise VlaflowError(f"{self.directory}: {graphs[name]['file']} named in {MANIFEST} is missing")
-            return ort.InferenceSession(str(f), so, providers=self.providers)
+            sess = ort.InferenceSession(str(f), so, providers=self.providers)
+            check_inputs(sess, f, expected[name])
+            return sess
 
         comp = self.composition = m.get("composition")
         self.parents: list[OnnxPolicy] | None = None
         if comp is not None:  # GPC: one export per parent, mixed here
             self.parents = [
                 OnnxPolicy(
-                    self.directory / e["dir"], providers=self.providers, threads=threads, use_unrolled=False
+                    confined(self.directory, e["dir"], "parent export"),
+                    providers=self.providers,
+                    threads=threads,
+                    use_unrolled=False,
                 )
                 for e in comp["parents"]
             ]

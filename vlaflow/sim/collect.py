@@ -4,8 +4,9 @@
 Each attempt ``i`` resets the task with seed ``seed + i`` and runs the task's scripted expert
 (:mod:`vlaflow.sim.experts`) until the task reports success or its step limit. Only successes are
 written; attempts continue with new seeds until ``episodes`` successes or ``max_attempts`` attempts.
-The store is written through :func:`vlaflow.data.store.atomic_store`, so an interrupted or failed
-collection leaves no half-written store at ``--out``.
+A new store is written at ``--out`` through the crash-safe append path, so a killed collection keeps every
+finished episode there; ``--resume`` continues it with the next seeds (no seed twice); ``--overwrite`` of an
+existing store writes beside it and swaps only when complete (:func:`open_destination`).
 
 Stored per step: the observation the expert saw (``obs.state`` and, in image mode, the camera keys)
 and the action it took at that observation (``obs[t]`` -> ``action[t]``). Per episode: the language
@@ -22,8 +23,12 @@ so demonstrations never come from the evaluation split.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -117,6 +122,7 @@ class CollectResult:
     wall_s: float  # seconds
     seeds: list[int] = field(default_factory=list)  # reset seed of each stored episode
     per_task: dict[str, dict] = field(default_factory=dict)  # task -> {"episodes", "attempts", "seeds"}
+    kept: int = 0  # episodes that were already in the store (--resume); n_steps counts only the new ones
 
 
 def episode_instruction(spec, ro: Rollout, paraphrase: bool) -> str:
@@ -141,12 +147,12 @@ def collect(
     env_kwargs: dict | None = None,
     progress: bool = True,
     paraphrase: bool = False,
+    resume: bool = False,
 ) -> CollectResult:
-    """Collect ``episodes`` successful expert episodes of ``task`` (of each task of a task set) into a new
-    store at ``out``."""
+    """Collect ``episodes`` successful expert episodes of ``task`` (of each task of a task set) into the
+    store at ``out`` (see :func:`open_destination` for new, resumed and replaced stores)."""
     from tqdm import tqdm
 
-    from vlaflow.data.store import atomic_store
     from vlaflow.sim.experts import EXPERTS, make_expert
     from vlaflow.sim.tasks import expand_tasks, is_task_set, make_env
 
@@ -164,22 +170,32 @@ def collect(
     cap = max_attempts if max_attempts is not None else 2 * episodes + 10
     if cap < episodes:
         raise VlaflowError(f"--max-attempts ({cap}) must be >= --episodes ({episodes})")
+    if resume and overwrite:
+        raise VlaflowError(
+            "give --resume (continue the store at --out) or --overwrite (replace it), not both"
+        )
     t0 = time.perf_counter()
     env = make_env(tasks[0], obs_mode=obs_mode, **(env_kwargs or {}))
     spec0 = env.task_spec
-    all_seeds: list[int] = []
-    per_task: dict[str, dict] = {}
-    n_steps = total_attempts = 0
     attrs = {
         "env": task_attrs(spec0, obs_mode),
         "collect": {"expert": f"sim:{task}:expert", "seed": seed, "noise": noise, "paraphrase": paraphrase},
     }
     if is_task_set(task):
         attrs["task_set"] = {"name": task, "tasks": list(tasks)}
+    per_task: dict[str, dict] = {}
+    n_steps = 0
     try:
-        with atomic_store(
-            out, keys=store_keys(spec0), fps=spec0.fps, attrs=attrs, overwrite=overwrite
-        ) as store:
+        with open_destination(out, store_keys(spec0), spec0.fps, attrs, overwrite, resume) as store:
+            progress_log = _resume_progress(store, tasks, attrs["collect"]) if resume else {}
+            kept = store.n_episodes
+
+            def record(name: str, seeds: list[int], attempts: int) -> None:
+                # written before the episode is appended: a kill between the two leaves a seed more than
+                # committed episodes, which _resume_progress trims (never an episode without its seed)
+                progress_log[name] = {"attempts": attempts, "seeds": list(seeds)}
+                store.root.attrs.update({"collect": {**attrs["collect"], "progress": progress_log}})
+
             for k, name in enumerate(tasks):
                 if k > 0:
                     env.close()
@@ -188,44 +204,144 @@ def collect(
                 _check_same_schema(spec0, spec, tasks[0], name)
                 test_start = spec.extra.get("test_seed_start")
                 expert = make_expert(name, env)
-                seeds: list[int] = []
-                attempts = 0
-                bar = tqdm(total=episodes, desc=f"collect {name}", unit="ep", disable=not progress)
-                while len(seeds) < episodes and attempts < cap:
+                done = progress_log.get(name, {"attempts": 0, "seeds": []})
+                seeds: list[int] = list(done["seeds"])
+                attempts = int(done["attempts"])
+                bar = tqdm(
+                    total=episodes,
+                    initial=len(seeds),
+                    desc=f"collect {name}",
+                    unit="ep",
+                    disable=not progress,
+                )
+                while len(seeds) < episodes and attempts < cap + int(done["attempts"]):
                     s = seed + attempts
                     if test_start is not None and s >= test_start:
                         raise VlaflowError(
                             f"collect {name}: seed {s} is in the held-out split (seeds >= {test_start} are "
-                            f"for evaluation); start lower or lower --max-attempts. Nothing was written."
+                            f"for evaluation); start lower or lower --max-attempts. "
+                            + _kept(store, out, overwrite)
                         )
                     ro = rollout_expert(env, expert, s, spec.max_steps, noise=noise)
                     attempts += 1
                     if ro.success:
+                        record(name, [*seeds, ro.seed], attempts)
                         text = episode_instruction(spec, ro, paraphrase)
                         store.append_episode(ro.data, task=text, source=f"sim:{name}:expert", success=True)
                         seeds.append(ro.seed)
                         n_steps += ro.length
                         bar.update(1)
-                    bar.set_postfix(attempts=attempts, success_rate=f"{len(seeds) / attempts:.2f}")
+                    elif attempts % 10 == 0:
+                        record(name, seeds, attempts)
+                    bar.set_postfix(attempts=attempts, success_rate=f"{len(seeds) / max(attempts, 1):.2f}")
                 bar.close()
-                total_attempts += attempts
+                record(name, seeds, attempts)
                 if len(seeds) < episodes:
                     raise VlaflowError(
                         f"collect {name}: only {len(seeds)} of {episodes} episodes succeeded in {attempts} "
                         f"attempts (seeds {seed}..{seed + attempts - 1}); raise --max-attempts. "
-                        f"Nothing was written to {out}."
+                        + _kept(store, out, overwrite)
                     )
                 per_task[name] = {"episodes": len(seeds), "attempts": attempts, "seeds": seeds}
-                all_seeds += seeds
-            collect_attrs = {**attrs["collect"], "episode_seeds": all_seeds, "attempts": total_attempts}
+            all_seeds = [s for r in per_task.values() for s in r["seeds"]]
+            total_attempts = sum(r["attempts"] for r in per_task.values())
+            collect_attrs = {
+                **attrs["collect"],
+                "episode_seeds": all_seeds,
+                "attempts": total_attempts,
+                "progress": progress_log,
+            }
             if is_task_set(task):
                 collect_attrs["per_task"] = per_task
             store.root.attrs.update({"collect": collect_attrs})
     finally:
         env.close()
     return CollectResult(
-        str(out), len(all_seeds), total_attempts, n_steps, time.perf_counter() - t0, all_seeds, per_task
+        str(out), len(all_seeds), total_attempts, n_steps, time.perf_counter() - t0, all_seeds, per_task, kept
     )
+
+
+def _kept(store, out: str, overwrite: bool) -> str:
+    n = store.n_episodes
+    if overwrite or n == 0:
+        return f"Nothing was written to {out}."
+    return f"The {n} finished episode(s) are kept in {out}; --resume continues from there."
+
+
+@contextlib.contextmanager
+def open_destination(out: str, keys: dict, fps: float, attrs: dict, overwrite: bool, resume: bool):
+    """The store a collection writes, by the one overwrite rule (:func:`vlaflow.atomic.check_destination`):
+
+    - a new ``out``: created at once and written through the crash-safe append path, so a kill keeps every
+      finished episode there (a failure before the first one removes the empty store again);
+    - ``resume``: the existing store, appended to (its schema must match; :func:`_resume_progress` checks
+      task and settings);
+    - ``overwrite`` of an existing store: written beside it and swapped in only when complete
+      (:func:`vlaflow.data.store.atomic_store`): the old store is never lost, and a killed run leaves its
+      episodes in a temp store that ``info`` / ``validate`` report and ``repair`` removes.
+    """
+    from vlaflow.atomic import check_destination
+    from vlaflow.data.siblings import sibling_notes
+    from vlaflow.data.store import EpisodeStore, atomic_store
+
+    for note in sibling_notes(out):
+        print(f"collect: note: {note}", file=sys.stderr)
+    check_destination(out, overwrite=overwrite, what="episode store", exists_ok=resume)
+    path = Path(out)
+    if resume and path.exists():
+        store = EpisodeStore.open(out, mode="a")
+        have = {k: (s.dtype, tuple(s.shape)) for k, s in store.keys.items()}
+        want = {k: (s.dtype, tuple(s.shape)) for k, s in keys.items()}
+        if have != want:
+            store.close()
+            raise VlaflowError(f"collect --resume: {out} has keys {have}, this collection records {want}")
+        with store:
+            yield store
+        return
+    if path.exists():  # --overwrite
+        with atomic_store(out, keys=keys, fps=fps, attrs=attrs, overwrite=True) as store:
+            yield store
+        return
+    store = EpisodeStore.create(out, keys=keys, fps=fps, attrs=attrs)
+    try:
+        yield store
+    except BaseException:
+        empty = store.n_episodes == 0
+        store.close()
+        if empty:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    store.close()
+
+
+def _resume_progress(store, tasks: list[str], settings: dict) -> dict[str, dict]:
+    """Seeds and attempts per task of the collection being resumed, trimmed to the committed episodes.
+
+    The store must come from a collection of the same task with the same seed, noise and instruction
+    setting: otherwise resumed episodes would not be the ones a fresh run would store.
+    """
+    have = dict(store.attrs.get("collect") or {})
+    wrong = {k: (have.get(k), v) for k, v in settings.items() if have.get(k) != v}
+    if wrong:
+        listed = ", ".join(f"{k}: store {a!r}, now {b!r}" for k, (a, b) in wrong.items())
+        raise VlaflowError(f"collect --resume: {store.path} was collected with other settings ({listed})")
+    log = dict(have.get("progress") or {})
+    if not log and have.get("episode_seeds") is not None:  # a finished store from before progress logs
+        per = have.get("per_task") or {
+            tasks[0]: {"seeds": have["episode_seeds"], "attempts": have["attempts"]}
+        }
+        log = {t: {"seeds": r["seeds"], "attempts": r["attempts"]} for t, r in per.items()}
+    sources = [store.episode_meta(i)["source"] for i in range(store.n_episodes)]
+    for name in tasks:
+        entry = log.get(name, {"attempts": 0, "seeds": []})
+        committed = sources.count(f"sim:{name}:expert")
+        if committed > len(entry["seeds"]):
+            raise VlaflowError(
+                f"collect --resume: {store.path} holds {committed} episodes of {name} but records "
+                f"{len(entry['seeds'])} seeds; it cannot be continued without repeating seeds"
+            )
+        log[name] = {"attempts": int(entry["attempts"]), "seeds": list(entry["seeds"][:committed])}
+    return log
 
 
 def _check_same_schema(first, spec, first_name: str, name: str) -> None:

@@ -53,6 +53,58 @@ def _choose_obs_mode(obs_mode: str, policy_spec) -> tuple[str, int | None]:
     return obs_mode, render_size if images and obs_mode != "lowdim" else None
 
 
+@dataclasses.dataclass(frozen=True)
+class JobList(Sequence):
+    """The episodes of one evaluation, each made when it is asked for: ``--episodes 10**9`` costs no
+    memory before the first rollout (the harness takes jobs one at a time).
+
+    Job ``k * len(seeds) + i`` is seed ``seeds[i]`` on ``tasks[k]`` (``None``: the setup's single task);
+    a replay's job ``i`` replays store episode ``i``.
+    """
+
+    seeds: Sequence[int]  # a range for the usual consecutive seeds
+    tasks: tuple[str | None, ...]
+    limits: tuple[int, ...]  # step limit per task
+    videos: int  # the first ``videos`` episodes of each task are filmed
+    replay: bool = False
+
+    def __len__(self) -> int:
+        return len(self.tasks) * len(self.seeds)
+
+    def __getitem__(self, i):
+        from vlaflow.sim.harness import EpisodeJob
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"job {i} of {n}")
+        k, j = divmod(i, len(self.seeds))
+        seed = int(self.seeds[j])
+        return EpisodeJob(
+            i,
+            seed,
+            self.limits[k],
+            video=j < self.videos,
+            replay_episode=j if self.replay else None,
+            task=self.tasks[k],
+        )
+
+
+def cap_workers(workers: int, n_jobs: int) -> int:
+    """``workers`` capped at the CPUs this process may use (more processes only contend), with a note."""
+    try:
+        n_cpu = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n_cpu = os.cpu_count() or 1
+    if workers > n_cpu:
+        print(f"eval: --workers {workers} > the {n_cpu} CPU(s) here; using {n_cpu}", file=sys.stderr)
+        return n_cpu
+    return workers
+
+
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -127,7 +179,7 @@ def evaluate(
     ``"executor"`` entry and summed/averaged in ``aggregate["executor"]``.
     """
     from vlaflow.sim import multitask
-    from vlaflow.sim.harness import EXECUTORS, EpisodeJob, EvalSetup, aggregate, run_jobs
+    from vlaflow.sim.harness import EXECUTORS, EvalSetup, aggregate, run_jobs
     from vlaflow.sim.policies import ReplayPolicy, build_policy, check_compatible, describe_policy
     from vlaflow.sim.realtime import SimRealtimeConfig
     from vlaflow.sim.tasks import expand_tasks, is_task_set, make_env
@@ -195,21 +247,19 @@ def evaluate(
         if multi:
             raise ConfigError(f"a replay runs one store on one task, not the task set {task!r}")
         n = policy_obj.n_episodes if n_episodes is None else min(n_episodes, policy_obj.n_episodes)
-        jobs = [EpisodeJob(i, i, max_steps or 10**9, video=i < videos, replay_episode=i) for i in range(n)]
+        jobs = JobList(range(n), (None,), (max_steps or 10**9,), videos, replay=True)
     else:
         if seeds is None:
             seeds = range(start_seed, start_seed + (n_episodes or DEFAULT_EPISODES))
         elif n_episodes is not None:
-            seeds = list(seeds)[:n_episodes]
-        seeds = [int(s) for s in seeds]
+            seeds = seeds[:n_episodes] if isinstance(seeds, range) else list(seeds)[:n_episodes]
+        if not isinstance(seeds, range):
+            seeds = [int(s) for s in seeds]
         if multi:
-            jobs = [
-                EpisodeJob(k * len(seeds) + i, s, max_steps or specs[t].max_steps, video=i < videos, task=t)
-                for k, t in enumerate(tasks)
-                for i, s in enumerate(seeds)
-            ]
+            jobs = JobList(seeds, tuple(tasks), tuple(max_steps or specs[t].max_steps for t in tasks), videos)
         else:
-            jobs = [EpisodeJob(i, s, limit, video=i < videos) for i, s in enumerate(seeds)]
+            jobs = JobList(seeds, (None,), (limit,), videos)
+    workers = cap_workers(workers, len(jobs))
     if not jobs:
         raise ConfigError("no episodes to evaluate (empty seed list)")
 

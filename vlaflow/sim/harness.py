@@ -27,8 +27,7 @@ import multiprocessing as mp
 import os
 import sys
 import traceback
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -379,8 +378,23 @@ def run_jobs(
     return [results[i] for i in order if i in results], [errors[i] for i in order if i in errors]
 
 
+class _Pending:
+    """Jobs handed out one at a time from any iterable (evaluate's JobList makes each on demand)."""
+
+    def __init__(self, jobs: Iterable[EpisodeJob]):
+        self._it = iter(jobs)
+        self._next = next(self._it, None)
+
+    def __bool__(self) -> bool:
+        return self._next is not None
+
+    def popleft(self) -> EpisodeJob:
+        job, self._next = self._next, next(self._it, None)
+        return job
+
+
 def _run_pool(setup, jobs, n_workers, start_method, record) -> None:
-    pending = deque(jobs)
+    pending = _Pending(jobs)
     pool = _Pool(setup, n_workers, start_method)
     ready: set[int] = set()
     try:

@@ -254,6 +254,11 @@ def open_or_create_store(out: str, keys: dict, fps: float, attrs: dict):
             raise VlaflowError(
                 f"teleop: store {out} has keys {have}, this task records {want}; use a new --out"
             )
+        info = dict(store.attrs.get("teleop") or {})
+        n_teleop = sum(store.episode_meta(i)["source"].endswith(":teleop") for i in range(store.n_episodes))
+        if len(info.get("episode_seeds", [])) > n_teleop:  # a session killed between seed and episode
+            info["episode_seeds"] = info["episode_seeds"][:n_teleop]
+            store.root.attrs.update({"teleop": info})
         return store
     return EpisodeStore.create(out, keys=keys, fps=fps, attrs=attrs)
 
@@ -299,11 +304,13 @@ def teleop(
 
         def save() -> None:
             data = {k: np.stack(v) for k, v in buf.items()}
-            store.append_episode(data, task=spec.instruction, source=f"sim:{task}:teleop", success=ep_success)
-            # scene seed of every saved episode (reproduces its start); appended sessions extend the list
+            # scene seed of every saved episode (reproduces its start); appended sessions extend the list.
+            # Written before the episode: a kill between the two leaves one seed too many, which
+            # open_or_create_store trims, never an episode without its seed.
             info = dict(store.root.attrs.get("teleop", {}))
             info["episode_seeds"] = [*info.get("episode_seeds", []), episode_seed]
             store.root.attrs.update({"teleop": info})
+            store.append_episode(data, task=spec.instruction, source=f"sim:{task}:teleop", success=ep_success)
             res.saved += 1
             res.saved_lengths.append(len(buf["action"]))
 

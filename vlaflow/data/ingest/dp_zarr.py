@@ -17,7 +17,8 @@ import zarr
 from tqdm import tqdm
 
 from vlaflow import keys as K
-from vlaflow.data.store import KeySpec, atomic_store
+from vlaflow.data.integrity import chunk_file, missing_blocks, read_or_locate
+from vlaflow.data.store import EpisodeStore, KeySpec, atomic_store
 from vlaflow.errors import IngestError
 
 FORMAT = "dp-zarr"
@@ -65,6 +66,8 @@ def ingest(
     progress: bool = True,
 ) -> dict:
     src = Path(src)
+    if is_vlaflow_store(src):
+        return _copy_vlaflow_store(src, dest, key_map or {}, fps, task, overwrite, progress)
     try:
         root = zarr.open_group(str(src), mode="r")
         data = root["data"]
@@ -91,6 +94,19 @@ def ingest(
             raise IngestError(f"{src}: data/{name} has {arr.shape[0]} steps, meta/episode_ends says {n}")
     if "action" not in arrays and "action" not in (key_map or {}):
         raise IngestError(f"{src}: no data/action array; arrays present: {sorted(arrays)}")
+    unknown = sorted(set(key_map or {}) - set(arrays))
+    if unknown:
+        raise IngestError(
+            f"{src}: --key-map names {unknown}, which the source does not have; its arrays: {sorted(arrays)}"
+        )
+    for name, arr in arrays.items():  # zarr reads an absent chunk as fill values: that is not data
+        gone = missing_blocks(arr, n)
+        if gone:
+            raise IngestError(
+                f"{src}: data/{name} chunk {gone[0][0]} is missing ({chunk_file(str(src), arr, gone[0])}"
+                f"{f' and {len(gone) - 1} more' if len(gone) > 1 else ''}); zarr would read it as zeros. "
+                "Restore it from a copy of the dataset"
+            )
 
     pusht = PUSHT_KEYS <= set(arrays)
     key_map = dict(key_map or {})
@@ -117,7 +133,10 @@ def ingest(
             buf = np.empty((n, *arr.shape[1:]), dtype=specs[key].dtype)
             scale = None
             for i in range(0, n, step):
-                block = np.asarray(arr[i : min(n, i + step)])
+                block, bad, err = read_or_locate(arr, slice(i, min(n, i + step)))
+                if block is None:
+                    where_ = f"chunk {bad[0]} ({chunk_file(str(src), arr, bad)})" if bad else "a chunk"
+                    raise IngestError(f"{src}: data/{name} {where_} cannot be decoded ({err})")
                 if K.is_image(key):
                     if scale is None:
                         scale = 255.0 if block.dtype != np.uint8 and float(block.max()) <= 1.0 else 1.0
@@ -143,5 +162,47 @@ def ingest(
     return {
         "n_episodes": int(len(lengths)),
         "n_steps": n,
+        "keys": {k: list(s.shape) for k, s in specs.items()},
+    }
+
+
+def is_vlaflow_store(src: Path) -> bool:
+    """A vlaflow episode store (its schema in the root attributes), not a diffusion_policy one."""
+    try:
+        return "vlaflow" in zarr.open_group(str(src), mode="r").attrs
+    except Exception:  # not a zarr group: the diffusion_policy path reports what is wrong
+        return False
+
+
+def _copy_vlaflow_store(
+    src: Path, dest, key_map: dict, fps: float | None, task: str | None, overwrite: bool, progress: bool
+) -> dict:
+    """Ingest of a vlaflow store: a copy (keys renamed by ``key_map``, tasks replaced by ``task``), through
+    the store's own reader, so a damaged source (missing or undecodable chunks, a bad episode_ends entry)
+    is refused with its own error and never copied as zeros."""
+    store = EpisodeStore.open(src)  # refuses damage
+    store.require_intact()  # and missing chunks
+    unknown = sorted(set(key_map) - set(store.keys))
+    if unknown:
+        raise IngestError(
+            f"{src}: --key-map names {unknown}, which the source does not have; its keys: "
+            f"{sorted(store.keys)}"
+        )
+    if fps is not None and store.fps is not None and abs(fps - store.fps) > 1e-9:
+        raise IngestError(f"{src}: the store records {store.fps:g} fps; --fps {fps:g} disagrees")
+    names = {k: key_map.get(k, k) for k in store.keys}
+    specs = {names[k]: s for k, s in store.keys.items()}
+    metas = [store.episode_meta(i) for i in range(store.n_episodes)]
+    attrs = {**store.attrs, "source": {"format": "vlaflow", "path": str(src.resolve()), "key_map": names}}
+    with atomic_store(dest, specs, store.fps or fps or 10.0, attrs=attrs, overwrite=overwrite) as out:
+        for i in tqdm(range(store.n_episodes), desc=f"copy {src.name}", unit="ep", disable=not progress):
+            m = metas[i]
+            ep = {names[k]: v for k, v in store.get_episode(i).items()}
+            out.append_episode(
+                ep, task=m["task"] if task is None else task, source=m["source"], success=m["success"]
+            )
+    return {
+        "n_episodes": store.n_episodes,
+        "n_steps": store.n_steps,
         "keys": {k: list(s.shape) for k, s in specs.items()},
     }

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vlaflow.atomic import check_destination
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.policies.base_config import MLPConfig
 from vlaflow.policies.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
@@ -337,6 +338,7 @@ def distill(
     threads: int = 1,
     device: str = "cpu",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Train a one-step student of ``teacher`` on ``data``'s observations into the checkpoint ``out``
     (``out/distill.json`` holds the returned summary). The budget is ``minutes`` of wall time from the
@@ -358,6 +360,11 @@ def distill(
         raise ConfigError(f"--student-init must be auto, teacher or scratch, got {student_init!r}")
     if lr_decay not in ("none", "cosine"):
         raise ConfigError(f"--lr-decay must be 'none' or 'cosine', got {lr_decay!r}")
+    # the one overwrite rule (vlaflow.atomic): never into the teacher or the store, an existing out only
+    # with overwrite -- checked before the teacher is loaded
+    check_destination(
+        out, overwrite=overwrite, sources={"--teacher": teacher, "--data": data}, what="checkpoint"
+    )
     if threads > 0:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
