@@ -383,7 +383,8 @@ def test_robot_side_executor_and_onnx_runtime_import_no_torch():
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
 import numpy as np
-import vlaflow.deploy.executor, vlaflow.deploy.onnx_runtime, vlaflow.deploy.schedule, vlaflow.deploy.sync_chunk
+import vlaflow.deploy.executor, vlaflow.deploy.onnx_runtime
+import vlaflow.deploy.schedule, vlaflow.deploy.sync_chunk
 from vlaflow.deploy.executor import ExecutorCore, InferenceWorker
 from vlaflow.interfaces import RuntimeSpec
 spec = RuntimeSpec(1, 4, 2, {"obs.state": (1,)}, 1, 50.0)
