@@ -55,6 +55,28 @@ CONFIG_FILE, MODEL_FILE, NORMALIZER_FILE, EXTRA_FILE = (
 )
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc says it (Linux), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def share_files(directory: str | os.PathLike) -> None:
+    """Give the files under ``directory`` ordinary permissions (0666 less the umask): safetensors writes
+    0600, which would keep a checkpoint from the rest of a team sharing a machine or a volume."""
+    mode = 0o666 & ~_umask()
+    for p in Path(directory).rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
+
+
 def _tensors_for_save(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage and non-contiguous views; copies are cheap at this size.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -99,6 +121,7 @@ def write_checkpoint_files(
         text.save_architecture(directory / TEXT_ENCODER_DIR)
     if extra_tensors:
         save_file(_tensors_for_save(extra_tensors), str(directory / EXTRA_FILE))
+    share_files(directory)
 
 
 def read_checkpoint_meta(directory: str | os.PathLike) -> dict[str, Any]:

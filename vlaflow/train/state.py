@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from vlaflow.atomic import OLD_TAG, TMP_TAG, atomic_directory, recover_directory
 from vlaflow.errors import VlaflowError
-from vlaflow.policies.checkpoint import MODEL_FILE, write_checkpoint_files
+from vlaflow.policies.checkpoint import MODEL_FILE, share_files, write_checkpoint_files
 
 TRAIN_STATE_JSON = "train_state.json"
 TRAIN_STATE_TENSORS = "train_state.safetensors"
@@ -90,6 +90,7 @@ def save_training_checkpoint(
         save_file(tensors, str(tmp / TRAIN_STATE_TENSORS))
         state_doc = {"format": FORMAT, "version": VERSION, **state}
         (tmp / TRAIN_STATE_JSON).write_text(json.dumps(state_doc, indent=1))
+        share_files(tmp)
     return dest
 
 

@@ -38,6 +38,7 @@ def save_teacher_set(path: str | os.PathLike, pairs: tuple, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=header)
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; the set is no secret
     os.replace(tmp, path)
 
 
