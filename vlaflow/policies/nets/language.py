@@ -55,16 +55,17 @@ class TextEncoder(nn.Module):
                     f"language.pretrained_path {str(path)!r} is not a directory; give a local transformers "
                     "model directory (config.json, weights, tokenizer files); nothing is downloaded"
                 )
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-            if any((path / n).exists() for n in WEIGHT_FILES):
-                self.model = transformers.AutoModel.from_pretrained(
-                    path, local_files_only=True, use_safetensors=True
-                )
-            elif any((path / n).exists() for n in PICKLED_WEIGHT_FILES):
+            has_weights = any((path / n).exists() for n in WEIGHT_FILES)
+            if not has_weights and any((path / n).exists() for n in PICKLED_WEIGHT_FILES):
                 raise ValueError(
                     f"language.pretrained_path {str(path)!r} holds pickled weights (pytorch_model.bin), "
                     "which vlaflow never loads; save the model with safetensors "
                     "(model.save_pretrained(dir, safe_serialization=True))"
+                )
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            if has_weights:
+                self.model = transformers.AutoModel.from_pretrained(
+                    path, local_files_only=True, use_safetensors=True
                 )
             else:  # architecture only (a policy checkpoint's text_encoder/ dir; weights come from the policy)
                 hf_cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
