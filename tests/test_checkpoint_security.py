@@ -141,6 +141,7 @@ def test_non_finite_weights_or_statistics_are_refused(tmp_path):
         load_checkpoint(d2)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")
 def test_infer_never_returns_nan_and_names_the_stage():
     from vlaflow.policies.runtime import NonFiniteActions, PolicyRuntime
 
