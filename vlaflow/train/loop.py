@@ -93,7 +93,9 @@ class Evaluator(Protocol):
     """Rollout scoring of a policy, built by the CLI (e.g. from :func:`vlaflow.sim.evaluate.evaluate`).
 
     ``ckpt`` is the checkpoint just saved from ``policy`` (for worker processes that load it).
-    Returns at least {"score": float, "success_rate": float | None}.
+    Returns at least {"score": float, "success_rate": float | None}. An evaluator may also have a
+    ``check(policy)`` method: :func:`vlaflow.train.trainer.train` calls it before the first step, so a
+    policy that cannot run on the evaluation task is refused before any training, not after it.
     """
 
     def __call__(
