@@ -113,6 +113,14 @@ def test_an_absurd_network_is_refused_before_allocation(tmp_path, monkeypatch):
     _edit_config(d, huge)
     with pytest.raises(VlaflowError, match=r"network of [\d,]+ parameters, over the limit of 1,000,000,000"):
         load_checkpoint(d)
+    d2 = _ckpt(tmp_path / "deep")
+
+    def deep(c):  # 10^9 layers: tiny weights each, but a billion module objects to construct
+        c["net"]["transformer"]["n_layers"] = 10**9
+
+    _edit_config(d2, deep)
+    with pytest.raises(VlaflowError, match=r"net\.transformer\.n_layers=1000000000 is over the limit"):
+        load_checkpoint(d2)
     # the limit is an env var or an argument; a normal checkpoint under a tiny limit is refused too
     monkeypatch.setenv("VLAFLOW_MAX_PARAMS", "1000")
     with pytest.raises(VlaflowError, match="over the limit of 1,000"):

@@ -20,7 +20,8 @@ Loading treats a checkpoint as untrusted input (it may come from anyone):
   search's table) are provenance and never opened;
 * a config asking for an absurd network is refused before any weight is allocated: the policy is first
   built on torch's ``meta`` device (no memory) and its parameter count checked against
-  ``max_params`` / ``$VLAFLOW_MAX_PARAMS`` (default :data:`DEFAULT_MAX_PARAMS`);
+  ``max_params`` / ``$VLAFLOW_MAX_PARAMS`` (default :data:`DEFAULT_MAX_PARAMS`), after depth-like counts
+  (layers, blocks, heads, list lengths) were checked against :data:`MAX_COUNT`;
 * weights and normalizer statistics must be finite (a NaN there would turn every action into NaN).
 """
 
@@ -170,6 +171,29 @@ def max_params_limit(max_params: int | None = None) -> int:
         raise VlaflowError(f"${MAX_PARAMS_ENV}={raw!r} is not a number of parameters") from None
 
 
+MAX_COUNT = 4096  # layers / blocks / heads / levels: each builds a Python module, even on the meta device
+_COUNT_SUFFIXES = ("layers", "blocks", "heads", "candidates")
+
+
+def check_counts(config: Any, where: str, path: str = "") -> None:
+    """Refuse depth-like fields (``n_layers``, ``n_blocks``, ``num_heads``, list lengths such as
+    ``down_dims``) above :data:`MAX_COUNT` before anything is built: the meta-device estimate bounds the
+    memory of the weights, not the time and memory of constructing 10^9 module objects."""
+    if isinstance(config, dict):
+        for k, v in config.items():
+            name = f"{path}{k}"
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, int) and str(k).endswith(_COUNT_SUFFIXES) and v > MAX_COUNT:
+                raise VlaflowError(f"{where}: {name}={v} is over the limit of {MAX_COUNT}; refused")
+            if isinstance(v, list) and len(v) > MAX_COUNT:
+                raise VlaflowError(f"{where}: {name} has {len(v)} entries, over {MAX_COUNT}; refused")
+            check_counts(v, where, name + ".")
+    elif isinstance(config, list):
+        for i, v in enumerate(config):
+            check_counts(v, where, f"{path}{i}.")
+
+
 def estimate_parameters(cfg, stats: dict) -> int:
     """Parameters + buffers of the policy ``cfg`` describes, counted on the meta device (no memory)."""
     with torch.device("meta"):
@@ -199,6 +223,7 @@ def load_checkpoint(
     network-size limit ($VLAFLOW_MAX_PARAMS)."""
     d = Path(directory)
     meta = read_checkpoint_meta(d)
+    check_counts(meta.get("config"), str(d / CONFIG_FILE))
     cfg = policy_config_from_dict(meta["config"])
     norm_path = _confined(d, d / NORMALIZER_FILE, NORMALIZER_FILE)
     if not norm_path.is_file():
