@@ -311,3 +311,20 @@ def test_checkpoints_are_shareable(store_path, tmp_path):
         chunk = vlaflow.load_policy(d).infer({"obs.state": np.zeros((2, 5), np.float32)}).actions
         assert chunk.shape == (8, 3) and np.isfinite(chunk).all()
     assert res.best_ckpt == ck / "best"
+
+
+def test_a_run_saved_with_two_window_values_still_resumes(store_path, tmp_path, capsys):
+    """Before To/H/Ta were one value, the data copy won: such a run resumes with that value."""
+    from vlaflow.cli import main
+
+    out = tmp_path / "r"
+    assert main(["train", "--preset", PRESET, "--data", str(store_path), "--out", str(out), *TINY,
+                 "train.steps=5"]) == 0  # fmt: skip
+    for f in (out / "run_config.json", out / "checkpoints" / "last" / "train_state.json"):
+        doc = json.loads(f.read_text())
+        cfg = doc.get("run_config", doc)
+        cfg["policy"]["horizon"] = 16  # what an old run recorded: the preset's policy copy, unused
+        f.write_text(json.dumps(doc))
+    assert main(["train", "--out", str(out), "--resume", "train.steps=8"]) == 0
+    assert "trained 8 steps" in capsys.readouterr().out
+    assert json.loads((out / "run_config.json").read_text())["policy"]["horizon"] == 8
