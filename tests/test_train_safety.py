@@ -231,8 +231,10 @@ def test_resume_refuses_a_store_that_changed(store_path, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ interruption
-def test_ctrl_c_saves_a_resumable_checkpoint(store_path, tmp_path):
-    """A real subprocess gets SIGINT mid-run: it saves checkpoints/last, exits 130, and resumes."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_a_resumable_checkpoint(store_path, tmp_path, sig):
+    """A real subprocess gets SIGINT (Ctrl-C) or SIGTERM mid-run: it saves checkpoints/last, exits 130,
+    and resumes."""
     from vlaflow.train.trainer import train
 
     run = tmp_path / "r"
@@ -247,7 +249,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(store_path, tmp_path):
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     assert not (run / "checkpoints" / "last").exists()  # ckpt_every=0: only the interrupt saves
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     state = json.loads((run / "checkpoints" / "last" / "train_state.json").read_text())

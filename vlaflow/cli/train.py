@@ -151,7 +151,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue the run in --out from checkpoints/last (the newest intact step checkpoint if last "
-        "is damaged); Ctrl-C during training saves last first, so it can be resumed",
+        "is damaged); Ctrl-C (or SIGTERM) during training saves last first, so it can be resumed",
     )
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

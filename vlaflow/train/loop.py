@@ -150,7 +150,7 @@ class TrainResult:
 
     run_dir: Path | None
     step: int  # optimiser steps completed
-    stopped: str  # "done", "time limit", "interrupted" (SIGINT: checkpoints/last saved at `step`)
+    stopped: str  # "done", "time limit", "interrupted" (SIGINT/SIGTERM: checkpoints/last saved at `step`)
     last_ckpt: Path | None
     best_ckpt: Path | None
     best_score: float | None
@@ -579,30 +579,34 @@ def _check_same_data(state: dict, meta: RunMeta) -> None:
 
 
 class _StopFlag:
-    """SIGINT (Ctrl-C) during the steps asks the loop to stop after the current step and save
-    checkpoints/last; a second Ctrl-C interrupts at once. Only in the main thread (signal's rule)."""
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's or torchrun's polite kill) during the steps asks the loop
+    to stop after the current step and save checkpoints/last; a second signal interrupts at once. Only in
+    the main thread (signal's rule); handlers are restored when the steps end."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.set = False
-        self._old = None
+        self._old: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.set:
             raise KeyboardInterrupt
         self.set = True
-        print(
-            "\ninterrupt: saving checkpoints/last after this step (Ctrl-C again to stop at once)", flush=True
-        )
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving checkpoints/last after this step (again to stop at once)", flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
         return False
 
 
