@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -76,7 +75,12 @@ def temp_sibling(dest: str | os.PathLike) -> Path:
     """A new empty hidden directory beside ``dest`` (same file system, so it can be renamed onto it)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}{TMP_TAG}{os.getpid()}-", dir=dest.parent))
+    # not tempfile.mkdtemp: its 0700 would make every checkpoint and store unreadable to anyone else;
+    # mkdir's mode follows the umask like any directory the user makes. The pid tells a live writer's
+    # temp directory from a killed one's (writer_pid); the random part keeps the name unique.
+    tmp = dest.parent / f".{dest.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    return tmp
 
 
 def replace_directory(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:

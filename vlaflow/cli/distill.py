@@ -72,8 +72,9 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--teacher-cache",
         default="",
-        help="file for the --teacher-pairs set: loaded when it exists (and was made by the same teacher, "
-        "sampler, steps and store), else written after generation",
+        help="file for the --teacher-pairs set (safetensors + JSON metadata; never a pickle): loaded when "
+        "it exists (and was made by the same teacher, sampler, steps and store), else written after "
+        "generation; a file in another format (e.g. an older torch.save cache) is refused, not loaded",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for windows and noise (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

@@ -66,11 +66,42 @@ class RolloutEvaluator:
         )
         return _summary(report)
 
+    def check(self, policy) -> None:
+        """Refuse (before training) a policy whose obs keys/shapes or action dim do not fit every task of
+        ``eval.task`` in its obs mode: building each task's env once is cheap next to a training run."""
+        from vlaflow.sim.evaluate import _choose_obs_mode
+        from vlaflow.sim.policies import check_compatible
+        from vlaflow.sim.tasks import expand_tasks, make_env
+
+        spec = policy.spec
+        mode, render_size = _choose_obs_mode(self.eval.obs_mode, spec)
+        kwargs = {"obs_mode": mode, **({"render_size": render_size} if render_size else {})}
+        for t in expand_tasks(self.eval.task):
+            env = make_env(t, **kwargs)
+            try:
+                task_spec = env.task_spec
+            finally:
+                env.close()
+            try:
+                check_compatible(spec, task_spec, "being trained")
+            except VlaflowError as e:
+                raise ConfigError(
+                    f"eval.task={self.eval.task!r}: {e}\n(fix data.obs_keys / the store, choose another "
+                    "eval.task, or set eval.task= to train without rollouts)"
+                ) from None
+
 
 def rollout_evaluator(cfg: RunConfig, sampler: str | None = None, num_steps: int | None = None):
-    """The evaluator of ``cfg.eval`` (None when the run asks for no rollouts: ``eval.task`` empty)."""
+    """The evaluator of ``cfg.eval`` (None when the run asks for no rollouts: ``eval.task`` empty); an
+    unknown ``eval.task`` is an error here, before any data is opened."""
     if not cfg.eval.task:
         return None
+    from vlaflow.sim.tasks import expand_tasks
+
+    try:
+        expand_tasks(cfg.eval.task)
+    except VlaflowError as e:
+        raise ConfigError(f"eval.task: {e} (or eval.task= for no rollout evaluation)") from None
     return RolloutEvaluator(cfg.eval, progress=cfg.train.progress, sampler=sampler, num_steps=num_steps)
 
 
@@ -106,10 +137,22 @@ def _summary(report: dict) -> dict:
 # --------------------------------------------------------------------------------------------- train
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="named preset (see --list-presets); optional with --resume")
-    parser.add_argument("--data", help="episode store to train on (path or fsspec URL)")
+    parser.add_argument(
+        "--config",
+        help="a run config JSON file (e.g. an edited --print-config output) instead of --preset; "
+        "FIELD=VALUE overrides still apply on top",
+    )
+    parser.add_argument(
+        "--data",
+        help="episode store to train on (path or fsspec URL); with --resume, default: the store the run "
+        "recorded (its fingerprint is checked)",
+    )
     parser.add_argument("--out", help="run directory (checkpoints, log.csv, curves.png, eval/)")
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from checkpoints/last"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from checkpoints/last (the newest intact step checkpoint if last "
+        "is damaged); Ctrl-C (or SIGTERM) during training saves last first, so it can be resumed",
     )
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -121,18 +164,44 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_run_config(preset: str | None, overrides: list[str], out: Path | None, resume: bool):
-    """Preset + overrides, or (with --resume and no preset) the run's saved config + overrides."""
-    from vlaflow.train.config import apply_overrides
+def resolve_run_config(
+    preset: str | None, overrides: list[str], out: Path | None, resume: bool, config: str | None = None
+):
+    """Preset + overrides, a --config file + overrides, or (with --resume and neither) the run's saved
+    config + overrides."""
+    from vlaflow.train.config import apply_overrides, upgrade_run_config_dict
     from vlaflow.train.presets import get_preset
 
+    if preset and config:
+        raise ConfigError("give --preset or --config, not both (overrides apply on top of either)")
     if preset:
         cfg = get_preset(preset)
+    elif config:
+        cfg = load_config_file(Path(config))
     elif resume and out is not None and (out / "run_config.json").exists():
-        cfg = RunConfig.from_dict(json.loads((out / "run_config.json").read_text()))
+        saved = json.loads((out / "run_config.json").read_text())
+        cfg = RunConfig.from_dict(upgrade_run_config_dict(saved))
     else:
-        raise ConfigError("--preset is required (or --resume with an --out that holds run_config.json)")
+        raise ConfigError(
+            "--preset or --config is required (or --resume with an --out that holds run_config.json)"
+        )
     return apply_overrides(cfg, overrides)
+
+
+def load_config_file(path: Path) -> RunConfig:
+    """A run config from JSON (the form --print-config writes); errors name the file."""
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object (a --print-config output)")
+    try:
+        return RunConfig.from_dict(doc)
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -143,12 +212,14 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"{name:32s} {describe(name)}")
         return 0
     out = Path(args.out) if args.out else None
-    cfg = resolve_run_config(args.preset, list(args.overrides), out, args.resume)
+    cfg = resolve_run_config(
+        args.preset, list(args.overrides), out, args.resume, getattr(args, "config", None)
+    )
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
-    if not args.data or out is None:
-        raise ConfigError("--data STORE and --out RUN are required")
+    if out is None or not (args.data or args.resume):
+        raise ConfigError("--data STORE and --out RUN are required (--resume may omit --data)")
     # the one overwrite rule: never into the store; an existing run is the loop's (--resume) to judge, any
     # other non-empty directory is refused
     is_run = any((out / n).exists() for n in ("log.csv", "run_config.json", "checkpoints"))
@@ -157,19 +228,23 @@ def run_train(args: argparse.Namespace) -> int:
         out,
         overwrite=False,
         exists_ok=reusable,
-        sources={"--data": args.data},
+        sources={"--data": args.data} if args.data else {},
         what="--out",
         remedy="and is not a run directory that --resume could continue; choose another --out",
     )
     from vlaflow.train.trainer import train
 
-    res = train(cfg, args.data, out, resume=args.resume, evaluate=rollout_evaluator(cfg))
+    res = train(cfg, args.data or None, out, resume=args.resume, evaluate=rollout_evaluator(cfg))
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0
+        return 130 if res.stopped == "interrupted" else 0
     print(
         f"trained {res.step} steps ({res.stopped}) in {res.train_seconds / 60:.1f} min, "
         f"{res.samples_per_s:.0f} samples/s"
     )
+    if res.stopped == "interrupted":
+        print(f"interrupted: checkpoint saved at step {res.step}: {res.last_ckpt}")
+        print(f"continue with: vlaflow train --out {out} --resume")
+        return 130
     if res.final_eval is not None:
         r = res.final_eval
         print(f"final score {r['score']:.3f}  success rate {r['success_rate']}")

@@ -24,8 +24,13 @@ import numpy as np
 import torch
 
 from vlaflow import keys as K
+from vlaflow.errors import VlaflowError
 from vlaflow.interfaces import InferResult, RuntimeSpec, obs_window
 from vlaflow.policies.samplers import stack_chain
+
+
+class NonFiniteActions(VlaflowError):
+    """An ``infer`` call produced NaN/inf; the message names the stage where it first appeared."""
 
 
 class PolicyRuntime:
@@ -67,9 +72,16 @@ class PolicyRuntime:
         """obs: arrays with leading To per key (plus optional ``task`` str) -> (H, Da) float32 raw actions.
 
         ``shift`` / ``delay`` are accepted for the runtime interface and unused: every call samples afresh.
+        Never returns NaN/inf: a non-finite observation or chunk raises :class:`NonFiniteActions` naming the
+        stage (input key, encode, denoise step k, unnormalize) -- found by replaying the call on the failure
+        path only, so a healthy call costs one ``isfinite`` over the chunk.
         """
         window = obs_window(self.config, obs)
+        for k, v in window.items():
+            if k != K.TASK and np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all():
+                raise NonFiniteActions(f"infer: observation {k} holds NaN/inf (stage: input); refused")
         batch = batch_of_one(window)
+        rng = self._generator.get_state() if self._generator is not None else torch.get_rng_state()
         # eval() walks every sub-module: only switch (and back) when the policy is training, e.g. rollouts
         # scored during training; a loaded policy stays in eval mode.
         was_training = self.policy.training
@@ -87,10 +99,43 @@ class PolicyRuntime:
         finally:
             if was_training:
                 self.policy.train(True)
+        if not bool(torch.isfinite(gen.actions).all()):
+            raise NonFiniteActions(self._nonfinite_stage(batch, rng))
         extras = {k: v[0].float().cpu().numpy() for k, v in gen.extras.items() if torch.is_tensor(v)}
         if self.record_chain:
             extras["chain"] = self._chain_record(gen.chain, window)
         return InferResult(actions=gen.actions[0].float().cpu().numpy(), nfe=gen.nfe, extras=extras)
+
+    def _nonfinite_stage(self, batch: dict[str, Any], rng: torch.Tensor) -> str:
+        """Replay the failed call stage by stage (same noise) and say where NaN/inf first appeared."""
+        pol, head = self.policy, "infer produced NaN/inf actions"
+        if not (hasattr(pol, "encode") and hasattr(pol, "denoise") and hasattr(pol, "unnormalize_target")):
+            return f"{head} (stage: generate of {type(pol).__name__}); check the weights and inputs"
+        gen = self._generator
+        if gen is not None:
+            gen.set_state(rng)
+        else:
+            torch.set_rng_state(rng)
+        was_training = pol.training
+        pol.eval()
+        try:
+            with torch.inference_mode():
+                cond = pol.encode(batch)
+                if not _all_finite(cond):
+                    return f"{head}: the observation encoding is not finite (stage: encode)"
+                res = pol.denoise(
+                    cond, sampler=self.sampler, num_steps=self.num_steps, generator=gen, return_chain=True
+                )
+                for i, st in enumerate(res.steps or []):
+                    if not bool(torch.isfinite(st.x_next).all()):
+                        return f"{head}: first at denoise step {i + 1} of {len(res.steps)} (stage: denoise)"
+                if not bool(torch.isfinite(res.x0).all()):
+                    return f"{head}: the denoised chunk is not finite (stage: denoise, final x0)"
+                if not bool(torch.isfinite(pol.unnormalize_target(res.x0)).all()):
+                    return f"{head}: the normalized chunk is finite, the raw one is not (stage: unnormalize)"
+        finally:
+            pol.train(was_training)
+        return f"{head} (not reproduced when replayed stage by stage)"
 
     def _chain_record(self, steps: list, window: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -101,6 +146,16 @@ class PolicyRuntime:
             arrays = stack_chain(steps)
             record.update({k: v[:, 0].float().cpu().numpy() for k, v in arrays.items()})
         return record
+
+
+def _all_finite(x: Any) -> bool:
+    if torch.is_tensor(x):
+        return not x.is_floating_point() or bool(torch.isfinite(x).all())
+    if isinstance(x, dict):
+        return all(_all_finite(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return all(_all_finite(v) for v in x)
+    return True
 
 
 def batch_of_one(window: dict[str, Any], device: str | torch.device | None = None) -> dict[str, Any]:

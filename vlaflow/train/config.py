@@ -2,8 +2,14 @@
 
 A :class:`RunConfig` is plain data: frozen dataclasses validated at construction, serialised to JSON in
 every checkpoint so a run can be resumed (and a mismatch reported field by field). Overrides address
-fields by dotted name (``train.steps=2000``, ``policy.down_dims=[128,256]``, ``data.horizon=16``) and
-are parsed against the field's declared type; a bad name suggests the nearest, a bad value names both.
+fields by dotted name (``train.steps=2000``, ``policy.net.unet.down_dims=[128,256]``, ``data.horizon=16``)
+and are parsed against the field's declared type; a bad name suggests the nearest (searching nested
+sections too: ``policy.down_dims`` suggests ``policy.net.unet.down_dims``), a bad value names both.
+
+The observation/action windows To / H / Ta (``n_obs_steps``, ``horizon``, ``n_action_steps``) are one
+value each: the policy config carries them (its checkpoint and RuntimeSpec do), and ``data.*`` is the same
+value under the name the window sampler reads. ``policy.horizon=32`` and ``data.horizon=32`` both set it;
+giving both with different values is an error, and so is a config whose two copies disagree.
 """
 
 from __future__ import annotations
@@ -138,6 +144,16 @@ class RunConfig:
         _check(
             dataclasses.is_dataclass(self.policy), f"policy must be a config dataclass, got {self.policy!r}"
         )
+        bad = [
+            f"policy.{k}={getattr(self.policy, k)} but data.{k}={getattr(self.data, k)}"
+            for k in window_fields(self.policy)
+            if getattr(self.policy, k) != getattr(self.data, k)
+        ]
+        _check(
+            not bad,
+            "the run config gives two values for one window size (To/H/Ta live in one place; policy.X and "
+            "data.X name the same value): " + "; ".join(bad),
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -151,6 +167,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        """The config of ``to_dict`` output (a run_config.json, an edited ``--print-config``); a policy and
+        data section that disagree on To/H/Ta are an error (:func:`upgrade_run_config_dict` reconciles a
+        run saved before they were one value)."""
         from vlaflow.policies import policy_config_from_dict
 
         missing = [k for k in ("name", "family", "policy") if k not in d]
@@ -166,6 +185,25 @@ class RunConfig:
             )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"bad run config: {e}") from e
+
+
+WINDOW_FIELDS = ("n_obs_steps", "horizon", "n_action_steps")  # To, H, Ta: one value, two names
+
+
+def window_fields(policy: Any) -> tuple[str, ...]:
+    """The window fields the policy config carries (all of them for the denoising families)."""
+    names = {f.name for f in dataclasses.fields(policy)}
+    return tuple(k for k in WINDOW_FIELDS if k in names)
+
+
+def upgrade_run_config_dict(d: dict) -> dict:
+    """A saved run config with the data copy of To/H/Ta written into the policy section where the two
+    disagree: before they were one value, the data copy won (it is what the run trained with)."""
+    pol, data = d.get("policy"), d.get("data")
+    if not isinstance(pol, dict) or not isinstance(data, dict):
+        return d
+    fixed = {k: data[k] for k in WINDOW_FIELDS if k in pol and k in data and pol[k] != data[k]}
+    return {**d, "policy": {**pol, **fixed}} if fixed else d
 
 
 def policy_config_to_dict(cfg: Any) -> dict:
@@ -205,7 +243,11 @@ def _from_json(v: Any, tp: Any) -> Any:
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
-    """Return ``cfg`` with each ``section.field=value`` applied (types checked, validation re-run)."""
+    """Return ``cfg`` with each ``section.field=value`` applied (types checked, validation re-run).
+
+    A window size (``policy.horizon`` or ``data.horizon``, ...) sets the one value both names share; two
+    overrides giving it different values are an error naming both."""
+    windows: dict[str, tuple[int, str]] = {}  # field -> (value, the override that set it)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected FIELD=VALUE, e.g. train.steps=2000")
@@ -213,9 +255,65 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> R
         path = path.strip()
         if not path:
             raise ConfigError(f"override {item!r}: empty field name")
-        cfg = _set_path(cfg, path.split("."), raw.strip(), path)
+        parts = path.split(".")
+        if len(parts) == 2 and parts[0] in ("policy", "data") and parts[1] in window_fields(cfg.policy):
+            value = parse_value(raw.strip(), int, path)
+            prev = windows.get(parts[1])
+            if prev is not None and prev[0] != value:
+                raise ConfigError(
+                    f"overrides {prev[1]} and {item} disagree: policy.{parts[1]} and data.{parts[1]} are "
+                    "one value (To/H/Ta live in one place); give it once"
+                )
+            windows[parts[1]] = (value, item)
+            continue
+        cfg = _set_path(cfg, parts, raw.strip(), path)
+    if windows:
+        cfg = _set_windows(cfg, {k: v for k, (v, _) in windows.items()}, [i for _, i in windows.values()])
     # one JSON round trip: nested values given as JSON (lists, dicts) take the field types (tuples)
     return RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) if overrides else cfg
+
+
+def _set_windows(cfg: RunConfig, values: dict[str, int], items: list[str]) -> RunConfig:
+    """Set To/H/Ta in the policy and data sections together (one replace each, so the checks see the new
+    window whole, e.g. a larger horizon before a larger n_action_steps)."""
+    try:
+        data = dataclasses.replace(cfg.data, **values)
+        policy = dataclasses.replace(cfg.policy, **values)
+        return dataclasses.replace(cfg, policy=policy, data=data)
+    except ConfigError as e:
+        raise ConfigError(f"override {' '.join(items)}: {e}") from e
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"override {' '.join(items)}: invalid value: {e}") from e
+
+
+def _leaf_paths(obj: Any, prefix: str = "") -> list[str]:
+    """Every settable dotted field below the dataclass ``obj`` (nested sections expanded)."""
+    out = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out.extend(_leaf_paths(v, f"{prefix}{f.name}."))
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def _suggest(obj: Any, parts: list[str], prefix: str) -> str | None:
+    """The nearest field to the unknown ``parts`` below ``obj``: a sibling with a close name, else a nested
+    field whose own name is (or is close to) the last part (``down_dims`` -> ``net.unet.down_dims``)."""
+    close = difflib.get_close_matches(parts[0], _field_names(obj), n=1)
+    leaves = _leaf_paths(obj)
+    want = parts[-1]
+    exact = [p for p in leaves if p.split(".")[-1] == want]
+    if exact:  # the field exists, one section deeper than written
+        return prefix + min(exact, key=len)
+    if close and len(parts) == 1:
+        return prefix + close[0]
+    tails = {p.split(".")[-1]: p for p in sorted(leaves, key=len, reverse=True)}
+    near = difflib.get_close_matches(want, list(tails), n=1)
+    if near:
+        return prefix + tails[near[0]]
+    return prefix + close[0] if close else None
 
 
 def _field_names(obj: Any) -> list[str]:
@@ -227,8 +325,8 @@ def _set_path(obj: Any, parts: list[str], raw: str, full: str) -> Any:
     names = _field_names(obj)
     if name not in names:
         prefix = full[: len(full) - len(".".join(parts))]
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        close = _suggest(obj, parts, prefix)
+        hint = f" Did you mean '{close}'?" if close else ""
         raise ConfigError(
             f"override {full}={raw}: unknown field '{prefix}{name}'.{hint} Fields: {', '.join(names)}"
         )

@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -66,17 +68,18 @@ import torch
 import torch.distributed as dist
 
 from vlaflow.errors import ConfigError, VlaflowError
+from vlaflow.train import provenance as P
 from vlaflow.train import schedule as S
 from vlaflow.train.config import config_diff
 from vlaflow.train.objective import Objective
 from vlaflow.train.process import BatchPipeline, Process, start_process, to_device
 from vlaflow.train.runlog import RunLog, plot_curves
 from vlaflow.train.state import (
+    clean_leftovers,
     copy_checkpoint,
+    find_resume_point,
     load_optimizer_tensors,
     load_raw_weights,
-    read_train_state,
-    recover_checkpoint,
     save_training_checkpoint,
     write_state_json,
 )
@@ -90,7 +93,9 @@ class Evaluator(Protocol):
     """Rollout scoring of a policy, built by the CLI (e.g. from :func:`vlaflow.sim.evaluate.evaluate`).
 
     ``ckpt`` is the checkpoint just saved from ``policy`` (for worker processes that load it).
-    Returns at least {"score": float, "success_rate": float | None}.
+    Returns at least {"score": float, "success_rate": float | None}. An evaluator may also have a
+    ``check(policy)`` method: :func:`vlaflow.train.trainer.train` calls it before the first step, so a
+    policy that cannot run on the evaluation task is refused before any training, not after it.
     """
 
     def __call__(
@@ -145,7 +150,7 @@ class TrainResult:
 
     run_dir: Path | None
     step: int  # optimiser steps completed
-    stopped: str  # "done", "time limit"
+    stopped: str  # "done", "time limit", "interrupted" (SIGINT/SIGTERM: checkpoints/last saved at `step`)
     last_ckpt: Path | None
     best_ckpt: Path | None
     best_score: float | None
@@ -164,6 +169,8 @@ class RunMeta:
     resumable: frozenset[str] = frozenset()  # dotted fields that may change on resume (bookkeeping)
     data: dict = field(default_factory=dict)  # fingerprint of the data; must match on resume
     title: str = ""  # curves.png title
+    provenance: dict = field(default_factory=dict)  # this invocation (command, data path, versions, commit)
+    upgrade: Callable[[dict], dict] | None = None  # brings a saved config to today's form before comparing
 
 
 class _ObjectiveModule(torch.nn.Module):
@@ -288,33 +295,50 @@ class _Run:
 
     # -- resume and checkpoints ---------------------------------------------------------------------
     def _load(self) -> None:
-        last, proc = self.last_dir, self.proc
+        proc = self.proc
         if proc.main:
-            recover_checkpoint(last)
+            for p in clean_leftovers(self.ckpt_dir):
+                print(f"removed {p} (left by a kill inside a checkpoint save)")
         if proc.world > 1:
             dist.barrier()
-        if not (last / "train_state.json").exists():
-            raise VlaflowError(f"{self.run_dir}: nothing to resume (no {last}/train_state.json)")
-        state, tensors = read_train_state(last)
-        check_resume(self.meta.config, state["run_config"], self.meta.resumable)
-        if state.get("data") != self.meta.data:
-            raise ConfigError(
-                f"cannot resume: the dataset differs: saved {state.get('data')}, now {self.meta.data}"
+        where, state, tensors, notes = find_resume_point(self.ckpt_dir)
+        exact = any(k.startswith("model/") for k in tensors)
+        if notes and proc.main:
+            print(f"warning: resuming from {where.name}, not last ({'; '.join(notes)})")
+        saved = state["run_config"]
+        if self.meta.upgrade is not None:
+            saved = self.meta.upgrade(saved)
+        check_resume(self.meta.config, saved, self.meta.resumable)
+        _check_same_data(state, self.meta)
+        if exact:
+            load_raw_weights(self.obj.module, tensors, where)
+            load_optimizer_tensors(
+                self.opt, {k: v.to(proc.device) for k, v in tensors.items() if k.startswith("optim/")}
             )
-        load_raw_weights(self.obj.module, tensors, last)
-        load_optimizer_tensors(
-            self.opt, {k: v.to(proc.device) for k, v in tensors.items() if k.startswith("optim/")}
-        )
+        else:  # a shareable step checkpoint: its (EMA) weights restart training, AdamW moments from zero
+            if self.obj.deploy(self.obj.module) is not self.obj.module:
+                raise VlaflowError(
+                    f"{where}: holds only the deployed policy, not the whole trained module of this "
+                    "objective; it cannot be resumed from"
+                )
+            from vlaflow.policies import load_checkpoint
+
+            self.obj.module.load_state_dict(load_checkpoint(where).state_dict())
+            if proc.main:
+                print(
+                    f"warning: {where.name} has no optimizer state: training continues from its weights "
+                    "with fresh AdamW moments (not bit-identical to an uninterrupted run)"
+                )
         if self.ema is not None:
             ema_t = {k[len("ema/") :]: v for k, v in tensors.items() if k.startswith("ema/")}
             if not ema_t:  # the module is the deployed policy: its checkpoint files hold the EMA weights
                 from vlaflow.policies import load_checkpoint
 
-                ema_t = load_checkpoint(last).state_dict()
+                ema_t = load_checkpoint(where).state_dict()
             self.ema.load_state_dict(ema_t)
         prefix = "objective/"
         self.obj.load_extra_state(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, last
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, where
         )
         self.start_step = int(state["step"])
         self.best_score, self.best_step = state.get("best_score"), state.get("best_step")
@@ -332,6 +356,7 @@ class _Run:
             "data": self.meta.data,
             "evals": self.evals,
             "run_config": self.meta.config,
+            "provenance": self.meta.provenance,
         }
 
     def _save(self, step: int) -> Path:
@@ -343,7 +368,7 @@ class _Run:
         p = save_training_checkpoint(
             self.last_dir, deploy, self.obj.module, self.opt, self._state_json(step), extra
         )
-        if self.cfg.keep_step_ckpts:
+        if self.cfg.keep_step_ckpts:  # shareable: no optimizer state (only last resumes exactly)
             copy_checkpoint(p, self.ckpt_dir / f"step_{step:07d}")
         return p
 
@@ -395,6 +420,11 @@ class _Run:
         if writes:
             self.log = RunLog(self.run_dir, resume_step=start if self.resume else None)
             (self.run_dir / "run_config.json").write_text(json.dumps(self.meta.config, indent=1))
+            if self.meta.provenance:
+                P.append(
+                    self.run_dir,
+                    {**self.meta.provenance, "resumed_from_step": start if self.resume else None},
+                )
         ema = _Ema(self.ema, obj.module) if self.ema is not None else None
         total, max_s = c.steps, c.max_seconds
         t_start = time.perf_counter()
@@ -410,6 +440,7 @@ class _Run:
             pbar = tqdm(total=total or None, initial=start, desc=c.desc, unit="step", dynamic_ncols=True)
         pipeline = BatchPipeline(obj.batch, start, total or None, obj.prefetch, c.workers)
         obj.module.train()
+        stop = _StopFlag().__enter__()
         try:
             t_log, samples_since_log = time.perf_counter(), 0
             while total == 0 or step < total:
@@ -441,10 +472,11 @@ class _Run:
                 recent.append(loss.detach())
                 self.train_seconds = seg_start_seconds + (time.perf_counter() - t_start) - eval_seconds
                 time_up = max_s > 0 and self.train_seconds >= max_s
-                if proc.world > 1 and max_s > 0:
-                    flag = torch.tensor([1.0 if time_up else 0.0])
+                interrupted = stop.set
+                if proc.world > 1:  # rank 0 decides, so every rank stops after the same step
+                    flag = torch.tensor([1.0 if time_up else 0.0, 1.0 if interrupted else 0.0])
                     dist.broadcast(flag, 0)
-                    time_up = bool(flag.item())
+                    time_up, interrupted = bool(flag[0].item()), bool(flag[1].item())
                 if pbar is not None:
                     pbar.update(1)
                     if step % 10 == 0 or step == total or step == start + 1:
@@ -473,7 +505,7 @@ class _Run:
                     and (total == 0 or step < total)
                 )
                 do_ckpt = self.run_dir is not None and (
-                    (c.ckpt_every and step % c.ckpt_every == 0) or step == total or time_up
+                    (c.ckpt_every and step % c.ckpt_every == 0) or step == total or time_up or interrupted
                 )
                 if writes and (do_eval or do_ckpt):
                     if pbar is not None:
@@ -490,18 +522,22 @@ class _Run:
                 if time_up:
                     stopped = "time limit"
                     break
+                if interrupted:
+                    stopped = "interrupted"
+                    break
         except BaseException:
             if self.log is not None:
                 self.log.close()
             raise
         finally:
+            stop.__exit__(None, None, None)
             if pbar is not None:
                 pbar.close()
             pipeline.close()
         elapsed = time.perf_counter() - t_start - eval_seconds
         if writes:
             try:
-                if self.evaluate is not None and c.eval_at_end:
+                if self.evaluate is not None and c.eval_at_end and stopped != "interrupted":
                     if last_saved != step:
                         self._save(step)
                     self._eval(step, c.final_episodes or c.eval_episodes, video=True)
@@ -525,6 +561,53 @@ class _Run:
             evals=self.evals,
             recent_losses=[float(x) for x in recent],
         )
+
+
+def _check_same_data(state: dict, meta: RunMeta) -> None:
+    """A resume must see the data the run started on: every fingerprint field both sides record agree
+    (a run saved before the content fingerprint existed is compared on its counts)."""
+    saved, now = state.get("data") or {}, meta.data
+    diff = {k: (saved[k], now[k]) for k in saved.keys() & now.keys() if saved[k] != now[k]}
+    if diff or (saved.keys() ^ now.keys()) - {"fingerprint"}:
+        where = (state.get("provenance") or {}).get("data")
+        rec = f" (the run recorded {where}, now {meta.provenance.get('data')})" if where else ""
+        what = "; ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(
+            f"cannot resume: the dataset changed since the run started{rec}: {what or (saved, now)}. "
+            "Resume with the store the run trained on, or start a new run (--out)"
+        )
+
+
+class _StopFlag:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's or torchrun's polite kill) during the steps asks the loop
+    to stop after the current step and save checkpoints/last; a second signal interrupts at once. Only in
+    the main thread (signal's rule); handlers are restored when the steps end."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.set = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        name = signal.Signals(signum).name
+        print(f"\n{name}: saving checkpoints/last after this step (again to stop at once)", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+        return False
 
 
 def _check_replicas_agree(module: torch.nn.Module) -> None:

@@ -12,6 +12,12 @@ Layout of one checkpoint directory::
 
 The learning rate is a pure function of the step and the RNG is derived from (seed, step) (see
 :mod:`vlaflow.train.schedule`), so neither a scheduler nor RNG state needs storing.
+
+Only ``checkpoints/last`` carries ``train_state.safetensors``: step checkpoints and ``best`` are shareable
+policy checkpoints (config, weights, normalizer, and ``train_state.json`` for the record, marked
+``"resume_state": false``). When ``last`` is damaged, :func:`find_resume_point` falls back to the newest
+intact step checkpoint: its weights restart both the trained and the EMA copy, and AdamW's moments restart
+from zero (an approximate continuation, said so when it happens).
 Directories are written beside their destination and renamed into place, so a kill mid-save leaves the
 previous checkpoint intact.
 """
@@ -26,9 +32,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlaflow.atomic import atomic_directory, recover_directory
+from vlaflow.atomic import OLD_TAG, TMP_TAG, atomic_directory, recover_directory
 from vlaflow.errors import VlaflowError
-from vlaflow.policies.checkpoint import write_checkpoint_files
+from vlaflow.policies.checkpoint import MODEL_FILE, share_files, write_checkpoint_files
 
 TRAIN_STATE_JSON = "train_state.json"
 TRAIN_STATE_TENSORS = "train_state.safetensors"
@@ -84,6 +90,7 @@ def save_training_checkpoint(
         save_file(tensors, str(tmp / TRAIN_STATE_TENSORS))
         state_doc = {"format": FORMAT, "version": VERSION, **state}
         (tmp / TRAIN_STATE_JSON).write_text(json.dumps(state_doc, indent=1))
+        share_files(tmp)
     return dest
 
 
@@ -95,12 +102,68 @@ def write_state_json(ckpt: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def copy_checkpoint(src: Path, dest: Path) -> Path:
-    """Copy a checkpoint directory atomically (used for checkpoints/best)."""
+def copy_checkpoint(src: Path, dest: Path, *, resume_state: bool = False) -> Path:
+    """Copy a checkpoint directory atomically (step checkpoints, checkpoints/best): without the optimizer
+    and raw-weight resume state unless ``resume_state``, so it can be shared as a policy."""
     dest = Path(dest)
+    skip = () if resume_state else (TRAIN_STATE_TENSORS,)
     with atomic_directory(dest, overwrite=True) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*skip))
+        js = tmp / TRAIN_STATE_JSON
+        if not resume_state and js.is_file():
+            doc = json.loads(js.read_text())
+            js.write_text(json.dumps({**doc, "resume_state": False}, indent=1))
     return dest
+
+
+def clean_leftovers(ckpt_dir: Path) -> list[Path]:
+    """Remove the hidden temp/old directories a kill inside a save left in ``ckpt_dir`` (a writer's own
+    restart only: call it before this run writes again). ``last`` is first recovered if a kill fell between
+    the two renames. Returns what was removed."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    recover_checkpoint(ckpt_dir / "last")
+    removed = []
+    for p in sorted(ckpt_dir.glob(".*")):
+        if p.is_dir() and (TMP_TAG in p.name or OLD_TAG in p.name):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _intact(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]] | str:
+    """(state, tensors) of a checkpoint that reads completely, else why not."""
+    try:
+        if not (ckpt / TRAIN_STATE_JSON).is_file():
+            return f"no {TRAIN_STATE_JSON}"
+        state = json.loads((ckpt / TRAIN_STATE_JSON).read_text())
+        if state.get("format") != FORMAT:
+            return f"{TRAIN_STATE_JSON} has format {state.get('format')!r}"
+        load_file(str(ckpt / MODEL_FILE))
+        tensors = load_file(str(ckpt / TRAIN_STATE_TENSORS)) if (ckpt / TRAIN_STATE_TENSORS).is_file() else {}
+        if state.get("resume_state", True) and not tensors:
+            return f"no {TRAIN_STATE_TENSORS}"
+        return state, tensors
+    except Exception as e:  # any damage (truncated, garbled) makes it not a resume point
+        return f"{type(e).__name__}: {e}"
+
+
+def find_resume_point(ckpt_dir: Path) -> tuple[Path, dict, dict[str, torch.Tensor], list[str]]:
+    """(checkpoint, state, tensors, notes): ``last`` when it reads completely, else the newest intact
+    ``step_N``; ``notes`` say what was skipped and why. Nothing intact is an error listing each one."""
+    ckpt_dir = Path(ckpt_dir)
+    candidates = [ckpt_dir / "last", *sorted(ckpt_dir.glob("step_*"), reverse=True)]
+    notes = []
+    for c in candidates:
+        if not c.is_dir():
+            continue
+        got = _intact(c)
+        if isinstance(got, tuple):
+            return c, got[0], got[1], notes
+        notes.append(f"{c.name}: {got}")
+    found = "; ".join(notes) if notes else "no checkpoints"
+    raise VlaflowError(f"{ckpt_dir.parent}: nothing to resume ({found})")
 
 
 def recover_checkpoint(dest: Path) -> Path:

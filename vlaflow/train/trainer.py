@@ -15,7 +15,8 @@ import torch
 
 from vlaflow import keys as K
 from vlaflow.errors import ConfigError
-from vlaflow.train.config import RunConfig
+from vlaflow.train import provenance
+from vlaflow.train.config import RunConfig, upgrade_run_config_dict
 from vlaflow.train.loop import (  # noqa: F401  (TrainingDiverged: part of this module's interface)
     Evaluator,
     LoopConfig,
@@ -48,6 +49,23 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+# A run shorter than this is a smoke run: unless eval.final_episodes is given, its final evaluation runs
+# at most SMOKE_FINAL_EPISODES rollouts (a 30-step check of the pipeline should not start 50 rollouts).
+SMOKE_STEPS = 1000
+SMOKE_FINAL_EPISODES = 5
+
+
+def final_episodes(cfg: RunConfig) -> tuple[int, str]:
+    """(rollouts of the final evaluation, a note saying why when the smoke-run rule shortened it)."""
+    n = cfg.eval.final_episodes or cfg.train.eval_episodes
+    if cfg.eval.final_episodes or cfg.train.steps >= SMOKE_STEPS or n <= SMOKE_FINAL_EPISODES:
+        return n, ""
+    return SMOKE_FINAL_EPISODES, (
+        f"train.steps={cfg.train.steps} < {SMOKE_STEPS}: a smoke run, so the final evaluation runs "
+        f"{SMOKE_FINAL_EPISODES} rollouts instead of {n} (set eval.final_episodes={n} for all of them)"
+    )
+
+
 def loop_config(cfg: RunConfig) -> LoopConfig:
     """The loop settings of a run config's ``train`` section (and the final evaluation's size)."""
     t = cfg.train
@@ -73,7 +91,7 @@ def loop_config(cfg: RunConfig) -> LoopConfig:
         keep_step_ckpts=t.keep_step_ckpts,
         eval_every=t.eval_every,
         eval_episodes=t.eval_episodes,
-        final_episodes=cfg.eval.final_episodes,
+        final_episodes=final_episodes(cfg)[0],
         eval_at_end=t.eval_at_end,
         device=t.device,
         num_threads=t.num_threads,
@@ -153,19 +171,35 @@ def _policy_keys(policy, cfg: RunConfig) -> list[str]:
 
 
 def _data_fingerprint(store, ws) -> dict:
-    return {"n_episodes": int(store.n_episodes), "n_steps": int(store.n_steps), "n_windows": len(ws)}
+    return {
+        "n_episodes": int(store.n_episodes),
+        "n_steps": int(store.n_steps),
+        "n_windows": len(ws),
+        "fingerprint": provenance.store_fingerprint(store),
+    }
 
 
 def train(
     cfg: RunConfig,
-    data: str | Path,
+    data: str | Path | None,
     out: str | Path,
     *,
     resume: bool = False,
     evaluate: Evaluator | None = None,
 ) -> TrainResult:
     """Train ``cfg`` on the store at ``data`` into run directory ``out``; ``evaluate`` scores rollouts
-    (required when ``cfg.eval.task`` is set; see the module docstring)."""
+    (required when ``cfg.eval.task`` is set; see the module docstring).
+
+    Checks before work: the store's keys, and -- when ``evaluate`` has a ``check(policy)`` method (the
+    CLI's rollout evaluator does) -- that the policy can run on the evaluation task, before the first
+    step. ``data=None`` with ``resume`` trains on the data the run recorded (:mod:`.provenance`)."""
+    if data is None:
+        data = provenance.recorded_data(Path(out)) if resume else None
+        if data is None:
+            raise ConfigError(
+                f"no data given and {out} records none (a run made before provenance was recorded): "
+                "pass --data STORE"
+            )
     if cfg.eval.task and evaluate is None:
         raise ConfigError(
             f"eval.task={cfg.eval.task!r} asks for rollout evaluation, but train() was given no evaluate "
@@ -180,13 +214,25 @@ def train(
     needed = [k for k in _policy_keys(policy, cfg) if k not in store.keys]
     if needed:
         raise ConfigError(f"{data}: the policy reads key(s) {needed}; the dataset has {sorted(store.keys)}")
+    evaluate = evaluate if cfg.eval.task else None
+    check = getattr(evaluate, "check", None)
+    if check is not None:
+        check(policy)  # the policy must fit the evaluation task: refuse now, not after training
+    _, note = final_episodes(cfg)
+    if note and evaluate is not None and cfg.train.eval_at_end and proc.main:
+        print(f"note: {note}")
     objective = BehaviourCloning(
         policy, ws, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=proc.rank, world=proc.world
     )
     meta = RunMeta(
-        config=cfg.to_dict(), resumable=RESUMABLE_CHANGES, data=_data_fingerprint(store, ws), title=cfg.name
+        config=cfg.to_dict(),
+        resumable=RESUMABLE_CHANGES,
+        data=_data_fingerprint(store, ws),
+        title=cfg.name,
+        provenance=provenance.invocation(data),
+        upgrade=upgrade_run_config_dict,
     )
-    return loop.run(objective, evaluate=evaluate if cfg.eval.task else None, meta=meta)
+    return loop.run(objective, evaluate=evaluate, meta=meta)
 
 
 def steps_for_budget(

@@ -16,12 +16,8 @@ from torch import Tensor, nn
 PAD, CLS, SEP = 0, 1, 2
 BYTE_OFFSET = 3
 BYTE_VOCAB = 256 + BYTE_OFFSET
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # safetensors only: never a pickle
+PICKLED_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class ByteTokenizer:
@@ -59,9 +55,18 @@ class TextEncoder(nn.Module):
                     f"language.pretrained_path {str(path)!r} is not a directory; give a local transformers "
                     "model directory (config.json, weights, tokenizer files); nothing is downloaded"
                 )
+            has_weights = any((path / n).exists() for n in WEIGHT_FILES)
+            if not has_weights and any((path / n).exists() for n in PICKLED_WEIGHT_FILES):
+                raise ValueError(
+                    f"language.pretrained_path {str(path)!r} holds pickled weights (pytorch_model.bin), "
+                    "which vlaflow never loads; save the model with safetensors "
+                    "(model.save_pretrained(dir, safe_serialization=True))"
+                )
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-            if any((path / n).exists() for n in WEIGHT_FILES):
-                self.model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
+            if has_weights:
+                self.model = transformers.AutoModel.from_pretrained(
+                    path, local_files_only=True, use_safetensors=True
+                )
             else:  # architecture only (a policy checkpoint's text_encoder/ dir; weights come from the policy)
                 hf_cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
                 self.model = transformers.AutoModel.from_config(hf_cfg)

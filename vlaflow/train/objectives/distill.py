@@ -56,6 +56,7 @@ from vlaflow.policies.nets.unet1d import narrowed_state
 from vlaflow.policies.registry import build_policy
 from vlaflow.train.loop import LoopConfig, TrainingLoop
 from vlaflow.train.objective import Objective
+from vlaflow.train.teacher_cache import load_teacher_set, save_teacher_set
 
 
 def parse_dims(text: str) -> tuple[int, ...] | None:
@@ -226,16 +227,15 @@ def teacher_set(
     """(``n`` teacher pairs, whether they were read from ``cache``): made by ``fresh(k)`` in chunks (with a
     progress bar) and written to ``cache``, unless that file exists."""
     if cache and Path(cache).is_file():
-        blob = torch.load(cache, weights_only=True)
-        if blob["meta"] != meta:
+        p, saved_meta = load_teacher_set(cache)  # safetensors + JSON: never unpickled
+        if saved_meta != meta:
             raise ConfigError(
-                f"--teacher-cache {cache} was made by {blob['meta']}, not by this run's {meta}; "
+                f"--teacher-cache {cache} was made by {saved_meta}, not by this run's {meta}; "
                 "give another file or delete it"
             )
-        have = blob["pairs"][1].shape[0]
+        have = p[1].shape[0]
         if have < n:
             raise ConfigError(f"--teacher-cache {cache} holds {have} pairs, fewer than --teacher-pairs {n}")
-        p = blob["pairs"]
         return ({k: v[:n] for k, v in p[0].items()}, *(x[:n] for x in p[1:])), True
     parts = []
     with tqdm(total=n, desc="teacher pairs", unit="pair", disable=not progress) as bar:
@@ -245,8 +245,7 @@ def teacher_set(
             bar.update(k)
     pairs = _concat_pairs(parts, n)
     if cache:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"meta": meta, "pairs": pairs}, cache)
+        save_teacher_set(cache, pairs, meta)
     return pairs, False
 
 
