@@ -294,3 +294,54 @@ def test_node_server_and_onnx_runtime_run_without_torch(robot_venv, onnx_export,
     runs = json.loads(summary.read_text())["runs"]
     assert len(runs) >= 1 and runs[0]["policy_actions"] > 0, runs
     print(f"robot venv: {out['commands']} commands, first run {runs[0]['ticks']} ticks")
+
+
+# The script of the next test: torch blocked in the parent and, through the re-imported main module, in
+# the spawned evaluation workers.
+BLOCKED_EVAL = """
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+from vlaflow.cli import main
+
+if __name__ == "__main__":
+    rc = main(sys.argv[1:])
+    assert sys.modules["torch"] is None
+    print("RC", rc)
+"""
+
+
+def test_eval_onnx_runs_with_torch_blocked(tmp_path):
+    """``vlaflow eval --policy onnx:DIR`` needs the simulator (extra ``sim``), not torch: in-process and in
+    spawned workers, with every ``import torch`` failing."""
+    pytest.importorskip("gym_pusht")
+    torch = pytest.importorskip("torch")
+    from vlaflow.deploy.export import ExportOptions, export_policy
+    from vlaflow.policies import DiffusionConfig, build_policy
+    from vlaflow.policies.base_config import NetConfig, UNetConfig
+
+    torch.manual_seed(0)
+    net = NetConfig(
+        kind="unet", unet=UNetConfig(down_dims=(16, 32), kernel_size=3, n_groups=4, step_embed_dim=16)
+    )
+    px = _stats([0, 0], [512, 512])  # PushT pixels
+    stats = {
+        "action": px,
+        "obs.agent_pos": px,
+        "obs.keypoint": _stats(np.zeros((9, 2)), np.full((9, 2), 512)),
+    }
+    policy = build_policy(DiffusionConfig(net=net, horizon=8, n_action_steps=4, num_inference_steps=4), stats)
+    export_policy(policy.eval(), tmp_path / "onnx", ExportOptions(samplers=(("ddim", 4),), n_parity_obs=1,
+                                                                   exporter="torchscript"))  # fmt: skip
+    script = tmp_path / "blocked_eval.py"
+    script.write_text(BLOCKED_EVAL)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for workers in ("0", "1"):
+        out = tmp_path / f"eval{workers}"
+        res = subprocess.run(
+            [sys.executable, str(script), "eval", "--task", "pusht", "--policy", f"onnx:{tmp_path / 'onnx'}",
+             "--episodes", "2", "--max-steps", "12", "--workers", workers, "--out", str(out)],
+            capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert res.returncode == 0 and "RC 0" in res.stdout, res.stderr[-2000:]
+        agg = json.loads((out / "report.json").read_text())["aggregate"]
+        assert agg["n_episodes"] == 2, agg
