@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlaflow.atomic import OVERWRITE_HELP
+
 
 def add_view_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="vlaflow episode store (other datasets: `vlaflow ingest` them first)")
@@ -32,9 +34,7 @@ def add_view_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="store Rerun camera frames as JPEG of this quality (1..100; 0: raw, the default)",
     )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --save file / --out directory"
-    )
+    p.add_argument("--overwrite", action="store_true", help=f"--save / --out: {OVERWRITE_HELP}")
     p.epilog = (
         "--save and --out follow the overwrite rule: an existing destination is refused unless --overwrite, "
         "and one that is, contains or lies inside STORE is refused always"
