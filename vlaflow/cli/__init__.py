@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vlaflow.cli.data",
         "show an episode store's schema, episodes, tasks and per-key statistics",
     ),
+    "view": (
+        "vlaflow.cli.view",
+        "look at an episode: cameras, state/action curves (Rerun .rrd or mp4 + PNG)",
+    ),
     "validate": (
         "vlaflow.cli.data",
         "read every chunk of an episode store (exit 1: unfinished tail, 2: damaged)",
@@ -33,10 +37,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "trim an unfinished tail left by a killed writer (backed up; refuses damage)",
     ),
     "export-lerobot": ("vlaflow.cli.data", "write an episode store as a LeRobot v3.0 dataset"),
-    "view": (
-        "vlaflow.cli.view",
-        "look at an episode: cameras, state/action curves (Rerun .rrd or mp4 + PNG)",
-    ),
     "collect": ("vlaflow.cli.sim", "record successful scripted-expert rollouts into an episode store"),
     "teleop": ("vlaflow.cli.sim", "drive a simulated task from the keyboard and record episodes"),
     "eval": ("vlaflow.cli.sim", "evaluate a policy by rollouts (parallel workers, report.json, videos)"),
