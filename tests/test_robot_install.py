@@ -77,11 +77,17 @@ def test_robot_extra_and_core_have_no_torch_and_all_still_has_it():
 
 # ------------------------------------------------------------------------------------------ fixtures
 def _constraints(path: Path) -> Path:
-    """Every distribution of this environment at its version (torch, vlaflow and local builds left out)."""
+    """Every distribution of this environment at its version (torch, vlaflow, local builds and the
+    packaging tools left out: pip's isolated build picks its own setuptools)."""
     pins, seen = [], set()
     for d in importlib.metadata.distributions():
         name = (d.metadata["Name"] or "").lower()
-        if not name or name in seen or name in ("vlaflow", "torch") or "+" in d.version:
+        if (
+            not name
+            or name in seen
+            or name in ("vlaflow", "torch", "pip", "setuptools", "wheel")
+            or "+" in d.version
+        ):
             continue
         seen.add(name)
         pins.append(f"{name}=={d.version}")
