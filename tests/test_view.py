@@ -178,3 +178,20 @@ def test_bad_input(pusht_store, tmp_path, capsys, monkeypatch):
     assert "--save FILE.rrd" in capsys.readouterr().err
     assert cli_main(["view", str(pusht_store), "--spawn"]) == 1
     assert "no display" in capsys.readouterr().err
+
+
+def test_raw_diffusion_policy_zarr_opens_read_only_as_info_does(tmp_path):
+    """diffusion_policy's own zarr (v2, float32 images under ``img``) is viewed as ``info`` reads it."""
+    import zarr
+
+    raw = shared("pusht_cchi_v7", "pusht_cchi_v7_replay.zarr")
+    root = zarr.open_group(str(raw), mode="r")
+    ends = root["meta"]["episode_ends"][:3]
+    n = int(ends[2] - ends[1])
+    out = tmp_path / "view"
+    assert cli_main(["view", str(raw), "--episode", "2", "--out", str(out)]) == 0
+    video = _decode(out / "img.mp4")
+    assert video.shape == (n, 96, 96, 3)
+    ref = root["data"]["img"][int(ends[1]) : int(ends[2])]
+    assert np.abs(video.astype(float) - ref).mean() < 6
+    assert json.loads((out / "episode.json").read_text())["fps"] is None  # the v2 layout records no fps

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,10 +224,8 @@ def write_rrd(v: EpisodeView, path: str | os.PathLike, jpeg_quality: int = 0) ->
 
 def has_display() -> bool:
     """Whether a viewer window could open here (X11 / Wayland on Linux; assumed elsewhere)."""
-    if os.name == "posix" and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
-        import sys
-
-        return sys.platform == "darwin"
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     return True
 
 
@@ -239,7 +238,9 @@ def spawn_viewer(v: EpisodeView, jpeg_quality: int = 0) -> list[str]:
         )
     rr = _rerun()
     rec = rr.RecordingStream(APPLICATION_ID, recording_id=f"{Path(v.store).name}-episode-{v.episode}")
-    rec.spawn()
+    # the viewer binary beside this interpreter (a venv that is not activated has it off PATH), else PATH
+    beside = Path(sys.executable).with_name("rerun")
+    rr.spawn(executable_path=str(beside) if beside.is_file() else None, recording=rec)
     paths = log_episode(rec, v, jpeg_quality)
     rec.flush()
     return paths
