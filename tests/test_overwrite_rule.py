@@ -118,7 +118,7 @@ def test_compose_refuses_a_parent_as_out(ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "cmd", ["ingest", "collect", "export-lerobot", "export", "distill", "eval", "compose", "demo"]
+    "cmd", ["ingest", "collect", "export-lerobot", "export", "distill", "eval", "compose", "demo", "view"]
 )
 def test_help_states_the_rule(cmd, capsys):
     with pytest.raises(SystemExit):

@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vlaflow.cli.data",
         "show an episode store's schema, episodes, tasks and per-key statistics",
     ),
+    "view": (
+        "vlaflow.cli.view",
+        "look at an episode: cameras, state/action curves (Rerun .rrd or mp4 + PNG)",
+    ),
     "validate": (
         "vlaflow.cli.data",
         "read every chunk of an episode store (exit 1: unfinished tail, 2: damaged)",
@@ -112,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlaflow: unknown command '{name}'.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        return _missing_torch(name, e)
     fn = name.replace("-", "_")
     parser = argparse.ArgumentParser(
         prog=f"vlaflow {name}", description=help_text, formatter_class=_DefaultsFormatter
@@ -129,6 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     except VlaflowError as e:
         print(f"vlaflow {name}: error: {e}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:
+        return _missing_torch(name, e)
+
+
+def _missing_torch(name: str, e: ModuleNotFoundError) -> int:
+    """A torch-free install (``vlaflow[robot]``) asked for something that needs torch: say what to do."""
+    if (e.name or "").split(".")[0] != "torch":
+        raise e
+    print(
+        f"vlaflow {name}: error: this needs torch, which is not installed (a robot install, vlaflow[robot], "
+        "runs node / serve / record with an ONNX export: --policy onnx:DIR). Install it with "
+        "`pip install 'vlaflow[train]'` (on a CPU machine `pip install torch==2.13.0` first)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

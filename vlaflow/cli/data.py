@@ -198,8 +198,9 @@ def _short(v: list[float]) -> str:
     return "[" + ", ".join(f"{x:.3g}" for x in v[:6]) + (", ...]" if len(v) > 6 else "]")
 
 
-def _not_a_store_hint(path: str) -> None:
-    """A dataset of an ingestible format given to info / validate: say what it is and how to import it."""
+def _not_a_store_hint(path: str, command: str = "info") -> None:
+    """A dataset of an ingestible format given to info / validate / view: say what it is and how to import
+    it (then ``vlaflow COMMAND OUT.zarr``)."""
     p = Path(path)
     if "://" in path or not p.exists():
         return
@@ -216,7 +217,7 @@ def _not_a_store_hint(path: str) -> None:
     }
     raise StoreError(
         f"{path} is {names.get(fmt, fmt)}, not a vlaflow episode store; import it first: "
-        f"`vlaflow ingest {path} OUT.zarr` (format {fmt}), then `vlaflow info OUT.zarr`"
+        f"`vlaflow ingest {path} OUT.zarr` (format {fmt}), then `vlaflow {command} OUT.zarr`"
     )
 
 

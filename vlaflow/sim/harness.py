@@ -250,7 +250,7 @@ def _worker_main(conn, setup: EvalSetup) -> None:
     try:
         env, policy = build_env_and_policy(setup)
         envs = TaskEnvs(dataclasses.replace(setup, task=first_task(setup)), env)
-        if "torch" in sys.modules:
+        if sys.modules.get("torch") is not None:  # None: a torch-free process that blocked the import
             sys.modules["torch"].set_num_threads(1)
     except BaseException as e:
         conn.send(("fatal", _short_tb(e)))

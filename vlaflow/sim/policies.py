@@ -173,7 +173,7 @@ def reset_policy(policy, seed: int) -> None:
     """
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    if "torch" in sys.modules:
+    if sys.modules.get("torch") is not None:  # None: a torch-free process that blocked the import
         sys.modules["torch"].manual_seed(seed)
     reset = getattr(policy, "reset", None)
     if reset is not None:
