@@ -1,0 +1,192 @@
+"""LeRobot's side of the ``vlaflow import-lerobot`` parity check: a DiffusionPolicy saved as LeRobot saves it,
+and its action chunks for fixed observations and fixed initial noise.
+
+Runs inside LeRobot's own venv (never imports vlaflow)::
+
+    LR=/work/venvs/lerobot/bin/python
+    $LR benchmarks/lerobot_policy_fixture.py small tests/data/lerobot_policy_diffusion
+    $LR benchmarks/lerobot_policy_fixture.py pusht /tmp/lr_pusht
+
+``small``: the committed test fixture (a few hundred kB): ``down_dims`` (32, 64), step embedding 32, low-dim
+PushT-like inputs (``observation.state`` 2-D agent position, ``observation.environment_state`` 18-D
+keypoints, ``action`` 2-D), To = 2, H = 16, Ta = 8, DDPM with 100 training steps (squared cosine, epsilon,
+clip 1.0) -- LeRobot's defaults for the scheduler. ``pusht``: the same at LeRobot's / Diffusion Policy's
+real PushT low-dim sizes (``down_dims`` (64, 128, 256), step embedding 128; 4,559,554 parameters), not
+committed (benchmarks/lerobot_import.py writes it to a temporary directory).
+
+Weights are LeRobot's random init under ``torch.manual_seed(seed)`` with every parameter then drawn from
+N(0, 0.05^2) (a trained net is far from its init; zero-initialised or tiny weights would hide a swapped
+tensor), normalisation statistics are set by hand (min/max for state and env in pixels, mean/std for the
+action to exercise both modes), and the policy is written with ``save_pretrained`` plus its pre- and
+post-processor (``policy_preprocessor.json``, ``policy_postprocessor.json`` and their ``.safetensors``
+statistics).
+
+``expected.safetensors`` beside it holds, for B observation windows:
+
+* ``state`` (B, To, 2), ``env`` (B, To, 18): raw observations (oldest first), fed step by step through
+  the preprocessor into the policy's queues, as ``select_action`` would;
+* ``noise`` (B, H, 2): the initial noise given to ``predict_action_chunk``;
+* ``chunk_ddpm`` (B, Ta, 2): the un-normalised chunk of ``predict_action_chunk`` with the saved DDPM
+  scheduler, after ``torch.manual_seed(ddpm_seed)`` (DDPM's per-step noise comes from torch's global
+  generator, since LeRobot passes no generator);
+* ``chunk_ddim`` (B, Ta, 2): the same weights with ``noise_scheduler_type="DDIM"`` and 10 steps
+  (deterministic given the initial noise).
+
+Prints one JSON line (versions, parameter count, sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+STATE, ENV, ACTION = "observation.state", "observation.environment_state", "action"
+STATE_DIM, ENV_DIM, ACTION_DIM = 2, 18, 2
+TO, H, TA = 2, 16, 8
+SIZES = {
+    "small": {"down_dims": (32, 64), "diffusion_step_embed_dim": 32},
+    "pusht": {"down_dims": (64, 128, 256), "diffusion_step_embed_dim": 128},
+}
+
+
+def make_config(size: str, scheduler: str = "DDPM", inference_steps: int | None = None):
+    from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
+    from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
+
+    return DiffusionConfig(
+        n_obs_steps=TO,
+        horizon=H,
+        n_action_steps=TA,
+        input_features={
+            STATE: PolicyFeature(FeatureType.STATE, (STATE_DIM,)),
+            ENV: PolicyFeature(FeatureType.ENV, (ENV_DIM,)),
+        },
+        output_features={ACTION: PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+        normalization_mapping={
+            "STATE": NormalizationMode.MIN_MAX,
+            "ENV": NormalizationMode.MIN_MAX,
+            "ACTION": NormalizationMode.MEAN_STD,
+        },
+        kernel_size=5,
+        n_groups=8,
+        use_film_scale_modulation=True,
+        noise_scheduler_type=scheduler,
+        num_train_timesteps=100,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="epsilon",
+        clip_sample=True,
+        clip_sample_range=1.0,
+        num_inference_steps=inference_steps,
+        device="cpu",
+        push_to_hub=False,
+        **SIZES[size],
+    )
+
+
+def stats() -> dict:
+    return {
+        STATE: {"min": torch.tensor([3.0, 7.0]), "max": torch.tensor([505.0, 499.0])},
+        ENV: {"min": torch.linspace(0.0, 40.0, ENV_DIM), "max": torch.linspace(470.0, 512.0, ENV_DIM)},
+        ACTION: {"mean": torch.tensor([256.0, 240.0]), "std": torch.tensor([90.0, 110.0])},
+    }
+
+
+def build(size: str, seed: int, scheduler: str = "DDPM", inference_steps: int | None = None):
+    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+    from lerobot.policies.diffusion.processor_diffusion import make_diffusion_pre_post_processors
+
+    cfg = make_config(size, scheduler, inference_steps)
+    torch.manual_seed(seed)
+    policy = DiffusionPolicy(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    pre, post = make_diffusion_pre_post_processors(cfg, dataset_stats=stats())
+    return policy.eval(), pre, post
+
+
+def chunks(policy, pre, post, state, env, noise, seed: int | None) -> torch.Tensor:
+    """Raw-unit (B, Ta, Da) chunk: obs steps through the preprocessor into the queues, then
+    predict_action_chunk with ``noise``, then the postprocessor."""
+    from lerobot.policies.utils import populate_queues
+
+    policy.reset()
+    for s in range(state.shape[1]):
+        batch = pre({STATE: state[:, s], ENV: env[:, s]})
+        batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+        policy._queues = populate_queues(policy._queues, batch)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = policy.predict_action_chunk(batch, noise=noise.clone())
+    return post(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("size", choices=sorted(SIZES))
+    ap.add_argument("out", help="directory to write (must not exist)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=3, help="observation windows")
+    ap.add_argument("--ddpm-seed", type=int, default=123)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    if out.exists():
+        raise SystemExit(f"{out} exists; remove it first")
+    from safetensors.torch import save_file
+
+    policy, pre, post = build(args.size, args.seed)
+    out.mkdir(parents=True)
+    policy.save_pretrained(out)
+    pre.save_pretrained(out)
+    post.save_pretrained(out)
+
+    g = torch.Generator().manual_seed(args.seed + 2)
+    b = args.batch
+    state = torch.rand(b, TO, STATE_DIM, generator=g) * 500 + 5
+    env = torch.rand(b, TO, ENV_DIM, generator=g) * 470 + 20
+    noise = torch.randn(b, H, ACTION_DIM, generator=g)
+    ddpm = chunks(policy, pre, post, state, env, noise, args.ddpm_seed)
+    ddim_policy, _, _ = build(args.size, args.seed, "DDIM", 10)
+    ddim = chunks(ddim_policy, pre, post, state, env, noise, None)
+    expected = {
+        "state": state,
+        "env": env,
+        "noise": noise,
+        "chunk_ddpm": ddpm,
+        "chunk_ddim": ddim,
+        "ddpm_seed": torch.tensor([args.ddpm_seed]),
+    }
+    save_file({k: v.contiguous() for k, v in expected.items()}, str(out / "expected.safetensors"))
+    import diffusers
+    import lerobot
+
+    info = {
+        "size": args.size,
+        "parameters": sum(p.numel() for p in policy.parameters()),
+        "files": {p.name: p.stat().st_size for p in sorted(out.iterdir())},
+        "versions": {
+            "lerobot": getattr(lerobot, "__version__", "?"),
+            "diffusers": diffusers.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "command": " ".join(sys.argv),
+    }
+    (out / "fixture_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
