@@ -14,12 +14,13 @@ clip 1.0) -- LeRobot's defaults for the scheduler. ``pusht``: the same at LeRobo
 real PushT low-dim sizes (``down_dims`` (64, 128, 256), step embedding 128; 4,559,554 parameters), not
 committed (benchmarks/lerobot_import.py writes it to a temporary directory).
 
-Weights are LeRobot's random init under ``torch.manual_seed(seed)`` with every parameter then drawn from
-N(0, 0.05^2) (a trained net is far from its init; zero-initialised or tiny weights would hide a swapped
-tensor), normalisation statistics are set by hand (min/max for state and env in pixels, mean/std for the
-action to exercise both modes), and the policy is written with ``save_pretrained`` plus its pre- and
-post-processor (``policy_preprocessor.json``, ``policy_postprocessor.json`` and their ``.safetensors``
-statistics).
+Weights are LeRobot's random init under ``torch.manual_seed(seed)``, with N(0, 0.1^2) added to every
+vector (biases, GroupNorm scales and shifts: left at 0 / 1 they would hide two swapped tensors); the
+chunks stay mostly inside the clip range (a saturated chunk equals the clip bound whatever the weights).
+Normalisation statistics are set by hand (min/max for state and env in pixels, mean/std for the action to
+exercise both modes), and the policy is written with ``save_pretrained`` plus its pre- and post-processor
+(``policy_preprocessor.json``, ``policy_postprocessor.json`` and their ``.safetensors`` statistics).
+``chunk_inside_clip`` in fixture_info.json is the fraction of normalised chunk values inside (-0.99, 0.99).
 
 ``expected.safetensors`` beside it holds, for B observation windows:
 
@@ -107,9 +108,10 @@ def build(size: str, seed: int, scheduler: str = "DDPM", inference_steps: int | 
     torch.manual_seed(seed)
     policy = DiffusionPolicy(cfg)
     g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
+    with torch.no_grad():  # GroupNorm's 1 / 0 and zero biases would hide two swapped vectors
         for p in policy.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
     pre, post = make_diffusion_pre_post_processors(cfg, dataset_stats=stats())
     return policy.eval(), pre, post
 
@@ -171,9 +173,13 @@ def main(argv=None) -> int:
     import diffusers
     import lerobot
 
+    act = stats()[ACTION]
+    inside = float((((ddim - act["mean"]) / act["std"]).abs() < 0.99).float().mean())
+
     info = {
         "size": args.size,
         "parameters": sum(p.numel() for p in policy.parameters()),
+        "chunk_inside_clip": inside,
         "files": {p.name: p.stat().st_size for p in sorted(out.iterdir())},
         "versions": {
             "lerobot": getattr(lerobot, "__version__", "?"),
