@@ -224,7 +224,10 @@ def test_key_and_shape_mismatch_name_keys_on_both_sides(tmp_path):
     assert "head.mid.0.blocks.0.block.0.weight" in msg  # vlaflow side
     d = _copy_fixture(tmp_path / "b")
     _edit_config(d, down_dims=[32, 128])  # the weights are (32, 64): shapes no longer agree
-    with pytest.raises(LeRobotImportError, match=r"shape mismatch.*LeRobot \(64,\) vs vlaflow \(128,\)"):
+    with pytest.raises(
+        LeRobotImportError,
+        match=r"shape mismatch.*LeRobot diffusion\.unet\.\S+ \(64,\) vs vlaflow head\.\S+ \(128,\)",
+    ):
         import_lerobot_policy(d, fps=10)
 
 
@@ -234,8 +237,12 @@ def test_unsupported_features_and_modes_say_what(tmp_path):
     cfg["input_features"]["observation.images.top"] = {"type": "VISUAL", "shape": [3, 96, 96]}
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        LeRobotImportError, match=r"camera inputs \['observation.images.top'\] are not supported"
+        LeRobotImportError, match=r"vlaflow keys with no LeRobot source \['obs_encoder\.cameras"
     ):
+        import_lerobot_policy(d, fps=10)  # a camera in the config, none of its encoder's weights
+    cfg["resize_shape"] = [64, 64]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LeRobotImportError, match=r"resize_shape is not supported"):
         import_lerobot_policy(d, fps=10)
     d = _copy_fixture(tmp_path / "b")
     _edit_config(d, prediction_type="sample")

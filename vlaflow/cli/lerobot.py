@@ -43,7 +43,8 @@ def run_import_lerobot(args: argparse.Namespace) -> int:
     cfg, spec = policy.config, policy.spec
     print(f"imported LeRobot {provenance['lerobot_type']} policy {args.dir} -> {args.out}")
     print(
-        f"  {policy.num_parameters():,} parameters; inputs {list(cfg.obs_shapes)}; action dim {cfg.action_dim}"
+        f"  {policy.num_parameters():,} parameters; inputs {list(cfg.obs_shapes)}; "
+        f"action dim {cfg.action_dim}"
     )
     print(
         f"  To {cfg.n_obs_steps}, chunk {spec.horizon} from the current step (LeRobot horizon {cfg.horizon}, "

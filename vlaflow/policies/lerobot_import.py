@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from vlaflow import keys as K
 from vlaflow.errors import VlaflowError
@@ -66,6 +67,9 @@ NORM_MODES = {"MIN_MAX": "minmax", "MEAN_STD": "meanstd", "QUANTILES": "quantile
 MODE_STATS = {"minmax": ("min", "max"), "meanstd": ("mean", "std"), "quantile": ("q01", "q99")}
 UNET_PREFIX = "diffusion.unet."
 HEAD_PREFIX = "head."
+RGB_PREFIX = "diffusion.rgb_encoder."
+CAMERAS_PREFIX = "obs_encoder.cameras."
+EPS = 1e-8  # LeRobot's normaliser eps
 
 
 class LeRobotImportError(VlaflowError):
@@ -180,6 +184,75 @@ def _refuse(cond: bool, path: Path, msg: str) -> None:
         raise LeRobotImportError(f"{path}: {msg}")
 
 
+def _image_encoder_config(lr: dict, images: list[str], path: Path):
+    """Our encoder config equal to LeRobot's DiffusionRgbEncoder (torchvision ResNet-18 with GroupNorm of
+    16 channels per group, spatial softmax, Linear + ReLU; shared across cameras unless separate)."""
+    from vlaflow.policies.base_config import EncoderConfig
+
+    _refuse(lr.get("vision_backbone", "resnet18") != "resnet18", path, "vision_backbone: resnet18 only")
+    _refuse(not lr.get("use_group_norm", True), path, "use_group_norm=false (BatchNorm) is not supported")
+    _refuse(
+        lr.get("resize_shape") is not None, path, "resize_shape is not supported (images are not resized)"
+    )
+    shapes = [tuple(int(x) for x in lr["input_features"][n]["shape"]) for n in images]
+    _refuse(any(len(sh) != 3 or sh[0] != 3 for sh in shapes), path, f"camera shapes {shapes}: (3, H, W) only")
+    crop = lr.get("crop_shape")
+    if crop is not None:
+        crop = (int(crop[0]), int(crop[1]))
+        _, h, w = shapes[0]
+        # torchvision's CenterCrop rounds (h - ch) / 2 half to even, ours floors: the same unless 3 mod 4
+        _refuse(
+            (h - crop[0]) % 4 == 3 or (w - crop[1]) % 4 == 3,
+            path,
+            f"crop_shape {crop} of a {h}x{w} image: torchvision's centre crop and ours differ by a pixel",
+        )
+    kp = int(lr.get("spatial_softmax_num_keypoints", 32))
+    mode = str((lr.get("normalization_mapping") or {}).get("VISUAL", "IDENTITY"))
+    _refuse(
+        mode not in ("MEAN_STD", "MIN_MAX", "IDENTITY"),
+        path,
+        f"VISUAL normalisation {mode!r} is not supported",
+    )
+    return EncoderConfig(
+        state_encoder="concat",
+        image_backbone="resnet18",
+        image_base_width=64,
+        norm_group_size=16,
+        crop_shape=crop,
+        num_keypoints=kp,
+        image_feature_dim=2 * kp,
+        share_camera_encoder=not lr.get("use_separate_rgb_encoder_per_camera", False),
+        image_feature_relu=True,
+        image_standardize=mode != "IDENTITY",
+    )
+
+
+def pixel_stats(lr: dict, stats: dict, path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per camera ``(mean, std)`` (3,) with ``(x - mean) / std`` equal to LeRobot's image normalisation of
+    x in [0, 1] (MEAN_STD: std + eps; MIN_MAX: [min, max] -> [-1, 1] as centre and half-range)."""
+    mode = str((lr.get("normalization_mapping") or {}).get("VISUAL", "IDENTITY"))
+    out = {}
+    for name, f in (lr.get("input_features") or {}).items():
+        if str(f.get("type")) != "VISUAL" or mode == "IDENTITY":
+            continue
+        st = stats.get(name, {})
+        need = ("mean", "std") if mode == "MEAN_STD" else ("min", "max")
+        if any(n not in st for n in need):
+            raise LeRobotImportError(
+                f"{path.parent}: camera {name!r} is normalised {mode} but its statistics have {sorted(st)}"
+            )
+        a, b = (np.asarray(st[n], np.float64).reshape(-1) for n in need)
+        if a.shape != (3,) or b.shape != (3,):
+            raise LeRobotImportError(f"{path.parent}: camera {name!r} statistics are not per channel (3,)")
+        if mode == "MEAN_STD":
+            mean, std = a, b + EPS
+        else:
+            span = np.where(b - a == 0, EPS, b - a)
+            mean, std = a + span / 2, span / 2
+        out[K.from_lerobot(name)] = (mean.astype(np.float32), std.astype(np.float32))
+    return out
+
+
 def diffusion_config_from_lerobot(lr: dict, stats: dict, *, fps: float, path: Path):
     """The :class:`~vlaflow.policies.diffusion.config.DiffusionConfig` equal to LeRobot's diffusion config."""
     from vlaflow.policies.base_config import EncoderConfig, NetConfig, UNetConfig
@@ -187,19 +260,13 @@ def diffusion_config_from_lerobot(lr: dict, stats: dict, *, fps: float, path: Pa
 
     inputs = lr.get("input_features", {}) or {}
     images = [n for n, f in inputs.items() if str(f.get("type")) == "VISUAL"]
-    _refuse(
-        bool(images),
-        path,
-        f"camera inputs {images} are not supported yet: LeRobot's image encoder normalises pixels by "
-        "mean/std and adds a ReLU after its keypoint projection, which vlaflow's encoder lacks; low-dim "
-        f"policies ({LR_STATE} + {LR_ENV}) import",
-    )
+    encoder = _image_encoder_config(lr, images, path) if images else EncoderConfig(state_encoder="concat")
     state = _feature(lr, "input_features", LR_STATE)
     _refuse(state is None, path, f"input_features has no {LR_STATE!r} (LeRobot's diffusion policy needs it)")
     env = _feature(lr, "input_features", LR_ENV)
     action = _feature(lr, "output_features", LR_ACTION)
     _refuse(action is None, path, f"output_features has no {LR_ACTION!r}")
-    ignored = sorted(set(inputs) - {LR_STATE, LR_ENV})
+    ignored = sorted(set(inputs) - {LR_STATE, LR_ENV, *images})
     _refuse(bool(ignored), path, f"input features {ignored} are not read by LeRobot's diffusion policy")
     for key, want in (
         ("prediction_type", "epsilon"),
@@ -217,6 +284,9 @@ def diffusion_config_from_lerobot(lr: dict, stats: dict, *, fps: float, path: Pa
     obs_shapes = {K.from_lerobot(LR_STATE): state[1]}
     if env is not None:
         obs_shapes[K.from_lerobot(LR_ENV)] = env[1]
+    for name in images:  # LeRobot's (C, H, W) -> our uint8 (H, W, C)
+        c, h, w = (int(x) for x in inputs[name]["shape"])
+        obs_shapes[K.from_lerobot(name)] = (h, w, c)
     mapping = lr.get("normalization_mapping", {}) or {}
     normalization = {}
     for lr_key, (ftype, _) in [(LR_STATE, state), (LR_ENV, env), (LR_ACTION, action)]:
@@ -247,7 +317,7 @@ def diffusion_config_from_lerobot(lr: dict, stats: dict, *, fps: float, path: Pa
             action_dim=action[1][0],
             fps=float(fps),
             normalization=normalization,
-            encoder=EncoderConfig(state_encoder="concat"),
+            encoder=encoder,
             net=NetConfig(
                 kind="unet",
                 unet=UNetConfig(
@@ -299,39 +369,100 @@ def unet_key(lr_key: str) -> str:
     )
 
 
+def rgb_key(lr_key: str) -> str | None:
+    """A LeRobot DiffusionRgbEncoder name (prefix stripped) -> vlaflow's ImageEncoder name; None for
+    ``pool.pos_grid`` (a constant buffer we compute). ``backbone`` is torchvision's ResNet-18 children:
+    0 conv1, 1 norm, (2 relu, 3 maxpool), 4..7 layer1..layer4 of two BasicBlocks each."""
+    if lr_key == "pool.pos_grid":
+        return None
+    m = re.match(r"^backbone\.(\d+)\.(.*)$", lr_key)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        if i in (0, 1):
+            return f"trunk.stem.{i}.{rest}"
+        block, _, rest = rest.partition(".")
+        rest = rest.replace("bn1.", "norm1.").replace("bn2.", "norm2.").replace("downsample.", "down.")
+        return f"trunk.layers.{2 * (i - 4) + int(block)}.{rest}"
+    if lr_key.startswith("pool.nets."):
+        return "pool.proj." + lr_key[len("pool.nets.") :]
+    return lr_key  # out.weight / out.bias
+
+
+def vlaflow_key(lr_key: str, cameras: list[str], share: bool) -> str | None:
+    """Our name for a LeRobot weight (``cameras``: our camera names in LeRobot's image_features order);
+    the LeRobot name unchanged when it has no counterpart (reported), None for a buffer we rebuild."""
+    if lr_key.startswith(UNET_PREFIX):
+        return HEAD_PREFIX + unet_key(lr_key[len(UNET_PREFIX) :])
+    if lr_key.startswith(RGB_PREFIX):
+        rest = lr_key[len(RGB_PREFIX) :]
+        cam = "shared"
+        if not share:
+            idx, _, rest = rest.partition(".")
+            if not idx.isdigit() or int(idx) >= len(cameras):
+                return lr_key
+            cam = cameras[int(idx)]
+        sub = rgb_key(rest)
+        return None if sub is None else f"{CAMERAS_PREFIX}{cam}.{sub}"
+    return lr_key
+
+
+def cond_permutation(cfg, lr_images: list[str]) -> Tensor | None:
+    """Column order turning LeRobot's FiLM input ``[step emb ; per step (state, cameras, env)]`` into ours
+    ``[step emb ; per step (state, env, cameras)]`` (None when they already agree)."""
+    shapes = cfg.obs_shapes
+    ds = math.prod(shapes[K.OBS_STATE])
+    env_key = K.from_lerobot(LR_ENV)
+    de = math.prod(shapes[env_key]) if env_key in shapes else 0
+    ni = len(lr_images) * cfg.encoder.image_feature_dim
+    if de == 0 or ni == 0:
+        return None
+    per_step = list(range(ds)) + [ds + ni + j for j in range(de)] + [ds + i for i in range(ni)]
+    f, emb = ds + de + ni, cfg.net.unet.step_embed_dim
+    cols = list(range(emb)) + [emb + s * f + p for s in range(cfg.n_obs_steps) for p in per_step]
+    return torch.tensor(cols)
+
+
 def convert_state_dict(
-    lr_state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], path: Path
+    lr_state: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    path: Path,
+    *,
+    cameras: list[str] = (),
+    share: bool = True,
+    permutation: Tensor | None = None,
 ) -> dict:
-    """LeRobot's weights under vlaflow's names; a key or shape mismatch names the first few on both sides."""
+    """LeRobot's weights under vlaflow's names; a key or shape mismatch names the first few on both sides.
+    Our per-camera pixel statistics buffers are not LeRobot weights (filled from its processor)."""
     lr_net = {k: v for k, v in lr_state.items() if not k.startswith(("normalize_", "unnormalize_"))}
     mapped: dict[str, torch.Tensor] = {}
-    unmapped = []
+    source: dict[str, str] = {}
     for k, v in lr_net.items():
-        if k.startswith(UNET_PREFIX):
-            mapped[HEAD_PREFIX + unet_key(k[len(UNET_PREFIX) :])] = v
-        else:
-            unmapped.append(k)
-    missing = sorted(set(target) - set(mapped))
-    extra = sorted(set(mapped) - set(target))
-    if unmapped or missing or extra:
-        inv = {HEAD_PREFIX + unet_key(k[len(UNET_PREFIX) :]): k for k in lr_net if k.startswith(UNET_PREFIX)}
+        vk = vlaflow_key(k, list(cameras), share)
+        if vk is not None:
+            mapped[vk], source[vk] = v, k
+    wanted = {k for k in target if not k.startswith("obs_encoder.pixel_")}
+    missing = sorted(wanted - set(mapped))
+    extra = sorted(set(mapped) - wanted)
+    if missing or extra:
         raise LeRobotImportError(
             f"{path}: the LeRobot weights do not match the network its config describes: "
-            f"LeRobot keys with no vlaflow counterpart {(unmapped + [inv[k] for k in extra])[:5]}; "
+            f"LeRobot keys with no vlaflow counterpart {[source[k] for k in extra][:5]}; "
             f"vlaflow keys with no LeRobot source {missing[:5]} "
-            f"({len(lr_net)} LeRobot tensors, {len(target)} vlaflow tensors)"
+            f"({len(lr_net)} LeRobot tensors, {len(wanted)} vlaflow tensors)"
         )
     bad = [
-        (k, tuple(mapped[k].shape), tuple(target[k].shape))
-        for k in target
+        (source[k], tuple(mapped[k].shape), k, tuple(target[k].shape))
+        for k in sorted(wanted)
         if mapped[k].shape != target[k].shape
     ]
     if bad:
-        rows = "; ".join(f"{k}: LeRobot {a} vs vlaflow {b}" for k, a, b in bad[:4])
+        rows = "; ".join(f"LeRobot {a} {sa} vs vlaflow {b} {sb}" for a, sa, b, sb in bad[:4])
         raise LeRobotImportError(f"{path}: {len(bad)} tensor shape mismatch(es): {rows}")
     for k, v in mapped.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise LeRobotImportError(f"{path}: weight {k} holds NaN/inf; refused")
+            raise LeRobotImportError(f"{path}: weight {source[k]} holds NaN/inf; refused")
+        if permutation is not None and k.endswith("cond_encoder.1.weight"):
+            mapped[k] = v[:, permutation]
     return {k: v.float() for k, v in mapped.items()}
 
 
@@ -383,7 +514,20 @@ def import_lerobot_policy(directory: str | os.PathLike, *, fps: float | None = N
                 )
             st[s] = v.reshape(want)
     policy = DiffusionPolicy(cfg, vstats)
-    weights = convert_state_dict(state, policy.state_dict(), d / MODEL_FILE)
+    lr_images = [n for n, f in lr["input_features"].items() if str(f.get("type")) == "VISUAL"]
+    cameras = [K.camera_of(K.from_lerobot(n)).replace(".", "_") for n in lr_images]
+    weights = convert_state_dict(
+        state,
+        policy.state_dict(),
+        d / MODEL_FILE,
+        cameras=cameras,
+        share=cfg.encoder.share_camera_encoder,
+        permutation=cond_permutation(cfg, lr_images),
+    )
+    for key, (mean, std) in pixel_stats(lr, stats, cfg_path).items():
+        cam = K.camera_of(key).replace(".", "_")
+        weights[f"obs_encoder.pixel_mean_{cam}"] = torch.from_numpy(mean)
+        weights[f"obs_encoder.pixel_std_{cam}"] = torch.from_numpy(std)
     policy.load_state_dict(weights, strict=True)
     provenance = {
         "imported_from": str(d.resolve()),
