@@ -55,27 +55,53 @@ TO, H, TA = 2, 16, 8
 SIZES = {
     "small": {"down_dims": (32, 64), "diffusion_step_embed_dim": 32},
     "pusht": {"down_dims": (64, 128, 256), "diffusion_step_embed_dim": 128},
+    # LeRobot's lerobot/diffusion_pusht image policy: its defaults (down_dims 512/1024/2048), one 96x96
+    # camera named observation.image, no env state
+    "pusht_image": {"down_dims": (512, 1024, 2048), "diffusion_step_embed_dim": 128},
+    "small_image": {"down_dims": (32, 64), "diffusion_step_embed_dim": 32},  # one camera, env state too
 }
+SINGLE_IMAGE = ("pusht_image", "small_image")  # sizes with the one camera observation.image
+IMG_HW, CROP = (96, 96), (84, 84)  # PushT's camera and Diffusion Policy's crop
 
 
-def make_config(size: str, scheduler: str = "DDPM", inference_steps: int | None = None):
+def camera_names(n: int, single: bool = False) -> list[str]:
+    return (
+        ["observation.image"] if single else [f"observation.images.{c}" for c in ("top", "wrist", "side")[:n]]
+    )
+
+
+def make_config(
+    size: str,
+    scheduler: str = "DDPM",
+    inference_steps: int | None = None,
+    cameras: int = 0,
+    separate: bool = False,
+):
     from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
     from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
 
+    single = size in SINGLE_IMAGE
+    cameras = 1 if single else cameras
+    images = {n: PolicyFeature(FeatureType.VISUAL, (3, *IMG_HW)) for n in camera_names(cameras, single)}
+    env = {} if size == "pusht_image" else {ENV: PolicyFeature(FeatureType.ENV, (ENV_DIM,))}
     return DiffusionConfig(
         n_obs_steps=TO,
         horizon=H,
         n_action_steps=TA,
         input_features={
             STATE: PolicyFeature(FeatureType.STATE, (STATE_DIM,)),
-            ENV: PolicyFeature(FeatureType.ENV, (ENV_DIM,)),
+            **images,  # between state and env on purpose: LeRobot's condition order is (state, cameras, env)
+            **env,
         },
         output_features={ACTION: PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
         normalization_mapping={
+            "VISUAL": NormalizationMode.MEAN_STD,
             "STATE": NormalizationMode.MIN_MAX,
             "ENV": NormalizationMode.MIN_MAX,
             "ACTION": NormalizationMode.MEAN_STD,
         },
+        crop_shape=CROP if cameras else None,
+        use_separate_rgb_encoder_per_camera=separate,
         kernel_size=5,
         n_groups=8,
         use_film_scale_modulation=True,
@@ -92,19 +118,34 @@ def make_config(size: str, scheduler: str = "DDPM", inference_steps: int | None 
     )
 
 
-def stats() -> dict:
+def stats(cameras: int = 0, single: bool = False) -> dict:
+    cams = {
+        n: {
+            "mean": torch.tensor([0.40, 0.50, 0.60]).view(3, 1, 1) + 0.05 * i,
+            "std": torch.tensor([0.20, 0.25, 0.30]).view(3, 1, 1) + 0.02 * i,
+        }
+        for i, n in enumerate(camera_names(cameras, single))
+    }
     return {
+        **cams,
         STATE: {"min": torch.tensor([3.0, 7.0]), "max": torch.tensor([505.0, 499.0])},
         ENV: {"min": torch.linspace(0.0, 40.0, ENV_DIM), "max": torch.linspace(470.0, 512.0, ENV_DIM)},
         ACTION: {"mean": torch.tensor([256.0, 240.0]), "std": torch.tensor([90.0, 110.0])},
     }
 
 
-def build(size: str, seed: int, scheduler: str = "DDPM", inference_steps: int | None = None):
+def build(
+    size: str,
+    seed: int,
+    scheduler: str = "DDPM",
+    inference_steps: int | None = None,
+    cameras: int = 0,
+    separate: bool = False,
+):
     from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
     from lerobot.policies.diffusion.processor_diffusion import make_diffusion_pre_post_processors
 
-    cfg = make_config(size, scheduler, inference_steps)
+    cfg = make_config(size, scheduler, inference_steps, cameras, separate)
     torch.manual_seed(seed)
     policy = DiffusionPolicy(cfg)
     g = torch.Generator().manual_seed(seed + 1)
@@ -112,19 +153,25 @@ def build(size: str, seed: int, scheduler: str = "DDPM", inference_steps: int | 
         for p in policy.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    pre, post = make_diffusion_pre_post_processors(cfg, dataset_stats=stats())
+    single = size in SINGLE_IMAGE
+    pre, post = make_diffusion_pre_post_processors(cfg, dataset_stats=stats(1 if single else cameras, single))
     return policy.eval(), pre, post
 
 
-def chunks(policy, pre, post, state, env, noise, seed: int | None) -> torch.Tensor:
-    """Raw-unit (B, Ta, Da) chunk: obs steps through the preprocessor into the queues, then
+def chunks(policy, pre, post, state, env, noise, seed: int | None, images=None) -> torch.Tensor:
+    """Raw-unit (B, Ta, Da) chunk: obs steps through the preprocessor into the queues (cameras as float
+    (B, 3, h, w) in [0, 1], stacked into observation.images as select_action does), then
     predict_action_chunk with ``noise``, then the postprocessor."""
     from lerobot.policies.utils import populate_queues
 
+    images = images or {}
     policy.reset()
     for s in range(state.shape[1]):
-        batch = pre({STATE: state[:, s], ENV: env[:, s]})
+        cams = {n: img[:, s].permute(0, 3, 1, 2).float() / 255.0 for n, img in images.items()}
+        batch = pre({STATE: state[:, s], ENV: env[:, s], **cams})
         batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+        if images:
+            batch["observation.images"] = torch.stack([batch[n] for n in images], dim=-4)
         policy._queues = populate_queues(policy._queues, batch)
     if seed is not None:
         torch.manual_seed(seed)
@@ -140,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=3, help="observation windows")
     ap.add_argument("--ddpm-seed", type=int, default=123)
+    ap.add_argument("--cameras", type=int, default=0, help="96x96 cameras (top, wrist, side), crop 84x84")
+    ap.add_argument("--separate", action="store_true", help="one ResNet-18 per camera")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -147,7 +196,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"{out} exists; remove it first")
     from safetensors.torch import save_file
 
-    policy, pre, post = build(args.size, args.seed)
+    cam_args = {"cameras": args.cameras, "separate": args.separate}
+    policy, pre, post = build(args.size, args.seed, **cam_args)
     out.mkdir(parents=True)
     policy.save_pretrained(out)
     pre.save_pretrained(out)
@@ -158,10 +208,16 @@ def main(argv=None) -> int:
     state = torch.rand(b, TO, STATE_DIM, generator=g) * 500 + 5
     env = torch.rand(b, TO, ENV_DIM, generator=g) * 470 + 20
     noise = torch.randn(b, H, ACTION_DIM, generator=g)
-    ddpm = chunks(policy, pre, post, state, env, noise, args.ddpm_seed)
-    ddim_policy, _, _ = build(args.size, args.seed, "DDIM", 10)
-    ddim = chunks(ddim_policy, pre, post, state, env, noise, None)
+    single = args.size in SINGLE_IMAGE
+    images = {
+        n: torch.randint(0, 256, (b, TO, *IMG_HW, 3), generator=g, dtype=torch.uint8)
+        for n in camera_names(1 if single else args.cameras, single)
+    }
+    ddpm = chunks(policy, pre, post, state, env, noise, args.ddpm_seed, images)
+    ddim_policy, _, _ = build(args.size, args.seed, "DDIM", 10, **cam_args)
+    ddim = chunks(ddim_policy, pre, post, state, env, noise, None, images)
     expected = {
+        **images,  # uint8 (B, To, h, w, 3) under their LeRobot names
         "state": state,
         "env": env,
         "noise": noise,
@@ -178,6 +234,8 @@ def main(argv=None) -> int:
 
     info = {
         "size": args.size,
+        "cameras": list(images),
+        "separate_encoders": args.separate,
         "parameters": sum(p.numel() for p in policy.parameters()),
         "chunk_inside_clip": inside,
         "files": {p.name: p.stat().st_size for p in sorted(out.iterdir())},

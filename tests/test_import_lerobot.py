@@ -300,3 +300,36 @@ def test_lerobot_key_aliases():
     two = RuntimeSpec(2, 4, 2, {"obs.image.a": (8, 8, 3), "obs.image.b": (8, 8, 3)}, 2, 10.0)
     with pytest.raises(VlaflowError, match=r"missing"):  # one single-camera image cannot stand for two
         obs_window(two, {"observation.image": img})
+
+
+LEROBOT_PY = Path("/work/venvs/lerobot/bin/python")
+
+
+@pytest.mark.skipif(not LEROBOT_PY.exists(), reason="needs LeRobot 0.4.4's own venv to build a camera policy")
+def test_camera_policy_matches_lerobot(tmp_path):
+    """A camera policy (LeRobot's ResNet-18 is 11M parameters, too big to commit) built by LeRobot in its
+    own venv: one 96x96 camera (cropped to 84x84) between state and env in LeRobot's condition order,
+    pixels normalised by mean/std, the single-image name observation.image."""
+    d = tmp_path / "lr"
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    cmd = [str(LEROBOT_PY), str(ROOT / "benchmarks" / "lerobot_policy_fixture.py"), "small_image", str(d)]
+    p = subprocess.run([*cmd, "--batch", "2"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    e = load_file(str(d / "expected.safetensors"))
+    policy, _ = import_lerobot_policy(d, fps=10)
+    enc = policy.config.encoder
+    assert enc.image_feature_relu and enc.image_standardize and enc.crop_shape == (84, 84)
+    assert list(policy.config.obs_shapes) == ["obs.state", "obs.environment_state", "obs.image.main"]
+    obs = {
+        "obs.state": e["state"],
+        "obs.environment_state": e["env"],
+        "obs.image.main": e["observation.image"],
+    }
+    std = torch.as_tensor(policy.normalizer.stats["action"]["std"])
+    with torch.inference_mode():
+        ddim = policy.sample(obs, noise=e["noise"], sampler="ddim", num_steps=10)
+    assert float(((ddim[:, :TA] - e["chunk_ddim"]) / std).abs().max()) < 2e-5
+    # the runtime takes LeRobot's single-camera name for a one-camera policy
+    rt = load_policy(d, fps=10.0, sampler="ddim", num_steps=10, seed=0)
+    win = {"observation.state": e["state"][0].numpy(), "observation.environment_state": e["env"][0].numpy()}
+    assert rt.infer({**win, "observation.image": e["observation.image"][0].numpy()}).actions.shape == (15, 2)
