@@ -17,13 +17,20 @@ LeRobot before 0.4 kept the statistics inside ``model.safetensors`` (``normalize
 Only JSON and safetensors are read (nothing is unpickled), and no file named by a JSON is followed
 outside ``DIR``.
 
-What maps to what (the diffusion policy, low-dim inputs):
+What maps to what (the diffusion policy):
 
 * the U-Net: LeRobot's ``DiffusionConditionalUnet1d`` and vlaflow's :class:`ConditionalUnet1D` are the
   same network (benchmarks/vs_lerobot.py: both 4,559,554 parameters for PushT); only the names differ
   (:func:`unet_key`);
-* the condition: LeRobot flattens ``[state, env_state]`` per observation step over To; vlaflow's concat
-  state encoder does the same with ``obs_shapes = {obs.state, obs.environment_state}`` in that order;
+* cameras: LeRobot's ``DiffusionRgbEncoder`` (torchvision ResNet-18, BatchNorm replaced by GroupNorm of 16
+  channels per group, spatial-softmax keypoints, Linear + ReLU; shared across cameras unless
+  ``use_separate_rgb_encoder_per_camera``) is vlaflow's :class:`ImageEncoder` with ``image_feature_relu``
+  (:func:`rgb_key` maps torchvision's names); LeRobot's image normalisation (MEAN_STD / MIN_MAX of x in
+  [0, 1], in its preprocessor) becomes the encoder's per-camera pixel mean / std buffers
+  (``image_standardize``, :func:`pixel_stats`). Our images are uint8 (h, w, 3); x = image / 255;
+* the condition: LeRobot flattens ``[state, cameras, env_state]`` per observation step over To; vlaflow's
+  encoder gives ``[state, env_state, cameras]`` per step, so the FiLM projections' input columns are
+  permuted (:func:`cond_permutation`);
 * the scheduler: DDPM / DDIM (diffusers, ``squaredcos_cap_v2``, epsilon, ``clip_sample``) -> vlaflow's
   VP squared-cosine path with sampler ``ddpm`` / ``ddim`` (eta 0) and LeRobot's ``num_inference_steps``
   (None: all ``num_train_timesteps``);
@@ -34,10 +41,9 @@ What maps to what (the diffusion policy, low-dim inputs):
 * normalisation: MIN_MAX -> ``minmax``, MEAN_STD -> ``meanstd``, QUANTILES -> ``quantile``, IDENTITY ->
   ``identity`` (LeRobot adds eps = 1e-8 to the denominators; the difference is far below float tolerance).
 
-Not supported (a clear error): other policy types, camera inputs (LeRobot's torchvision ResNet-18 encoder
-normalises images by mean/std and puts a ReLU after its keypoint projection, which vlaflow's image encoder
-does not have yet), ``use_film_scale_modulation=False``, ``prediction_type="sample"``, other beta schedules,
-QUANTILE10 normalisation.
+Not supported (a clear error): other policy types, ``use_film_scale_modulation=False``,
+``prediction_type="sample"``, other beta schedules, QUANTILE10 normalisation, BatchNorm / other
+backbones, ``resize_shape``, centre crops whose offsets torchvision rounds differently.
 """
 
 from __future__ import annotations
@@ -289,9 +295,10 @@ def diffusion_config_from_lerobot(lr: dict, stats: dict, *, fps: float, path: Pa
         obs_shapes[K.from_lerobot(name)] = (h, w, c)
     mapping = lr.get("normalization_mapping", {}) or {}
     normalization = {}
-    for lr_key, (ftype, _) in [(LR_STATE, state), (LR_ENV, env), (LR_ACTION, action)]:
-        if ftype is None or (lr_key == LR_ENV and env is None):
+    for lr_key, feature in [(LR_STATE, state), (LR_ENV, env), (LR_ACTION, action)]:
+        if feature is None:  # no environment state: a camera policy
             continue
+        ftype = feature[0]
         lr_mode = str(mapping.get(ftype, "IDENTITY"))
         _refuse(
             lr_mode not in NORM_MODES,
