@@ -333,3 +333,27 @@ def test_camera_policy_matches_lerobot(tmp_path):
     rt = load_policy(d, fps=10.0, sampler="ddim", num_steps=10, seed=0)
     win = {"observation.state": e["state"][0].numpy(), "observation.environment_state": e["env"][0].numpy()}
     assert rt.infer({**win, "observation.image": e["observation.image"][0].numpy()}).actions.shape == (15, 2)
+
+
+def test_legacy_statistics_inside_model_safetensors(tmp_path, expected):
+    """LeRobot < 0.4 kept the statistics as normalize_* buffers in model.safetensors, no processor files."""
+    d = _copy_fixture(tmp_path)
+    state = load_file(str(d / "model.safetensors"))
+    pre = load_file(str(d / "policy_preprocessor_step_3_normalizer_processor.safetensors"))
+    for key, v in pre.items():
+        feature, _, stat = key.rpartition(".")
+        group = "unnormalize_outputs" if feature == "action" else "normalize_inputs"
+        state[f"{group}.buffer_{feature.replace('.', '_')}.{stat}"] = v
+    save_file(state, str(d / "model.safetensors"))
+    for f in d.glob("policy_*"):
+        f.unlink()
+    policy, prov = import_lerobot_policy(d, fps=10)
+    assert prov["statistics_from"] == "legacy"
+    with torch.inference_mode():
+        chunk = policy.sample(_obs(expected), noise=expected["noise"], sampler="ddim", num_steps=10)
+    assert float((chunk[:, :TA] - expected["chunk_ddim"]).abs().max()) < 1e-3
+
+
+def test_load_policy_of_a_lerobot_dir_needs_fps():
+    with pytest.raises(LeRobotImportError, match=r"does not record the control rate"):
+        load_policy(FIXTURE)
