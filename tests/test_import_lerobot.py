@@ -264,10 +264,21 @@ def test_ddim_config_maps_to_ddim_sampler(tmp_path, expected):
     assert float((chunk[:, :TA] - expected["chunk_ddim"]).abs().max()) < 1e-3
 
 
-def test_imported_policy_refuses_training_and_rti():
+def test_imported_policy_refuses_training_rti_rtc_distill_and_gpc(tmp_path):
+    """What does not handle a chunk that starts before the current step yet says so, never mis-times it."""
+    from vlaflow.deploy.rtc import RTCRuntime
     from vlaflow.deploy.rti import RTIRuntime
+    from vlaflow.policies.checkpoint import load_parents, save_checkpoint
+    from vlaflow.train.objectives.distill import student_config
 
     policy, _ = import_lerobot_policy(FIXTURE, fps=10)
+    with pytest.raises(VlaflowError, match=r"action_offset > 0"):
+        RTCRuntime(policy)
+    with pytest.raises(VlaflowError, match=r"distilling it is not supported"):
+        student_config(policy, "ckpt", "onestep", 1)
+    save_checkpoint(tmp_path / "ck", policy)
+    with pytest.raises(VlaflowError, match=r"composing it with GPC is not supported"):
+        load_parents([tmp_path / "ck"])
     with pytest.raises(VlaflowError, match=r"training or fine-tuning it is not supported"):
         policy.compute_loss({"action": torch.zeros(1, 16, 2), "obs.state": torch.zeros(1, 2, 2)})
     with pytest.raises(VlaflowError, match=r"action_offset > 0"):
