@@ -126,10 +126,15 @@ def obs_window(spec: RuntimeSpec, obs: dict[str, Any]) -> dict[str, Any]:
 
     A missing key or a wrong per-step shape is an error naming the key, the expected and the found shape.
     """
+    try:  # LeRobot's names (observation.state, observation.images.<cam>) stand for ours
+        obs = K.resolve_aliases(obs, spec.obs_keys)
+    except ValueError as e:
+        raise VlaflowError(str(e)) from None
     missing = [k for k in spec.obs_keys if k not in obs]
     if missing:
         raise VlaflowError(
-            f"obs is missing key(s) {missing}; the policy needs {list(spec.obs_keys)}, got {sorted(obs)}"
+            f"obs is missing key(s) {missing}; the policy needs {list(spec.obs_keys)} (LeRobot's "
+            f"observation.* names are accepted too), got {sorted(obs)}"
         )
     out: dict[str, Any] = {}
     for k, shape in spec.obs_shapes.items():

@@ -51,6 +51,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vlaflow.cli.export",
         "export a policy to ONNX (encoder + per-step denoiser) with parity report",
     ),
+    "import-lerobot": (
+        "vlaflow.cli.lerobot",
+        "convert a LeRobot diffusion policy directory (safetensors + JSON) into a vlaflow checkpoint",
+    ),
     "bench": ("vlaflow.cli.bench", "benchmarks: 'vlaflow bench latency CKPT' (p50/p99, NFE, score)"),
     "sim-arm": (
         "vlaflow.cli.real",

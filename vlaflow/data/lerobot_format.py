@@ -72,41 +72,23 @@ BOOKKEEPING_FEATURES = {
 }
 
 LR_ACTION = "action"
-LR_STATE = "observation.state"
-LR_IMAGES = "observation.images."
-LR_SINGLE_IMAGE = "observation.image"  # older single-camera datasets (e.g. lerobot/pusht)
-SINGLE_CAMERA = "main"
+LR_STATE = K.to_lerobot(K.OBS_STATE)
+LR_IMAGES = K.LEROBOT_IMAGES_PREFIX
+LR_SINGLE_IMAGE = K.LEROBOT_SINGLE_IMAGE  # older single-camera datasets (e.g. lerobot/pusht)
+SINGLE_CAMERA = K.LEROBOT_SINGLE_CAMERA
 
 
 # ---------------------------------------------------------------------------------------------- key mapping
 def to_store_key(name: str) -> str:
-    """LeRobot feature name -> vlaflow store key."""
-    if name == LR_ACTION:
-        return K.ACTION
-    if name == LR_STATE:
-        return K.OBS_STATE
-    if name.startswith(LR_IMAGES):
-        return K.image_key(name[len(LR_IMAGES) :])
-    if name == LR_SINGLE_IMAGE:
-        return K.image_key(SINGLE_CAMERA)
-    if name.startswith("observation."):
-        return K.OBS_PREFIX + name[len("observation.") :]
-    return name
+    """LeRobot feature name -> vlaflow store key (the alias map of :mod:`vlaflow.keys`)."""
+    return K.from_lerobot(name)
 
 
 def to_lerobot_name(key: str) -> str:
     """vlaflow store key -> LeRobot feature name (inverse of :func:`to_store_key`)."""
-    if key == K.ACTION:
-        return LR_ACTION
-    if key == K.OBS_STATE:
-        return LR_STATE
-    if K.is_image(key):
-        return LR_IMAGES + K.camera_of(key)
-    if key.startswith(K.OBS_PREFIX):
-        return "observation." + key[len(K.OBS_PREFIX) :]
     if key in BOOKKEEPING:
         raise IngestError(f"store key {key!r} collides with LeRobot's bookkeeping column of the same name")
-    return key
+    return K.to_lerobot(key)
 
 
 def image_hwc(name: str, feature: Mapping[str, Any]) -> tuple[int, int, int]:

@@ -74,6 +74,11 @@ class OnnxRTIPolicy:
             seed=r.seed,
             threads=threads,
         )
+        if self.base.action_offset:
+            raise ConfigError(
+                "RTI-DP does not yet support a policy whose network chunk starts before the current step "
+                "(action_offset > 0: an imported LeRobot policy); run it with the plain sampler"
+            )
         self.nfe_history: list[int] = []
         self.reset()
 

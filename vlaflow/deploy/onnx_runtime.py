@@ -173,7 +173,9 @@ class OnnxPolicy:
         so = session_options(threads)
         graphs = m["graphs"]
 
-        horizon, da = self._spec.horizon, self._spec.action_dim
+        # an imported LeRobot policy's network chunk starts action_offset steps in the past (dropped in infer)
+        self.action_offset = int(s.get("extra", {}).get("action_offset", 0))
+        horizon, da = self._spec.horizon + self.action_offset, self._spec.action_dim
         cond = m.get("cond") or {}
         cond_shape = [1, int(cond.get("n_tokens", 0)), int(cond.get("dim", 0))]
         for e in graphs.get("encoder", {}).get("inputs", []):  # the manifest agrees with its own spec
@@ -385,9 +387,12 @@ class OnnxPolicy:
         """
         spec = self._spec
         cond = self.encode(obs)
-        noise = self._rng.standard_normal((1, spec.horizon, spec.action_dim), dtype=np.float32)
+        noise = self._rng.standard_normal(
+            (1, spec.horizon + self.action_offset, spec.action_dim), dtype=np.float32
+        )
         x0 = self.run_unrolled(cond, noise) if self._use_unrolled else self.denoise(cond, noise)
-        return InferResult(np.asarray(self.unnormalize_action(x0[0]), np.float32), nfe=self.last_nfe)
+        chunk = self.unnormalize_action(x0[0])[self.action_offset :]  # (H, Da) from the current step
+        return InferResult(np.asarray(chunk, np.float32), nfe=self.last_nfe)
 
 
 def load_onnx_policy(directory: str | os.PathLike, **kwargs) -> OnnxPolicy:

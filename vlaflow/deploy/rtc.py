@@ -169,6 +169,11 @@ class RTCRuntime:
 
     def __init__(self, policy, rtc: RTCConfig | None = None, device: str | None = None):
         self.policy = policy if device is None else policy.to(device)
+        if getattr(self.policy, "action_offset", 0):
+            raise ConfigError(
+                "RTC does not yet support a policy whose network chunk starts before the current step "
+                "(action_offset > 0: an imported LeRobot policy); run it with the plain sampler"
+            )
         self.policy.eval()
         for p in self.policy.parameters():  # only d x0 / d x_t is needed; no parameter gradients
             p.requires_grad_(False)

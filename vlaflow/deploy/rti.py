@@ -229,6 +229,11 @@ class RTIRuntime:
 
     def __init__(self, policy, rti: RTIConfig | None = None, device: str | None = None):
         self.policy = policy if device is None else policy.to(device)
+        if getattr(self.policy, "action_offset", 0):
+            raise ConfigError(
+                "RTI-DP does not yet support a policy whose network chunk starts before the current step "
+                "(action_offset > 0: an imported LeRobot policy); run it with the plain sampler"
+            )
         self.policy.eval()
         self.rti = rti or RTIConfig()
         self._counter = _Counter()

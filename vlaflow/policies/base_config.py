@@ -58,6 +58,12 @@ class EncoderConfig:
     num_keypoints: int = 32  # spatial-softmax keypoints per camera
     image_feature_dim: int = 64  # per-camera feature width after the keypoint projection
     share_camera_encoder: bool = False  # one encoder for all cameras instead of one per camera
+    # ReLU after each camera's keypoint projection (LeRobot's DiffusionRgbEncoder has one; vlaflow's not)
+    image_feature_relu: bool = False
+    # per camera and channel (x / 255 - mean) / std before the trunk, mean / std held as buffers in the
+    # weights: LeRobot's MEAN_STD / MIN_MAX image normalisation, filled by `vlaflow import-lerobot`
+    # (vlaflow training leaves them at 0 / 1)
+    image_standardize: bool = False
     language: LanguageConfig = field(default_factory=LanguageConfig)  # instruction encoder
 
     def __post_init__(self):

@@ -293,5 +293,10 @@ def load_parents(paths, device: str | torch.device = "cpu") -> list:
         fam = read_checkpoint_meta(p).get("config", {}).get("family")
         if fam not in PARENT_FAMILIES:
             raise VlaflowError(f"{p}: a {fam!r} checkpoint; GPC parents must be {PARENT_FAMILIES}")
+        if read_checkpoint_meta(p).get("config", {}).get("action_offset", 0):
+            raise VlaflowError(
+                f"{p}: an imported LeRobot policy (action_offset > 0: its chunk starts before the current "
+                "step); composing it with GPC is not supported yet"
+            )
         out.append(load_checkpoint(p, device=device))
     return out

@@ -120,9 +120,11 @@ class DenoisingPolicy(DenoisingModel):
             n_tokens += 1
         self.n_cond_tokens, self.cond_dim = n_tokens, cond_dim
         self.head = make_head(config.net, self.target_shape, cond_dim, n_tokens)
+        # network rows before the current step (an imported LeRobot policy: To - 1), dropped after sampling
+        self.action_offset = int(getattr(config, "action_offset", 0))
         self.spec = RuntimeSpec(
             n_obs_steps=config.n_obs_steps,
-            horizon=config.horizon,
+            horizon=config.horizon - self.action_offset,
             n_action_steps=config.n_action_steps,
             obs_shapes={k: tuple(v) for k, v in config.obs_shapes.items()},
             action_dim=config.action_dim,
@@ -134,6 +136,7 @@ class DenoisingPolicy(DenoisingModel):
                 "num_inference_steps": config.num_inference_steps,
                 "parameterization": self.parameterization,
                 "language": lang.enabled,
+                **({"action_offset": self.action_offset} if self.action_offset else {}),
             },
         )
 
@@ -205,6 +208,23 @@ class DenoisingPolicy(DenoisingModel):
 
     def unnormalize_action(self, x: Tensor) -> Tensor:
         return self.normalizer.unnormalize(K.ACTION, x) if K.ACTION in self.normalizer.modes else x
+
+    def generate(self, obs: dict[str, Any], *args, **kwargs) -> Generation:
+        """As :meth:`DenoisingModel.generate`; the chunk starts at the current step (``action_offset`` rows
+        of the network's chunk that lie in the past are dropped; the recorded chain keeps them)."""
+        gen = super().generate(obs, *args, **kwargs)
+        if self.action_offset:
+            gen.actions = gen.actions[:, self.action_offset :]  # (B, H - offset, Da)
+        return gen
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        if self.action_offset:
+            raise VlaflowError(
+                f"this policy's network chunk starts {self.action_offset} step(s) before the current one "
+                "(an imported LeRobot policy, action_offset > 0); vlaflow's training windows start it at "
+                "the current step, so training or fine-tuning it is not supported"
+            )
+        return super().compute_loss(batch)
 
 
 def batch_obs(batch: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:

@@ -171,9 +171,16 @@ def batch_of_one(window: dict[str, Any], device: str | torch.device | None = Non
     return batch
 
 
-def load_policy(path: str | os.PathLike, device: str = "cpu", **kwargs) -> PolicyRuntime:
+def load_policy(
+    path: str | os.PathLike, device: str = "cpu", *, fps: float | None = None, **kwargs
+) -> PolicyRuntime:
     """Load a checkpoint directory and wrap it; kwargs go to :class:`PolicyRuntime` (sampler, num_steps,
-    seed, record_chain)."""
+    seed, record_chain). A LeRobot policy directory is converted in memory (``fps`` required, as for
+    ``vlaflow import-lerobot``). ``infer`` accepts LeRobot's ``observation.*`` names for the obs keys."""
     from vlaflow.policies.checkpoint import load_checkpoint
+    from vlaflow.policies.lerobot_import import import_lerobot_policy, is_lerobot_policy_dir
 
+    if is_lerobot_policy_dir(path):
+        policy, _ = import_lerobot_policy(path, fps=fps)
+        return PolicyRuntime(policy.to(device), **kwargs)
     return PolicyRuntime(load_checkpoint(path, device=device), **kwargs)

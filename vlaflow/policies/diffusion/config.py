@@ -16,6 +16,10 @@ class DiffusionConfig(PolicyConfig):
     ddim_eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 = DDPM variance)
     clip_sample: bool = True  # clamp the x0 estimate of DDPM/DDIM steps (Diffusion Policy: True)
     clip_sample_range: float = 1.0  # clamp range; actions are minmax-normalized to [-1, 1]
+    # Rows of the network's chunk before the current step, dropped after sampling: LeRobot and the original
+    # Diffusion Policy predict the horizon from the oldest observation step (To - 1 rows lie in the past);
+    # vlaflow's own windows start the chunk at the current step (0). Set by `vlaflow import-lerobot`.
+    action_offset: int = 0
 
     _SAMPLERS: typing.ClassVar[tuple[str, ...]] = ("ddim", "ddpm", "euler", "heun")
 
@@ -30,3 +34,12 @@ class DiffusionConfig(PolicyConfig):
         )
         _check(0.0 <= self.ddim_eta <= 1.0, f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
         _check(self.clip_sample_range > 0, f"clip_sample_range must be > 0, got {self.clip_sample_range}")
+        _check(
+            0 <= self.action_offset < self.n_obs_steps,
+            f"action_offset must be in 0..n_obs_steps-1={self.n_obs_steps - 1}, got {self.action_offset}",
+        )
+        _check(
+            self.n_action_steps <= self.horizon - self.action_offset,
+            f"n_action_steps {self.n_action_steps} must be <= horizon - action_offset = "
+            f"{self.horizon - self.action_offset}",
+        )

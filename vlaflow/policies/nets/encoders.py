@@ -124,8 +124,10 @@ class ImageEncoder(nn.Module):
         crop_shape: tuple[int, int] | None = (84, 84),
         num_keypoints: int = 32,
         feature_dim: int = 64,
+        feature_relu: bool = False,
     ):
         super().__init__()
+        self.feature_relu = bool(feature_relu)
         h, w, c = image_shape
         if c != 3:
             raise ValueError(f"images must be (h, w, 3) uint8, got per-step shape {image_shape}")
@@ -151,11 +153,15 @@ class ImageEncoder(nn.Module):
         self.out = nn.Linear(2 * num_keypoints, feature_dim)
         self.feature_dim = feature_dim
 
-    def forward(self, img: Tensor) -> Tensor:
+    def forward(self, img: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+        """uint8 (N, h, w, 3) -> (N, Fi); ``mean`` / ``std`` (3,): per-channel standardisation of x / 255."""
         if self.crop_shape is not None:
             img = random_crop(img, self.crop_shape) if self.training else center_crop(img, self.crop_shape)
         x = img.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, ch, cw)
-        return self.out(self.pool(self.trunk(x)))
+        if mean is not None:
+            x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        out = self.out(self.pool(self.trunk(x)))
+        return F.relu(out) if self.feature_relu else out
 
 
 class StateEncoder(nn.Module):
@@ -207,6 +213,7 @@ class ObsEncoder(nn.Module):
                 enc_cfg.crop_shape,
                 enc_cfg.num_keypoints,
                 enc_cfg.image_feature_dim,
+                getattr(enc_cfg, "image_feature_relu", False),
             )
 
         self.cameras = nn.ModuleDict()
@@ -222,6 +229,11 @@ class ObsEncoder(nn.Module):
         self.out_dim = (self.state.out_dim if self.state is not None else 0) + len(self.image_keys) * (
             enc_cfg.image_feature_dim
         )
+        self.standardize = bool(getattr(enc_cfg, "image_standardize", False))
+        if self.standardize:  # per camera: a shared trunk still sees each camera's own statistics
+            for k in self.image_keys:
+                self.register_buffer(f"pixel_mean_{self._cam(k)}", torch.zeros(3))
+                self.register_buffer(f"pixel_std_{self._cam(k)}", torch.ones(3))
 
     @staticmethod
     def _cam(key: str) -> str:
@@ -237,5 +249,8 @@ class ObsEncoder(nn.Module):
             img = obs[k]  # (B, To, h, w, 3) uint8
             b, to = img.shape[:2]
             enc = self.cameras["shared" if self.share else self._cam(k)]
-            feats.append(enc(img.reshape(b * to, *img.shape[2:])).reshape(b, to, -1))
+            ms = ()
+            if self.standardize:
+                ms = (getattr(self, f"pixel_mean_{self._cam(k)}"), getattr(self, f"pixel_std_{self._cam(k)}"))
+            feats.append(enc(img.reshape(b * to, *img.shape[2:]), *ms).reshape(b, to, -1))
         return torch.cat(feats, dim=-1)  # (B, To, F)

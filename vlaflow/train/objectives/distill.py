@@ -106,6 +106,11 @@ def student_config(teacher, teacher_path: str, sampler: str, steps: int, down_di
     fam = tc.family
     if fam not in ("diffusion", "flow"):
         raise ConfigError(f"{teacher_path}: teacher family {fam!r} cannot be distilled (diffusion or flow)")
+    if getattr(tc, "action_offset", 0):
+        raise ConfigError(
+            f"{teacher_path}: the teacher's chunk starts {tc.action_offset} step(s) before the current one "
+            "(an imported LeRobot policy, action_offset > 0); distilling it is not supported yet"
+        )
     net = tc.net
     if net_spec is not None and net_spec[0] == "unet":
         if down_dims is not None:
