@@ -231,6 +231,8 @@ def test_refine_cli_resumes_after_sigkill_and_its_result_loads_in_eval(ckpt, tmp
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout[out.stdout.index("{") :])
     assert summary["steps"] == 8 and summary["stopped"] == "done"
+    runs = json.loads((run / "provenance.json").read_text())["invocations"]
+    assert [r["resumed_from_step"] for r in runs] == [None, saved]  # continued, not restarted
     assert summary["final"]["success_rate"] is not None
     steps = [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
     train_steps = [
@@ -350,3 +352,22 @@ def test_dsrl_sac_actor_finds_the_known_best_noise_region():
     assert hit > 0.9, (hit, w_det.mean(0))
     assert float(w_det.abs().max()) <= 1.5  # the bound holds
     assert time.time() - t0 < 30
+
+
+def test_refine_dsrl_runs_end_to_end_with_the_steered_policy_evaluated(ckpt, tmp_path):
+    run = tmp_path / "dsrl"
+    args = [
+        "refine", "--policy", str(ckpt), "--algo", "dsrl", "--out", str(run), "iterations=2",
+        "dsrl.n_envs=2", "dsrl.n_decisions=3", "dsrl.updates_per_round=3", "dsrl.batch_size=8",
+        "dsrl.width=32", "eval_every=1", "eval_episodes=1", "final_episodes=1", "env_workers=1",
+        "progress=false",
+    ]  # fmt: skip
+    out = subprocess.run(cli(*args), env=env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout[out.stdout.index("{") :])
+    assert summary["steps"] == 6 and len(summary["evals"]) == 2
+    from safetensors.torch import load_file
+
+    state = load_file(str(run / "checkpoints" / "last" / "train_state.safetensors"))
+    assert any(k.startswith("model/sac.actor.") for k in state) and "objective/replay_meta" in state
+    assert int(state["objective/replay_meta"][0]) == 2 * 2 * 3  # 2 rounds x 2 envs x 3 decisions (alive)

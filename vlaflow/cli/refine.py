@@ -88,8 +88,7 @@ def run_refine(args: argparse.Namespace) -> int:
         if cfg.algo == "dppo":
             evaluator = RolloutEvaluator(ev_cfg, progress=False)
         else:  # the steered policy (frozen denoiser + noise actor) runs in this process
-            base = RolloutEvaluator(dataclasses.replace(ev_cfg, n_workers=1), progress=False)
-            evaluator = _SteeredEval(base, holder)
+            evaluator = _SteeredEval(ev_cfg, holder)
     with SubprocChunkEnv(
         cfg.task,
         cfg.n_envs,
@@ -125,11 +124,24 @@ def run_refine(args: argparse.Namespace) -> int:
 class _SteeredEval:
     """The held-out evaluation of a DSRL run: the frozen policy steered by the current noise actor."""
 
-    def __init__(self, base, holder: dict):
-        self.base, self.holder = base, holder
+    def __init__(self, ev_cfg, holder: dict):
+        self.ev, self.holder = ev_cfg, holder
 
     def __call__(self, policy, *, n_episodes, out_dir, video=False, ckpt=None):
-        return self.base(self.holder["obj"].steered(), n_episodes=n_episodes, out_dir=out_dir, video=video)
+        from vlaflow.cli.train import _summary
+        from vlaflow.sim.evaluate import evaluate
+
+        report = evaluate(
+            self.holder["obj"].steered(),  # a runtime object: runs in this process
+            task=self.ev.task,
+            workers=0,
+            out_dir=out_dir,
+            n_episodes=n_episodes,
+            start_seed=self.ev.seed_start,
+            videos=1 if video else 0,
+            progress=False,
+        )
+        return _summary(report)
 
 
 def _bc_source(policy, data: str, cfg):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vlaflow.errors import ConfigError
+from vlaflow.train import provenance as P
 from vlaflow.train.config import parse_value
 from vlaflow.train.loop import LoopConfig, RunMeta, TrainingLoop, TrainResult
 from vlaflow.train.objectives.dppo import DPPO, DPPOConfig
@@ -165,9 +166,12 @@ def refine(
     if on_objective is not None:  # the caller's evaluator may need it (DSRL's steered policy)
         on_objective(obj)
     config = {"refine": dataclasses.asdict(cfg), "policy": str(policy_path)}
+    prov = P.invocation(str(policy_path))
+    prov["policy"] = prov.pop("data")  # the input of a refine run is the policy checkpoint
     meta = RunMeta(
         config=config,
         resumable=RESUMABLE,
+        provenance=prov,
         title=f"refine {cfg.algo} {cfg.task} from {Path(policy_path).name}",
     )
     res = loop.run(obj, evaluate=evaluate, meta=meta)

@@ -55,6 +55,9 @@ class DPPOConfig:
     critic_lr_scale: float = 10.0  # value net lr = lr x this (paper: actor 1e-4, critic 1e-3)
     value_width: int = 256  # value MLP width (2 hidden layers, Mish) on the detached obs encoding
     reward_scale: float = 1.0  # multiplies chunk rewards before GAE
+    # divide rewards by a running std of the discounted return (DPPO's reward_scale_running): value
+    # targets stay O(1), so the critic's gradients do not dominate the shared gradient-norm clip
+    reward_norm: bool = True
     bc_coef: float = 0.0  # weight of a behaviour-cloning term on demo windows (needs --data)
     target_kl: float = 0.0  # skip the rest of an iteration's updates above this approx KL (0 = never)
     seed_offset: int = 0  # first training seed of iteration 0 (seeds wrap inside 0..99,999)
@@ -121,6 +124,7 @@ class DPPO(Objective):
         self.n_decisions = cfg.n_decisions or math.ceil(max_steps / self.ta)
         # state (extra_state): iteration, position in its update queue, counters, the rollout buffer
         self.iteration, self.pos, self.env_steps = 0, 0, 0
+        self.ret_stats = torch.zeros(3, dtype=torch.float64)  # running (count, mean, M2) of returns
         self.buffer: dict[str, Tensor] | None = None
         self.last_stats: dict[str, float] = {}
         self.skip_rest = False
@@ -166,8 +170,11 @@ class DPPO(Objective):
             actor.train(was)
         self.env_steps += getattr(self.venv, "env_steps", 0) - steps0
         gamma = chunk_discount(c.gamma, self.ta)
+        rewards = roll["reward"] * c.reward_scale
+        if c.reward_norm:
+            rewards = rewards / self._return_std(rewards, roll["done"], roll["alive"], gamma)
         adv, ret = gae(
-            roll["reward"] * c.reward_scale,
+            rewards,
             roll["value"],
             roll["last_value"],
             roll["done"],
@@ -194,6 +201,24 @@ class DPPO(Objective):
         self.buffer = buf
         self.last_stats = {**episode_stats(roll), "env_steps": float(self.env_steps)}
         self.skip_rest = False
+
+    def _return_std(self, rewards: Tensor, dones: Tensor, alive: Tensor, gamma: float) -> float:
+        """Update the running variance of the discounted return-to-date with this rollout's; its std."""
+        g = torch.zeros(rewards.shape[1], dtype=torch.float64)
+        vals = []
+        for t in range(rewards.shape[0]):
+            g = g * gamma + rewards[t].double()
+            vals.append(g[alive[t]])
+            g = torch.where(dones[t], torch.zeros_like(g), g)
+        x = torch.cat(vals)
+        n, mean, m2 = self.ret_stats.tolist()
+        bn, bmean, bvar = len(x), float(x.mean()), float(x.var(unbiased=False)) if len(x) > 1 else 0.0
+        tot = n + bn
+        delta = bmean - mean
+        mean += delta * bn / tot
+        m2 += bvar * bn + delta * delta * n * bn / tot
+        self.ret_stats = torch.tensor([tot, mean, m2], dtype=torch.float64)
+        return max(math.sqrt(m2 / tot), 1e-2)
 
     def _minibatch(self, j: int) -> dict[str, Tensor]:
         c = self.cfg
@@ -260,6 +285,7 @@ class DPPO(Objective):
     def extra_state(self) -> dict[str, Tensor]:
         out = {
             "counters": torch.tensor([self.iteration, self.pos, self.env_steps, int(self.skip_rest)]),
+            "return_stats": self.ret_stats.clone(),
             "stats": torch.tensor(
                 [self.last_stats.get(k, math.nan) for k in ("rollout_success", "rollout_return")]
             ),
@@ -273,6 +299,7 @@ class DPPO(Objective):
             raise VlaflowError(f"{where}: no DPPO state (objective/counters); not a `vlaflow refine` run")
         it, pos, env_steps, skip = (int(v) for v in tensors["counters"].tolist())
         self.iteration, self.pos, self.env_steps, self.skip_rest = it, pos, env_steps, bool(skip)
+        self.ret_stats = tensors["return_stats"].clone()
         buf = {k[len("buffer/") :]: v for k, v in tensors.items() if k.startswith("buffer/")}
         self.buffer = buf or None
         succ, ret = tensors["stats"].tolist()
