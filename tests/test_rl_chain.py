@@ -182,6 +182,22 @@ def test_chunk_rewards_and_gae_closed_form():
     torch.testing.assert_close(adv1[0, 0], torch.tensor(1.0 + g * 0 + g * g * 2.0 - 0.5))
 
 
+def test_running_return_moments_merge_to_the_pooled_variance():
+    from vlaflow.rl.returns import discounted_returns_to_date, merge_moments
+
+    r = torch.tensor([[1.0, 2.0], [1.0, 0.0], [1.0, 1.0]])
+    d = torch.tensor([[False, False], [True, False], [False, False]])
+    g = discounted_returns_to_date(r, d, 0.5)
+    torch.testing.assert_close(g[:, 0], torch.tensor([1.0, 1.5, 1.0], dtype=torch.float64))  # restarts
+    torch.testing.assert_close(g[:, 1], torch.tensor([2.0, 1.0, 1.5], dtype=torch.float64))
+    x = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    st = merge_moments(torch.zeros(3, dtype=torch.float64), x[:30])
+    st = merge_moments(st, x[30:])
+    assert st[0] == 100
+    torch.testing.assert_close(st[1], x.double().mean())
+    torch.testing.assert_close(st[2] / st[0], x.double().var(unbiased=False))
+
+
 def test_ppo_clip_per_denoising_step_with_denoising_discount():
     from vlaflow.rl.ppo import denoise_weights, ppo_clip_loss
 

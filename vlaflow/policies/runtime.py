@@ -10,7 +10,7 @@ With ``record_chain=True`` every :class:`~vlaflow.interfaces.InferResult` carrie
 - ``t``, ``t_next``, ``std``: (K,) float32 path times and the std each step sampled with (0: deterministic)
 - ``obs``: the checked observation window ({key: (To, ...)} + ``task``) that re-encodes the condition
 - ``sampler``: the sampler's name (its settings: ``policy.sampler_kwargs(sampler)``, updated by
-  ``sampler_options``, which the record repeats)
+  ``sampler_options``, which the record repeats under ``sampler_options`` when they are given)
 
 ``sampler_options`` select the chain RL optimises (stochastic DDIM ``{"eta": 1, "min_std": 0.1}``, DDPM,
 flow Euler with ``{"noise_std": 0.1}``); with ``record_chain=True`` a sampler that takes deterministic steps
@@ -157,8 +157,9 @@ class PolicyRuntime:
         record: dict[str, Any] = {
             "obs": window,
             "sampler": self.sampler or self.config.extra.get("sampler", ""),
-            "sampler_options": dict(self.sampler_options or {}),
         }
+        if self.sampler_options:  # only then: older readers take every other non-obs key as an array
+            record["sampler_options"] = dict(self.sampler_options)
         if steps:  # EBT descends instead of denoising: no Gaussian chain to record
             arrays = stack_chain(steps)
             record.update({k: v[:, 0].float().cpu().numpy() for k, v in arrays.items()})

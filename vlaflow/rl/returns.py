@@ -46,3 +46,32 @@ def gae(
         adv[t] = nxt_adv
         nxt_val = values[t]
     return adv, adv + values
+
+
+def discounted_returns_to_date(rewards: Tensor, dones: Tensor, gamma: float) -> Tensor:
+    """(T, N) ``G_t = gamma G_{t-1} + r_t``, restarting after an episode's end (DPPO's running reward
+    scaler divides rewards by the std of these)."""
+    g = torch.zeros(rewards.shape[1], dtype=torch.float64)
+    out = torch.empty(rewards.shape, dtype=torch.float64)
+    for t in range(rewards.shape[0]):
+        g = g * gamma + rewards[t].double()
+        out[t] = g
+        g = torch.where(dones[t].bool(), torch.zeros_like(g), g)
+    return out
+
+
+def merge_moments(stats: Tensor, x: Tensor) -> Tensor:
+    """Running (count, mean, M2) merged with the samples ``x`` (Chan et al.'s parallel update); the
+    running variance is ``M2 / count``."""
+    n, mean, m2 = (float(v) for v in stats)
+    x = x.double().reshape(-1)
+    bn = len(x)
+    if bn == 0:
+        return stats.clone()
+    bmean = float(x.mean())
+    bm2 = float(((x - bmean) ** 2).sum())
+    tot = n + bn
+    delta = bmean - mean
+    return torch.tensor(
+        [tot, mean + delta * bn / tot, m2 + bm2 + delta * delta * n * bn / tot], dtype=torch.float64
+    )

@@ -30,7 +30,7 @@ from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.rl.chain import ChainConfig, NoiseScale, rescore, resolve_chain
 from vlaflow.rl.iql import mlp
 from vlaflow.rl.ppo import normalize_advantages, ppo_clip_loss, value_loss
-from vlaflow.rl.returns import chunk_discount, gae
+from vlaflow.rl.returns import chunk_discount, discounted_returns_to_date, gae, merge_moments
 from vlaflow.rl.rollout import ChunkVecEnv, collect, episode_stats, train_seeds
 from vlaflow.train.objective import Objective
 
@@ -203,22 +203,11 @@ class DPPO(Objective):
         self.skip_rest = False
 
     def _return_std(self, rewards: Tensor, dones: Tensor, alive: Tensor, gamma: float) -> float:
-        """Update the running variance of the discounted return-to-date with this rollout's; its std."""
-        g = torch.zeros(rewards.shape[1], dtype=torch.float64)
-        vals = []
-        for t in range(rewards.shape[0]):
-            g = g * gamma + rewards[t].double()
-            vals.append(g[alive[t]])
-            g = torch.where(dones[t], torch.zeros_like(g), g)
-        x = torch.cat(vals)
-        n, mean, m2 = self.ret_stats.tolist()
-        bn, bmean, bvar = len(x), float(x.mean()), float(x.var(unbiased=False)) if len(x) > 1 else 0.0
-        tot = n + bn
-        delta = bmean - mean
-        mean += delta * bn / tot
-        m2 += bvar * bn + delta * delta * n * bn / tot
-        self.ret_stats = torch.tensor([tot, mean, m2], dtype=torch.float64)
-        return max(math.sqrt(m2 / tot), 1e-2)
+        """Merge this rollout's discounted returns-to-date into the running moments; their std."""
+        g = discounted_returns_to_date(rewards, dones, gamma)
+        self.ret_stats = merge_moments(self.ret_stats, g[alive])
+        n, _, m2 = self.ret_stats.tolist()
+        return max(math.sqrt(m2 / n), 1e-2)
 
     def _minibatch(self, j: int) -> dict[str, Tensor]:
         c = self.cfg
