@@ -116,23 +116,22 @@ def test_collect_batches_inference_across_envs_and_records_the_chain():
 
 
 # ---------------------------------------------------------------------------------------- DPPO on the loop
-def _dppo_run(out, venv, steps_iters=2, resume=False, **over):
+def _dppo_run(out, venv, steps_iters=2, resume=False, family="diffusion", chain=None, **over):
     import dataclasses
 
     from vlaflow.rl.chain import ChainConfig
     from vlaflow.train.loop import LoopConfig, RunMeta, TrainingLoop
     from vlaflow.train.objectives.dppo import DPPO, DPPOConfig
 
-    cfg = DPPOConfig(
-        n_envs=2, n_decisions=3, update_epochs=1, n_minibatches=2, chain=ChainConfig(finetune_last=3)
-    )
+    chain = chain or ChainConfig(finetune_last=3)
+    cfg = DPPOConfig(n_envs=2, n_decisions=3, update_epochs=1, n_minibatches=2, chain=chain)
     cfg = dataclasses.replace(cfg, **over)
     lc = LoopConfig(steps=steps_iters * cfg.steps_per_iteration, lr=1e-4, schedule="constant", grad_clip=1.0)
     lc = dataclasses.replace(
         lc, log_every=1, ckpt_every=cfg.steps_per_iteration, num_threads=1, progress=False
     )
     loop = TrainingLoop(dataclasses.replace(lc, device="cpu"), out, resume=resume)
-    obj = DPPO(tiny_policy(), venv, cfg, seed=0)
+    obj = DPPO(tiny_policy(family), venv, cfg, seed=0)
     return loop.run(obj, meta=RunMeta(config={"dppo": dataclasses.asdict(cfg)})), obj
 
 
@@ -172,6 +171,26 @@ def test_dppo_first_update_has_ratio_one_and_nan_stops_keeping_the_last_checkpoi
         assert state["step"] == 2  # the checkpoint of the first (good) iteration is kept
         w = load_checkpoint(tmp_path / "nan" / "checkpoints" / "last").state_dict()
         assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
+
+
+def test_dppo_refines_a_flow_policy_with_a_learned_noise_scale(tmp_path):
+    """ReinFlow on the same objective: Euler + injected noise, its per-dim scale trained with the actor."""
+    import csv
+
+    from vlaflow.rl.chain import ChainConfig
+    from vlaflow.sim.rollout import SubprocChunkEnv
+
+    chain = ChainConfig(noise_std=0.2, learn_noise_std=True, finetune_last=4)
+    with SubprocChunkEnv("pusht", 2, ["obs.state"], 2, workers=1) as venv:
+        res, obj = _dppo_run(tmp_path / "flow", venv, family="flow", chain=chain)
+    assert res.step == 4 and obj.chain.flow and obj.chain.finetune_last == 4
+    log_std = obj.module["noise"].log_std.detach()
+    assert not torch.allclose(log_std, torch.full_like(log_std, float(np.log(0.2))))  # it was trained
+    first = next(csv.DictReader(open(tmp_path / "flow" / "log.csv")))
+    assert abs(float(first["ratio"]) - 1) < 1e-5
+    from vlaflow.policies import load_checkpoint
+
+    assert type(load_checkpoint(res.last_ckpt)).__name__ == "FlowPolicy"
 
 
 # ------------------------------------------------------------------------------------------ vlaflow refine
