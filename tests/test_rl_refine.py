@@ -116,7 +116,7 @@ def test_collect_batches_inference_across_envs_and_records_the_chain():
 
 
 # ---------------------------------------------------------------------------------------- DPPO on the loop
-def _dppo_run(out, venv, steps_iters=2, resume=False, family="diffusion", chain=None, **over):
+def _dppo_run(out, venv, steps_iters=2, resume=False, family="diffusion", chain=None, bc_batch=None, **over):
     import dataclasses
 
     from vlaflow.rl.chain import ChainConfig
@@ -131,7 +131,7 @@ def _dppo_run(out, venv, steps_iters=2, resume=False, family="diffusion", chain=
         lc, log_every=1, ckpt_every=cfg.steps_per_iteration, num_threads=1, progress=False
     )
     loop = TrainingLoop(dataclasses.replace(lc, device="cpu"), out, resume=resume)
-    obj = DPPO(tiny_policy(family), venv, cfg, seed=0)
+    obj = DPPO(tiny_policy(family), venv, cfg, seed=0, bc_batch=bc_batch)
     return loop.run(obj, meta=RunMeta(config={"dppo": dataclasses.asdict(cfg)})), obj
 
 
@@ -191,6 +191,37 @@ def test_dppo_refines_a_flow_policy_with_a_learned_noise_scale(tmp_path):
     from vlaflow.policies import load_checkpoint
 
     assert type(load_checkpoint(res.last_ckpt)).__name__ == "FlowPolicy"
+
+
+def test_dppo_with_the_behaviour_cloning_regularizer_on_demo_windows(tmp_path):
+    import csv
+
+    from vlaflow.cli.refine import _bc_source
+    from vlaflow.data.store import EpisodeStore, KeySpec
+    from vlaflow.errors import ConfigError
+    from vlaflow.sim.rollout import SubprocChunkEnv
+    from vlaflow.train.refine import RefineConfig, apply_overrides
+
+    st = EpisodeStore.create(
+        tmp_path / "demo.zarr",
+        keys={"action": KeySpec("float32", (2,)), "obs.state": KeySpec("float32", (5,))},
+        fps=10,
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        s = rng.uniform(50, 450, (30, 5)).astype(np.float32)
+        st.append_episode(
+            {"action": s[:, :2].copy(), "obs.state": s}, task="push", source="syn", success=True
+        )
+    cfg = apply_overrides(RefineConfig(), ["dppo.bc_coef=0.5", "dppo.n_minibatches=2"])
+    bc = _bc_source(tiny_policy(), str(tmp_path / "demo.zarr"), cfg)
+    assert bc(0)["action"].shape == (128, 8, 2)
+    with pytest.raises(ConfigError, match="needs --data"):
+        _bc_source(tiny_policy(), "", cfg)
+    with SubprocChunkEnv("pusht", 2, ["obs.state"], 2, workers=1) as venv:
+        res, _ = _dppo_run(tmp_path / "bc", venv, steps_iters=1, bc_batch=bc, bc_coef=0.5)
+    rows = list(csv.DictReader(open(tmp_path / "bc" / "log.csv")))
+    assert res.step == 2 and all(float(r["bc_loss"]) > 0 for r in rows if r["kind"] == "train")
 
 
 # ------------------------------------------------------------------------------------------ vlaflow refine
