@@ -173,8 +173,9 @@ def rescore(
     """
     x_t, x_next = record["x_t"], record["x_next"]
     b, kp = x_t.shape[:2]
-    t = record["t"].expand(b, kp) if record["t"].dim() == 1 else record["t"]
-    tn = record["t_next"].expand(b, kp) if record["t_next"].dim() == 1 else record["t_next"]
+    # per-sample times live with the samples (a (B,) CPU tensor cannot broadcast against CUDA ones)
+    t = (record["t"].expand(b, kp) if record["t"].dim() == 1 else record["t"]).to(x_t.device)
+    tn = (record["t_next"].expand(b, kp) if record["t_next"].dim() == 1 else record["t_next"]).to(x_t.device)
     cond_k = cond.unsqueeze(1).expand(b, kp, *cond.shape[1:]).reshape(b * kp, *cond.shape[1:])
     flat = x_t.reshape(b * kp, *x_t.shape[2:])
     learned = noise_scale is not None and chain.flow
