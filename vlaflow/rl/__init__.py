@@ -9,4 +9,5 @@ drives): pure functions and small modules, no simulator and no training loop. Se
 - :mod:`~vlaflow.rl.iql`     -- expectile regression, double-Q IQL critic
 - :mod:`~vlaflow.rl.dsrl`    -- SAC over the initial noise of a frozen denoiser
 - :mod:`~vlaflow.rl.rollout` -- the vectorized-env protocol and on-policy chunk rollouts
+- :mod:`~vlaflow.rl.gate`    -- RL-100's offline gate: MLP dynamics ensemble + value, imagined returns
 """
