@@ -46,6 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vlaflow.cli.compose",
         "compose pretrained denoising policies (GPC) and search weights",
     ),
+    "refine": (
+        "vlaflow.cli.refine",
+        "RL refinement of a policy checkpoint in sim (DPPO over the denoising chain, DSRL noise steering)",
+    ),
     "distill": ("vlaflow.cli.distill", "distill a one-step consistency head from a teacher checkpoint"),
     "export": (
         "vlaflow.cli.export",

@@ -191,8 +191,14 @@ class DenoisingModel(nn.Module):
         generator: torch.Generator | None = None,
         return_chain: bool = False,
         timesteps: Tensor | None = None,
+        sampler_options: dict[str, Any] | None = None,
     ) -> SampleResult:
-        """Run the sampler in normalized target space from ``noise`` (B, *S); for RL/RTI/GPC."""
+        """Run the sampler in normalized target space from ``noise`` (B, *S); for RL/RTI/GPC.
+
+        ``sampler_options`` override the family's settings (``sampler_kwargs``) of this call, e.g.
+        ``{"eta": 1.0, "min_std": 0.1}`` (stochastic DDIM with a std floor) or ``{"noise_std": 0.1}``
+        (ReinFlow noise on Euler): the knobs RL over the denoising chain samples with.
+        """
         shape = (cond.shape[0], *self.target_shape)
         if noise is None:
             noise = torch.randn(shape, generator=generator, device=cond.device)
@@ -214,7 +220,7 @@ class DenoisingModel(nn.Module):
             generator=generator,
             return_chain=return_chain,
             timesteps=self.default_timesteps(steps) if timesteps is None else timesteps,
-            **self.sampler_kwargs(sampler),
+            **{**self.sampler_kwargs(sampler), **(sampler_options or {})},
         )
 
     def generate(
@@ -225,6 +231,7 @@ class DenoisingModel(nn.Module):
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
         record_chain: bool = False,
+        sampler_options: dict[str, Any] | None = None,
     ) -> Generation:
         """Samples (B, *S) in raw units with their cost (NFE) and, optionally, the chain."""
         cond = self.encode(obs)
@@ -235,6 +242,7 @@ class DenoisingModel(nn.Module):
             num_steps=num_steps,
             generator=generator,
             return_chain=record_chain,
+            **({"sampler_options": sampler_options} if sampler_options else {}),
         )
         return Generation(actions=self.unnormalize_target(res.x0), nfe=res.nfe, chain=res.steps)
 

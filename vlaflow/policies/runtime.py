@@ -9,7 +9,12 @@ With ``record_chain=True`` every :class:`~vlaflow.interfaces.InferResult` carrie
 - ``x_t``, ``x_next``, ``mean``, ``x0``: (K, H, Da) float32 in *normalized* action units
 - ``t``, ``t_next``, ``std``: (K,) float32 path times and the std each step sampled with (0: deterministic)
 - ``obs``: the checked observation window ({key: (To, ...)} + ``task``) that re-encodes the condition
-- ``sampler``: the sampler's name (its settings: ``policy.sampler_kwargs(sampler)``)
+- ``sampler``: the sampler's name (its settings: ``policy.sampler_kwargs(sampler)``, updated by
+  ``sampler_options``, which the record repeats under ``sampler_options`` when they are given)
+
+``sampler_options`` select the chain RL optimises (stochastic DDIM ``{"eta": 1, "min_std": 0.1}``, DDPM,
+flow Euler with ``{"noise_std": 0.1}``); with ``record_chain=True`` a sampler that takes deterministic steps
+is refused up front with the list of stochastic options (it has no log-probability to optimise).
 
 :func:`vlaflow.policies.samplers.unstack_chain` turns the arrays back into steps (add a batch dim first)
 for :func:`~vlaflow.policies.samplers.rescore_chain` under new weights.
@@ -26,7 +31,12 @@ import torch
 from vlaflow import keys as K
 from vlaflow.errors import VlaflowError
 from vlaflow.interfaces import InferResult, RuntimeSpec, obs_window
-from vlaflow.policies.samplers import stack_chain
+from vlaflow.policies.samplers import (
+    STOCHASTIC_OPTIONS,
+    deterministic_message,
+    is_stochastic,
+    stack_chain,
+)
 
 
 class NonFiniteActions(VlaflowError):
@@ -44,12 +54,17 @@ class PolicyRuntime:
         num_steps: int | None = None,
         seed: int | None = None,
         record_chain: bool = False,
+        sampler_options: dict[str, Any] | None = None,
+        require_stochastic: bool = False,
     ):
         self.policy = policy if device is None else policy.to(device)
         self.sampler = sampler
         self.num_steps = num_steps
         self.seed = seed
         self.record_chain = record_chain
+        self.sampler_options = dict(sampler_options) if sampler_options else None
+        if require_stochastic:
+            check_stochastic(self.policy, sampler, self.sampler_options)
         self._generator: torch.Generator | None = None
         self.reset()
 
@@ -95,6 +110,7 @@ class PolicyRuntime:
                     num_steps=self.num_steps,
                     generator=self._generator,
                     record_chain=self.record_chain,
+                    **({"sampler_options": self.sampler_options} if self.sampler_options else {}),
                 )
         finally:
             if was_training:
@@ -142,10 +158,29 @@ class PolicyRuntime:
             "obs": window,
             "sampler": self.sampler or self.config.extra.get("sampler", ""),
         }
+        if self.sampler_options:  # only then: older readers take every other non-obs key as an array
+            record["sampler_options"] = dict(self.sampler_options)
         if steps:  # EBT descends instead of denoising: no Gaussian chain to record
             arrays = stack_chain(steps)
             record.update({k: v[:, 0].float().cpu().numpy() for k, v in arrays.items()})
         return record
+
+
+def check_stochastic(policy, sampler: str | None = None, options: dict[str, Any] | None = None) -> dict:
+    """The effective sampler settings of ``policy`` under ``sampler`` / ``options``; refuses (naming the
+    stochastic options) a denoising policy whose chain would be deterministic, or a policy that has no
+    Gaussian chain at all (EBT descends, a one-step student has one deterministic step)."""
+    name = sampler or getattr(getattr(policy, "config", None), "sampler", "") or ""
+    if not hasattr(policy, "sampler_kwargs") or not hasattr(policy, "path"):
+        raise VlaflowError(
+            f"{type(policy).__name__} has no Gaussian denoising chain to optimise; RL over the chain needs a "
+            f"diffusion or flow policy with one of: {'; '.join(STOCHASTIC_OPTIONS)}"
+        )
+    settings = {**policy.sampler_kwargs(name), **(options or {})}
+    kw = {k: float(settings.get(k) or 0.0) for k in ("eta", "min_std", "noise_std")}
+    if not is_stochastic(name, **kw):
+        raise VlaflowError(deterministic_message(name, **kw))
+    return settings
 
 
 def _all_finite(x: Any) -> bool:

@@ -23,8 +23,10 @@ re-predicting at ``(x_t, t)``, rebuilding the step's Gaussian and taking
 log-probability is the sum over its stochastic steps (:func:`chain_log_prob`). ``min_std`` floors the std a
 step samples with and is scored with (DPPO's and RL-100's minimum denoising std; the mean is left as the
 sampler builds it), ``noise_clip`` clips the drawn noise (DPPO's +-3). Deterministic samplers (Euler, Heun,
-DDIM with eta = 0) report ``std = 0``; noise injection on top of them (ReinFlow-style, a learned std) takes
-the step's ``mean`` and adds its own Gaussian. :func:`stack_chain` turns a recorded chain into (K, B, ...)
+DDIM with eta = 0) report ``std = 0``; ``noise_std > 0`` injects Gaussian noise of that scale into every
+Euler / Heun step (ReinFlow-style: the ODE step is the mean, ``x_next = mean + noise_std * z``), which makes
+flow policies refinable too; a learned scale is the RL objective's parameter, passed in the same way.
+:func:`stack_chain` turns a recorded chain into (K, B, ...)
 tensors an RL buffer stores; per-sample times ``t`` of shape (B,) are accepted everywhere, so a minibatch
 of transitions from different steps of different chains re-scores in one call.
 """
@@ -172,6 +174,33 @@ def chain_log_prob(steps: list[StepResult], min_std: float = 0.0) -> Tensor:
     return total
 
 
+STOCHASTIC_OPTIONS = (
+    "sampler=ddpm",
+    "sampler=ddim with eta > 0 (stochastic DDIM, eta=1 in RL-100)",
+    "sampler=ddim|ddpm with min_std > 0 (a floored per-step std)",
+    "sampler=euler|heun with noise_std > 0 (ReinFlow noise injection)",
+)
+
+
+def is_stochastic(sampler: str, *, eta: float = 0.0, min_std: float = 0.0, noise_std: float = 0.0) -> bool:
+    """Whether the sampler with these settings draws noise at its steps (has a density to optimise)."""
+    if sampler == "ddpm":
+        return True
+    if sampler == "ddim":
+        return eta > 0 or min_std > 0
+    if sampler in ("euler", "heun"):
+        return noise_std > 0
+    return False
+
+
+def deterministic_message(sampler: str, **settings) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return (
+        f"sampler {sampler!r} ({shown}) takes deterministic steps, which have no density to optimise; "
+        f"use one of: {'; '.join(STOCHASTIC_OPTIONS)}"
+    )
+
+
 def reverse_step(
     predict: PredictFn,
     path: GaussianPath,
@@ -188,6 +217,7 @@ def reverse_step(
     generator: torch.Generator | None = None,
     draw_noise: bool = True,
     coefs: Coefs | None = None,
+    noise_std: float = 0.0,
 ) -> StepResult:
     """One reverse step ``x_t`` (at path time ``t``) -> ``x_next`` (at ``t_next``, nearer the clean end).
 
@@ -198,7 +228,8 @@ def reverse_step(
     clipped to [-noise_clip, noise_clip] when given; ``draw_noise=False`` returns ``x_next = mean`` and
     draws nothing, which is what re-scoring a recorded step needs. ``coefs`` are the path's
     ``(alpha(t), sigma(t), alpha(t_next), sigma(t_next))`` when the caller already has them (the sampling
-    loop looks the whole grid up once).
+    loop looks the whole grid up once). ``noise_std``: ReinFlow-style noise injected into Euler / Heun steps
+    (their ODE step is the mean), floored at ``min_std`` when that is larger; ignored by the other samplers.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -226,6 +257,14 @@ def reverse_step(
             # per-sample times: rows stepping to the clean end keep the predictor
             x_next = corrected if sn.dim() == 0 else torch.where(sn > 0, corrected, x_next)
         st = StepResult(x_next=x_next, mean=x_next, std=zero, x0=x0)
+        inj = max(float(noise_std), float(min_std)) if noise_std > 0 else 0.0
+        if inj > 0:
+            st.std = torch.full((), inj)
+            if draw_noise:
+                noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+                if noise_clip is not None:
+                    noise = noise.clamp(-noise_clip, noise_clip)
+                st.x_next = x_next + inj * noise
     else:
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
@@ -260,6 +299,7 @@ def step_log_prob(
     eta: float = 0.0,
     clip_x0: float | None = None,
     min_std: float = 0.0,
+    noise_std: float = 0.0,
 ) -> Tensor:
     """log p(x_next | x_t) (B,) of a recorded step under ``predict`` (e.g. the current weights).
 
@@ -269,11 +309,8 @@ def step_log_prob(
     """
     if step.x_t is None or step.t is None or step.t_next is None:
         raise ValueError("the step has no x_t / t / t_next: record it with reverse_step or sample_loop")
-    if sampler not in ("ddpm", "ddim") or (sampler == "ddim" and eta == 0 and min_std == 0):
-        raise ValueError(
-            f"sampler {sampler!r} (eta={eta}, min_std={min_std}) takes deterministic steps, which have no "
-            "density; use 'ddpm', 'ddim' with eta > 0, or min_std > 0"
-        )
+    if not is_stochastic(sampler, eta=eta, min_std=min_std, noise_std=noise_std):
+        raise ValueError(deterministic_message(sampler, eta=eta, min_std=min_std, noise_std=noise_std))
     new = reverse_step(
         predict,
         path,
@@ -286,6 +323,7 @@ def step_log_prob(
         clip_x0=clip_x0,
         min_std=min_std,
         draw_noise=False,
+        noise_std=noise_std,
     )
     return gaussian_log_prob(step.x_next, new.mean, new.std, min_std)
 
@@ -300,6 +338,7 @@ def rescore_chain(
     eta: float = 0.0,
     clip_x0: float | None = None,
     min_std: float = 0.0,
+    noise_std: float = 0.0,
 ) -> Tensor:
     """A recorded chain's log-probability (B,) under ``predict``: the sum of :func:`step_log_prob` over the
     steps :func:`chain_log_prob` counts (those that sampled with std > 0, or all with ``min_std > 0``)."""
@@ -316,6 +355,7 @@ def rescore_chain(
             eta=eta,
             clip_x0=clip_x0,
             min_std=min_std,
+            noise_std=noise_std,
         )
         total = lp if total is None else total + lp
     if total is None:
@@ -380,6 +420,7 @@ def sample_loop(
     timesteps: Tensor | None = None,
     min_std: float = 0.0,
     noise_clip: float | None = None,
+    noise_std: float = 0.0,
 ) -> SampleResult:
     """Integrate from ``x_init`` (noise at ``timesteps[0]``) to the clean end of the path.
 
@@ -387,7 +428,7 @@ def sample_loop(
     (RTI-DP's warm start). ``clip_x0`` clamps the x0 estimate of DDPM/DDIM steps to [-c, c] (Diffusion
     Policy's clipped samples). Stochastic noise comes from ``generator`` (deterministic given its seed).
     ``onestep`` evaluates once at ``timesteps[0]`` and returns that x0, whatever the rest of the grid.
-    ``min_std`` / ``noise_clip``: see :func:`reverse_step`.
+    ``min_std`` / ``noise_clip`` / ``noise_std``: see :func:`reverse_step`.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -414,6 +455,7 @@ def sample_loop(
             noise_clip=noise_clip,
             generator=generator,
             coefs=(alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]),
+            noise_std=noise_std,
         )
         nfe += st.nfe
         x = st.x_next

@@ -481,7 +481,7 @@ class _Run:
                     pbar.update(1)
                     if step % 10 == 0 or step == total or step == start + 1:
                         shown = float(torch.stack(list(recent)[-20:]).mean())
-                        pbar.set_postfix(loss=f"{shown:.4f}", lr=f"{lr:.2e}", refresh=False)
+                        pbar.set_postfix(loss=f"{shown:.4f}", lr=f"{lr:.2e}", **obj.progress(), refresh=False)
                 if writes and c.log_every and (step % c.log_every == 0 or step == total):
                     now = time.perf_counter()
                     row = {

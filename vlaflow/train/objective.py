@@ -49,6 +49,10 @@ class Objective:
         metrics join that step's log row."""
         return None
 
+    def progress(self) -> dict[str, str]:
+        """Extra fields for the loop's progress bar (an RL objective: env steps, success, return)."""
+        return {}
+
     def deploy(self, module: nn.Module) -> nn.Module:
         """The policy inside ``module`` (the raw module or its EMA copy) that checkpoints hold and
         evaluations roll out."""

@@ -4,6 +4,9 @@
 - :mod:`~vlaflow.train.objectives.bc` -- behaviour cloning on demonstration windows (``vlaflow train``)
 - :mod:`~vlaflow.train.objectives.distill` -- one-step consistency distillation (``vlaflow distill``)
 
-RL over the denoising chain (DPPO, RL-100, DSRL) and the world-model loss come here next; the loop's
-docstring (:mod:`vlaflow.train.loop`) sketches how each plugs in.
+- :mod:`~vlaflow.train.objectives.dppo` -- PPO over the denoising chain in sim (``vlaflow refine``)
+- :mod:`~vlaflow.train.objectives.dsrl` -- SAC on the initial noise of a frozen denoiser (``vlaflow refine``)
+
+RL-100's offline stage and the world-model loss come here next; the loop's docstring
+(:mod:`vlaflow.train.loop`) sketches how each plugs in.
 """

@@ -1,0 +1,166 @@
+"""``vlaflow refine --policy CKPT --task pusht --algo dppo|dsrl --out RUN [field=value ...]``: RL refinement.
+
+The run (objective on the one training loop, curves, checkpoint selection) is
+:func:`vlaflow.train.refine.refine`; this module builds what needs the simulators: the vectorized rollout
+envs (:class:`vlaflow.sim.rollout.SubprocChunkEnv`, training seeds 0..99,999) and the held-out evaluator
+(seeds 100000..). ``--resume`` continues RUN from ``checkpoints/last`` with the config it recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from vlaflow.errors import ConfigError, VlaflowError
+
+
+def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", help="the imitation policy checkpoint to refine (diffusion or flow)")
+    parser.add_argument("--task", default=None, help="sim task with a reward/success signal (default pusht)")
+    parser.add_argument("--algo", default=None, choices=("dppo", "dsrl"), help="algorithm (default dppo)")
+    parser.add_argument("--out", required=True, help="run directory (checkpoints/, log.csv, rl_curves.png)")
+    parser.add_argument("--resume", action="store_true", help="continue RUN from checkpoints/last")
+    parser.add_argument("--data", default="", help="demo store for the BC regularizer (dppo.bc_coef > 0)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="FIELD=VALUE settings, e.g. iterations=10 dppo.n_envs=16 dppo.chain.finetune_last=5 "
+        "dppo.chain.min_std=0.1 eval_every=2 (see --print-config for every field)",
+    )
+
+
+def _load_config(args) -> tuple:
+    from vlaflow.train.refine import RefineConfig, apply_overrides, refine_config_from_dict
+
+    out = Path(args.out)
+    saved = out / "run_config.json"
+    if args.resume:
+        if not saved.exists():
+            raise VlaflowError(f"{out}: nothing to resume (no run_config.json); start it without --resume")
+        rec = json.loads(saved.read_text())
+        cfg = refine_config_from_dict(rec["refine"])
+        policy = args.policy or rec["policy"]
+    else:
+        if not args.policy:
+            raise ConfigError("--policy CKPT is required (the checkpoint to refine)")
+        cfg, policy = RefineConfig(), args.policy
+    if args.task:
+        cfg = dataclasses.replace(cfg, task=args.task)
+    if args.algo:
+        cfg = dataclasses.replace(cfg, algo=args.algo)
+    return apply_overrides(cfg, args.overrides), policy
+
+
+def run_refine(args: argparse.Namespace) -> int:
+    cfg, policy_path = _load_config(args)
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        return 0
+    from vlaflow.sim.rollout import SubprocChunkEnv, check_reward_task
+
+    check_reward_task(cfg.task)  # before loading anything: a task without reward is refused
+    import torch
+
+    from vlaflow.cli.train import RolloutEvaluator
+    from vlaflow.policies.checkpoint import load_checkpoint
+    from vlaflow.sim.policies import check_compatible
+    from vlaflow.sim.tasks import make_env
+    from vlaflow.train.config import EvalConfig
+    from vlaflow.train.refine import refine
+
+    torch.set_num_threads(cfg.threads)
+    policy = load_checkpoint(policy_path, device=cfg.device)
+    env = make_env(cfg.task)
+    try:
+        check_compatible(policy.spec, env.task_spec, "being refined")
+    finally:
+        env.close()
+    bc_batch = None
+    if cfg.algo == "dppo" and cfg.dppo.bc_coef > 0:
+        bc_batch = _bc_source(policy, args.data, cfg)
+    ev_cfg = EvalConfig(task=cfg.task, seed_start=100_000, n_workers=cfg.eval_workers)
+    holder: dict = {}
+    evaluator = None
+    if cfg.eval_episodes or cfg.final_episodes:
+        if cfg.algo == "dppo":
+            evaluator = RolloutEvaluator(ev_cfg, progress=False)
+        else:  # the steered policy (frozen denoiser + noise actor) runs in this process
+            evaluator = _SteeredEval(ev_cfg, holder)
+    with SubprocChunkEnv(
+        cfg.task,
+        cfg.n_envs,
+        tuple(policy.config.obs_shapes),
+        policy.config.n_obs_steps,
+        workers=cfg.env_workers,
+    ) as venv:
+        res = refine(
+            cfg,
+            policy,
+            policy_path,
+            args.out,
+            venv,
+            evaluate=evaluator,
+            resume=args.resume,
+            bc_batch=bc_batch,
+            on_objective=lambda o: holder.__setitem__("obj", o),
+        )
+    summary = {
+        "stopped": res.stopped,
+        "steps": res.step,
+        "train_seconds": round(res.train_seconds, 1),
+        "best_score": res.best_score,
+        "best_ckpt": str(res.best_ckpt) if res.best_ckpt else None,
+        "last_ckpt": str(res.last_ckpt) if res.last_ckpt else None,
+        "evals": res.evals,
+        "final": {k: v for k, v in (res.final_eval or {}).items() if k != "report"},
+    }
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+class _SteeredEval:
+    """The held-out evaluation of a DSRL run: the frozen policy steered by the current noise actor."""
+
+    def __init__(self, ev_cfg, holder: dict):
+        self.ev, self.holder = ev_cfg, holder
+
+    def __call__(self, policy, *, n_episodes, out_dir, video=False, ckpt=None):
+        from vlaflow.cli.train import _summary
+        from vlaflow.sim.evaluate import evaluate
+
+        report = evaluate(
+            self.holder["obj"].steered(),  # a runtime object: runs in this process
+            task=self.ev.task,
+            workers=0,
+            out_dir=out_dir,
+            n_episodes=n_episodes,
+            start_seed=self.ev.seed_start,
+            videos=1 if video else 0,
+            progress=False,
+        )
+        return _summary(report)
+
+
+def _bc_source(policy, data: str, cfg):
+    if not data:
+        raise ConfigError("dppo.bc_coef > 0 needs --data STORE (the demonstrations to regularise toward)")
+    from vlaflow import keys as K
+    from vlaflow.data.store import EpisodeStore
+    from vlaflow.data.windows import WindowSampler
+    from vlaflow.train import schedule as S
+    from vlaflow.train.objectives.bc import make_batch
+
+    pc = policy.config
+    store = EpisodeStore.open(data)
+    ws = WindowSampler(
+        store,
+        obs_keys=tuple(pc.obs_shapes),
+        n_obs_steps=pc.n_obs_steps,
+        horizon=pc.horizon,
+        action_key=K.ACTION,
+    )
+    size = max(1, 256 // cfg.dppo.n_minibatches)
+    return lambda step: make_batch(ws, S.batch_indices(cfg.seed, step, len(ws), size))

@@ -1,0 +1,196 @@
+"""Vectorized sim envs for RL rollouts: N episodes in worker processes, stepped a chunk at a time.
+
+:class:`SubprocChunkEnv` implements :class:`vlaflow.rl.rollout.ChunkVecEnv`: W worker processes each hold
+N / W envs of the task and keep each env's obs window (To steps, the first observation repeated at the
+start, as :class:`~vlaflow.deploy.sync_chunk.SyncChunkExecutor` does); the parent sends every env's chunk at
+once, a worker executes Ta steps per env and sends back the windows, the summed task reward, done and
+success. Inference stays in the parent, batched across all N envs. Only tasks that declare a reward and a
+success signal (:data:`REWARD_TASKS`, checked against the env's ``task_spec.extra``) are accepted.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+
+from vlaflow.errors import VlaflowError
+from vlaflow.sim.harness import WORKER_THREAD_ENV, _environ, _short_tb
+
+# task -> what its per-step reward is (RL needs a reward and a success signal from the task itself)
+REWARD_TASKS: dict[str, str] = {"pusht": "clip(coverage / 0.95, 0, 1) per step; success: coverage > 0.95"}
+
+
+def check_reward_task(task: str) -> None:
+    """Refuse a task without a reward/success signal, listing the tasks that have one."""
+    if task not in REWARD_TASKS:
+        raise VlaflowError(
+            f"task {task!r} has no reward/success signal for RL; tasks with one: "
+            + "; ".join(f"{k} ({v})" for k, v in REWARD_TASKS.items())
+        )
+
+
+class _Slot:
+    """One env and its obs window inside a worker."""
+
+    def __init__(self, env, keys: Sequence[str], to: int, max_steps: int):
+        self.env, self.keys, self.to, self.max_steps = env, tuple(keys), to, max_steps
+        self.window: deque = deque(maxlen=to)
+        self.done, self.success, self.t = True, False, 0
+
+    def reset(self, seed: int) -> dict:
+        obs, _ = self.env.reset(seed=int(seed))
+        self.window.clear()
+        self.window.extend([{k: obs[k] for k in self.keys}] * self.to)
+        self.done, self.success, self.t = False, False, 0
+        return self.obs()
+
+    def obs(self) -> dict:
+        return {k: np.stack([o[k] for o in self.window]) for k in self.keys}
+
+    def step(self, chunk: np.ndarray) -> tuple[dict, float, bool, bool, int]:
+        total, t0 = 0.0, self.t
+        if not self.done:
+            for a in chunk:
+                obs, r, terminated, truncated, info = self.env.step(a)
+                self.t += 1
+                total += float(r)
+                self.window.append({k: obs[k] for k in self.keys})
+                self.success = self.success or bool(info.get("success", False))
+                if terminated or truncated or self.t >= self.max_steps:
+                    self.done = True
+                    break
+        return self.obs(), total, self.done, self.success, self.t - t0
+
+
+def _worker(conn, task, env_kwargs, keys, to, max_steps, n) -> None:
+    try:
+        from vlaflow.sim.tasks import make_env
+
+        envs = [make_env(task, **env_kwargs) for _ in range(n)]
+        spec = envs[0].task_spec
+        slots = [_Slot(e, keys, to, max_steps or spec.max_steps) for e in envs]
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+        conn.send(("ready", {"extra": dict(spec.extra), "max_steps": spec.max_steps}))
+    except BaseException as e:
+        conn.send(("fatal", _short_tb(e)))
+        return
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        kind, payload = msg
+        try:
+            if kind == "reset":
+                conn.send(("ok", [s.reset(seed) for s, seed in zip(slots, payload, strict=True)]))
+            else:
+                conn.send(("ok", [s.step(c) for s, c in zip(slots, payload, strict=True)]))
+        except Exception as e:
+            conn.send(("error", _short_tb(e)))
+    for s in slots:
+        s.env.close()
+
+
+class SubprocChunkEnv:
+    """N envs of ``task`` in ``workers`` processes (see the module doc); ``close()`` or ``with`` ends them."""
+
+    def __init__(
+        self,
+        task: str,
+        n_envs: int,
+        obs_keys: Sequence[str],
+        n_obs_steps: int,
+        *,
+        workers: int = 1,
+        max_steps: int = 0,
+        env_kwargs: dict | None = None,
+        start_method: str = "spawn",
+    ):
+        check_reward_task(task)
+        if n_envs < 1 or workers < 1:
+            raise VlaflowError(f"need n_envs >= 1 and workers >= 1, got {n_envs}, {workers}")
+        workers = min(workers, n_envs)
+        self.n_envs, self.task = n_envs, task
+        self.keys = tuple(obs_keys)
+        ctx = mp.get_context(start_method)
+        sizes = [n_envs // workers + (i < n_envs % workers) for i in range(workers)]
+        self._procs, self._conns, self._sizes = [], [], sizes
+        env_kwargs = dict(env_kwargs or {})
+        with _environ(WORKER_THREAD_ENV):
+            for n in sizes:
+                parent, child = ctx.Pipe()
+                p = ctx.Process(
+                    target=_worker,
+                    args=(child, task, env_kwargs, self.keys, n_obs_steps, max_steps, n),
+                    daemon=True,
+                )
+                p.start()
+                child.close()
+                self._procs.append(p)
+                self._conns.append(parent)
+        infos = [self._recv(c) for c in self._conns]
+        extra = infos[0]["extra"]
+        if "reward" not in extra or "success" not in extra:
+            self.close()
+            raise VlaflowError(f"task {task!r} declares no reward/success in its task_spec.extra: {extra}")
+        self.max_steps = max_steps or infos[0]["max_steps"]  # 0: the task's own step limit
+        self.env_steps = 0  # real env steps executed so far (all envs)
+
+    def _recv(self, conn):
+        if not conn.poll(120):
+            self.close()
+            raise VlaflowError(f"a {self.task} rollout worker did not answer within 120 s")
+        kind, payload = conn.recv()
+        if kind in ("fatal", "error"):
+            self.close()
+            raise VlaflowError(f"{self.task} rollout worker failed:\n{payload}")
+        return payload
+
+    def _scatter(self, kind: str, items) -> list:
+        i = 0
+        for c, n in zip(self._conns, self._sizes, strict=True):
+            c.send((kind, items[i : i + n]))
+            i += n
+        return [r for c in self._conns for r in self._recv(c)]
+
+    def _stack(self, windows: list[dict]) -> dict[str, np.ndarray]:
+        return {k: np.stack([w[k] for w in windows]).astype(np.float32) for k in self.keys}
+
+    def reset(self, seeds: Sequence[int]) -> dict[str, np.ndarray]:
+        if len(seeds) != self.n_envs:
+            raise VlaflowError(f"reset needs {self.n_envs} seeds, got {len(seeds)}")
+        return self._stack(self._scatter("reset", list(seeds)))
+
+    def step(self, chunks: np.ndarray):
+        chunks = np.asarray(chunks, dtype=np.float64)
+        res = self._scatter("step", list(chunks))
+        obs = self._stack([r[0] for r in res])
+        reward = np.array([r[1] for r in res], np.float64)
+        done = np.array([r[2] for r in res], bool)
+        success = np.array([r[3] for r in res], bool)
+        self.env_steps += sum(r[4] for r in res)
+        return obs, reward, done, success
+
+    def close(self) -> None:
+        for c in self._conns:
+            try:
+                c.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self._conns, self._procs = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
