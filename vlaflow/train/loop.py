@@ -52,6 +52,7 @@ How the next objectives plug in (one class each, this loop unchanged)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -68,6 +69,7 @@ import torch.distributed as dist
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.train import provenance as P
 from vlaflow.train import schedule as S
+from vlaflow.train.accel import Compiled, Precision, split_batch
 from vlaflow.train.loop_parts import (  # noqa: F401  (_Ema, clip_grad_norm: used by benchmarks)
     _check_replicas_agree,
     _check_same_data,
@@ -143,12 +145,20 @@ class LoopConfig:
     num_threads: int = 0  # torch intra-op threads (0 = all cores / world size, 1 on a busy machine)
     progress: bool = True  # tqdm bar on rank 0
     desc: str = "train"  # the progress bar's label
+    logger: str = "tensorboard"  # trackers beside log.csv: tensorboard|wandb|mlflow|none, or a comma list
+    amp: str = "off"  # autocast of the loss: off|bf16|fp16 (fp16 with a GradScaler); see vlaflow.train.accel
+    grad_accum: int = 1  # micro-batches per step (the step's batch cut in equal parts, gradients summed)
+    compile: bool = False  # torch.compile the objective's loss call (falls back to eager with a note)
 
     def __post_init__(self):
         if self.steps < 0 or (self.steps == 0 and self.max_seconds <= 0):
             raise ConfigError(f"give the loop a budget: steps >= 1 or max_seconds > 0 (got {self.steps})")
         if self.schedule not in ("cosine", "constant", "budget_cosine"):
             raise ConfigError(f"schedule must be cosine|constant|budget_cosine, got {self.schedule!r}")
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise ConfigError(f"amp must be off|bf16|fp16, got {self.amp!r}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
 
 
 @dataclass
@@ -250,6 +260,7 @@ class _Run:
         kind = {"fused": True} if self.cfg.fused_adamw else {"foreach": True}
         c = self.cfg
         self.opt = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay, **kind)
+        self.prec = Precision(c.amp, loop.process.device)
         self.start_step, self.best_score, self.best_step = 0, None, None
         self.train_seconds, self.evals, self.final_eval = 0.0, [], None
         self.log = None
@@ -297,6 +308,7 @@ class _Run:
 
                 ema_t = load_checkpoint(where).state_dict()
             self.ema.load_state_dict(ema_t)
+        self.prec.load_state(tensors)
         prefix = "objective/"
         self.obj.load_extra_state(
             {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, where
@@ -323,7 +335,7 @@ class _Run:
     def _save(self, step: int) -> Path:
         source = self.ema if self.ema is not None else self.obj.module
         deploy = self.obj.deploy(source)
-        extra = {f"objective/{k}": v for k, v in self.obj.extra_state().items()}
+        extra = {f"objective/{k}": v for k, v in self.obj.extra_state().items()} | self.prec.state()
         if self.ema is not None and deploy is not self.ema:  # the policy files hold only part of the EMA
             extra.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
         p = save_training_checkpoint(
@@ -344,6 +356,8 @@ class _Run:
         self.obj.module.train()
         self.final_eval = res
         row = {"step": step, "kind": "eval", "score": res["score"], "success_rate": res["success_rate"]}
+        # an evaluator's own scalars (held-out validation: val_loss, action errors) join the row
+        row.update({k: float(v) for k, v in (res.get("metrics") or {}).items() if _scalar(v)})
         self.evals.append({k: v for k, v in row.items() if k != "kind"} | {"n_episodes": n_episodes})
         self.log.log(row)
         new_best = self.best_score is None or res["score"] > self.best_score
@@ -352,7 +366,26 @@ class _Run:
         write_state_json(self.last_dir, self._state_json(step))  # record the evaluation in the resume state
         if new_best:
             copy_checkpoint(self.last_dir, self.ckpt_dir / "best")
-        plot_curves(self.log.rows, self.run_dir / "curves.png", title=self.meta.title)
+        curves = plot_curves(self.log.rows, self.run_dir / "curves.png", title=self.meta.title)
+        self.log.log_image("curves", curves, step)
+
+    def _forward_backward(self, call: Callable, ddp, batch) -> tuple[torch.Tensor, dict]:
+        """Loss and gradients of one step: ``grad_accum`` micro-batches under autocast, each adding
+        ``loss / N`` (DDP all-reduces only on the last); returns the step's mean loss, the gradients in
+        true units (fp16: unscaled, ready for clipping)."""
+        n = self.cfg.grad_accum
+        parts = split_batch(batch, n)
+        total, metrics = None, {}
+        for i, mb in enumerate(parts):
+            sync = contextlib.nullcontext() if ddp is None or i == n - 1 else ddp.no_sync()
+            with sync:
+                with self.prec.autocast():
+                    loss, metrics = call(mb)
+                loss = loss.float()
+                self.prec.backward(loss / n if n > 1 else loss)
+            total = loss.detach() / n if total is None else total + loss.detach() / n
+        self.prec.unscale(self.opt)
+        return (loss if n == 1 else total), metrics
 
     def _lr(self, step: int, train_seconds: float) -> float:
         c = self.cfg
@@ -372,14 +405,21 @@ class _Run:
             self._load()
         start = self.start_step
         call: Callable = obj.loss
+        ddp = None
         if proc.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            call = DDP(
+            call = ddp = DDP(
                 _ObjectiveModule(obj), device_ids=[proc.device.index] if proc.device.type == "cuda" else None
             )
+        call = Compiled(call, c.compile, proc.main)
         if writes:
-            self.log = RunLog(self.run_dir, resume_step=start if self.resume else None)
+            self.log = RunLog(
+                self.run_dir,
+                resume_step=start if self.resume else None,
+                logger=c.logger,
+                config=self.meta.config,
+            )
             (self.run_dir / "run_config.json").write_text(json.dumps(self.meta.config, indent=1))
             if self.meta.provenance:
                 P.append(
@@ -411,18 +451,19 @@ class _Run:
                 lr = self._lr(step, elapsed)
                 for g, scale in zip(self.opt.param_groups, self.lr_scales, strict=True):
                     g["lr"] = lr * scale if scale != 1.0 else lr
-                loss, metrics = call(batch)
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, metrics = self._forward_backward(call, ddp, batch)
                 gnorm = clip_grad_norm(self.params, c.grad_clip)
                 # one host read per step: the loss and the gradient norm are finite (on every rank)
-                finite = (torch.isfinite(loss.detach()) & torch.isfinite(gnorm)).float()
+                # (fp16: an overflowing gradient is the scaler's to skip, not a divergence)
+                g_ok = torch.isfinite(gnorm) if self.prec.scaler is None else torch.ones((), dtype=torch.bool)
+                finite = (torch.isfinite(loss.detach()) & g_ok.to(loss.device)).float()
                 if proc.world > 1:
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                 if finite.item() < 1:
                     what = "loss" if not bool(torch.isfinite(loss.detach())) else "gradient norm"
                     raise TrainingDiverged(_diverged_msg(what, step, last_saved, self.last_dir))
-                self.opt.step()
+                updated = self.prec.step(self.opt)
                 decay = S.ema_decay(step, c.ema_power, c.ema_max, c.ema_min)
                 if ema is not None:
                     ema.update(decay)
@@ -455,6 +496,9 @@ class _Run:
                         "samples_per_s": samples_since_log / max(now - t_log, 1e-9),
                         "elapsed_s": self.train_seconds,
                     }
+                    if self.prec.scaler is not None:
+                        row["amp_scale"] = float(self.prec.scaler.get_scale())
+                        row["amp_skipped"] = 0.0 if updated else 1.0
                     for m in (metrics, extra):
                         row.update({k: float(v) for k, v in (m or {}).items() if k != "loss" and _scalar(v)})
                     self.log.log(row)
@@ -502,7 +546,9 @@ class _Run:
                     if last_saved != step:
                         self._save(step)
                     self._eval(step, c.final_episodes or c.eval_episodes, video=True)
-                plot_curves(self.log.rows, self.run_dir / "curves.png", title=self.meta.title)
+                curves = plot_curves(self.log.rows, self.run_dir / "curves.png", title=self.meta.title)
+                if self.evaluate is None or not c.eval_at_end or stopped == "interrupted":
+                    self.log.log_image("curves", curves, step)  # (an evaluation has just sent it)
             finally:
                 self.log.close()
         if proc.world > 1:

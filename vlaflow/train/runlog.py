@@ -1,10 +1,13 @@
-"""Run logs: a CSV of training/eval rows (RUN/log.csv), optional TensorBoard, and the curves PNG."""
+"""Run logs: a CSV of training/eval rows (RUN/log.csv), the experiment trackers (:mod:`.trackers`:
+TensorBoard by default, wandb, mlflow), and the curves PNG."""
 
 from __future__ import annotations
 
 import csv
 import math
 from pathlib import Path
+
+from vlaflow.train.trackers import make_trackers
 
 BASE_COLUMNS = [
     "step",
@@ -21,9 +24,15 @@ BASE_COLUMNS = [
 
 
 class RunLog:
-    """Appends rows to ``log.csv`` (columns fixed by the first row) and mirrors them to TensorBoard."""
+    """Appends rows to ``log.csv`` (columns fixed by the first row) and mirrors them to the trackers."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int | None = None,
+        logger: str = "tensorboard",
+        config: dict | None = None,
+    ):
         self.path = Path(run_dir) / "log.csv"
         self.rows: list[dict] = []
         self.columns: list[str] | None = None
@@ -35,14 +44,7 @@ class RunLog:
             self._rewrite()
         elif self.path.exists():
             self.path.unlink()
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+        self.trackers = make_trackers(logger, Path(run_dir), config or {}, resume_step)
 
     def _rewrite(self) -> None:
         if self.columns is None:
@@ -69,21 +71,30 @@ class RunLog:
                 if first:
                     w.writeheader()
                 w.writerow(row)
-        if self.tb is not None:
+        if self.trackers:
             step = int(row["step"])
             prefix = "eval" if row.get("kind") == "eval" else "train"
+            scalars = {}
             for k, v in row.items():
                 if k in ("step", "kind") or v in ("", None):
                     continue
                 try:
-                    self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+                    scalars[f"{prefix}/{k}"] = float(v)
                 except (TypeError, ValueError):
                     continue
+            for t in self.trackers:
+                t.log_scalars(scalars, step)
+
+    def log_image(self, name: str, path: Path | None, step: int) -> None:
+        """An image (the curves PNG) to every tracker."""
+        if path is not None and Path(path).exists():
+            for t in self.trackers:
+                t.log_image(name, Path(path), step)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
+        trackers, self.trackers = self.trackers, []
+        for t in trackers:
+            t.close()
 
 
 def _fmt(v):

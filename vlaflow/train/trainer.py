@@ -43,6 +43,8 @@ RESUMABLE_CHANGES = frozenset(
         "train.max_minutes",
         "train.progress",
         "train.fused_adamw",  # float rounding only (see TrainConfig.fused_adamw)
+        "train.logger",
+        "train.compile",  # the same maths, compiled kernels
         "eval.n_workers",
         "eval.final_episodes",
     }
@@ -97,6 +99,10 @@ def loop_config(cfg: RunConfig) -> LoopConfig:
         num_threads=t.num_threads,
         progress=t.progress,
         desc=f"train {cfg.name}",
+        logger=t.logger,
+        amp=t.amp,
+        grad_accum=t.grad_accum,
+        compile=t.compile,
     )
 
 
