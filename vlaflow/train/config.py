@@ -130,7 +130,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Rollout evaluation through the sim harness (periodic during training and at the end)."""
+    """Rollout evaluation through the sim harness (periodic during training and at the end), or without a
+    task held-out validation on the episodes data.val_ratio keeps out."""
 
     task: str = ""  # sim task name (vlaflow.sim.tasks.TASKS); "" = no rollout evaluation
     obs_mode: str = "lowdim"  # the task's observation mode ("lowdim", "image", ...)
@@ -138,11 +139,15 @@ class EvalConfig:
     max_steps: int = 0  # episode step limit (0 = the task's own limit)
     n_workers: int = 1  # parallel rollout workers
     final_episodes: int = 0  # rollouts of the final evaluation (0 = train.eval_episodes)
+    # without a task: held-out windows scored per validation (data.val_ratio > 0 holds episodes out;
+    # vlaflow.train.validation), 0 = all of them
+    val_windows: int = 256
 
     def __post_init__(self):
         _check(self.max_steps >= 0, f"eval.max_steps must be >= 0, got {self.max_steps}")
         _check(self.n_workers >= 1, f"eval.n_workers must be >= 1, got {self.n_workers}")
         _check(self.final_episodes >= 0, f"eval.final_episodes must be >= 0, got {self.final_episodes}")
+        _check(self.val_windows >= 0, f"eval.val_windows must be >= 0, got {self.val_windows}")
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,8 @@ def _num(v) -> float:
 
 
 def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
-    """Loss (log scale) and rollout score against step, as a PNG. Returns the path (None if no rows)."""
+    """Loss (log scale) and rollout score -- or, without a sim task, held-out loss and action errors --
+    against step, as a PNG. Returns the path (None if no rows)."""
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
     if not train and not evals:
@@ -125,13 +126,27 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     if train:
         steps = [_num(r["step"]) for r in train]
-        ax1.plot(steps, [_num(r.get("loss")) for r in train], lw=1)
+        ax1.plot(steps, [_num(r.get("loss")) for r in train], lw=1, label="training loss")
         if all(_num(r.get("loss")) > 0 for r in train):
             ax1.set_yscale("log")
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss")
     ax1.grid(alpha=0.3)
-    if evals:
+    validation = [r for r in evals if str(r.get("val_loss", "")) not in ("", "nan")]
+    if validation:  # held-out validation (no sim task): val loss beside the training loss, action errors
+        steps = [_num(r["step"]) for r in validation]
+        ax1.plot(steps, [_num(r.get("val_loss")) for r in validation], "o-", ms=3, label="held-out loss")
+        ax1.legend(loc="upper right", fontsize=8)
+        ax2.plot(steps, [_num(r.get("action_mae_norm")) for r in validation], "o-", label="chunk MAE (norm.)")
+        first = [_num(r.get("action_mae_first")) for r in validation]
+        if any(not math.isnan(x) for x in first):
+            ax2b = ax2.twinx()
+            ax2b.plot(steps, first, "s--", color="tab:orange", label="first-Ta MAE (action units)")
+            ax2b.set_ylabel("first-Ta MAE (action units)")
+            ax2b.legend(loc="lower left", fontsize=8)
+        ax2.legend(loc="upper right", fontsize=8)
+        ax2.set_ylabel("held-out action error (normalised)")
+    elif evals:
         steps = [_num(r["step"]) for r in evals]
         ax2.plot(steps, [_num(r.get("score")) for r in evals], "o-", label="score")
         succ = [_num(r.get("success_rate")) for r in evals]
@@ -139,10 +154,10 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
             ax2.plot(steps, succ, "s--", label="success rate")
         ax2.set_ylim(-0.02, 1.02)
         ax2.legend(loc="lower right")
+        ax2.set_ylabel("rollout evaluation")
     else:
-        ax2.text(0.5, 0.5, "no rollout evaluation", ha="center", va="center", transform=ax2.transAxes)
+        ax2.text(0.5, 0.5, "no evaluation", ha="center", va="center", transform=ax2.transAxes)
     ax2.set_xlabel("step")
-    ax2.set_ylabel("rollout evaluation")
     ax2.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
