@@ -93,9 +93,11 @@ class HeldOutValidation:
             for lo in range(0, len(self.idx), self.batch_size):
                 batch = _to(make_batch(self.ws, self.idx[lo : lo + self.batch_size]), device)
                 b = batch[K.ACTION].shape[0]
-                with torch.no_grad():
+                # with autograd on: an energy model's loss differentiates its own descent steps (the graph
+                # is dropped, no gradient reaches the weights)
+                with torch.enable_grad():
                     loss, _ = policy.compute_loss(batch)
-                losses += float(loss) * b
+                losses += float(loss.detach()) * b
                 n_loss += b
                 g = torch.Generator(device=device).manual_seed(self.seed + lo)
                 noise = torch.randn(batch[K.ACTION].shape, generator=g, device=device)
