@@ -195,3 +195,35 @@ def test_batch_size_is_global_under_ddp():
     shards = [S.shard(idx, r, 4) for r in range(4)]
     assert [len(s) for s in shards] == [16] * 4
     assert sorted(np.concatenate(shards).tolist()) == sorted(idx.tolist())
+
+
+def test_grad_accum_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
+    """2 torchrun ranks x 2 micro-batches (no_sync on the first) = one process, one batch of 16."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip(f"torchrun not found beside {sys.executable}")
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)]), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    worker = str(here / "ddp_accum_worker.py")
+    subprocess.run([sys.executable, worker, str(tmp_path / "one.safetensors"), "1"], env=env, check=True)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), worker, str(tmp_path / "ddp.safetensors"), "2"]  # fmt: skip
+    p = subprocess.run(
+        cmd, env={**env, "GLOO_SOCKET_IFNAME": "lo"}, capture_output=True, text=True, timeout=240
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, ddp = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "ddp.safetensors"))
+    assert set(one) == set(ddp)
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], rtol=1e-5, atol=1e-6)
