@@ -7,14 +7,16 @@ objectives on this loop, and so will be the RL and world-model losses: there is 
 
 One step: ``batch = objective.batch(step)`` (prepared ahead on a background thread when the objective
 allows), the step's torch seed from (seed, step, rank), the scheduled learning rate, ``loss, metrics =
-objective.loss(batch)`` (through DDP under torchrun), backward, the global gradient norm clipped, one
-finiteness check of loss and norm (NaN/inf stops the run, the last checkpoint stays good), AdamW, the EMA
-(``torch._foreach`` ops), ``objective.after_step(step)``. Every ``log_every`` steps a row goes to
-``log.csv`` / TensorBoard; losses are read back from the device only then (and for the progress bar), so
-a step costs no Python beyond its tensor ops. With a run directory the loop writes::
+objective.loss(batch)`` (through DDP under torchrun; under autocast with ``amp``, over ``grad_accum``
+micro-batches, compiled with ``compile``: :mod:`vlaflow.train.accel`), backward, the global gradient
+norm clipped, one finiteness check of loss and norm (NaN/inf stops the run, the last checkpoint stays
+good), AdamW, the EMA (``torch._foreach`` ops), ``objective.after_step(step)``. Every ``log_every``
+steps a row goes to ``log.csv`` / TensorBoard; losses are read back from the device only then (and for
+the progress bar), so a step costs no Python beyond its tensor ops. With a run directory the loop writes::
 
     RUN/run_config.json         the run's config (what resume compares against)
-    RUN/log.csv, RUN/tb/        training rows every log_every steps and one row per rollout evaluation
+    RUN/log.csv, RUN/tb/        training rows every log_every steps and one row per evaluation (rollouts, or
+                                held-out validation); wandb/ or mlruns/ with train.logger (:mod:`.trackers`)
     RUN/curves.png              loss and score against step
     RUN/checkpoints/last        newest checkpoint (resume point), step_NNNNNNN, best (by rollout score)
     RUN/eval/step_NNNNNNN/      the evaluator's report (and videos) of each evaluation
