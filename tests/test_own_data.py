@@ -77,7 +77,7 @@ def test_so101_trains_end_to_end_with_held_out_metrics_and_a_plot(so101, tmp_pat
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [int(r["step"]) for r in evals] == [6, 12]
     for r in evals:
-        for k in ("val_loss", "action_mae_norm", "action_mae", "action_mae_first"):
+        for k in ("val_loss", "action_mae_norm", "action_mae", "action_mae_first", "hold_state_mae"):
             assert math.isfinite(float(r[k])) and float(r[k]) > 0, (k, r)
         assert float(r["score"]) == pytest.approx(-float(r["action_mae_norm"]), rel=1e-4)
     rep = json.loads((run / "eval" / "step_0000012" / "validation.json").read_text())

@@ -9,6 +9,9 @@ steps) is scored on those episodes every ``train.eval_every`` steps and at the e
   initial noise) against the recorded actions, in the normalised units the model works in (padding
   past an episode's end left out); ``action_mae`` the same in action units, ``action_mae_first`` over the
   first ``Ta`` (executed) steps of each chunk, in action units, and per action dimension in the report;
+* ``hold_state_mae`` -- where ``obs.state`` has the action's shape (joint-position control, e.g. SO-101):
+  the error in action units of the trivial policy "stay where you are" (every action = the current
+  state), the yardstick that says whether the policy learned more than that;
 * ``score = -action_mae_norm`` -- what selects ``checkpoints/best`` (higher is better, as for rollouts).
 
 Each evaluation writes ``RUN/eval/step_N/validation.json`` and ``actions.png``: one held-out episode's
@@ -87,6 +90,7 @@ class HeldOutValidation:
         abs_norm = abs_raw = abs_first = 0.0
         count = count_first = 0
         dim_sum = None
+        hold_sum, hold_count = 0.0, 0
         dim_count = 0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
@@ -115,6 +119,10 @@ class HeldOutValidation:
                 count += int(keep.sum()) * err.shape[-1]
                 abs_first += float(err[:, : self.ta].sum())
                 count_first += int(keep[:, : self.ta].sum()) * err.shape[-1]
+                state = batch.get(K.OBS_STATE)
+                if torch.is_tensor(state) and tuple(state.shape[2:]) == tuple(rec.shape[2:]):
+                    hold_sum += float(((state[:, -1:].float() - rec).abs() * keep).sum())
+                    hold_count += int(keep.sum()) * err.shape[-1]
                 d = err.sum(dim=(0, 1))
                 dim_sum = d if dim_sum is None else dim_sum + d
                 dim_count += int(keep.sum())
@@ -124,6 +132,8 @@ class HeldOutValidation:
             "action_mae": abs_raw / max(count, 1),
             "action_mae_first": abs_first / max(count_first, 1),
         }
+        if hold_count:
+            metrics["hold_state_mae"] = hold_sum / hold_count
         per_dim = (dim_sum / max(dim_count, 1)).tolist() if dim_sum is not None else []
         return metrics, per_dim
 
