@@ -194,3 +194,4 @@ def test_keys_the_family_cannot_encode_are_named_with_the_reason(tmp_path, capsy
     cfg = apply_overrides(get_preset("pusht_lowdim_diffusion"), ["data.obs_keys=[obs.cloud]", "eval.task="])
     with pytest.raises(ConfigError, match=r"diffusion policy cannot encode obs\.cloud: 1800 values"):
         train(cfg, store, tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()  # refused before the run directory is made

@@ -257,9 +257,10 @@ def train(
             "callable (vlaflow.train does not import the simulators): pass "
             "evaluate=vlaflow.cli.train.rollout_evaluator(cfg), or set eval.task= for none"
         )
+    # the store's checks come first: a store the run cannot use leaves no run directory behind
+    store, ws, stats = open_training_data(cfg, data)
     loop = TrainingLoop(loop_config(cfg), out, resume=resume)
     proc = loop.process
-    store, ws, stats = open_training_data(cfg, data)
     cfg = sync_with_store(cfg, store)
     if store.fps is None and proc.main:
         print(
