@@ -195,3 +195,14 @@ def test_keys_the_family_cannot_encode_are_named_with_the_reason(tmp_path, capsy
     with pytest.raises(ConfigError, match=r"diffusion policy cannot encode obs\.cloud: 1800 values"):
         train(cfg, store, tmp_path / "run2")
     assert not (tmp_path / "run2").exists()  # refused before the run directory is made
+
+
+def test_a_sim_preset_on_the_so101_store_points_to_family_and_leaves_nothing(so101, tmp_path, capsys):
+    pytest.importorskip("pybullet", reason="the pick_place task's env checks the policy against it")
+    run = tmp_path / "run"
+    rc = cli("train", "--preset", "pick_place_lowdim_diffusion", "--data", str(so101), "--out", str(run),
+             "train.steps=2", *QUIET)  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc != 0 and "obs.state: policy expects (6,), task gives (21,)" in err
+    assert "--family diffusion infers the keys from the store" in err
+    assert not run.exists()  # refused before the run directory is made

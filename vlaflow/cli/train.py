@@ -87,7 +87,9 @@ class RolloutEvaluator:
             except VlaflowError as e:
                 raise ConfigError(
                     f"eval.task={self.eval.task!r}: {e}\n(fix data.obs_keys / the store, choose another "
-                    "eval.task, or set eval.task= to train without rollouts)"
+                    "eval.task, set eval.task= to train without rollouts, or drop the preset: --family "
+                    f"{getattr(getattr(policy, 'config', None), 'family', 'diffusion')} infers the keys "
+                    "from the store and scores held-out episodes instead)"
                 ) from None
 
 

@@ -122,7 +122,8 @@ def open_training_data(cfg: RunConfig, data: str | Path):
     if missing:
         raise ConfigError(
             f"{data}: preset {cfg.name!r} needs key(s) {missing} that the dataset does not have; "
-            f"the dataset has {sorted(store.keys)} (set data.obs_keys=... to choose others)"
+            f"the dataset has {sorted(store.keys)} (set data.obs_keys=... to choose others, or train "
+            f"without a preset: --family {cfg.family} infers them from the store)"
         )
     check_keys(store, cfg.data.obs_keys, str(data), cfg.family)
     if store.n_episodes < 1:
@@ -257,21 +258,17 @@ def train(
             "callable (vlaflow.train does not import the simulators): pass "
             "evaluate=vlaflow.cli.train.rollout_evaluator(cfg), or set eval.task= for none"
         )
-    # the store's checks come first: a store the run cannot use leaves no run directory behind
+    # every check comes before the run directory is made: the store (keys, damage), the policy's keys and
+    # -- with a rollout evaluator -- the policy against the evaluation task; a refused run leaves nothing
     store, ws, stats = open_training_data(cfg, data)
-    loop = TrainingLoop(loop_config(cfg), out, resume=resume)
-    proc = loop.process
     cfg = sync_with_store(cfg, store)
-    if store.fps is None and proc.main:
-        print(
-            f"note: {data} records no fps; the checkpoint keeps policy.fps={getattr(cfg.policy, 'fps', None)}"
-        )
     torch.manual_seed(cfg.train.seed)
-    policy = build_run_policy(cfg, stats, store).to(proc.device)
+    policy = build_run_policy(cfg, stats, store)
     needed = [k for k in _policy_keys(policy, cfg) if k not in store.keys]
     if needed:
         raise ConfigError(f"{data}: the policy reads key(s) {needed}; the dataset has {sorted(store.keys)}")
     evaluate = evaluate if cfg.eval.task else None
+    notes = []
     if evaluate is None:
         val = validation_windows(cfg, store)
         if val is not None:
@@ -283,14 +280,23 @@ def train(
                 seed=cfg.train.seed,
                 action_names=store.keys[K.ACTION].names,
             )
-        elif cfg.data.val_ratio > 0 and proc.main:
-            print(f"note: {data} has {store.n_episodes} episode(s): none left to hold out for validation")
+        elif cfg.data.val_ratio > 0:
+            notes.append(f"{data} has {store.n_episodes} episode(s): none left to hold out for validation")
     check = getattr(evaluate, "check", None)
     if check is not None:
         check(policy)  # the policy must fit the evaluation task: refuse now, not after training
+    loop = TrainingLoop(loop_config(cfg), out, resume=resume)
+    proc = loop.process
+    policy = policy.to(proc.device)
+    if store.fps is None:
+        notes.append(
+            f"{data} records no fps; the checkpoint keeps policy.fps={getattr(cfg.policy, 'fps', None)}"
+        )
     _, note = final_episodes(cfg)
-    if note and evaluate is not None and cfg.train.eval_at_end and proc.main:
-        print(f"note: {note}")
+    if note and evaluate is not None and cfg.train.eval_at_end:
+        notes.append(note)
+    for n in notes if proc.main else []:
+        print(f"note: {n}")
     objective = BehaviourCloning(
         policy, ws, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=proc.rank, world=proc.world
     )
