@@ -149,6 +149,11 @@ def test_bc_with_grad_accum_and_bf16_trains_the_diffusion_policy(store_path, tmp
 
     res = train(tiny_cfg("train.steps=4", "train.amp=bf16", "train.grad_accum=2"), store_path, tmp_path / "r")
     assert res.step == 4 and all(np.isfinite(res.recent_losses))
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "r" / "log.csv", newline="")))
+    # the logged metrics are means over both micro-batches (mse_all: the unmasked loss, close to loss)
+    assert len(rows) == 4 and all(abs(float(r["mse_all"]) - float(r["loss"])) < 0.2 for r in rows)
 
 
 def test_compile_runs_the_loss_through_torch_compile(monkeypatch):

@@ -382,12 +382,15 @@ class _Run:
             sync = contextlib.nullcontext() if ddp is None or i == n - 1 else ddp.no_sync()
             with sync:
                 with self.prec.autocast():
-                    loss, metrics = call(mb)
+                    loss, m = call(mb)
                 loss = loss.float()
                 self.prec.backward(loss / n if n > 1 else loss)
             total = loss.detach() / n if total is None else total + loss.detach() / n
+            for k, v in (m or {}).items():  # the step's metrics: means over the micro-batches
+                if _scalar(v):
+                    metrics[k] = metrics.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / n
         self.prec.unscale(self.opt)
-        return (loss if n == 1 else total), metrics
+        return (loss if n == 1 else total), (m if n == 1 else metrics)
 
     def _lr(self, step: int, train_seconds: float) -> float:
         c = self.cfg

@@ -47,6 +47,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.fused_adamw",  # float rounding only (see TrainConfig.fused_adamw)
         "train.logger",
         "train.compile",  # the same maths, compiled kernels
+        "train.grad_accum",  # the same gradient (to float rounding) in smaller pieces: a smaller GPU
         "eval.n_workers",
         "eval.final_episodes",
         "eval.val_windows",
