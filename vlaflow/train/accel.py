@@ -11,7 +11,9 @@
   all-reduces (``no_sync``). Memory per micro-batch: ``batch_size / (world * N)`` samples.
 * ``train.compile=true``: ``torch.compile`` of the objective's loss call (the module's weights and
   checkpoint keys are unchanged). If compiling fails (no C++ compiler for inductor on the CPU, an
-  unsupported op), the first step says why and the run continues eager.
+  unsupported op), the first step says why and the run continues eager. Inductor draws random numbers
+  with its own generator (seeded from torch's, so compiled runs repeat and resume exactly), which makes a
+  compiled run's noise -- and so its losses -- differ from an eager run's.
 """
 
 from __future__ import annotations
