@@ -12,8 +12,8 @@
 * ``train.compile=true``: ``torch.compile`` of the objective's loss call (the module's weights and
   checkpoint keys are unchanged). If compiling fails (no C++ compiler for inductor on the CPU, an
   unsupported op), the first step says why and the run continues eager. Inductor draws random numbers
-  with its own generator (seeded from torch's, so compiled runs repeat and resume exactly), which makes a
-  compiled run's noise -- and so its losses -- differ from an eager run's.
+  with its own generator (seeded from torch's; exact repeat/resume of compiled runs is not tested), which
+  makes a compiled run's noise -- and so its losses -- differ from an eager run's.
 """
 
 from __future__ import annotations
