@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,8 +119,14 @@ def test_wandb_logger_offline_writes_scalars_config_and_curves(store_path, tmp_p
     assert len(offline) == 1, list((run / "wandb").iterdir())
     run_id = (run / "wandb_run_id").read_text().strip()
     assert offline[0].name.endswith(run_id)
+    # run.finish() returns before wandb's service has written the offline log to its end: wait for the
+    # run's exit record (bounded)
+    deadline = time.monotonic() + 20
     records = _wandb_records(offline[0])
-    assert records["history_steps"] == [5, 10]
+    while "exit" not in records["kinds"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = _wandb_records(offline[0])
+    assert records["history_steps"] == [5, 10], records["kinds"]
     assert records["history_keys"] >= {"train/loss", "train/lr", "train/grad_norm"}
     assert records["config"]["train"]["steps"] == 10  # the run config, as wandb holds it
     assert any(k.startswith("curves") for k in records["images"]), records["images"]
@@ -133,11 +140,12 @@ def _wandb_records(offline_dir: Path) -> dict:
     """History steps/keys, config and logged image names from an offline run's .wandb file."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    steps, keys, images, config = [], set(), set(), {}
+    steps, keys, images, config, kinds = [], set(), set(), {}, {}
     for data in _wandb_log_records(next(offline_dir.glob("*.wandb"))):
         rec = pb.Record()
         rec.ParseFromString(data)
         kind = rec.WhichOneof("record_type")
+        kinds[kind] = kinds.get(kind, 0) + 1
         if kind == "history":
             items = {i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item}
             if any(k.startswith("train/") for k in items):
@@ -147,7 +155,7 @@ def _wandb_records(offline_dir: Path) -> dict:
         elif kind in ("config", "run"):  # the config arrives with the run record (and later updates)
             for i in (rec.config if kind == "config" else rec.run.config).update:
                 config[i.key] = json.loads(i.value_json)
-    return {"history_steps": steps, "history_keys": keys, "images": images, "config": config}
+    return {"history_steps": steps, "history_keys": keys, "images": images, "config": config, "kinds": kinds}
 
 
 def test_mlflow_logger_offline_file_store_holds_scalars_config_and_curves(store_path, tmp_path, monkeypatch):

@@ -113,6 +113,8 @@ class WandbTracker(Tracker):
         self.run.log({name: self.wandb.Image(str(path))}, step=step)
 
     def close(self):
+        # wandb's service process writes the offline log; finish() can return a moment before the file
+        # holds its last records (the service completes them; the test waits for the exit record)
         self.run.finish()
 
 
