@@ -294,7 +294,7 @@ def train(
             f"{data} records no fps; the checkpoint keeps policy.fps={getattr(cfg.policy, 'fps', None)}"
         )
     _, note = final_episodes(cfg)
-    if note and evaluate is not None and cfg.train.eval_at_end:
+    if note and cfg.eval.task and evaluate is not None and cfg.train.eval_at_end:  # (rollouts only)
         notes.append(note)
     for n in notes if proc.main else []:
         print(f"note: {n}")
