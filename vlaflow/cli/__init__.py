@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("vlaflow.cli.sim", "record successful scripted-expert rollouts into an episode store"),
     "teleop": ("vlaflow.cli.sim", "drive a simulated task from the keyboard and record episodes"),
     "eval": ("vlaflow.cli.sim", "evaluate a policy by rollouts (parallel workers, report.json, videos)"),
-    "train": ("vlaflow.cli.train", "train a policy from a preset on an episode store"),
+    "train": ("vlaflow.cli.train", "train a policy on an episode store (a preset, or --family: own data)"),
     "demo": ("vlaflow.cli.train", "the full demo: collect demos, train a policy, evaluate it"),
     "compose": (
         "vlaflow.cli.compose",

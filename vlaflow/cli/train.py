@@ -87,7 +87,9 @@ class RolloutEvaluator:
             except VlaflowError as e:
                 raise ConfigError(
                     f"eval.task={self.eval.task!r}: {e}\n(fix data.obs_keys / the store, choose another "
-                    "eval.task, or set eval.task= to train without rollouts)"
+                    "eval.task, set eval.task= to train without rollouts, or drop the preset: --family "
+                    f"{getattr(getattr(policy, 'config', None), 'family', 'diffusion')} infers the keys "
+                    "from the store and scores held-out episodes instead)"
                 ) from None
 
 
@@ -136,7 +138,16 @@ def _summary(report: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------- train
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", help="named preset (see --list-presets); optional with --resume")
+    parser.add_argument(
+        "--preset", help="named preset (see --list-presets); optional with --resume or --family"
+    )
+    parser.add_argument(
+        "--family",
+        choices=["diffusion", "flow", "ebt"],
+        help="train this policy family on your own --data without a preset: observation keys, shapes, "
+        "action dim and fps come from the store, a tenth of the episodes is held out and scored "
+        "(validation loss, action errors, eval/step_N/actions.png) instead of sim rollouts",
+    )
     parser.add_argument(
         "--config",
         help="a run config JSON file (e.g. an edited --print-config output) instead of --preset; "
@@ -165,25 +176,48 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_run_config(
-    preset: str | None, overrides: list[str], out: Path | None, resume: bool, config: str | None = None
+    preset: str | None,
+    overrides: list[str],
+    out: Path | None,
+    resume: bool,
+    config: str | None = None,
+    family: str | None = None,
+    data: str | None = None,
 ):
-    """Preset + overrides, a --config file + overrides, or (with --resume and neither) the run's saved
-    config + overrides."""
+    """Preset + overrides, a --config file + overrides, (with --resume and neither) the run's saved
+    config + overrides, or (--family without a preset) a config inferred from the --data store +
+    overrides."""
     from vlaflow.train.config import apply_overrides, upgrade_run_config_dict
     from vlaflow.train.presets import get_preset
 
     if preset and config:
         raise ConfigError("give --preset or --config, not both (overrides apply on top of either)")
+    saved_run = resume and out is not None and (out / "run_config.json").exists()
     if preset:
         cfg = get_preset(preset)
     elif config:
         cfg = load_config_file(Path(config))
-    elif resume and out is not None and (out / "run_config.json").exists():
+    elif saved_run:
         saved = json.loads((out / "run_config.json").read_text())
         cfg = RunConfig.from_dict(upgrade_run_config_dict(saved))
+    elif family:
+        if not data:
+            raise ConfigError("--family needs --data STORE (its keys, shapes and fps make the config)")
+        from vlaflow.data.store import EpisodeStore
+        from vlaflow.train.owndata import own_data_config
+
+        store = EpisodeStore.open(data)
+        store.require_intact()
+        cfg = own_data_config(family, store, str(data))
     else:
         raise ConfigError(
-            "--preset or --config is required (or --resume with an --out that holds run_config.json)"
+            "--preset, --config or --family is required (or --resume with an --out that holds "
+            "run_config.json); --family diffusion|flow|ebt trains on your own --data without a preset"
+        )
+    if family and cfg.family != family:
+        raise ConfigError(
+            f"--family {family} but the {'run' if saved_run and not preset else 'preset'} {cfg.name!r} is "
+            f"a {cfg.family} policy; drop one of them"
         )
     return apply_overrides(cfg, overrides)
 
@@ -213,7 +247,13 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out) if args.out else None
     cfg = resolve_run_config(
-        args.preset, list(args.overrides), out, args.resume, getattr(args, "config", None)
+        args.preset,
+        list(args.overrides),
+        out,
+        args.resume,
+        getattr(args, "config", None),
+        family=getattr(args, "family", None),
+        data=args.data,
     )
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
@@ -245,8 +285,16 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"interrupted: checkpoint saved at step {res.step}: {res.last_ckpt}")
         print(f"continue with: vlaflow train --out {out} --resume")
         return 130
-    if res.final_eval is not None:
-        r = res.final_eval
+    r = res.final_eval
+    if r is not None and r.get("metrics"):  # held-out validation
+        m, rep = r["metrics"], r.get("report", {})
+        print(
+            f"held-out validation ({rep.get('n_episodes')} episodes, {rep.get('n_windows')} windows): "
+            + "  ".join(f"{k} {v:.4g}" for k, v in m.items())
+        )
+        if rep.get("plot"):
+            print(f"held-out actions plot: {rep['plot']}")
+    elif r is not None:
         print(f"final score {r['score']:.3f}  success rate {r['success_rate']}")
     print(
         f"best checkpoint: {res.best_ckpt} (score {res.best_score})"

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vlaflow.errors import ConfigError
+from vlaflow.train.trackers import parse_logger
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -35,7 +36,9 @@ class TrainConfig:
     """Optimisation, EMA, checkpointing and logging of one training run."""
 
     steps: int = 10000  # optimiser steps in total (the cosine schedule spans them)
-    batch_size: int = 256  # global batch (split across DDP ranks)
+    # global batch: the samples of one optimiser step over all DDP ranks (each rank takes batch_size /
+    # world of them) and all grad_accum micro-batches (each batch_size / (world * grad_accum) samples)
+    batch_size: int = 256
     lr: float = 1e-4  # peak AdamW learning rate
     weight_decay: float = 1e-6  # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.95, 0.999)  # AdamW betas (diffusion_policy's)
@@ -61,6 +64,12 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     max_minutes: float = 0.0  # stop after this much training wall time (0 = no limit); resumable
     progress: bool = True  # tqdm progress bar (rank 0)
+    # experiment trackers beside log.csv: tensorboard|wandb|mlflow|none, or a comma list (wandb and mlflow
+    # are optional extras; WANDB_MODE=offline / the file store RUN/mlruns need no network)
+    logger: str = "tensorboard"
+    amp: str = "off"  # mixed precision of the forward: off|bf16|fp16 (fp16 with a GradScaler)
+    grad_accum: int = 1  # micro-batches per step (same gradient as one batch of batch_size, less memory)
+    compile: bool = False  # torch.compile the loss call (falls back to eager with a note if it fails)
 
     def __post_init__(self):
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
@@ -85,6 +94,13 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _check(self.eval_episodes >= 1, f"train.eval_episodes must be >= 1, got {self.eval_episodes}")
         _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")
+        _check(self.amp in ("off", "bf16", "fp16"), f"train.amp must be off|bf16|fp16, got {self.amp!r}")
+        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _check(
+            self.batch_size % self.grad_accum == 0,
+            f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum={self.grad_accum}",
+        )
+        parse_logger(self.logger)
 
 
 @dataclass(frozen=True)
@@ -114,7 +130,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Rollout evaluation through the sim harness (periodic during training and at the end)."""
+    """Rollout evaluation through the sim harness (periodic during training and at the end), or without a
+    task held-out validation on the episodes data.val_ratio keeps out."""
 
     task: str = ""  # sim task name (vlaflow.sim.tasks.TASKS); "" = no rollout evaluation
     obs_mode: str = "lowdim"  # the task's observation mode ("lowdim", "image", ...)
@@ -122,11 +139,15 @@ class EvalConfig:
     max_steps: int = 0  # episode step limit (0 = the task's own limit)
     n_workers: int = 1  # parallel rollout workers
     final_episodes: int = 0  # rollouts of the final evaluation (0 = train.eval_episodes)
+    # without a task: held-out windows scored per validation (data.val_ratio > 0 holds episodes out;
+    # vlaflow.train.validation), 0 = all of them
+    val_windows: int = 256
 
     def __post_init__(self):
         _check(self.max_steps >= 0, f"eval.max_steps must be >= 0, got {self.max_steps}")
         _check(self.n_workers >= 1, f"eval.n_workers must be >= 1, got {self.n_workers}")
         _check(self.final_episodes >= 0, f"eval.final_episodes must be >= 0, got {self.final_episodes}")
+        _check(self.val_windows >= 0, f"eval.val_windows must be >= 0, got {self.val_windows}")
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,16 @@ objectives on this loop, and so will be the RL and world-model losses: there is 
 
 One step: ``batch = objective.batch(step)`` (prepared ahead on a background thread when the objective
 allows), the step's torch seed from (seed, step, rank), the scheduled learning rate, ``loss, metrics =
-objective.loss(batch)`` (through DDP under torchrun), backward, the global gradient norm clipped, one
-finiteness check of loss and norm (NaN/inf stops the run, the last checkpoint stays good), AdamW, the EMA
-(``torch._foreach`` ops), ``objective.after_step(step)``. Every ``log_every`` steps a row goes to
-``log.csv`` / TensorBoard; losses are read back from the device only then (and for the progress bar), so
-a step costs no Python beyond its tensor ops. With a run directory the loop writes::
+objective.loss(batch)`` (through DDP under torchrun; under autocast with ``amp``, over ``grad_accum``
+micro-batches, compiled with ``compile``: :mod:`vlaflow.train.accel`), backward, the global gradient
+norm clipped, one finiteness check of loss and norm (NaN/inf stops the run, the last checkpoint stays
+good), AdamW, the EMA (``torch._foreach`` ops), ``objective.after_step(step)``. Every ``log_every``
+steps a row goes to ``log.csv`` / TensorBoard; losses are read back from the device only then (and for
+the progress bar), so a step costs no Python beyond its tensor ops. With a run directory the loop writes::
 
     RUN/run_config.json         the run's config (what resume compares against)
-    RUN/log.csv, RUN/tb/        training rows every log_every steps and one row per rollout evaluation
+    RUN/log.csv, RUN/tb/        training rows every log_every steps and one row per evaluation (rollouts, or
+                                held-out validation); wandb/ or mlruns/ with train.logger (:mod:`.trackers`)
     RUN/curves.png              loss and score against step
     RUN/checkpoints/last        newest checkpoint (resume point), step_NNNNNNN, best (by rollout score)
     RUN/eval/step_NNNNNNN/      the evaluator's report (and videos) of each evaluation
@@ -52,10 +54,9 @@ How the next objectives plug in (one class each, this loop unchanged)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -70,7 +71,17 @@ import torch.distributed as dist
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.train import provenance as P
 from vlaflow.train import schedule as S
-from vlaflow.train.config import config_diff
+from vlaflow.train.accel import Compiled, Precision, split_batch
+from vlaflow.train.loop_parts import (  # noqa: F401  (_Ema, clip_grad_norm: used by benchmarks)
+    _check_replicas_agree,
+    _check_same_data,
+    _diverged_msg,
+    _Ema,
+    _scalar,
+    _StopFlag,
+    check_resume,
+    clip_grad_norm,
+)
 from vlaflow.train.objective import Objective
 from vlaflow.train.process import BatchPipeline, Process, start_process, to_device
 from vlaflow.train.runlog import RunLog, plot_curves
@@ -136,12 +147,20 @@ class LoopConfig:
     num_threads: int = 0  # torch intra-op threads (0 = all cores / world size, 1 on a busy machine)
     progress: bool = True  # tqdm bar on rank 0
     desc: str = "train"  # the progress bar's label
+    logger: str = "tensorboard"  # trackers beside log.csv: tensorboard|wandb|mlflow|none, or a comma list
+    amp: str = "off"  # autocast of the loss: off|bf16|fp16 (fp16 with a GradScaler); see vlaflow.train.accel
+    grad_accum: int = 1  # micro-batches per step (the step's batch cut in equal parts, gradients summed)
+    compile: bool = False  # torch.compile the objective's loss call (falls back to eager with a note)
 
     def __post_init__(self):
         if self.steps < 0 or (self.steps == 0 and self.max_seconds <= 0):
             raise ConfigError(f"give the loop a budget: steps >= 1 or max_seconds > 0 (got {self.steps})")
         if self.schedule not in ("cosine", "constant", "budget_cosine"):
             raise ConfigError(f"schedule must be cosine|constant|budget_cosine, got {self.schedule!r}")
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise ConfigError(f"amp must be off|bf16|fp16, got {self.amp!r}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
 
 
 @dataclass
@@ -218,52 +237,6 @@ class TrainingLoop:
         return _Run(self, objective, evaluate, meta or RunMeta(config={})).train()
 
 
-class _Ema:
-    """``ema <- decay * ema + (1 - decay) * module`` for trained parameters, a copy for the rest -- in a
-    handful of ``torch._foreach`` calls instead of two Python-level ops per tensor (bit-identical)."""
-
-    def __init__(self, ema: torch.nn.Module, module: torch.nn.Module):
-        pairs = list(zip(ema.parameters(), module.parameters(), strict=True))
-        self.avg = ([e for e, m in pairs if m.requires_grad], [m for _, m in pairs if m.requires_grad])
-        fixed = [(e, m) for e, m in pairs if not m.requires_grad]
-        fixed += list(zip(ema.buffers(), module.buffers(), strict=True))
-        self.copy = ([e for e, _ in fixed], [m for _, m in fixed])
-
-    @torch.no_grad()
-    def update(self, decay: float) -> None:
-        if self.avg[0]:
-            torch._foreach_mul_(self.avg[0], decay)
-            torch._foreach_add_(self.avg[0], self.avg[1], alpha=1.0 - decay)
-        if self.copy[0]:
-            torch._foreach_copy_(self.copy[0], self.copy[1])
-
-
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """The global L2 norm of the gradients, which are scaled down to ``max_norm`` if it is > 0.
-
-    The same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (per-tensor norms, the norm of their stack,
-    one clamped factor) with ``_foreach`` kernels, which that function does not use on the CPU.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    if max_norm > 0:
-        torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-    return total
-
-
-def check_resume(config: dict, saved: dict, resumable: frozenset[str]) -> None:
-    """A resume may change only bookkeeping fields; anything else would be a different run."""
-    diffs = config_diff(saved, config)
-    bad = [d for d in diffs if d.split(":")[0] not in resumable and not d.startswith("name:")]
-    if bad:
-        raise ConfigError(
-            "cannot resume: the config differs from the run's saved config in fields that change the "
-            "training itself:\n  " + "\n  ".join(bad)
-        )
-
-
 class _Run:
     """One invocation of :meth:`TrainingLoop.run`: the optimiser, resume state and bookkeeping."""
 
@@ -289,6 +262,7 @@ class _Run:
         kind = {"fused": True} if self.cfg.fused_adamw else {"foreach": True}
         c = self.cfg
         self.opt = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay, **kind)
+        self.prec = Precision(c.amp, loop.process.device)
         self.start_step, self.best_score, self.best_step = 0, None, None
         self.train_seconds, self.evals, self.final_eval = 0.0, [], None
         self.log = None
@@ -336,6 +310,7 @@ class _Run:
 
                 ema_t = load_checkpoint(where).state_dict()
             self.ema.load_state_dict(ema_t)
+        self.prec.load_state(tensors)
         prefix = "objective/"
         self.obj.load_extra_state(
             {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, where
@@ -362,7 +337,7 @@ class _Run:
     def _save(self, step: int) -> Path:
         source = self.ema if self.ema is not None else self.obj.module
         deploy = self.obj.deploy(source)
-        extra = {f"objective/{k}": v for k, v in self.obj.extra_state().items()}
+        extra = {f"objective/{k}": v for k, v in self.obj.extra_state().items()} | self.prec.state()
         if self.ema is not None and deploy is not self.ema:  # the policy files hold only part of the EMA
             extra.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
         p = save_training_checkpoint(
@@ -383,6 +358,8 @@ class _Run:
         self.obj.module.train()
         self.final_eval = res
         row = {"step": step, "kind": "eval", "score": res["score"], "success_rate": res["success_rate"]}
+        # an evaluator's own scalars (held-out validation: val_loss, action errors) join the row
+        row.update({k: float(v) for k, v in (res.get("metrics") or {}).items() if _scalar(v)})
         self.evals.append({k: v for k, v in row.items() if k != "kind"} | {"n_episodes": n_episodes})
         self.log.log(row)
         new_best = self.best_score is None or res["score"] > self.best_score
@@ -391,7 +368,29 @@ class _Run:
         write_state_json(self.last_dir, self._state_json(step))  # record the evaluation in the resume state
         if new_best:
             copy_checkpoint(self.last_dir, self.ckpt_dir / "best")
-        plot_curves(self.log.rows, self.run_dir / "curves.png", title=self.meta.title)
+        curves = plot_curves(self.log.rows, self.run_dir / "curves.png", title=self.meta.title)
+        self.log.log_image("curves", curves, step)
+
+    def _forward_backward(self, call: Callable, ddp, batch) -> tuple[torch.Tensor, dict]:
+        """Loss and gradients of one step: ``grad_accum`` micro-batches under autocast, each adding
+        ``loss / N`` (DDP all-reduces only on the last); returns the step's mean loss, the gradients in
+        true units (fp16: unscaled, ready for clipping)."""
+        n = self.cfg.grad_accum
+        parts = split_batch(batch, n)
+        total, metrics = None, {}
+        for i, mb in enumerate(parts):
+            sync = contextlib.nullcontext() if ddp is None or i == n - 1 else ddp.no_sync()
+            with sync:
+                with self.prec.autocast():
+                    loss, m = call(mb)
+                loss = loss.float()
+                self.prec.backward(loss / n if n > 1 else loss)
+            total = loss.detach() / n if total is None else total + loss.detach() / n
+            for k, v in (m or {}).items():  # the step's metrics: means over the micro-batches
+                if _scalar(v):
+                    metrics[k] = metrics.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / n
+        self.prec.unscale(self.opt)
+        return (loss if n == 1 else total), (m if n == 1 else metrics)
 
     def _lr(self, step: int, train_seconds: float) -> float:
         c = self.cfg
@@ -411,14 +410,21 @@ class _Run:
             self._load()
         start = self.start_step
         call: Callable = obj.loss
+        ddp = None
         if proc.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            call = DDP(
+            call = ddp = DDP(
                 _ObjectiveModule(obj), device_ids=[proc.device.index] if proc.device.type == "cuda" else None
             )
+        call = Compiled(call, c.compile, proc.main)
         if writes:
-            self.log = RunLog(self.run_dir, resume_step=start if self.resume else None)
+            self.log = RunLog(
+                self.run_dir,
+                resume_step=start if self.resume else None,
+                logger=c.logger,
+                config=self.meta.config,
+            )
             (self.run_dir / "run_config.json").write_text(json.dumps(self.meta.config, indent=1))
             if self.meta.provenance:
                 P.append(
@@ -450,18 +456,19 @@ class _Run:
                 lr = self._lr(step, elapsed)
                 for g, scale in zip(self.opt.param_groups, self.lr_scales, strict=True):
                     g["lr"] = lr * scale if scale != 1.0 else lr
-                loss, metrics = call(batch)
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, metrics = self._forward_backward(call, ddp, batch)
                 gnorm = clip_grad_norm(self.params, c.grad_clip)
                 # one host read per step: the loss and the gradient norm are finite (on every rank)
-                finite = (torch.isfinite(loss.detach()) & torch.isfinite(gnorm)).float()
+                # (fp16: an overflowing gradient is the scaler's to skip, not a divergence)
+                g_ok = torch.isfinite(gnorm) if self.prec.scaler is None else torch.ones((), dtype=torch.bool)
+                finite = (torch.isfinite(loss.detach()) & g_ok.to(loss.device)).float()
                 if proc.world > 1:
                     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
                 if finite.item() < 1:
                     what = "loss" if not bool(torch.isfinite(loss.detach())) else "gradient norm"
                     raise TrainingDiverged(_diverged_msg(what, step, last_saved, self.last_dir))
-                self.opt.step()
+                updated = self.prec.step(self.opt)
                 decay = S.ema_decay(step, c.ema_power, c.ema_max, c.ema_min)
                 if ema is not None:
                     ema.update(decay)
@@ -494,6 +501,9 @@ class _Run:
                         "samples_per_s": samples_since_log / max(now - t_log, 1e-9),
                         "elapsed_s": self.train_seconds,
                     }
+                    if self.prec.scaler is not None:
+                        row["amp_scale"] = float(self.prec.scaler.get_scale())
+                        row["amp_skipped"] = 0.0 if updated else 1.0
                     for m in (metrics, extra):
                         row.update({k: float(v) for k, v in (m or {}).items() if k != "loss" and _scalar(v)})
                     self.log.log(row)
@@ -541,7 +551,9 @@ class _Run:
                     if last_saved != step:
                         self._save(step)
                     self._eval(step, c.final_episodes or c.eval_episodes, video=True)
-                plot_curves(self.log.rows, self.run_dir / "curves.png", title=self.meta.title)
+                curves = plot_curves(self.log.rows, self.run_dir / "curves.png", title=self.meta.title)
+                if self.evaluate is None or not c.eval_at_end or stopped == "interrupted":
+                    self.log.log_image("curves", curves, step)  # (an evaluation has just sent it)
             finally:
                 self.log.close()
         if proc.world > 1:
@@ -561,81 +573,3 @@ class _Run:
             evals=self.evals,
             recent_losses=[float(x) for x in recent],
         )
-
-
-def _check_same_data(state: dict, meta: RunMeta) -> None:
-    """A resume must see the data the run started on: every fingerprint field both sides record agree
-    (a run saved before the content fingerprint existed is compared on its counts)."""
-    saved, now = state.get("data") or {}, meta.data
-    diff = {k: (saved[k], now[k]) for k in saved.keys() & now.keys() if saved[k] != now[k]}
-    if diff or (saved.keys() ^ now.keys()) - {"fingerprint"}:
-        where = (state.get("provenance") or {}).get("data")
-        rec = f" (the run recorded {where}, now {meta.provenance.get('data')})" if where else ""
-        what = "; ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in sorted(diff.items()))
-        raise ConfigError(
-            f"cannot resume: the dataset changed since the run started{rec}: {what or (saved, now)}. "
-            "Resume with the store the run trained on, or start a new run (--out)"
-        )
-
-
-class _StopFlag:
-    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's or torchrun's polite kill) during the steps asks the loop
-    to stop after the current step and save checkpoints/last; a second signal interrupts at once. Only in
-    the main thread (signal's rule); handlers are restored when the steps end."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.set = False
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.getsignal(sig)
-                signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-        name = signal.Signals(signum).name
-        print(f"\n{name}: saving checkpoints/last after this step (again to stop at once)", flush=True)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-        return False
-
-
-def _check_replicas_agree(module: torch.nn.Module) -> None:
-    """DDP ranks must hold identical weights after training; a silent desync would be a wrong model."""
-    with torch.no_grad():
-        total = torch.stack([p.detach().double().sum() for p in module.parameters()]).sum().reshape(1)
-    lo, hi = total.clone(), total.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if float(hi - lo) > 1e-6 * max(1.0, abs(float(total))):
-        raise VlaflowError(
-            f"DDP ranks disagree on the weights after training (sum {float(lo)} vs {float(hi)})"
-        )
-
-
-def _diverged_msg(what: str, step: int, last_saved: int | None, last_dir: Path | None) -> str:
-    keep = (
-        f"the last good checkpoint is {last_dir} (step {last_saved})"
-        if last_saved is not None
-        else "no checkpoint had been written yet"
-    )
-    return (
-        f"the training {what} became NaN/inf at step {step}; training stopped, {keep}. "
-        "Lower train.lr, set train.grad_clip, or check the data for extreme values."
-    )
-
-
-def _scalar(v) -> bool:
-    if torch.is_tensor(v):
-        return v.numel() == 1
-    return isinstance(v, (int, float))

@@ -26,6 +26,8 @@ from vlaflow.train.loop import (  # noqa: F401  (TrainingDiverged: part of this 
     TrainResult,
 )
 from vlaflow.train.objectives.bc import BehaviourCloning
+from vlaflow.train.owndata import check_keys
+from vlaflow.train.validation import HeldOutValidation
 
 # Fields that may change when resuming (bookkeeping, not the maths of the run).
 RESUMABLE_CHANGES = frozenset(
@@ -43,8 +45,12 @@ RESUMABLE_CHANGES = frozenset(
         "train.max_minutes",
         "train.progress",
         "train.fused_adamw",  # float rounding only (see TrainConfig.fused_adamw)
+        "train.logger",
+        "train.compile",  # the same maths, compiled kernels
+        "train.grad_accum",  # the same gradient (to float rounding) in smaller pieces: a smaller GPU
         "eval.n_workers",
         "eval.final_episodes",
+        "eval.val_windows",
     }
 )
 
@@ -97,6 +103,10 @@ def loop_config(cfg: RunConfig) -> LoopConfig:
         num_threads=t.num_threads,
         progress=t.progress,
         desc=f"train {cfg.name}",
+        logger=t.logger,
+        amp=t.amp,
+        grad_accum=t.grad_accum,
+        compile=t.compile,
     )
 
 
@@ -113,8 +123,10 @@ def open_training_data(cfg: RunConfig, data: str | Path):
     if missing:
         raise ConfigError(
             f"{data}: preset {cfg.name!r} needs key(s) {missing} that the dataset does not have; "
-            f"the dataset has {sorted(store.keys)} (set data.obs_keys=... to choose others)"
+            f"the dataset has {sorted(store.keys)} (set data.obs_keys=... to choose others, or train "
+            f"without a preset: --family {cfg.family} infers them from the store)"
         )
+    check_keys(store, cfg.data.obs_keys, str(data), cfg.family)
     if store.n_episodes < 1:
         raise ConfigError(f"{data}: the dataset has no finished episodes")
     n_eps = store.n_episodes if cfg.data.max_episodes == 0 else min(cfg.data.max_episodes, store.n_episodes)
@@ -126,6 +138,47 @@ def open_training_data(cfg: RunConfig, data: str | Path):
     if stats is None or any(k not in stats for k in needed):
         stats = compute_stats(store, needed)
     return store, ws, stats
+
+
+def validation_windows(cfg: RunConfig, store):
+    """Windows of the episodes ``data.val_ratio`` holds out (the split of :func:`open_training_data`),
+    or None when nothing is held out."""
+    from vlaflow.data.windows import WindowSampler, split_episodes
+
+    if cfg.data.val_ratio <= 0:
+        return None
+    n_eps = store.n_episodes if cfg.data.max_episodes == 0 else min(cfg.data.max_episodes, store.n_episodes)
+    _, val_eps = split_episodes(n_eps, val_ratio=cfg.data.val_ratio, seed=cfg.train.seed)
+    if len(val_eps) == 0:
+        return None
+    ws = WindowSampler(store, cfg.data.obs_keys, cfg.data.n_obs_steps, cfg.data.horizon, episodes=val_eps)
+    return ws if len(ws) else None
+
+
+def sync_with_store(cfg: RunConfig, store) -> RunConfig:
+    """``cfg`` with the policy's store-derived fields (obs shapes, action dim, fps, tasks) set from the
+    store, so run_config.json says what the checkpoint holds (they used to differ: the preset's fps and
+    shapes in run_config.json, the store's in the checkpoint)."""
+    return dataclasses.replace(cfg, policy=_sync_policy_config(cfg, store))
+
+
+STORE_FIELDS = ("obs_shapes", "action_dim", "fps", "tasks", "obs_keys")
+
+
+def _resume_upgrade(cfg: RunConfig):
+    """Brings a saved run config to today's form: To/H/Ta one value, and (a run saved before
+    :func:`sync_with_store`) the store-derived policy fields as the store gives them -- the store itself is
+    compared by its fingerprint."""
+    now = cfg.to_dict()["policy"]
+
+    def upgrade(saved: dict) -> dict:
+        d = upgrade_run_config_dict(saved)
+        pol = d.get("policy")
+        if not isinstance(pol, dict):
+            return d
+        return {**d, "policy": {**pol, **{k: now[k] for k in STORE_FIELDS if k in pol and k in now}}}
+
+    return upgrade
 
 
 def build_run_policy(cfg: RunConfig, stats: dict, store=None):
@@ -206,21 +259,45 @@ def train(
             "callable (vlaflow.train does not import the simulators): pass "
             "evaluate=vlaflow.cli.train.rollout_evaluator(cfg), or set eval.task= for none"
         )
-    loop = TrainingLoop(loop_config(cfg), out, resume=resume)
-    proc = loop.process
+    # every check comes before the run directory is made: the store (keys, damage), the policy's keys and
+    # -- with a rollout evaluator -- the policy against the evaluation task; a refused run leaves nothing
     store, ws, stats = open_training_data(cfg, data)
+    cfg = sync_with_store(cfg, store)
     torch.manual_seed(cfg.train.seed)
-    policy = build_run_policy(cfg, stats, store).to(proc.device)
+    policy = build_run_policy(cfg, stats, store)
     needed = [k for k in _policy_keys(policy, cfg) if k not in store.keys]
     if needed:
         raise ConfigError(f"{data}: the policy reads key(s) {needed}; the dataset has {sorted(store.keys)}")
     evaluate = evaluate if cfg.eval.task else None
+    notes = []
+    if evaluate is None:
+        val = validation_windows(cfg, store)
+        if val is not None:
+            evaluate = HeldOutValidation(
+                val,
+                n_action_steps=cfg.data.n_action_steps,
+                n_windows=cfg.eval.val_windows,
+                batch_size=min(cfg.train.batch_size, 256),
+                seed=cfg.train.seed,
+                action_names=store.keys[K.ACTION].names,
+            )
+        elif cfg.data.val_ratio > 0:
+            notes.append(f"{data} has {store.n_episodes} episode(s): none left to hold out for validation")
     check = getattr(evaluate, "check", None)
     if check is not None:
         check(policy)  # the policy must fit the evaluation task: refuse now, not after training
+    loop = TrainingLoop(loop_config(cfg), out, resume=resume)
+    proc = loop.process
+    policy = policy.to(proc.device)
+    if store.fps is None:
+        notes.append(
+            f"{data} records no fps; the checkpoint keeps policy.fps={getattr(cfg.policy, 'fps', None)}"
+        )
     _, note = final_episodes(cfg)
-    if note and evaluate is not None and cfg.train.eval_at_end and proc.main:
-        print(f"note: {note}")
+    if note and cfg.eval.task and evaluate is not None and cfg.train.eval_at_end:  # (rollouts only)
+        notes.append(note)
+    for n in notes if proc.main else []:
+        print(f"note: {n}")
     objective = BehaviourCloning(
         policy, ws, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=proc.rank, world=proc.world
     )
@@ -230,7 +307,7 @@ def train(
         data=_data_fingerprint(store, ws),
         title=cfg.name,
         provenance=provenance.invocation(data),
-        upgrade=upgrade_run_config_dict,
+        upgrade=_resume_upgrade(cfg),
     )
     return loop.run(objective, evaluate=evaluate, meta=meta)
 
