@@ -296,11 +296,12 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"held-out actions plot: {rep['plot']}")
     elif r is not None:
         print(f"final score {r['score']:.3f}  success rate {r['success_rate']}")
-    print(
-        f"best checkpoint: {res.best_ckpt} (score {res.best_score})"
-        if res.best_ckpt
-        else "no best checkpoint (no rollout evaluation)"
-    )
+    if not res.best_ckpt:
+        print("no best checkpoint (no evaluation)")
+    elif r is not None and r.get("metrics"):  # validation scores by -action_mae_norm
+        print(f"best checkpoint: {res.best_ckpt} (lowest held-out action_mae_norm {-res.best_score:.4g})")
+    else:
+        print(f"best checkpoint: {res.best_ckpt} (score {res.best_score:.4g})")
     print(f"last checkpoint: {res.last_ckpt}")
     print(f"log: {res.run_dir / 'log.csv'}   curves: {res.run_dir / 'curves.png'}")
     return 0
