@@ -205,8 +205,14 @@ PRESET_DATA: dict[str, dict] = {
             "sampler": "ddim",
             "num_inference_steps": 10,
         },
-        # measured on `vlaflow collect --task pick_place_two --episodes 400 --noise 0.1`: 4000 steps (26 min,
-        # one thread) follow 14% / 24% of the red / blue instructions (results/instruction_probe.md)
+        # measured (results/instruction_probe.md, 50 held-out episodes per instruction), one thread, neither
+        # passes the 90% target: raw language feature on `vlaflow collect --task pick_place_two --episodes
+        # 400 --noise 0.1`, 4000 steps (26 min): followed 14% / 24% (red / blue), success 8% / 14%;
+        # normalize=instructions + dropout 0 on paired scenes (`--task probe:two_cubes --episodes 300
+        # --noise 0.1 --seed 0`), 4500 steps (24.9 min), best of the validation evals (step 4000): followed
+        # 16% / 18%, success 14% / 12%. The instruction is still ignored: the state reveals the target after
+        # the first step of a demo, so only ~4% of the windows need the instruction (the denoiser's loss is
+        # the same with the instructions swapped); the fix has to make the instruction needed in training.
         "train": {
             "steps": 4000,
             "batch_size": 128,
