@@ -222,7 +222,14 @@ def train(
     if note and evaluate is not None and cfg.train.eval_at_end and proc.main:
         print(f"note: {note}")
     objective = BehaviourCloning(
-        policy, ws, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=proc.rank, world=proc.world
+        policy,
+        ws,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        rank=proc.rank,
+        world=proc.world,
+        start_fraction=cfg.data.start_fraction,
+        start_steps=cfg.data.start_steps,
     )
     meta = RunMeta(
         config=cfg.to_dict(),
