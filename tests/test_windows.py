@@ -92,3 +92,28 @@ def test_normalizer_constant_dim_and_missing_key():
     np.testing.assert_allclose(n.unnormalize("action", y), [[2.0, 4.0]])
     with pytest.raises(KeyError, match="no normalizer statistics for key 'obs.state'"):
         Normalizer(stats, {"obs.state": "minmax"})
+
+
+def test_start_fraction_batches_draw_episode_starts(store):
+    """data.start_fraction: that share of every batch comes from the episodes' first start_steps steps, the
+    same batch for the same (seed, step) (resumable), the rest is the uniform epoch schedule."""
+    from vlaflow.train.config import DataConfig
+    from vlaflow.train.objectives.bc import BehaviourCloning
+
+    ws = WindowSampler(store, ["obs.state"], n_obs_steps=2, horizon=4)
+    start = ws.start_windows(2)
+    assert start.tolist() == [0, 1, 3, 4]  # episode 0 = windows 0..2, episode 1 = windows 3..7
+    kw = dict(batch_size=20, seed=3, rank=0, world=1)
+    mixed = BehaviourCloning(None, ws, start_fraction=0.5, start_steps=2, **kw)
+    plain = BehaviourCloning(None, ws, **kw)
+    for step in (0, 7):
+        b = mixed.batch(step)
+        first = b["obs.state"][:10, -1, 0].numpy()  # current obs = 100 * (episode + 1) + step in episode
+        assert np.all(first % 100 < 2), first
+        torch.testing.assert_close(b["obs.state"], mixed.batch(step)["obs.state"])
+        torch.testing.assert_close(b["obs.state"][10:], plain.batch(step)["obs.state"][10:])
+    assert (plain.batch(0)["obs.state"][:, -1, 0].numpy() % 100 >= 2).any()
+    with pytest.raises(Exception, match="start_fraction"):
+        DataConfig(start_fraction=1.0)
+    with pytest.raises(Exception, match="start_steps"):
+        DataConfig(start_steps=0)

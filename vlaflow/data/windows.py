@@ -117,6 +117,10 @@ class WindowSampler:
     def __len__(self) -> int:
         return int(self._t.shape[0])
 
+    def start_windows(self, n_steps: int) -> np.ndarray:
+        """Indices of the windows whose current step is among their episode's first ``n_steps``."""
+        return np.flatnonzero(self._t - self._s < int(n_steps))
+
     def get_batch(self, idx: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):

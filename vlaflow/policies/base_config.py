@@ -33,6 +33,10 @@ class LanguageConfig:
     intermediate_size: int = 128  # built-from-config BERT MLP width
     max_length: int = 48  # tokens per instruction (bytes + 2 for the byte tokenizer)
     freeze: bool = False  # keep the text encoder's weights fixed (sensible for a loaded model)
+    dropout: float = 0.1  # built-from-config BERT hidden + attention dropout (transformers' default)
+    # "instructions": standardize the pooled text feature per dimension over the policy's known instructions
+    # (config.tasks), the way low-dim observations are normalized over the dataset; "none": raw feature
+    normalize: str = "none"
 
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
@@ -42,6 +46,11 @@ class LanguageConfig:
             f"language.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}",
         )
         _check(self.max_length >= 3, f"language.max_length must be >= 3, got {self.max_length}")
+        _check(0.0 <= self.dropout < 1.0, f"language.dropout must be in [0, 1), got {self.dropout}")
+        _check(
+            self.normalize in ("none", "instructions"),
+            f"language.normalize must be 'none' or 'instructions', got {self.normalize!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,7 @@ class DenoisingPolicy(DenoisingModel):
         tokens = self.obs_encoder(window)  # (B, To, Fc)
         if self.text_encoder is not None:
             texts = self._task_texts(obs, tokens.shape[0])
-            lang = self.lang_proj(self.text_encoder(texts))  # (B, Fc)
+            lang = self.lang_proj(self.text_encoder(texts, self.config.tasks))  # (B, Fc)
             tokens = torch.cat([tokens, lang.unsqueeze(1)], dim=1)
         return tokens
 

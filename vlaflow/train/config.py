@@ -113,6 +113,11 @@ class DataConfig:
     n_action_steps: int = 8  # Ta: actions executed per replan (evaluation and deployment)
     val_ratio: float = 0.0  # fraction of episodes held out (by episode) from training
     max_episodes: int = 0  # train on the first N episodes only (0 = all)
+    # share of every batch drawn from windows at an episode's first `start_steps` steps (0 = uniform): where
+    # one scene is demonstrated under several instructions, the state gives the target away after a step or
+    # two, and those few windows are the only ones that teach the policy to read the instruction
+    start_fraction: float = 0.0
+    start_steps: int = 3
 
     def __post_init__(self):
         _check(len(self.obs_keys) >= 1, "data.obs_keys must name at least one observation key")
@@ -126,6 +131,10 @@ class DataConfig:
         )
         _check(0 <= self.val_ratio < 1, f"data.val_ratio must be in [0, 1), got {self.val_ratio}")
         _check(self.max_episodes >= 0, f"data.max_episodes must be >= 0, got {self.max_episodes}")
+        _check(
+            0 <= self.start_fraction < 1, f"data.start_fraction must be in [0, 1), got {self.start_fraction}"
+        )
+        _check(self.start_steps >= 1, f"data.start_steps must be >= 1, got {self.start_steps}")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,17 @@ def batch_indices(seed: int, step: int, n_windows: int, batch_size: int) -> np.n
     return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
+def mix_start(indices: np.ndarray, seed: int, step: int, start: np.ndarray, fraction: float) -> np.ndarray:
+    """``indices`` with its first ``round(fraction * len)`` entries replaced by windows drawn from ``start``
+    (with replacement, from (seed, step): the same batch for any resume)."""
+    k = int(round(fraction * len(indices)))
+    if k == 0 or len(start) == 0:
+        return indices
+    out = np.array(indices, copy=True)
+    out[:k] = start[np.random.default_rng([seed, 2, step]).integers(0, len(start), size=k)]
+    return out
+
+
 def shard(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """This rank's share of a global batch (strided, like DistributedSampler); sizes differ by at most 1."""
     return indices[rank::world_size]

@@ -299,7 +299,14 @@ def train(
     for n in notes if proc.main else []:
         print(f"note: {n}")
     objective = BehaviourCloning(
-        policy, ws, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=proc.rank, world=proc.world
+        policy,
+        ws,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
+        rank=proc.rank,
+        world=proc.world,
+        start_fraction=cfg.data.start_fraction,
+        start_steps=cfg.data.start_steps,
     )
     meta = RunMeta(
         config=cfg.to_dict(),

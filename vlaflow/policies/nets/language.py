@@ -3,11 +3,21 @@ or a model the user keeps on local disk (loaded with ``local_files_only``; nothi
 
 The built-from-config encoder uses :class:`ByteTokenizer`, which needs no vocabulary file: UTF-8 bytes
 shifted past three special ids. A local model brings its own tokenizer files.
+
+Each distinct string of a batch is encoded once (a training batch holds a handful of instructions).
+``language.normalize = "instructions"`` standardizes the pooled feature per dimension over a reference set
+of instructions (the policy's ``config.tasks``): an untrained tiny BERT maps instructions that differ in one
+word to mean-pooled features with cosine ~0.997, so the part that says *which* instruction is ~8% of the
+feature's norm and the denoiser's FiLM layers see it as a near-constant input. Standardized, every
+dimension carries the difference between instructions at unit scale from the first step, the way
+low-dim observations are normalized over the dataset. With fewer than two distinct reference
+instructions the feature is left as it is.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -82,11 +92,14 @@ class TextEncoder(nn.Module):
                 intermediate_size=lang_cfg.intermediate_size,
                 max_position_embeddings=max(64, lang_cfg.max_length),
                 pad_token_id=PAD,
+                hidden_dropout_prob=lang_cfg.dropout,
+                attention_probs_dropout_prob=lang_cfg.dropout,
             )
             self.tokenizer = ByteTokenizer(lang_cfg.max_length)
             self.model = transformers.BertModel(bert_cfg, add_pooling_layer=False)
             self._hf_tokenizer = False
         self.max_length = lang_cfg.max_length
+        self.normalize = lang_cfg.normalize
         self.out_dim = int(self.model.config.hidden_size)
         if lang_cfg.freeze:
             for p in self.model.parameters():
@@ -107,9 +120,26 @@ class TextEncoder(nn.Module):
             tok = self.tokenizer(list(texts))
         return {k: v.to(device) for k, v in tok.items()}
 
-    def forward(self, texts: list[str]) -> Tensor:
+    def pooled(self, texts: list[str]) -> Tensor:
+        """(N, hidden) masked mean of the last hidden states, one row per string."""
         device = next(self.model.parameters()).device
         tok = self.tokenize(texts, device)
-        hidden = self.model(**tok).last_hidden_state  # (B, L, hidden)
+        hidden = self.model(**tok).last_hidden_state  # (N, L, hidden)
         mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, texts: list[str], reference: Sequence[str] = ()) -> Tensor:
+        """(B, hidden) features of ``texts``; ``reference``: the instructions to standardize over."""
+        ref = list(dict.fromkeys(reference)) if self.normalize == "instructions" else []
+        uniq = list(dict.fromkeys([*texts, *ref]))
+        row = {t: i for i, t in enumerate(uniq)}
+        feats = self.pooled(uniq)
+        out = feats[torch.tensor([row[t] for t in texts], device=feats.device)]
+        if len(ref) >= 2:
+            r = feats[torch.tensor([row[t] for t in ref], device=feats.device)]
+            var = r.var(0, unbiased=False)
+            # the floor keeps a dimension on which the reference instructions barely differ from
+            # magnifying an unseen instruction's value
+            std = torch.sqrt(var + 0.1 * var.mean().detach() + 1e-8)
+            out = (out - r.mean(0)) / std
+        return out

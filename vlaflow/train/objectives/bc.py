@@ -34,14 +34,26 @@ class BehaviourCloning(Objective):
     prefetch = "parallel"
 
     def __init__(
-        self, policy: torch.nn.Module, windows, *, batch_size: int, seed: int, rank: int, world: int
+        self,
+        policy: torch.nn.Module,
+        windows,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        start_fraction: float = 0.0,
+        start_steps: int = 3,
     ):
         self.module = policy
         self.windows = windows
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.start_fraction = float(start_fraction)
+        self.start = windows.start_windows(start_steps) if start_fraction > 0 else np.zeros(0, np.int64)
 
     def batch(self, step: int) -> dict[str, Any]:
         idx = S.batch_indices(self.seed, step, len(self.windows), self.batch_size)
+        idx = S.mix_start(idx, self.seed, step, self.start, self.start_fraction)
         return make_batch(self.windows, S.shard(idx, self.rank, self.world))
 
     def loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
