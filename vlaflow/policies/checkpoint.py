@@ -234,7 +234,8 @@ def load_checkpoint(
     }
     _finite_stats(norm_path, stats)
     build_cfg = cfg
-    if cfg.encoder.language.enabled and cfg.encoder.language.pretrained_path:
+    lang_cfg = cfg.encoder.language
+    if lang_cfg.enabled and (lang_cfg.pretrained_path or lang_cfg.text_encoder != "tiny_bert"):
         # the config's path is where the text model came from on the machine that trained; a checkpoint
         # loads only its own copy (tokenizer + architecture; the weights are in model.safetensors)
         if not (d / TEXT_ENCODER_DIR).is_dir():

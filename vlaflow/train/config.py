@@ -61,6 +61,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     max_minutes: float = 0.0  # stop after this much training wall time (0 = no limit); resumable
     progress: bool = True  # tqdm progress bar (rank 0)
+    # frozen pretrained cameras train on cached trunk features (vlaflow/train/feature_cache.py); off = online
+    feature_cache: bool = True
+    feature_cache_dir: str = ""  # where the feature caches live ("" = $VLAFLOW_CACHE or ~/.cache/vlaflow)
 
     def __post_init__(self):
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")

@@ -43,6 +43,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.max_minutes",
         "train.progress",
         "train.fused_adamw",  # float rounding only (see TrainConfig.fused_adamw)
+        "train.feature_cache_dir",  # where the cache lives, not what it holds (its key is the content)
         "eval.n_workers",
         "eval.final_episodes",
     }
@@ -218,6 +219,17 @@ def train(
     check = getattr(evaluate, "check", None)
     if check is not None:
         check(policy)  # the policy must fit the evaluation task: refuse now, not after training
+    if cfg.train.feature_cache:
+        from vlaflow.train.feature_cache import attach_feature_cache
+
+        for info in attach_feature_cache(
+            policy, store, ws, cfg.train.feature_cache_dir or None, progress=cfg.train.progress and proc.main
+        ):
+            if proc.main:
+                how = "built" if info["built"] else "reused"
+                shape = tuple(info["shape"])
+                secs, where = info["seconds"], info["path"]
+                print(f"feature cache {how}: {info['image_key']} {shape} in {secs:.1f} s ({where})")
     _, note = final_episodes(cfg)
     if note and evaluate is not None and cfg.train.eval_at_end and proc.main:
         print(f"note: {note}")
