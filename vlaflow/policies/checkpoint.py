@@ -257,7 +257,10 @@ def load_checkpoint(
     model_path = _confined(d, d / MODEL_FILE, MODEL_FILE)
     if not model_path.is_file():
         raise VlaflowError(f"{d}: missing {MODEL_FILE}")
-    policy = build_policy(build_cfg, stats)
+    from vlaflow.policies.nets.pretrained import weights_from_checkpoint
+
+    with weights_from_checkpoint():  # pretrained trunks: their weights are in model.safetensors below
+        policy = build_policy(build_cfg, stats)
     policy.config = cfg  # the saved config, not the checkpoint-local text-encoder path
     saved_modes = norm.get("modes", {})
     if saved_modes != policy.normalizer.modes:

