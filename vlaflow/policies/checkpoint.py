@@ -234,7 +234,8 @@ def load_checkpoint(
     }
     _finite_stats(norm_path, stats)
     build_cfg = cfg
-    if cfg.encoder.language.enabled and cfg.encoder.language.pretrained_path:
+    lang_cfg = cfg.encoder.language
+    if lang_cfg.enabled and (lang_cfg.pretrained_path or lang_cfg.text_encoder != "tiny_bert"):
         # the config's path is where the text model came from on the machine that trained; a checkpoint
         # loads only its own copy (tokenizer + architecture; the weights are in model.safetensors)
         if not (d / TEXT_ENCODER_DIR).is_dir():
@@ -256,7 +257,10 @@ def load_checkpoint(
     model_path = _confined(d, d / MODEL_FILE, MODEL_FILE)
     if not model_path.is_file():
         raise VlaflowError(f"{d}: missing {MODEL_FILE}")
-    policy = build_policy(build_cfg, stats)
+    from vlaflow.policies.nets.pretrained import weights_from_checkpoint
+
+    with weights_from_checkpoint():  # pretrained trunks: their weights are in model.safetensors below
+        policy = build_policy(build_cfg, stats)
     policy.config = cfg  # the saved config, not the checkpoint-local text-encoder path
     saved_modes = norm.get("modes", {})
     if saved_modes != policy.normalizer.modes:

@@ -36,7 +36,7 @@ from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.interfaces import RuntimeSpec
 from vlaflow.policies.base_config import PolicyConfig
 from vlaflow.policies.denoising import DenoisingModel, Generation, make_head
-from vlaflow.policies.nets.encoders import ObsEncoder
+from vlaflow.policies.nets.encoders import ObsEncoder, cached_feature_key
 from vlaflow.policies.path import GaussianPath
 
 __all__ = [
@@ -144,12 +144,22 @@ class DenoisingPolicy(DenoisingModel):
     def _obs_window(self, obs: dict[str, Any]) -> dict[str, Tensor]:
         """Check keys/shapes, keep the last To steps, normalize low-dim keys."""
         cfg, out = self.config, {}
-        missing = [k for k in cfg.obs_shapes if k not in obs]
+        # a training batch may carry a frozen trunk's cached maps in place of the images
+        cached = {
+            k for k in cfg.obs_shapes if K.is_image(k) and k not in obs and cached_feature_key(k) in obs
+        }
+        for k in cached:
+            out[cached_feature_key(k)] = torch.as_tensor(obs[cached_feature_key(k)], device=self.device)[
+                :, -cfg.n_obs_steps :
+            ]
+        missing = [k for k in cfg.obs_shapes if k not in obs and k not in cached]
         if missing:
             raise VlaflowError(
                 f"observation is missing key(s) {missing} the policy needs; it has {sorted(map(str, obs))}"
             )
         for k, shape in cfg.obs_shapes.items():
+            if k in cached:
+                continue
             x = torch.as_tensor(obs[k], device=self.device)
             if (
                 x.dim() != 2 + len(shape)

