@@ -1,0 +1,165 @@
+"""World models: two-hot and EDM maths, a toy linear system recovered, checkpoints, the imagined env."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vlaflow.errors import VlaflowError
+from vlaflow.policies.conversions import x0_eps_from_v
+from vlaflow.world_models.edm import EDMPath, edm_coefficients, karras_sigmas
+from vlaflow.world_models.twohot import two_hot_decode, two_hot_encode, uniform_bins
+
+torch.set_num_threads(1)
+
+
+# -- two-hot ---------------------------------------------------------------------------------------------
+def test_two_hot_round_trip_is_exact_sums_to_one_and_touches_two_neighbours():
+    bins = torch.stack([torch.linspace(-1, 1, 11), torch.tensor([-3.0, -1, 0, 0.5, 1, 2, 4, 5, 6, 7, 9])])
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.rand(500, generator=g) * 2 - 1, torch.rand(500, generator=g) * 12 - 3], -1)
+    x[0] = torch.tensor([-1.0, -3.0])  # the end bins and a bin centre exactly
+    x[1] = torch.tensor([1.0, 9.0])
+    x[2] = torch.tensor([0.2, 0.5])
+    w = two_hot_encode(x.view(50, 10, 2), bins)  # any leading shape
+    assert w.shape == (50, 10, 2, 11)
+    assert torch.allclose(w.sum(-1), torch.ones(50, 10, 2), atol=1e-6)
+    assert ((w > 0).sum(-1) <= 2).all() and (w >= 0).all()
+    nz = (w > 0).float()
+    # the (at most two) nonzero bins are neighbours
+    idx = torch.arange(11).float()
+    spread = (nz * idx).amax(-1) - torch.where(nz > 0, idx, torch.full_like(idx, 99)).amin(-1)
+    assert (spread <= 1).all()
+    assert torch.allclose(two_hot_decode(w, bins).view(500, 2), x, atol=1e-5)
+    assert float(w.view(500, 2, 11)[2, 1, 3]) == pytest.approx(1.0)  # on a centre: one-hot
+    assert float(w.view(500, 2, 11)[2, 0, 6]) == pytest.approx(1.0)
+
+
+def test_two_hot_clamps_outside_the_bins_and_refuses_a_wrong_action_dimension():
+    bins = uniform_bins(1, 5)
+    w = two_hot_encode(torch.tensor([[-7.0], [3.0]]), bins)
+    assert torch.equal(w[0, 0], torch.tensor([1.0, 0, 0, 0, 0])) and torch.equal(
+        w[1, 0], torch.tensor([0, 0, 0, 0, 1.0])
+    )
+    with pytest.raises(VlaflowError, match="actions have 2 dims"):
+        two_hot_encode(torch.zeros(3, 2), bins)
+
+
+# -- EDM preconditioning ---------------------------------------------------------------------------------
+def test_edm_preconditioning_at_its_limits():
+    sd = 0.5
+    # s -> 0 on EDM's path (alpha = 1): D = x_t (c_skip -> 1, c_out -> 0), the identity on clean data
+    c = edm_coefficients(1.0, torch.tensor(1e-6), sd)
+    assert float(c.c_skip) == pytest.approx(1.0, abs=1e-9) and float(c.c_out) == pytest.approx(0.0, abs=1e-5)
+    assert float(c.c_in) == pytest.approx(1 / sd, rel=1e-6)
+    # s -> inf: c_skip -> 0, c_out -> sd: D = sd * F, plain x0-prediction
+    c = edm_coefficients(1.0, torch.tensor(1e6), sd)
+    assert float(c.c_skip) == pytest.approx(0.0, abs=1e-9) and float(c.c_out) == pytest.approx(sd, rel=1e-6)
+    # on a path with alpha != 1 the same holds for x_t / alpha: c_skip -> 1 / alpha at the clean end
+    c = edm_coefficients(torch.tensor(0.5), torch.tensor(1e-7), sd)
+    assert float(c.c_skip) == pytest.approx(2.0, rel=1e-6)
+    # sd = 1 on a variance-preserving path: c_in = 1 and D = alpha x_t + sigma F = v-prediction with v = -F
+    g = torch.Generator().manual_seed(1)
+    alpha = torch.rand(7, generator=g) * 0.98 + 0.01
+    sigma = (1 - alpha**2).sqrt()
+    c = edm_coefficients(alpha, sigma, 1.0)
+    assert torch.allclose(c.c_in, torch.ones(7), atol=1e-5)
+    x_t, f = torch.randn(7, 3, generator=g), torch.randn(7, 3, generator=g)
+    d = c.c_skip[:, None] * x_t + c.c_out[:, None] * f
+    x0_v, _ = x0_eps_from_v(x_t, -f, alpha[:, None], sigma[:, None])
+    assert torch.allclose(d, x0_v, atol=1e-5)
+    assert torch.allclose(c.weight * c.c_out**2, torch.ones(7), atol=1e-5)  # lambda = 1 / c_out^2
+    assert torch.allclose(c.c_noise, torch.log(sigma / alpha) / 4)
+
+
+def test_edm_path_grid_runs_noisy_to_clean_and_is_karras():
+    p = EDMPath(sigma_min=0.002, sigma_max=5.0)
+    ts = p.timesteps(3)
+    assert ts.shape == (4,) and float(ts[0]) == pytest.approx(5.0) and float(ts[-1]) == 0.0
+    assert float(ts[2]) == pytest.approx(0.002, rel=1e-5) and (ts[:-1] > ts[1:]).all()
+    mid = (5.0 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 5.0 ** (1 / 7))) ** 7
+    assert float(karras_sigmas(3, 0.002, 5.0)[1]) == pytest.approx(mid, rel=1e-5)
+    assert torch.allclose(p.alpha(ts), torch.ones(4)) and torch.allclose(p.sigma(ts), ts)
+
+
+# -- the model on a toy linear system --------------------------------------------------------------------
+A_TRUE = np.array([[0.9, 0.1, 0.0], [-0.1, 0.9, 0.0], [0.0, 0.2, 0.7]], np.float32)
+B_TRUE = np.array([[0.5, 0.0], [0.0, 0.5], [0.3, -0.3]], np.float32)
+
+
+def linear_episodes(n_eps: int, length: int, seed: int, noise: float = 0.0):
+    rng = np.random.default_rng(seed)
+    eps = []
+    for _ in range(n_eps):
+        s = [rng.uniform(-1, 1, 3).astype(np.float32)]
+        a = rng.uniform(-1, 1, (length, 2)).astype(np.float32)
+        for t in range(length - 1):
+            s.append(A_TRUE @ s[-1] + B_TRUE @ a[t] + noise * rng.standard_normal(3).astype(np.float32))
+        eps.append((np.stack(s).astype(np.float32), a))
+    return eps
+
+
+def small_config(**kw):
+    from vlaflow.policies.base_config import MLPConfig, NetConfig
+    from vlaflow.world_models.config import WorldModelConfig
+
+    base = dict(task="toy", obs_dim=3, action_dim=2, n_obs_steps=1, n_bins=21)
+    base["net"] = NetConfig(kind="mlp", mlp=MLPConfig(width=128, n_blocks=2, step_embed_dim=32))
+    return WorldModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    from vlaflow.world_models.data import train_world_model, transition_windows
+
+    cfg = small_config()
+    win = transition_windows(linear_episodes(64, 40, seed=0), 1, 1)
+    model, hist = train_world_model(
+        cfg, win, steps=1500, batch_size=256, lr=2e-3, max_seconds=40, log_every=100
+    )
+    return model, hist
+
+
+def test_a_world_model_trained_on_a_linear_system_recovers_its_dynamics(toy_model):
+    model, hist = toy_model
+    assert hist[-1]["loss"] < hist[0]["loss"] * 0.5
+    g = torch.Generator().manual_seed(3)
+    s = torch.rand(400, 1, 3, generator=g) * 2 - 1
+    a = torch.rand(400, 1, 2, generator=g) * 2 - 1
+    pred = model.predict_next(s, a, generator=g)[:, 0]  # 3 Euler steps from noise
+    assert model.config.num_inference_steps == 3
+    true = s[:, 0] @ torch.from_numpy(A_TRUE).T + a[:, 0] @ torch.from_numpy(B_TRUE).T
+    rmse = float((pred - true).pow(2).mean().sqrt())
+    assert rmse < 0.05, rmse  # next states spread ~0.6 per dim
+    # least squares on the model's own predictions gives back A and B
+    feats = torch.cat([s[:, 0], a[:, 0], torch.ones(400, 1)], 1)
+    coef = torch.linalg.lstsq(feats, pred).solution.T  # (3, 6)
+    assert np.abs(coef[:, :3].numpy() - A_TRUE).max() < 0.08
+    assert np.abs(coef[:, 3:5].numpy() - B_TRUE).max() < 0.08
+    # an autoregressive rollout of 8 steps stays close to the true trajectory
+    ep = linear_episodes(16, 9, seed=9)
+    s0 = torch.from_numpy(np.stack([e[0][:1] for e in ep]))
+    acts = torch.from_numpy(np.stack([e[1][:8] for e in ep]))
+    roll = model.rollout(s0, acts, generator=g)
+    truth = torch.from_numpy(np.stack([e[0][1:9] for e in ep]))
+    assert roll.shape == (16, 8, 3) and float((roll - truth).abs().mean()) < 0.1
+
+
+def test_world_model_checkpoint_round_trip_and_bad_inputs_name_what_it_has(toy_model, tmp_path):
+    from vlaflow.world_models.checkpoint import load_world_model, save_world_model
+
+    model, _ = toy_model
+    save_world_model(tmp_path / "wm", model, extra={"note": "toy"})
+    assert sorted(p.name for p in (tmp_path / "wm").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "normalizer.json",
+    ]
+    back = load_world_model(tmp_path / "wm")
+    s, a = torch.zeros(4, 1, 3), torch.full((4, 1, 2), 0.3)
+    noise = torch.randn(4, 1, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.predict_next(s, a, noise=noise), back.predict_next(s, a, noise=noise))
+    assert back.config == model.config
+    with pytest.raises(VlaflowError, match=r"'action' has shape \(4, 1, 3\), it was trained on \(B, 1, 2\)"):
+        back.predict_next(s, torch.zeros(4, 1, 3))
