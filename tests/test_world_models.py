@@ -163,3 +163,90 @@ def test_world_model_checkpoint_round_trip_and_bad_inputs_name_what_it_has(toy_m
     assert back.config == model.config
     with pytest.raises(VlaflowError, match=r"'action' has shape \(4, 1, 3\), it was trained on \(B, 1, 2\)"):
         back.predict_next(s, torch.zeros(4, 1, 3))
+
+
+# -- rewards ---------------------------------------------------------------------------------------------
+def test_pusht_coverage_from_the_state_equals_gym_pushts_own():
+    pytest.importorskip("gym_pusht")
+    from vlaflow.sim.pusht import make_pusht
+    from vlaflow.world_models.reward import pusht_coverage, pusht_reward
+
+    env = make_pusht()
+    rng = np.random.default_rng(0)
+    states = [np.array([100.0, 100, 256, 256, np.pi / 4]), np.array([100.0, 100, 250, 262, np.pi / 4 + 0.05])]
+    states += [np.array([100, 100, *rng.uniform(180, 330, 2), rng.uniform(0, 2 * np.pi)]) for _ in range(20)]
+    ours, theirs = [], []
+    for st in states:
+        env.reset(seed=0, options={"reset_to_state": st})
+        theirs.append(env._get_coverage())
+        ours.append(pusht_coverage(env.get_state()[None])[0])
+    assert np.allclose(ours, theirs, atol=1e-9) and theirs[0] == pytest.approx(1.0) and max(theirs[2:]) > 0.1
+    r, s = pusht_reward(np.stack(states[:2]))
+    assert s[0] and r[0] == 1.0 and 0 < r[1] <= 1
+
+
+def test_success_classifier_separates_successful_from_unsuccessful_states():
+    from vlaflow.world_models.reward import train_success_classifier
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (3000, 3)).astype(np.float32)
+    y = (np.linalg.norm(x, axis=1) < 0.5).astype(np.float32)  # ~7% positives, like rare success
+    clf = train_success_classifier(x[:2000], y[:2000], steps=400)
+    r, succ = clf.reward(x[2000:])
+    assert ((succ == (y[2000:] > 0)).mean()) > 0.9 and ((r >= 0) & (r <= 1)).all()
+
+
+# -- the imagined env ------------------------------------------------------------------------------------
+def toy_reward(states):
+    d = np.linalg.norm(states, axis=1)
+    return -d, d < 0.15
+
+
+def test_imagined_env_passes_the_sim_envs_interface_checks(toy_model):
+    from env_checks import check_chunk_vec_env
+
+    from vlaflow.world_models.env import WorldModelEnv
+
+    model, _ = toy_model
+    starts = np.stack([e[0][0] for e in linear_episodes(5, 2, seed=4)])
+    env = WorldModelEnv(
+        model, starts, n_envs=6, n_obs_steps=2, reward_fn=toy_reward, max_steps=12, n_samples=3
+    )
+    ended = check_chunk_vec_env(env, "obs.state", 3, 2, ta=1, da=2, low=-1, high=1)
+    assert ended.max() <= 11 and env.env_steps == 0 and env.imagined_steps > 0
+    # one batched model call per chunk for all envs (times n_samples), with an uncertainty per env
+    env.reset(list(range(6)))
+    calls = env.model_calls
+    env.step(np.zeros((6, 4, 2)))
+    assert env.model_calls == calls + 4 and env.last_info["uncertainty"].shape == (6,)
+    assert (env.last_info["uncertainty"] > 0).all()
+
+
+def test_sim_pusht_env_passes_the_same_interface_checks():
+    pytest.importorskip("gym_pusht")
+    from env_checks import check_chunk_vec_env
+
+    from vlaflow.sim.rollout import SubprocChunkEnv
+
+    with SubprocChunkEnv("pusht", 2, ["obs.state"], 2, workers=1, max_steps=6) as venv:
+        check_chunk_vec_env(venv, "obs.state", 5, 2, ta=1, da=2, low=100, high=400)
+
+
+def test_a_rollout_leaving_the_data_range_or_nan_ends_that_episode_with_a_flag(toy_model):
+    from vlaflow.world_models.env import WorldModelEnv
+
+    model, _ = toy_model
+    starts = np.array([[0.1, 0.2, -0.1], [8.0, 8.0, 8.0], [np.nan, 0.0, 0.0]], np.float32)  # data: |s| < ~2
+    env = WorldModelEnv(model, starts, n_envs=3, n_obs_steps=2, reward_fn=toy_reward, max_steps=50)
+    obs0 = env.reset([0, 1, 2])
+    obs, reward, done, success = env.step(np.zeros((3, 2, 2)))
+    assert done.tolist() == [False, True, True]
+    assert env.last_info["invalid"].tolist() == [False, True, True] and reward[1] == 0 and reward[2] == 0
+    assert np.array_equal(obs["obs.state"][1], obs0["obs.state"][1])  # the bad state was not fed back
+    obs, reward, done, _ = env.step(np.zeros((3, 2, 2)))
+    assert done.tolist() == [False, True, True] and env.last_info["episode_invalid"].tolist() == [
+        False,
+        True,
+        True,
+    ]
+    assert np.isfinite(obs["obs.state"][0]).all()
