@@ -250,3 +250,73 @@ def test_a_rollout_leaving_the_data_range_or_nan_ends_that_episode_with_a_flag(t
         True,
     ]
     assert np.isfinite(obs["obs.state"][0]).all()
+
+
+# -- training through the one loop -----------------------------------------------------------------------
+def _tiny_store(path, n_eps=12, length=30):
+    from vlaflow.data.store import EpisodeStore, KeySpec
+
+    rng = np.random.default_rng(0)
+    states, actions = [], []
+    for _ in range(n_eps):
+        s = [np.array([*rng.uniform(50, 450, 2), *rng.uniform(150, 350, 2), rng.uniform(0, 6.28)])]
+        a = rng.uniform(50, 450, (length, 2))
+        for t in range(length - 1):
+            nxt = s[-1].copy()
+            nxt[:2] += 0.3 * (a[t] - nxt[:2])
+            nxt[4] = (nxt[4] + 0.05) % (2 * np.pi)
+            s.append(nxt)
+        states.append(np.stack(s))
+        actions.append(a)
+    keys = {"obs.state": KeySpec("float32", (5,)), "action": KeySpec("float32", (2,))}
+    with EpisodeStore.create(path, keys, fps=10) as st:
+        st.append_episodes(
+            {
+                "obs.state": np.concatenate(states).astype(np.float32),
+                "action": np.concatenate(actions).astype(np.float32),
+            },
+            [length] * n_eps,
+        )
+    return path
+
+
+def test_train_wm_cli_runs_on_the_loop_resumes_and_its_checkpoint_loads(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from vlaflow.world_models.checkpoint import load_world_model
+
+    store = _tiny_store(tmp_path / "st.zarr")
+    env = {
+        "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1]),
+        "OMP_NUM_THREADS": "1",
+    }
+    base = [
+        sys.executable,
+        "-m",
+        "vlaflow.cli",
+        "train-wm",
+        "--data",
+        str(store),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    base += ["--holdout", "3", "--batch-size", "64", "--no-progress", "--n-future", "2"]
+    out = subprocess.run([*base, "--steps", "20"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = subprocess.run(
+        [*base, "--steps", "40", "--resume"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "world_model.json").read_text())
+    assert summary["steps"] == 40 and summary["n_heldout_episodes"] == 3
+    assert summary["heldout"]["one_step_mae_dim4"] < 1.0  # the angle (rad)
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert len(rows) > 3 and (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    wm = load_world_model(tmp_path / "run" / "checkpoints" / "last")
+    assert wm.config.n_future == 2 and wm.config.task == "pusht"
+    from vlaflow.policies.checkpoint import load_checkpoint
+
+    with pytest.raises(VlaflowError, match="vlaflow.world_model"):
+        load_checkpoint(tmp_path / "run" / "checkpoints" / "last")  # not a policy, and says so

@@ -1,8 +1,13 @@
-"""World-model checkpoints as directories (JSON + safetensors, never pickles), like policy checkpoints::
+"""World-model checkpoints: the policies' directory layout (JSON + safetensors, never pickles) with format
+``vlaflow.world_model``::
 
-DIR/config.json        {"format": "vlaflow.world_model", "version", "config", "extra"}
-DIR/model.safetensors  the module's state dict
-DIR/normalizer.json    Normalizer.to_dict()
+    DIR/config.json        {"format": "vlaflow.world_model", "version", "config", "extra"}
+    DIR/model.safetensors  the module's state dict
+    DIR/normalizer.json    Normalizer.to_dict()
+    (DIR/train_state.*     the training loop's resume state, when written by ``vlaflow train-wm``)
+
+Written by :func:`vlaflow.policies.checkpoint.write_checkpoint_files` (the model declares its
+``checkpoint_format``), so the one training loop's checkpoints of a world model load here.
 """
 
 from __future__ import annotations
@@ -13,31 +18,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from vlaflow.atomic import atomic_directory
 from vlaflow.data.normalize import Normalizer
 from vlaflow.errors import VlaflowError
-from vlaflow.policies.checkpoint import check_counts, share_files
+from vlaflow.policies.checkpoint import check_counts, save_checkpoint
 from vlaflow.world_models.config import WorldModelConfig
 from vlaflow.world_models.model import DiffusionWorldModel
 
-FORMAT, VERSION = "vlaflow.world_model", 1
+FORMAT, VERSION = DiffusionWorldModel.checkpoint_format, 1
 CONFIG_FILE, MODEL_FILE, NORMALIZER_FILE = "config.json", "model.safetensors", "normalizer.json"
 
 
 def save_world_model(
     directory: str | os.PathLike, model: DiffusionWorldModel, extra: dict | None = None
 ) -> Path:
-    dest = Path(directory)
-    meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "extra": extra or {}}
-    with atomic_directory(dest, overwrite=True) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / NORMALIZER_FILE).write_text(json.dumps(model.normalizer.to_dict()))
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / MODEL_FILE))
-        share_files(tmp)
-    return dest
+    return save_checkpoint(directory, model, extra_json=extra)
 
 
 def read_world_model_meta(directory: str | os.PathLike) -> dict:

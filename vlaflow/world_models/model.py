@@ -47,6 +47,7 @@ class DiffusionWorldModel(DenoisingModel):
     """p(s_{t+1..t+Tf} | s_{t-To+1..t}, a_{t..t+Tf-1}); see the module doc."""
 
     parameterization = "x0"  # the preconditioned D(x_t) is the x0 estimate
+    checkpoint_format = "vlaflow.world_model"  # what policies.checkpoint.write_checkpoint_files records
 
     def __init__(self, config: WorldModelConfig, normalizer: Normalizer):
         cfg = config
