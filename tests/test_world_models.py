@@ -320,3 +320,77 @@ def test_train_wm_cli_runs_on_the_loop_resumes_and_its_checkpoint_loads(tmp_path
 
     with pytest.raises(VlaflowError, match="vlaflow.world_model"):
         load_checkpoint(tmp_path / "run" / "checkpoints" / "last")  # not a policy, and says so
+
+
+# -- World4RL: DPPO in imagination ----------------------------------------------------------------------
+def test_world4rl_refine_runs_dppo_in_imagination_with_zero_real_env_steps(tmp_path):
+    pytest.importorskip("gym_pusht")
+    import csv
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vlaflow.policies import DiffusionConfig, NetConfig, UNetConfig, build_policy, save_checkpoint
+    from vlaflow.world_models.checkpoint import save_world_model
+    from vlaflow.world_models.config import PRESETS
+    from vlaflow.world_models.data import episodes_from_store, train_world_model, transition_windows
+
+    store = _tiny_store(tmp_path / "st.zarr")
+    cfg = PRESETS["pusht_lowdim"].replace(n_future=4)  # one model call per Ta=4 chunk
+    win = transition_windows(episodes_from_store(store, "obs.state", "action"), 2, 4)
+    wm, _ = train_world_model(cfg, win, steps=30, batch_size=64, max_seconds=20)
+    save_world_model(tmp_path / "wm", wm)
+    stats = {
+        "action": {"min": np.full(2, 50.0, np.float32), "max": np.full(2, 450.0, np.float32)},
+        "obs.state": {"min": np.zeros(5, np.float32), "max": np.full(5, 512.0, np.float32)},
+    }
+    for v in stats.values():
+        v["mean"], v["std"] = (v["min"] + v["max"]) / 2, (v["max"] - v["min"]) / 4
+    net = NetConfig(
+        kind="unet", unet=UNetConfig(down_dims=(8, 16), kernel_size=3, n_groups=4, step_embed_dim=8)
+    )
+    pcfg = DiffusionConfig(
+        obs_shapes={"obs.state": (5,)}, action_dim=2, horizon=8, n_action_steps=4, net=net, fps=10.0
+    )
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "pol", build_policy(pcfg, stats))
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    args = [
+        sys.executable,
+        "-m",
+        "vlaflow.cli",
+        "refine",
+        "--algo",
+        "world4rl",
+        "--policy",
+        str(tmp_path / "pol"),
+    ]
+    args += ["--world-model", str(tmp_path / "wm"), "--starts", str(store), "--out", str(tmp_path / "run")]
+    args += [
+        "iterations=2",
+        "dppo.n_envs=4",
+        "dppo.n_decisions=4",
+        "dppo.update_epochs=1",
+        "dppo.n_minibatches=2",
+    ]
+    args += [
+        "dppo.chain.finetune_last=5",
+        "eval_every=0",
+        "eval_episodes=0",
+        "final_episodes=1",
+        "eval_workers=1",
+    ]
+    args += ["progress=false", "wm_horizon=16"]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    w4 = json.loads((tmp_path / "run" / "world4rl.json").read_text())
+    assert w4["real_env_steps_during_rl"] == 0 and w4["imagined_steps"] > 0 and w4["model_calls"] > 0
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("kind") == "train" and r.get("env_steps")]
+    assert rows and all(float(r["env_steps"]) == 0 for r in rows)  # the counter stayed 0 through the run
+    summary = json.loads(out.stdout[out.stdout.index("{") :])
+    assert summary["steps"] == 4 and summary["evals"][-1]["n_episodes"] == 1  # then scored in the real sim
+    assert summary["final"]["n_errors"] == 0 and 0 <= summary["final"]["score"] <= 1
+    assert w4["imagined_steps"] == 2 * 4 * 4 * 4 and w4["model_calls"] == 2 * 4  # one model call per chunk
