@@ -126,5 +126,7 @@ def train_world_model(
         if log_every and (step % log_every == 0 or step == steps - 1):
             hist.append({"step": step, "loss": metrics["loss"], "seconds": time.monotonic() - t0})
         if time.monotonic() - t0 > max_seconds:
+            if log_every:
+                hist.append({"step": step, "loss": metrics["loss"], "seconds": time.monotonic() - t0})
             break
     return model.eval(), hist
