@@ -127,37 +127,44 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=120.0, help="training wall time per model")
     ap.add_argument("--holdout", type=int, default=20)
+    ap.add_argument("--action-encoding", default="two_hot", choices=["two_hot", "continuous"])
+    ap.add_argument("--models", default="wm,mlp", help="comma list of wm, mlp")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "world_model.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     info = run_info()
     eps = load_episodes()
     train_eps, held = eps[: -args.holdout], eps[-args.holdout :]
-    cfg = PRESETS["pusht_lowdim"]
+    cfg = PRESETS["pusht_lowdim"].replace(action_encoding=args.action_encoding)
+    todo = set(args.models.split(","))
     win = transition_windows(train_eps, cfg.n_obs_steps, cfg.n_future)
     t0 = time.monotonic()
     wm, hist = train_world_model(
         cfg, win, steps=10**6, batch_size=256, lr=1e-3, max_seconds=args.seconds, log_every=500
     )
     wm_s, wm_steps = time.monotonic() - t0, hist[-1]["step"] + 1
-    mlp = MLPTransition(wm)
-    mlp, mlp_steps = train_mlp(mlp, win, args.seconds)
+    runs = [(f"diffusion_wm_{args.action_encoding}", wm, wm_steps)] if "wm" in todo else []
+    if "mlp" in todo:
+        mlp, mlp_steps = train_mlp(MLPTransition(wm), win, args.seconds)
+        runs.append(("mlp_deterministic", mlp, mlp_steps))
     rows = []
-    for name, model, steps in (("diffusion_wm", wm, wm_steps), ("mlp_deterministic", mlp, mlp_steps)):
+    for name, model, steps in runs:
         t1 = time.monotonic()
         errs = kstep_errors(model, held, cfg.n_obs_steps)
         rows.append(
             {
                 "benchmark": "world_model_pusht_open_loop",
                 "model": name,
-                "train_seconds": round(args.seconds if name != "diffusion_wm" else wm_s, 1),
+                "train_seconds": round(wm_s if name.startswith("diffusion") else args.seconds, 1),
                 "train_steps": int(steps),
                 "n_params": sum(p.numel() for p in model.parameters()),
                 "n_train_windows": int(len(win["obs"])),
                 "n_heldout_episodes": len(held),
                 "eval_seconds": round(time.monotonic() - t1, 1),
                 "k_step_error": {str(k): v for k, v in errs.items()},
-                "config": cfg.to_dict() if name == "diffusion_wm" else {"width": 256, "hidden_layers": 7},
+                "config": cfg.to_dict()
+                if name.startswith("diffusion")
+                else {"width": 256, "hidden_layers": 7},
                 **info,
             }
         )
