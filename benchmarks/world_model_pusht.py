@@ -16,6 +16,7 @@ measurement, not the issue's target table (k=100, the Gaussian ensemble and imag
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,27 @@ class MLPTransition(nn.Module):
         return self.wm_like.next_from(win, d)
 
 
+class MeanOf(nn.Module):
+    """The world model's prediction averaged over ``m`` samples per step (a deterministic estimate)."""
+
+    def __init__(self, wm, m: int):
+        super().__init__()
+        self.wm, self.m = wm, m
+
+    @torch.no_grad()
+    def predict_next(self, win, act, generator=None):
+        out = self.wm.predict_next(
+            win.repeat_interleave(self.m, 0), act.repeat_interleave(self.m, 0), generator
+        )
+        out = out.view(len(win), self.m, *out.shape[1:])
+        mean = out.mean(1)
+        for d in self.wm.config.angle_dims:  # circular mean of angles
+            mean[..., d] = torch.remainder(
+                torch.atan2(torch.sin(out[..., d]).mean(1), torch.cos(out[..., d]).mean(1)), 2 * math.pi
+            )
+        return mean
+
+
 def train_mlp(mlp, win, seconds, batch=256, lr=1e-3, seed=0):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -129,6 +151,9 @@ def main() -> int:
     ap.add_argument("--holdout", type=int, default=20)
     ap.add_argument("--action-encoding", default="two_hot", choices=["two_hot", "continuous"])
     ap.add_argument("--models", default="wm,mlp", help="comma list of wm, mlp")
+    ap.add_argument(
+        "--mean-of", type=int, default=0, help="also score the WM with the mean of this many samples per step"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "world_model.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -147,6 +172,14 @@ def main() -> int:
     if "mlp" in todo:
         mlp, mlp_steps = train_mlp(MLPTransition(wm), win, args.seconds)
         runs.append(("mlp_deterministic", mlp, mlp_steps))
+    if "wm" in todo and args.mean_of > 1:
+        runs.append(
+            (
+                f"diffusion_wm_{args.action_encoding}_mean_of_{args.mean_of}",
+                MeanOf(wm, args.mean_of),
+                wm_steps,
+            )
+        )
     rows = []
     for name, model, steps in runs:
         t1 = time.monotonic()
