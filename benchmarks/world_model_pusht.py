@@ -118,10 +118,11 @@ def train_mlp(mlp, win, seconds, batch=256, lr=1e-3, seed=0):
 
 
 @torch.no_grad()
-def kstep_errors(model, episodes, to, every=10, seed=0):
+def kstep_errors(model, episodes, to, tf=1, every=10, seed=0):
+    """Errors at each k in KS that is a multiple of ``tf`` (a Tf-step model is called k / Tf times)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for k in KS:
+    for k in (k for k in KS if k % tf == 0):
         wins, acts, truth = [], [], []
         for s, a in episodes:
             pad = np.concatenate([np.repeat(s[:1], to - 1, 0), s])
@@ -131,8 +132,8 @@ def kstep_errors(model, episodes, to, every=10, seed=0):
                 truth.append(s[t + k])
         win = torch.from_numpy(np.stack(wins))
         act, tru = torch.from_numpy(np.stack(acts)), torch.from_numpy(np.stack(truth))
-        for j in range(k):
-            nxt = model.predict_next(win, act[:, j : j + 1], generator=g)
+        for j in range(0, k, tf):
+            nxt = model.predict_next(win, act[:, j : j + tf], generator=g)
             win = torch.cat([win, nxt], 1)[:, -to:]
         pred = win[:, -1]
         out[k] = {
@@ -150,6 +151,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=120.0, help="training wall time per model")
     ap.add_argument("--holdout", type=int, default=20)
     ap.add_argument("--action-encoding", default="two_hot", choices=["two_hot", "continuous"])
+    ap.add_argument("--n-future", type=int, default=1, help="Tf of the world model (the MLP is Tf = 1)")
     ap.add_argument("--models", default="wm,mlp", help="comma list of wm, mlp")
     ap.add_argument(
         "--mean-of", type=int, default=0, help="also score the WM with the mean of this many samples per step"
@@ -160,7 +162,7 @@ def main() -> int:
     info = run_info()
     eps = load_episodes()
     train_eps, held = eps[: -args.holdout], eps[-args.holdout :]
-    cfg = PRESETS["pusht_lowdim"].replace(action_encoding=args.action_encoding)
+    cfg = PRESETS["pusht_lowdim"].replace(action_encoding=args.action_encoding, n_future=args.n_future)
     todo = set(args.models.split(","))
     win = transition_windows(train_eps, cfg.n_obs_steps, cfg.n_future)
     t0 = time.monotonic()
@@ -168,8 +170,9 @@ def main() -> int:
         cfg, win, steps=10**6, batch_size=256, lr=1e-3, max_seconds=args.seconds, log_every=500
     )
     wm_s, wm_steps = time.monotonic() - t0, hist[-1]["step"] + 1
-    runs = [(f"diffusion_wm_{args.action_encoding}", wm, wm_steps)] if "wm" in todo else []
-    if "mlp" in todo:
+    tag = f"diffusion_wm_{args.action_encoding}" + (f"_tf{cfg.n_future}" if cfg.n_future > 1 else "")
+    runs = [(tag, wm, wm_steps)] if "wm" in todo else []
+    if "mlp" in todo and cfg.n_future == 1:
         mlp, mlp_steps = train_mlp(MLPTransition(wm), win, args.seconds)
         runs.append(("mlp_deterministic", mlp, mlp_steps))
     if "wm" in todo and args.mean_of > 1:
@@ -183,7 +186,7 @@ def main() -> int:
     rows = []
     for name, model, steps in runs:
         t1 = time.monotonic()
-        errs = kstep_errors(model, held, cfg.n_obs_steps)
+        errs = kstep_errors(model, held, cfg.n_obs_steps, cfg.n_future if name.startswith("diffusion") else 1)
         rows.append(
             {
                 "benchmark": "world_model_pusht_open_loop",
@@ -218,6 +221,8 @@ def main() -> int:
         e = r["k_step_error"]
         cells = " | ".join(
             f"{e[str(k)]['block_px']:.2f} / {e[str(k)]['angle_rad']:.3f} / {e[str(k)]['agent_px']:.1f}"
+            if str(k) in e
+            else "n/a"
             for k in KS
         )
         lines.append(
