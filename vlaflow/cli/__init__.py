@@ -50,6 +50,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vlaflow.cli.refine",
         "RL refinement of a policy checkpoint in sim (DPPO over the denoising chain, DSRL noise steering)",
     ),
+    "train-wm": (
+        "vlaflow.cli.train_wm",
+        "train a diffusion world model (EDM, two-hot actions) on an episode store",
+    ),
     "distill": ("vlaflow.cli.distill", "distill a one-step consistency head from a teacher checkpoint"),
     "export": (
         "vlaflow.cli.export",

@@ -19,7 +19,13 @@ from vlaflow.errors import ConfigError, VlaflowError
 def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="the imitation policy checkpoint to refine (diffusion or flow)")
     parser.add_argument("--task", default=None, help="sim task with a reward/success signal (default pusht)")
-    parser.add_argument("--algo", default=None, choices=("dppo", "dsrl"), help="algorithm (default dppo)")
+    parser.add_argument(
+        "--algo", default=None, choices=("dppo", "dsrl", "world4rl"), help="algorithm (default dppo)"
+    )
+    parser.add_argument("--world-model", default="", help="world4rl: world-model checkpoint (train-wm)")
+    parser.add_argument(
+        "--starts", default="", help="world4rl: episode store whose episode starts begin imagined episodes"
+    )
     parser.add_argument("--out", required=True, help="run directory (checkpoints/, log.csv, rl_curves.png)")
     parser.add_argument("--resume", action="store_true", help="continue RUN from checkpoints/last")
     parser.add_argument("--data", default="", help="demo store for the BC regularizer (dppo.bc_coef > 0)")
@@ -49,8 +55,9 @@ def _load_config(args) -> tuple:
         cfg, policy = RefineConfig(), args.policy
     if args.task:
         cfg = dataclasses.replace(cfg, task=args.task)
-    if args.algo:
-        cfg = dataclasses.replace(cfg, algo=args.algo)
+    wm = {k: v for k, v in (("world_model", args.world_model), ("wm_starts", args.starts)) if v}
+    if args.algo or wm:
+        cfg = dataclasses.replace(cfg, **({"algo": args.algo} if args.algo else {}), **wm)
     return apply_overrides(cfg, args.overrides), policy
 
 
@@ -85,17 +92,21 @@ def run_refine(args: argparse.Namespace) -> int:
     holder: dict = {}
     evaluator = None
     if cfg.eval_episodes or cfg.final_episodes:
-        if cfg.algo == "dppo":
+        if cfg.on_policy:  # world4rl too: trained in imagination, evaluated in the real sim
             evaluator = RolloutEvaluator(ev_cfg, progress=False)
         else:  # the steered policy (frozen denoiser + noise actor) runs in this process
             evaluator = _SteeredEval(ev_cfg, holder)
-    with SubprocChunkEnv(
-        cfg.task,
-        cfg.n_envs,
-        tuple(policy.config.obs_shapes),
-        policy.config.n_obs_steps,
-        workers=cfg.env_workers,
-    ) as venv:
+    if cfg.algo == "world4rl":
+        venv = _imagined_env(cfg, policy)
+    else:
+        venv = SubprocChunkEnv(
+            cfg.task,
+            cfg.n_envs,
+            tuple(policy.config.obs_shapes),
+            policy.config.n_obs_steps,
+            workers=cfg.env_workers,
+        )
+    with venv:
         res = refine(
             cfg,
             policy,
@@ -117,8 +128,53 @@ def run_refine(args: argparse.Namespace) -> int:
         "evals": res.evals,
         "final": {k: v for k, v in (res.final_eval or {}).items() if k != "report"},
     }
+    obj = holder.get("obj")
+    if cfg.algo == "world4rl" and obj is not None:
+        # the proof that RL never touched the real env: the objective's counter of the rollout env's
+        # real steps (the held-out evaluation in the sim is scoring, not training data)
+        summary["world4rl"] = {
+            "real_env_steps_during_rl": int(obj.env_steps),
+            "imagined_steps": int(venv.imagined_steps),
+            "model_calls": int(venv.model_calls),
+            "reward": cfg.wm_reward,
+            "world_model": cfg.world_model,
+        }
+        (Path(args.out) / "world4rl.json").write_text(json.dumps(summary["world4rl"], indent=1))
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _imagined_env(cfg, policy):
+    """The frozen world model as the rollout env, started from the store's recorded episode starts."""
+    from vlaflow.world_models.checkpoint import load_world_model
+    from vlaflow.world_models.data import episode_starts, episodes_from_store
+    from vlaflow.world_models.env import WorldModelEnv
+    from vlaflow.world_models.reward import pusht_reward
+
+    wm = load_world_model(cfg.world_model, device=cfg.device)
+    if wm.config.task != cfg.task:
+        raise VlaflowError(f"{cfg.world_model}: a world model of task {wm.config.task!r}, not {cfg.task!r}")
+    keys = tuple(policy.config.obs_shapes)
+    if keys != (wm.config.obs_key,):
+        raise VlaflowError(
+            f"the policy reads {keys}; the world model {cfg.world_model} predicts only {wm.config.obs_key!r}"
+        )
+    if cfg.task != "pusht":
+        raise VlaflowError(
+            f"world4rl's reward from predicted states is defined for pusht only, not {cfg.task!r}"
+        )
+    starts = episode_starts(episodes_from_store(cfg.wm_starts, wm.config.obs_key, wm.config.action_key))
+    return WorldModelEnv(
+        wm,
+        starts,
+        cfg.n_envs,
+        policy.config.n_obs_steps,
+        pusht_reward,
+        max_steps=cfg.wm_horizon,
+        n_samples=cfg.wm_samples,
+        uncertainty_penalty=cfg.wm_uncertainty_penalty,
+        seed=cfg.seed,
+    )
 
 
 class _SteeredEval:

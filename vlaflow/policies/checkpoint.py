@@ -108,7 +108,9 @@ def write_checkpoint_files(
     """The checkpoint's files into an existing (temporary) ``directory``; :func:`save_checkpoint` is the
     atomic whole-directory write built on it."""
     meta = {
-        "format": FORMAT,
+        # a non-policy model on the same files (the world model) names its own format, so the training
+        # loop's checkpoints of it load with its own loader and are refused by the policy loader
+        "format": getattr(policy, "checkpoint_format", FORMAT),
         "version": VERSION,
         "config": policy.config.to_dict(),
         "extra": extra_json or {},

@@ -101,6 +101,11 @@ class DenoisingModel(nn.Module):
     def sampler_kwargs(self, sampler: str) -> dict[str, Any]:
         return {}
 
+    def loss_weight(self, t: Tensor) -> Tensor | None:
+        """Per-sample weight (B,) of the regression error at training time ``t``; None: unweighted (the
+        policies). EDM's ``1 / c_out^2`` (the world model's) makes the loss that of the preconditioned net."""
+        return None
+
     def default_timesteps(self, num_steps: int) -> Tensor:
         """The sampler's time grid, noisy to clean (a one-step student starts at its teacher's time)."""
         return self.path.timesteps(num_steps)
@@ -174,6 +179,9 @@ class DenoisingModel(nn.Module):
         x_t = a * x0 + s * eps
         pred = self.predict(x_t, t, cond)
         err = F.mse_loss(pred, self.regression_target(x0, eps, t), reduction="none")  # (B, *S)
+        w = self.loss_weight(t)
+        if w is not None:
+            err = err * w.to(err.device).view(view)
         if self.mask_key is not None and self.mask_key in batch:
             keep = (~torch.as_tensor(batch[self.mask_key], device=err.device).bool()).unsqueeze(-1).float()
             loss = (err * keep).sum() / (keep.sum() * err.shape[-1]).clamp(min=1.0)

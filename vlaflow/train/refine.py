@@ -25,14 +25,15 @@ from vlaflow.train.loop import LoopConfig, RunMeta, TrainingLoop, TrainResult
 from vlaflow.train.objectives.dppo import DPPO, DPPOConfig
 from vlaflow.train.objectives.dsrl import DSRLConfig, DSRLObjective
 
-ALGOS = ("dppo", "dsrl")
+ALGOS = ("dppo", "dsrl", "world4rl")  # world4rl: DPPO with rollouts in a frozen world model
+WM_REWARDS = ("coverage",)  # the learned success classifier is not wired into refine yet
 
 
 @dataclass(frozen=True)
 class RefineConfig:
     """One ``vlaflow refine`` run; ``field=value`` overrides address it with dots (``dppo.chain.min_std``)."""
 
-    algo: str = "dppo"  # dppo | dsrl
+    algo: str = "dppo"  # dppo | dsrl | world4rl (DPPO in the imagined env, 0 real env steps)
     task: str = "pusht"  # sim task with a reward/success signal
     iterations: int = 20  # rollout iterations (dppo) / env-collection rounds (dsrl)
     max_minutes: float = 0.0  # stop after this much training wall time (0 = iterations only)
@@ -47,6 +48,12 @@ class RefineConfig:
     threads: int = 1  # torch intra-op threads
     device: str = "cpu"
     progress: bool = True
+    world_model: str = ""  # world4rl: the world-model checkpoint (vlaflow train-wm)
+    wm_starts: str = ""  # world4rl: episode store whose episode starts begin the imagined episodes
+    wm_reward: str = "coverage"  # world4rl: "coverage" (the task's reward from the predicted state)
+    wm_horizon: int = 300  # world4rl: imagined episode step cap
+    wm_uncertainty_penalty: float = 0.0  # world4rl: reward -= penalty * sampler spread (conservative)
+    wm_samples: int = 2  # world4rl: samples per imagined step for the uncertainty signal
     dppo: DPPOConfig = field(default_factory=DPPOConfig)
     dsrl: DSRLConfig = field(default_factory=DSRLConfig)
 
@@ -59,13 +66,22 @@ class RefineConfig:
             if getattr(self, name) < 0 or (name.endswith("workers") and getattr(self, name) < 1):
                 raise ConfigError(f"{name} must be >= {1 if name.endswith('workers') else 0}")
 
+        if self.algo == "world4rl" and not (self.world_model and self.wm_starts):
+            raise ConfigError("algo=world4rl needs world_model=WM_CKPT and wm_starts=STORE (--world-model)")
+        if self.wm_reward not in WM_REWARDS:
+            raise ConfigError(f"wm_reward must be one of {WM_REWARDS}, got {self.wm_reward!r}")
+
+    @property
+    def on_policy(self) -> bool:
+        return self.algo in ("dppo", "world4rl")
+
     @property
     def n_envs(self) -> int:
-        return self.dppo.n_envs if self.algo == "dppo" else self.dsrl.n_envs
+        return self.dppo.n_envs if self.on_policy else self.dsrl.n_envs
 
     @property
     def steps_per_iteration(self) -> int:
-        return self.dppo.steps_per_iteration if self.algo == "dppo" else self.dsrl.updates_per_round
+        return self.dppo.steps_per_iteration if self.on_policy else self.dsrl.updates_per_round
 
 
 # Fields that may change on --resume: bookkeeping, not the maths of the run.
@@ -159,7 +175,7 @@ def refine(
         desc=f"refine {cfg.algo}",
     )
     loop = TrainingLoop(lc, out, resume=resume)
-    if cfg.algo == "dppo":
+    if cfg.on_policy:
         obj = DPPO(policy.to(loop.device), venv, cfg.dppo, seed=cfg.seed, bc_batch=bc_batch)
     else:
         obj = DSRLObjective(policy.to(loop.device), venv, cfg.dsrl, seed=cfg.seed)
