@@ -229,9 +229,10 @@ PRESET_DATA: dict[str, dict] = {
         },
         # measured (results/instruction_probe.md, 50 held-out episodes per instruction, one thread) on
         # `vlaflow collect --task probe:two_cubes --episodes 300 --noise 0.1 --seed 0` (each scene under both
-        # instructions): this preset with train.max_minutes=4.5 (stopped at step 1069 of 1200) follows 86% /
-        # 94% of the red / blue instructions (CI 74-93% / 84-98%), success 60% / 66%, the wrong cube never
-        # reached first. Without data.start_fraction (uniform windows) 4500 steps (24.9 min) followed only
+        # instructions): this preset as it stands (1200 steps, 4.7 min; `best` chosen by its own eval on
+        # seeds 200000..) follows 88% / 94% of the red / blue instructions (CI 76-94% / 84-98%), success
+        # 64% / 66%, the wrong cube never reached first (a run stopped at step 1069: 86% / 94%).
+        # Without data.start_fraction (uniform windows) 4500 steps (24.9 min) followed only
         # 16% / 18%: the state gives the target away after a step, and the policy learnt to ignore the
         # instruction; the raw language feature (no normalize, dropout 0.1), 4000 steps: 14% / 24%.
         "train": {
