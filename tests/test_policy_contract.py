@@ -12,7 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vlaflow.errors import ConfigError  # noqa: E402
+from vlaflow.errors import ConfigError, VlaflowError  # noqa: E402
 from vlaflow.policies import (  # noqa: E402
     POLICY_FAMILIES,
     DiffusionConfig,
@@ -297,6 +297,10 @@ def _family_case(family):
             **SHAPE,
         )
         return cfg, 3
+    if family == "steered":  # the tiny diffusion policy steered by a noise actor (DSRL's deployed policy)
+        from vlaflow.policies.steered.config import SteeredConfig
+
+        return SteeredConfig.of(_family_case("diffusion")[0], width=16, bound=1.5), 3
     return None, None
 
 
@@ -315,9 +319,11 @@ def test_every_registered_family_keeps_the_contract(family, tmp_path):
     policy = build_policy(cfg, stats).eval()
     assert type(policy) is POLICY_FAMILIES[family] and policy.config.family == family
     assert policy.spec.horizon == H and policy.spec.action_dim == DA
-    if family != "ebt":  # the denoising families (the composite too): what RTI, RTC, export and RL use
+    if family not in ("ebt", "steered"):  # the denoising families (the composite too): RTI, RTC, export, RL
         assert isinstance(policy, DenoisingPolicyContract)
     batch = _batch(cfg)
+    if family == "steered":
+        return _check_steered(policy, batch, tmp_path)
     noise = torch.randn(B, H, DA, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a1 = policy.sample(batch, noise=noise)
@@ -337,6 +343,32 @@ def test_every_registered_family_keeps_the_contract(family, tmp_path):
     obs = {k: v[0].numpy() for k, v in batch.items() if k.startswith("obs.")}
     res = PolicyRuntime(loaded, seed=0).infer(obs)
     assert res.actions.shape == (H, DA) and res.actions.dtype == np.float32 and res.nfe == nfe
+
+
+def _check_steered(policy, batch, tmp_path):
+    """The steered family picks its own noise: deterministic, equal to its base denoising the actor's
+    bounded noise, different from the base at w = 0, and the same after save + load."""
+    with torch.no_grad():
+        policy.actor.body[-1].bias.normal_(generator=torch.Generator().manual_seed(3))  # a non-trivial actor
+        a1, a2 = policy.sample(batch), policy.sample(batch)
+        cond = policy.base.encode(batch)
+        w = 1.5 * torch.tanh(policy.actor.body(cond.flatten(1)).chunk(2, -1)[0]).view(B, H, DA)
+        base_w = policy.base.sample(batch, noise=w)
+        base_0 = policy.base.sample(batch, noise=torch.zeros(B, H, DA))
+    assert a1.shape == (B, H, DA) and torch.isfinite(a1).all() and torch.equal(a1, a2)
+    assert float(w.abs().max()) <= 1.5
+    torch.testing.assert_close(a1, base_w, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(a1, base_0), "the actor's noise must change the chunk"
+    with pytest.raises(VlaflowError, match="chooses its own initial noise"):
+        policy.sample(batch, noise=w)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "steered", policy))
+    assert type(loaded) is type(policy) and loaded.config == policy.config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.sample(batch), a1, atol=1e-5, rtol=1e-5)
+    obs = {k: v[0].numpy() for k, v in batch.items() if k.startswith("obs.")}
+    res = PolicyRuntime(loaded, seed=0).infer(obs)
+    assert res.nfe == 3
+    np.testing.assert_allclose(res.actions, a1[0].numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_padded_actions_are_masked(monkeypatch):

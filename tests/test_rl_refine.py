@@ -421,3 +421,38 @@ def test_refine_dsrl_runs_end_to_end_with_the_steered_policy_evaluated(ckpt, tmp
     state = load_file(str(run / "checkpoints" / "last" / "train_state.safetensors"))
     assert any(k.startswith("model/sac.actor.") for k in state) and "objective/replay_meta" in state
     assert int(state["objective/replay_meta"][0]) == 2 * 2 * 3  # 2 rounds x 2 envs x 3 decisions (alive)
+
+    # the written checkpoint is the steered policy: load_policy / eval run actor noise -> frozen denoiser
+    import vlaflow
+    from vlaflow.policies import load_checkpoint
+    from vlaflow.policies.runtime import PolicyRuntime
+    from vlaflow.train.objectives.dsrl import SteeredRuntime
+
+    base = load_checkpoint(ckpt)
+    steered = load_checkpoint(run / "checkpoints" / "last")
+    assert steered.config.family == "steered" and steered.base.config == base.config
+    for k, v in steered.actor.state_dict().items():  # the policy files hold the trained actor
+        assert torch.equal(v, state[f"model/sac.actor.{k}"]), k
+    assert float(steered.actor.body[-1].weight.detach().abs().max()) > 0  # moved off its zero init
+    reference = SteeredRuntime(base, steered.actor)
+    pol = vlaflow.load_policy(run / "checkpoints" / "last", seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        obs = {"obs.state": rng.uniform(0, 512, (2, 5)).astype(np.float32)}
+        got = pol.infer(obs).actions
+        np.testing.assert_allclose(got, reference.infer(obs).actions, atol=1e-5, rtol=1e-5)
+        assert not np.allclose(got, PolicyRuntime(base, seed=0).infer(obs).actions)  # base: random noise
+        with torch.no_grad():
+            cond = base.encode({"obs.state": torch.from_numpy(obs["obs.state"])[None]})
+            at_zero = base.unnormalize_target(base.denoise(cond, noise=torch.zeros(1, 8, 2)).x0)[0].numpy()
+        assert not np.allclose(got, at_zero, atol=1e-6, rtol=0)  # base at the actor's initial w = 0
+    best = str(run / "checkpoints" / "best")
+    ev = subprocess.run(
+        cli("eval", "--policy", best, "--episodes", "1", "--out", str(tmp_path / "ev")),
+        env=env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    ex = subprocess.run(
+        cli("export", best, "--out", str(tmp_path / "onnx")), env=env(), capture_output=True, text=True
+    )
+    assert ex.returncode != 0 and "noise actor is not supported" in ex.stderr, ex.stderr[-2000:]

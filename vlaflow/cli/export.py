@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vlaflow.atomic import OVERWRITE_HELP, check_destination
 from vlaflow.deploy.export import EXPORTERS, PARITY, ExportOptions, export_policy
-from vlaflow.errors import ConfigError
+from vlaflow.errors import ConfigError, VlaflowError
 
 
 def _parse_samplers(text: str) -> tuple[tuple[str, int], ...]:
@@ -65,6 +65,11 @@ def run_export(args: argparse.Namespace) -> int:
         min_cosine=args.min_cosine,
     )
     policy = load_checkpoint(args.checkpoint)
+    if policy.config.family == "steered":
+        raise VlaflowError(
+            f"{args.checkpoint}: a steered (DSRL-refined) policy; ONNX export of its noise actor is not "
+            "supported yet (export the base policy: the checkpoint `vlaflow refine` started from)"
+        )
     report = export_policy(policy, args.out, opts, source=str(args.checkpoint))
     print(f"exported {args.checkpoint} -> {args.out} ({opts.exporter}, opset {opts.opset})")
     for row in report["summary"]:

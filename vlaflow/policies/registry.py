@@ -2,7 +2,8 @@
 
 Each policy class names its config class (``config_class``), so the same entry rebuilds configs from
 JSON and policies from configs. A composite (GPC) embeds its parents' configs: :func:`build_policy` builds
-the parents first, here, and hands them to it, so ``composed/`` never needs this module (no import cycle).
+the parents first, here, and hands them to it, so ``composed/`` never needs this module (no import cycle);
+likewise a steered policy's frozen base.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from vlaflow.policies.consistency.model import ConsistencyPolicy
 from vlaflow.policies.diffusion.model import DiffusionPolicy
 from vlaflow.policies.ebt.model import EBTPolicy
 from vlaflow.policies.flow.model import FlowPolicy
+from vlaflow.policies.steered.config import SteeredConfig
+from vlaflow.policies.steered.model import SteeredPolicy
 
 POLICY_FAMILIES: dict[str, type] = {
     "diffusion": DiffusionPolicy,
@@ -25,6 +28,7 @@ POLICY_FAMILIES: dict[str, type] = {
     "consistency": ConsistencyPolicy,  # one-step student from `vlaflow distill`
     "ebt": EBTPolicy,  # energy transformer, actions by gradient descent on the energy
     "composed": ComposedPolicy,  # GPC mix of denoising parents, built by `vlaflow compose`
+    "steered": SteeredPolicy,  # frozen denoiser + DSRL noise actor, written by `vlaflow refine --algo dsrl`
 }
 
 
@@ -56,4 +60,6 @@ def build_policy(config: PolicyConfig, stats: dict):
             pcfg = policy_config_from_dict(dict(d))
             parents.append(build_policy(pcfg, {k: stats[k] for k in pcfg.norm_modes() if k in stats}))
         return cls(config, stats, parents)
+    if isinstance(config, SteeredConfig):  # the frozen base from its embedded config, the actor beside it
+        return cls(config, stats, build_policy(policy_config_from_dict(dict(config.base_config)), stats))
     return cls(config, stats)

@@ -7,9 +7,10 @@ joins a replay buffer. Then ``updates_per_round`` loop steps, each one SAC updat
 (critic TD + actor + temperature; ``after_step`` moves the target critics). The replay buffer, target
 critics and counters are the objective's state, so ``--resume`` continues after a kill.
 
-What the checkpoint holds: the frozen policy's files (unchanged) and, in its training state, the SAC
-weights (``model/sac.*``). :class:`SteeredRuntime` runs the pair; ``vlaflow eval`` on the checkpoint runs
-the *base* policy (it does not know about the noise actor yet).
+What the checkpoint holds: a ``steered`` policy (:class:`vlaflow.policies.steered.model.SteeredPolicy`:
+the frozen policy's config and weights + the noise actor), so ``vlaflow eval`` / ``load_policy`` run the
+steered chain; the training state adds the whole SAC (``model/sac.*``), target critics and replay.
+:class:`SteeredRuntime` runs the same pair in memory.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.interfaces import InferResult, obs_window
 from vlaflow.policies.runtime import batch_of_one
+from vlaflow.policies.steered.model import SteeredPolicy
 from vlaflow.rl.dsrl import SAC, ReplayBuffer, polyak
 from vlaflow.rl.returns import chunk_discount
 from vlaflow.rl.rollout import ChunkVecEnv, obs_to_torch, train_seeds
@@ -112,7 +114,7 @@ class DSRLObjective(Objective):
         ]
 
     def deploy(self, module: nn.Module) -> nn.Module:
-        return self.policy
+        return SteeredPolicy.wrap(self.policy, module["sac"].actor, self.cfg.width)
 
     def steered(self) -> SteeredRuntime:
         return SteeredRuntime(self.policy, self.module["sac"].actor)
