@@ -229,14 +229,14 @@ PRESET_DATA: dict[str, dict] = {
         },
         # measured (results/instruction_probe.md, 50 held-out episodes per instruction, one thread) on
         # `vlaflow collect --task probe:two_cubes --episodes 300 --noise 0.1 --seed 0` (each scene under both
-        # instructions): this preset as it stands (1200 steps, 4.7 min; `best` chosen by its own eval on
-        # seeds 200000..) follows 88% / 94% of the red / blue instructions (CI 76-94% / 84-98%), success
-        # 64% / 66%, the wrong cube never reached first (a run stopped at step 1069: 86% / 94%).
+        # instructions): this preset (2400 steps, 11.2 min; `best` = step 2000 by its own eval on seeds
+        # 200000..) follows 100% / 100% of the red / blue instructions (CI 93-100%), success 88% / 90%;
+        # at 1200 steps (own eval still rising) 88% / 94%, success 64% / 66%.
         # Without data.start_fraction (uniform windows) 4500 steps (24.9 min) followed only
         # 16% / 18%: the state gives the target away after a step, and the policy learnt to ignore the
         # instruction; the raw language feature (no normalize, dropout 0.1), 4000 steps: 14% / 24%.
         "train": {
-            "steps": 1200,
+            "steps": 2400,
             "batch_size": 128,
             "lr": 1e-3,
             "warmup_steps": 100,
