@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from vlaflow.policies.nets.mlp import mish_mlp
+
 
 def expectile_loss(diff: Tensor, tau: float) -> Tensor:
     """Mean of ``|tau - 1(diff < 0)| * diff^2`` with ``diff = target - prediction``."""
@@ -26,14 +28,7 @@ def uniform_expectile(tau: float, lo: float = 0.0, hi: float = 1.0) -> float:
     return lo + (hi - lo) * a / (a + b)
 
 
-def mlp(inp: int, out: int, width: int = 256, depth: int = 2) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    d = inp
-    for _ in range(depth):
-        layers += [nn.Linear(d, width), nn.Mish()]
-        d = width
-    layers.append(nn.Linear(d, out))
-    return nn.Sequential(*layers)
+mlp = mish_mlp  # one definition: vlaflow.policies.nets.mlp
 
 
 class IQLCritic(nn.Module):

@@ -16,6 +16,17 @@ from torch import Tensor, nn
 from vlaflow.policies.nets.unet1d import SinusoidalPosEmb
 
 
+def mish_mlp(inp: int, out: int, width: int = 256, depth: int = 2) -> nn.Sequential:
+    """``depth`` x (Linear -> Mish) -> Linear: RL's small nets (critics, values, dynamics, noise actor)."""
+    layers: list[nn.Module] = []
+    d = inp
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.Mish()]
+        d = width
+    layers.append(nn.Linear(d, out))
+    return nn.Sequential(*layers)
+
+
 class ResidualMLPBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()

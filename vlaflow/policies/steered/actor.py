@@ -12,17 +12,12 @@ import math
 import torch
 from torch import Tensor, nn
 
+from vlaflow.policies.nets.mlp import mish_mlp
+
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 
-def mlp(inp: int, out: int, width: int = 256, depth: int = 2) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    d = inp
-    for _ in range(depth):
-        layers += [nn.Linear(d, width), nn.Mish()]
-        d = width
-    layers.append(nn.Linear(d, out))
-    return nn.Sequential(*layers)
+mlp = mish_mlp  # one definition: vlaflow.policies.nets.mlp
 
 
 class NoiseActor(nn.Module):
