@@ -58,7 +58,7 @@ def parity(cfg_name: str, args, tmp: str, onnx: bool) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from vlaflow import keys as K
+    import vlaflow.keys as K
     from vlaflow.deploy.onnx_runtime import OnnxPolicy
     from vlaflow.policies.checkpoint import load_checkpoint
 

@@ -93,8 +93,8 @@ def vlaflow_phases(data: str, steps: int, warmup: int, threads: int, batch: int)
 
     import torch
 
+    import vlaflow.train.schedule as S
     from vlaflow.train import get_preset
-    from vlaflow.train import schedule as S
     from vlaflow.train.loop import _Ema, clip_grad_norm
     from vlaflow.train.objectives.bc import BehaviourCloning
     from vlaflow.train.trainer import build_run_policy, open_training_data

@@ -194,7 +194,7 @@ def test_compile_failure_falls_back_to_eager_with_a_note(monkeypatch, capsys):
 
 def test_batch_size_is_global_under_ddp():
     """Each rank takes batch_size / world of a step's windows (what the README's GPU section says)."""
-    from vlaflow.train import schedule as S
+    import vlaflow.train.schedule as S
 
     idx = S.batch_indices(0, 3, 1000, 64)
     shards = [S.shard(idx, r, 4) for r in range(4)]

@@ -286,7 +286,7 @@ def test_imported_policy_refuses_training_rti_rtc_distill_and_gpc(tmp_path):
 
 
 def test_lerobot_key_aliases():
-    from vlaflow import keys as K
+    import vlaflow.keys as K
     from vlaflow.interfaces import RuntimeSpec, obs_window
 
     assert K.from_lerobot("observation.state") == "obs.state"

@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.errors import VlaflowError
 
 

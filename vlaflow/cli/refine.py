@@ -203,10 +203,10 @@ class _SteeredEval:
 def _bc_source(policy, data: str, cfg):
     if not data:
         raise ConfigError("dppo.bc_coef > 0 needs --data STORE (the demonstrations to regularise toward)")
-    from vlaflow import keys as K
+    import vlaflow.keys as K
+    import vlaflow.train.schedule as S
     from vlaflow.data.store import EpisodeStore
     from vlaflow.data.windows import WindowSampler
-    from vlaflow.train import schedule as S
     from vlaflow.train.objectives.bc import make_batch
 
     pc = policy.config

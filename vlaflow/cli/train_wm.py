@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import vlaflow.train.provenance as P
+import vlaflow.train.schedule as S
 from vlaflow.errors import VlaflowError
-from vlaflow.train import provenance as P
-from vlaflow.train import schedule as S
 from vlaflow.train.loop import LoopConfig, RunMeta, TrainingLoop
 from vlaflow.train.objective import Objective
 from vlaflow.world_models.config import PRESETS

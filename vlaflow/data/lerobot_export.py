@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.atomic import check_destination, replace_directory, restore_aside, temp_sibling
 from vlaflow.data import lerobot_format as F
 from vlaflow.data.video import CODECS, VideoWriter, encoder_for

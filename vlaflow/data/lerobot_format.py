@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.errors import IngestError
 
 INFO_PATH = "meta/info.json"

@@ -47,7 +47,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.atomic import aside_hint, atomic_directory, pause_point, restore_aside
 from vlaflow.data.integrity import (
     EndsCheck,

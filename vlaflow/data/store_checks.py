@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.data.integrity import (
     PARTIAL_SUFFIX,
     Finding,

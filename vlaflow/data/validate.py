@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.data.integrity import Finding, block_rows, blocks, chunk_file, episode_range, where
 from vlaflow.data.lock import describe, read_lock
 from vlaflow.data.siblings import sibling_notes

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.data.store import EpisodeStore, KeySpec
 from vlaflow.data.video import write_video
 from vlaflow.errors import StoreError, VlaflowError

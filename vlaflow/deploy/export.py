@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.atomic import atomic_directory
 from vlaflow.errors import ConfigError, VlaflowError
 

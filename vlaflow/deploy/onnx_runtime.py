@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.data.normalize import Normalizer
 from vlaflow.deploy import np_compose
 from vlaflow.deploy import np_sampling as nps

@@ -32,7 +32,7 @@ def _metrics(a, b) -> dict:
 
 def random_obs(policy, rng: np.random.Generator) -> dict:
     """A raw observation window for ``policy`` (To, ...) per key, plus a known instruction if it reads one."""
-    from vlaflow import keys as K
+    import vlaflow.keys as K
 
     cfg, norm = policy.config, policy.normalizer
     obs = {}

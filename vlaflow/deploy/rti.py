@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 
 # RTIConfig is defined once, torch-free, for this runtime and the ONNX one; importable from here as before.
 from vlaflow.deploy.rti_config import GRIPPER_MODES, WARM_MODES, RTIConfig  # noqa: F401

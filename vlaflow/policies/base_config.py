@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.errors import ConfigError
 
 NORM_MODES = ("minmax", "meanstd", "quantile", "identity")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.data.normalize import Normalizer
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.interfaces import RuntimeSpec

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.errors import VlaflowError
 
 SUPPORTED_TYPES = ("diffusion",)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.errors import VlaflowError
 from vlaflow.interfaces import InferResult, RuntimeSpec, obs_window
 from vlaflow.policies.samplers import (

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.errors import ConfigError
 from vlaflow.interfaces import RuntimeSpec
 

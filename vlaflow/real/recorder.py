@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.atomic import temp_sibling
 from vlaflow.data.ingest.rosbag2 import asof_indices, plan_episodes
 from vlaflow.errors import VlaflowError

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.interfaces import RuntimePolicy, as_infer_result, check_chunk
 
 _REFUSED_KINDS = ("V", "O", "c")

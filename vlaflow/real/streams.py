@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.real.contract import RobotContract, StreamSpec
 from vlaflow.real.msgs import NS, Rejected, StampCheck, check_stamp, decode_stream
 

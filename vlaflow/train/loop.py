@@ -68,9 +68,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import vlaflow.train.provenance as P
+import vlaflow.train.schedule as S
 from vlaflow.errors import ConfigError, VlaflowError
-from vlaflow.train import provenance as P
-from vlaflow.train import schedule as S
 from vlaflow.train.accel import Compiled, Precision, split_batch
 from vlaflow.train.loop_parts import (  # noqa: F401  (_Ema, clip_grad_norm: used by benchmarks)
     _check_replicas_agree,

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.errors import ConfigError
 from vlaflow.train.config import RunConfig
 from vlaflow.train.presets import PRESET_DATA, _build

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import vlaflow.train.provenance as P
 from vlaflow.errors import ConfigError
-from vlaflow.train import provenance as P
 from vlaflow.train.config import parse_value
 from vlaflow.train.loop import LoopConfig, RunMeta, TrainingLoop, TrainResult
 from vlaflow.train.objectives.dppo import DPPO, DPPOConfig

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from vlaflow import keys as K
+import vlaflow.keys as K
+import vlaflow.train.provenance as provenance
 from vlaflow.errors import ConfigError
-from vlaflow.train import provenance
 from vlaflow.train.config import RunConfig, upgrade_run_config_dict
 from vlaflow.train.loop import (  # noqa: F401  (TrainingDiverged: part of this module's interface)
     Evaluator,

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.train.objectives.bc import make_batch
 
 

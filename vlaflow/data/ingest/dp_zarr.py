@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.data.integrity import chunk_file, missing_blocks, read_or_locate
 from vlaflow.data.store import EpisodeStore, KeySpec, atomic_store
 from vlaflow.errors import IngestError

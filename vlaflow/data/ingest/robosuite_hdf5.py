@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.data.ingest.robosuite_regen import Regenerator, compose_state, state_names_of
 from vlaflow.errors import IngestError
 

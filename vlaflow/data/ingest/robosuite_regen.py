@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.errors import IngestError
 
 _CONTROLLER_RENAMES = {"damping": "damping_ratio", "damping_limits": "damping_ratio_limits"}

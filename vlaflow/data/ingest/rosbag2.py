@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.errors import ConfigError, IngestError
 
 FORMAT = "rosbag2"

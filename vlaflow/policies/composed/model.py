@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.data.normalize import Normalizer
 from vlaflow.errors import VlaflowError
 from vlaflow.interfaces import RuntimeSpec

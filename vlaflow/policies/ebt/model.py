@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.data.normalize import Normalizer
 from vlaflow.errors import VlaflowError
 from vlaflow.interfaces import RuntimeSpec

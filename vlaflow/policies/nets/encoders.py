@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlaflow import keys as K
+import vlaflow.keys as K
 from vlaflow.policies.nets.pretrained import PRETRAINED, PretrainedTrunk
 
 FEATURE_PREFIX = "features/"  # batch key of cached trunk features: features/<image key>  (B, To, K, C, h, w)

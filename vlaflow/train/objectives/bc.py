@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlaflow import keys as K
-from vlaflow.train import schedule as S
+import vlaflow.keys as K
+import vlaflow.train.schedule as S
 from vlaflow.train.objective import Objective
 
 
