@@ -305,3 +305,48 @@ def test_backbone_files_in_a_checkpoint_are_text_only(backbones, tmp_path):
     shutil.rmtree(ckpt / "backbone")
     with pytest.raises(VlaflowError, match="needs its backbone/"):
         load_checkpoint(ckpt)
+
+
+def test_vlaflow_train_family_vla_on_a_store_with_images_and_instructions(backbones, tmp_path):
+    """`vlaflow train --family vla` on a store with a camera + state + instructions: trains, writes a
+    checkpoint that loads, its config conditions on the store's instructions."""
+    import json
+
+    from vlaflow.cli import main
+    from vlaflow.data.store import EpisodeStore, KeySpec
+
+    keys = {
+        "action": ("float32", (2,)),
+        "obs.state": ("float32", (3,)),
+        "obs.image.front": ("uint8", (40, 40, 3)),
+    }
+    store = EpisodeStore.create(tmp_path / "s.zarr", keys={k: KeySpec(*v) for k, v in keys.items()}, fps=10)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        ep = {
+            "action": rng.normal(size=(16, 2)).astype(np.float32),
+            "obs.state": rng.normal(size=(16, 3)).astype(np.float32),
+            "obs.image.front": rng.integers(0, 255, size=(16, 40, 40, 3), dtype=np.uint8),
+        }
+        store.append_episode(ep, task=TASKS[i % 2], source="syn", success=True)
+    store.close()
+    run = tmp_path / "run"
+    rc = main(
+        ["train", "--family", "vla", "--data", str(tmp_path / "s.zarr"), "--out", str(run)]
+        + [
+            f"policy.backbone_path={backbones['assembled']}",
+            "policy.expert_width=16",
+            "policy.max_text_tokens=8",
+        ]
+        + ["policy.encoder.image_backbone=resnet18", "policy.encoder.image_base_width=8"]
+        + ["policy.encoder.norm_group_size=4", "train.steps=3", "train.batch_size=4", "eval.val_windows=8"]
+        + ["data.horizon=8", "data.n_action_steps=4", "train.progress=false", "train.num_threads=1"]
+        + ["train.num_workers=0"]
+    )
+    assert rc == 0
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["family"] == "vla" and sorted(saved["policy"]["tasks"]) == sorted(TASKS)
+    ckpts = sorted(run.rglob("model.safetensors"))
+    assert ckpts, "a checkpoint was written"
+    policy = load_checkpoint(ckpts[-1].parent)
+    assert policy.config.family == "vla" and policy.config.obs_shapes["obs.image.front"] == (40, 40, 3)
