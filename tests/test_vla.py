@@ -350,3 +350,43 @@ def test_vlaflow_train_family_vla_on_a_store_with_images_and_instructions(backbo
     assert ckpts, "a checkpoint was written"
     policy = load_checkpoint(ckpts[-1].parent)
     assert policy.config.family == "vla" and policy.config.obs_shapes["obs.image.front"] == (40, 40, 3)
+
+
+@pytest.mark.parametrize(
+    "kind,exporter", [("assembled", "torchscript"), ("paligemma", "torchscript"), ("idefics3", "dynamo")]
+)
+def test_onnx_export_prefix_and_expert_step_graphs_match_torch(kind, exporter, backbones, tmp_path):
+    """The prefix graph (obs + instruction ids -> KV cache) and the expert step graph (x_t, t, cache) in
+    ONNX Runtime reproduce PyTorch: the export's own parity check, then the host loop against torch."""
+    import onnx
+
+    from vlaflow.deploy.export import ExportOptions, export_policy
+    from vlaflow.deploy.onnx_runtime import load_onnx_policy
+
+    torch.manual_seed(0)
+    policy = build_policy(_config(backbones, kind), _stats()).eval()
+    _perturb(policy)
+    report = export_policy(policy, tmp_path / "onnx", ExportOptions(exporter=exporter, n_parity_obs=2))
+    assert report["passed"], report["failures"]
+    enc = onnx.load(str(tmp_path / "onnx" / "encoder.onnx"))
+    assert [i.name for i in enc.graph.input][-2:] == ["text_ids", "text_mask"]
+    den = onnx.load(str(tmp_path / "onnx" / "denoiser.onnx"))
+    assert [i.name for i in den.graph.input] == ["x_t", "t", "cond"]
+
+    ort = load_onnx_policy(tmp_path / "onnx")
+    batch = _batch(3)
+    obs = {"obs.state": batch["obs.state"][0].numpy(), "obs.image.front": batch["obs.image.front"][0].numpy()}
+    noise = np.random.default_rng(0).standard_normal((1, H, DA)).astype(np.float32)
+    for i, task in enumerate(TASKS):
+        one = {k: v[:1] for k, v in batch.items() if k.startswith("obs.")}
+        with torch.no_grad():
+            cond_t = policy.encode(dict(one, task=[task]))
+            x0_t = policy.denoise(cond_t, noise=torch.from_numpy(noise)).x0.numpy()
+        cond_o = ort.encode(dict(obs, task=task))
+        np.testing.assert_allclose(cond_o, cond_t.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(ort.denoise(cond_o, noise), x0_t, atol=1e-4, rtol=1e-4)
+        if i == 0:
+            first = x0_t
+    assert not np.allclose(first, x0_t), "the instruction ids reach the exported prefix"
+    with pytest.raises(VlaflowError, match="not known at export time.*known"):
+        ort.encode(dict(obs, task="an instruction never seen"))

@@ -319,7 +319,8 @@ class PrefixBackbone(nn.Module):
         if self.kind == "vlm":
             s = self.vision_size
             if tuple(x.shape[-2:]) != (s, s):
-                x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+                # bilinear without antialiasing, as LeRobot's SmolVLA (and exportable to ONNX)
+                x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
             x = (x / 255.0 - self.pixel_mean.view(1, 3, 1, 1)) / self.pixel_std.view(1, 3, 1, 1)
             if hasattr(self.vlm, "text_model"):  # Idefics3 / SmolVLM take (N, images per sample, 3, s, s)
                 out = self.vlm.get_image_features(x[:, None]).pooler_output
@@ -342,22 +343,21 @@ class PrefixBackbone(nn.Module):
         return tok["input_ids"].to(device), tok["attention_mask"].to(device).bool()
 
     def embed_prefix(
-        self, images: list[Tensor], state: Tensor | None, texts: list[str]
+        self, images: list[Tensor], state: Tensor | None, ids: Tensor, text_mask: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """images: per camera uint8 (B, To, h, w, 3); state (B, To, Ds) normalized; texts B strings ->
-        (embeddings (B, P, d), valid (B, P) bool): [camera 0 steps | camera 1 ... | instruction | state]."""
+        """images: per camera uint8 (B, To, h, w, 3); state (B, To, Ds) normalized; instruction token ids
+        and mask (B, T) (:meth:`tokenize`) -> (embeddings (B, P, d), valid (B, P) bool), laid out as
+        [camera 0 steps | camera 1 steps ... | instruction | state steps]."""
         parts, valid = [], []
-        b = len(texts)
+        b = ids.shape[0]
         for i, img in enumerate(images):
             to = img.shape[1]
             tok = self.image_tokens(img.reshape(b * to, *img.shape[2:]), i)  # (B*To, T, d)
             tok = tok.reshape(b, to * tok.shape[1], tok.shape[-1])
             parts.append(tok)
             valid.append(torch.ones(tok.shape[:2], dtype=torch.bool, device=tok.device))
-        device = self.lm.get_input_embeddings().weight.device
-        ids, mask = self.tokenize(texts, device)
         parts.append(self.lm.get_input_embeddings()(ids))
-        valid.append(mask)
+        valid.append(text_mask.bool())
         if self.state_proj is not None and state is not None:
             st = self.state_proj(state.float())  # (B, To, d)
             parts.append(st)

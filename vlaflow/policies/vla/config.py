@@ -52,7 +52,7 @@ class VLAConfig(PolicyConfig):
     state_token: bool = True  # the low-dim observation keys as one prefix token per step (proprio)
     image_token_grid: int = 0  # assembled: average-pool the trunk map to g x g tokens; 0 = every cell
     expert_width: int = 0  # action expert width; 0 = 3/4 of the backbone's (SmolVLA), rounded to 8
-    expert_mlp_ratio: float = 4.0  # expert SwiGLU hidden = width * ratio
+    expert_mlp_ratio: float = 8 / 3  # expert SwiGLU hidden = width * ratio (8/3: Llama, SmolVLA)
     objective: str = "flow"  # "flow" (pi0: rectified flow, velocity) | "diffusion" (VP cosine, eps)
     # flow path (as FlowConfig)
     time_beta_a: float = 1.5  # training time t = t_min + (1 - t_min) * Beta(a, b); pi0: a = 1.5

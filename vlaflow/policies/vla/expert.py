@@ -23,16 +23,29 @@ from vlaflow.policies.nets.unet1d import SinusoidalPosEmb
 from vlaflow.policies.vla.backbone import apply_rotary
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, written out (the TorchScript ONNX exporter has no
+    ``aten::rms_norm``)."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
 class ExpertLayer(nn.Module):
     def __init__(self, width: int, n_heads: int, n_kv: int, head_dim: int, mlp_ratio: float):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
-        self.input_norm = nn.RMSNorm(width, eps=1e-6)
+        self.input_norm = RMSNorm(width)
         self.q_proj = nn.Linear(width, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(width, n_kv * head_dim, bias=False)
         self.v_proj = nn.Linear(width, n_kv * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, width, bias=False)
-        self.post_norm = nn.RMSNorm(width, eps=1e-6)
+        self.post_norm = RMSNorm(width)
         hidden = int(width * mlp_ratio)
         self.gate = nn.Linear(width, hidden, bias=False)
         self.up = nn.Linear(width, hidden, bias=False)
@@ -81,7 +94,7 @@ class ActionExpert(nn.Module):
         self.layers = nn.ModuleList(
             [ExpertLayer(width, n_heads, n_kv, head_dim, mlp_ratio) for _ in range(n_layers)]
         )
-        self.norm = nn.RMSNorm(width, eps=1e-6)
+        self.norm = RMSNorm(width)
         self.action_out = nn.Linear(width, action_dim)
 
     def forward(

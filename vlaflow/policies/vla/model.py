@@ -53,6 +53,7 @@ class VLAPolicy(DenoisingModel):
             mask_key=K.ACTION_IS_PAD if config.mask_pad_loss else None,
         )
         self.parameterization = self._recipe.parameterization
+        self.text_encoder = None  # the backbone reads the instruction itself (no separate text encoder)
         self.image_keys = [k for k in config.obs_shapes if K.is_image(k)]
         self.lowdim_keys = [k for k in config.obs_shapes if not K.is_image(k)]
         state_dim = sum(math.prod(config.obs_shapes[k]) for k in self.lowdim_keys)
@@ -108,20 +109,41 @@ class VLAPolicy(DenoisingModel):
     def prefix(self, obs: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Checked observation -> prefix embeddings (B, P, d) and validity (B, P)."""
         window = obs_window_tensors(self.config, self.normalizer, self.device, obs)
+        b = window[next(iter(self.config.obs_shapes))].shape[0]
+        ids, mask = self.backbone.tokenize(task_texts(self.config, self.spec.task, obs, b), self.device)
+        return self.prefix_from_window(window, ids, mask)
+
+    def prefix_from_window(
+        self, window: dict[str, Tensor], ids: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """A checked window (low-dim normalized, images uint8) + instruction token ids / mask (B, T) ->
+        prefix embeddings and validity (the exported prefix graph starts here)."""
         images = [window[k] for k in self.image_keys]
-        b = (images[0] if images else window[self.lowdim_keys[0]]).shape[0]
         state = None
         if self.lowdim_keys:
-            to = window[self.lowdim_keys[0]].shape[1]
+            b, to = window[self.lowdim_keys[0]].shape[:2]
             state = torch.cat([window[k].reshape(b, to, -1) for k in self.lowdim_keys], dim=-1)
-        texts = task_texts(self.config, self.spec.task, obs, b)
-        return self.backbone.embed_prefix(images, state, texts)
+        return self.backbone.embed_prefix(images, state, ids, mask)
 
     def encode(self, obs: dict[str, Any]) -> Tensor:
         """Raw obs (B, To, ...) + instruction -> the prefix KV cache (B, P, L * 2 * Hkv * Dh + 1)."""
         with self._autocast():
             emb, valid = self.prefix(obs)
             return self.backbone.prefix_kv(emb, valid).float()
+
+    def encode_window(self, window: dict[str, Tensor], ids: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`encode` from a checked window and token ids (what the exported prefix graph computes)."""
+        with self._autocast():
+            return self.backbone.prefix_kv(*self.prefix_from_window(window, ids, mask)).float()
+
+    def instruction_tokens(self) -> dict[str, tuple[list[int], list[int]]]:
+        """Token ids and mask of every instruction the policy knows (config.tasks and its default task):
+        an ONNX export carries them, so a robot needs no tokenizer."""
+        texts = list(dict.fromkeys([*self.config.tasks, *([self.spec.task] if self.spec.task else [])]))
+        if not texts:
+            return {}
+        ids, mask = self.backbone.tokenize(texts, "cpu")
+        return {t: (ids[i].tolist(), mask[i].long().tolist()) for i, t in enumerate(texts)}
 
     def split_cond(self, cond: Tensor) -> tuple[Tensor, Tensor]:
         """cond -> (kv (B, P, L, 2, Hkv, Dh), valid (B, P) bool)."""
