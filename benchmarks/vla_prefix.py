@@ -48,8 +48,10 @@ def _stats(shape, lo, hi):
     return {"min": lo_a, "max": hi_a, "mean": (lo_a + hi_a) / 2, "std": hi_a - lo_a, "q01": lo_a, "q99": hi_a}
 
 
-def _median_ms(fn, repeats: int, sync) -> float:
-    for _ in range(3):
+def _timed(row: dict, name: str, fn, repeats: int, sync=lambda: None) -> None:
+    """``row[name]`` = median ms of ``repeats`` calls after 2 warm-up calls, ``row[name + '_min']`` the
+    fastest (on a shared machine the minimum is the least disturbed estimate)."""
+    for _ in range(2):
         fn()
     sync()
     out = []
@@ -58,7 +60,8 @@ def _median_ms(fn, repeats: int, sync) -> float:
         fn()
         sync()
         out.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(out)
+    row[name] = statistics.median(out)
+    row[name.replace("_ms", "_min_ms")] = min(out)
 
 
 def measure(layers: int, steps: int, repeats: int, device: str, onnx: bool, threads: int) -> dict:
@@ -103,13 +106,12 @@ def measure(layers: int, steps: int, repeats: int, device: str, onnx: bool, thre
             "device": device,
             "threads": torch.get_num_threads(),
             "build_s": round(build_s, 1),
-            "step_cached_ms": _median_ms(lambda: policy.predict(x, t, cond), repeats, sync),
-            "step_recompute_ms": _median_ms(lambda: policy.predict_uncached(x, t, obs), repeats, sync),
-            "encode_ms": _median_ms(lambda: policy.encode(obs), repeats, sync),
-            "control_step_cached_ms": _median_ms(
-                lambda: policy.sample(obs, noise=x), max(3, repeats // 4), sync
-            ),
         }
+        chunk_reps = max(5, repeats // 2)
+        _timed(row, "step_cached_ms", lambda: policy.predict(x, t, cond), repeats, sync)
+        _timed(row, "step_recompute_ms", lambda: policy.predict_uncached(x, t, obs), repeats, sync)
+        _timed(row, "encode_ms", lambda: policy.encode(obs), repeats, sync)
+        _timed(row, "control_step_cached_ms", lambda: policy.sample(obs, noise=x), chunk_reps, sync)
 
         def recompute_chunk():
             xs, ts = x.clone(), policy.path.timesteps(steps).to(device)
@@ -117,7 +119,7 @@ def measure(layers: int, steps: int, repeats: int, device: str, onnx: bool, thre
                 xs = xs + (b - a) * policy.predict_uncached(xs, a.expand(1), obs)
             return xs
 
-        row["control_step_recompute_ms"] = _median_ms(recompute_chunk, max(3, repeats // 4), sync)
+        _timed(row, "control_step_recompute_ms", recompute_chunk, chunk_reps, sync)
         torch.testing.assert_close(recompute_chunk(), policy.denoise(cond, noise=x).x0, atol=1e-4, rtol=1e-4)
     row["step_speedup"] = row["step_recompute_ms"] / row["step_cached_ms"]
     row["control_step_speedup"] = row["control_step_recompute_ms"] / row["control_step_cached_ms"]
@@ -133,22 +135,24 @@ def _ort(policy, obs, x, steps: int, repeats: int, threads: int) -> dict:
     policy = policy.cpu()
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        report = export_policy(
-            policy, Path(d) / "onnx", ExportOptions(exporter="torchscript", n_parity_obs=1)
-        )
+        # the cache holds a real LM's keys/values (magnitudes ~10): float32 differences of the 16-30 layer
+        # prefix reach 1e-4 absolute there, so the prefix graph's tolerance is 1e-3 (the values are recorded)
+        opts = ExportOptions(exporter="torchscript", n_parity_obs=1, tol_step=1e-3)
+        report = export_policy(policy, Path(d) / "onnx", opts)
         export_s = time.perf_counter() - t0
         ort = load_onnx_policy(Path(d) / "onnx", threads=threads)
         np_obs = {k: v[0].cpu().numpy() for k, v in obs.items() if k != "task"}
         np_obs["task"] = obs["task"][0]
         cond = ort.encode(np_obs)
         xn, tn = x.cpu().numpy(), np.asarray([float(policy.path.timesteps(steps)[0])], np.float32)
-        return {
+        row = {
             "ort_export_s": round(export_s, 1),
             "ort_parity_max_abs": {s["what"]: s["max_abs"] for s in report["summary"]},
-            "ort_step_cached_ms": _median_ms(lambda: ort.predict(xn, tn, cond), repeats, lambda: None),
-            "ort_encode_ms": _median_ms(lambda: ort.encode(np_obs), repeats, lambda: None),
-            "ort_control_step_ms": _median_ms(lambda: ort.infer(np_obs), max(3, repeats // 4), lambda: None),
         }
+        _timed(row, "ort_step_cached_ms", lambda: ort.predict(xn, tn, cond), repeats)
+        _timed(row, "ort_encode_ms", lambda: ort.encode(np_obs), repeats)
+        _timed(row, "ort_control_step_ms", lambda: ort.infer(np_obs), max(5, repeats // 2))
+        return row
 
 
 def main() -> None:
@@ -186,16 +190,16 @@ def write_md() -> None:
         ("backbone_layers", "L"),
         ("prefix_tokens", "P"),
         ("params_total", "params"),
-        ("step_cached_ms", "step cached ms"),
-        ("step_recompute_ms", "step recompute ms"),
+        ("step_cached_min_ms", "step cached"),
+        ("step_recompute_min_ms", "step recompute"),
         ("step_speedup", "x"),
-        ("encode_ms", "encode ms"),
-        ("control_step_cached_ms", "chunk cached ms"),
-        ("control_step_recompute_ms", "chunk recompute ms"),
+        ("encode_min_ms", "encode"),
+        ("control_step_cached_min_ms", "chunk cached"),
+        ("control_step_recompute_min_ms", "chunk recompute"),
         ("control_step_speedup", "x"),
-        ("ort_step_cached_ms", "ORT step ms"),
-        ("ort_encode_ms", "ORT encode ms"),
-        ("ort_control_step_ms", "ORT chunk ms"),
+        ("ort_step_cached_min_ms", "ORT step"),
+        ("ort_encode_min_ms", "ORT encode"),
+        ("ort_control_step_min_ms", "ORT chunk"),
     ]
     lines = [
         "# VLA prefix caching (benchmarks/vla_prefix.py)",
@@ -203,7 +207,7 @@ def write_md() -> None:
         "Assembled backbone: SmolLM2-135M-Instruct (first L layers) + frozen EfficientNet-Lite0 (96x96, "
         "9 image tokens) + 32 instruction tokens + 1 state token; H = 16, Da = 2, Euler 10 steps, batch 1. "
         "'chunk' = one control step (encode + 10 denoising steps); 'recompute' = the prefix recomputed at "
-        "every step. Medians in ms.",
+        "every step. Fastest of the repeats in ms (medians in the JSON); 'x' = recompute / cached (medians).",
         "",
         "| " + " | ".join(c[1] for c in cols) + " | when | commit |",
         "|" + "---|" * (len(cols) + 2),
