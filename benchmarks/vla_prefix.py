@@ -167,7 +167,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     info = run_info(("vlaflow", "numpy", "torch", "transformers", "onnxruntime", "gguf"))
-    rows = []
     for n in [int(v) for v in args.layers.split(",")]:
         row = {
             **info,
@@ -175,9 +174,8 @@ def main() -> None:
             **measure(n, args.steps, args.repeats, args.device, args.onnx, args.threads),
         }
         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items() if k not in info})
-        rows.append(row)
-    append_rows(RESULTS / "vla_prefix.json", rows)
-    write_md()
+        append_rows(RESULTS / "vla_prefix.json", [row])  # each configuration as it finishes
+        write_md()
 
 
 def write_md() -> None:
@@ -190,16 +188,16 @@ def write_md() -> None:
         ("backbone_layers", "L"),
         ("prefix_tokens", "P"),
         ("params_total", "params"),
-        ("step_cached_min_ms", "step cached"),
-        ("step_recompute_min_ms", "step recompute"),
+        ("step_cached_ms", "step cached"),
+        ("step_recompute_ms", "step recompute"),
         ("step_speedup", "x"),
-        ("encode_min_ms", "encode"),
-        ("control_step_cached_min_ms", "chunk cached"),
-        ("control_step_recompute_min_ms", "chunk recompute"),
+        ("encode_ms", "encode"),
+        ("control_step_cached_ms", "chunk cached"),
+        ("control_step_recompute_ms", "chunk recompute"),
         ("control_step_speedup", "x"),
-        ("ort_step_cached_min_ms", "ORT step"),
-        ("ort_encode_min_ms", "ORT encode"),
-        ("ort_control_step_min_ms", "ORT chunk"),
+        ("ort_step_cached_ms", "ORT step"),
+        ("ort_encode_ms", "ORT encode"),
+        ("ort_control_step_ms", "ORT chunk"),
     ]
     lines = [
         "# VLA prefix caching (benchmarks/vla_prefix.py)",
@@ -207,7 +205,8 @@ def write_md() -> None:
         "Assembled backbone: SmolLM2-135M-Instruct (first L layers) + frozen EfficientNet-Lite0 (96x96, "
         "9 image tokens) + 32 instruction tokens + 1 state token; H = 16, Da = 2, Euler 10 steps, batch 1. "
         "'chunk' = one control step (encode + 10 denoising steps); 'recompute' = the prefix recomputed at "
-        "every step. Fastest of the repeats in ms (medians in the JSON); 'x' = recompute / cached (medians).",
+        "every step. Medians in ms (the fastest repeat of each: *_min_ms in the JSON); 'x' = recompute / "
+        "cached. 2 shared CPU cores: see load_avg_at_start in the JSON.",
         "",
         "| " + " | ".join(c[1] for c in cols) + " | when | commit |",
         "|" + "---|" * (len(cols) + 2),

@@ -350,6 +350,9 @@ def test_vlaflow_train_family_vla_on_a_store_with_images_and_instructions(backbo
     assert ckpts, "a checkpoint was written"
     policy = load_checkpoint(ckpts[-1].parent)
     assert policy.config.family == "vla" and policy.config.obs_shapes["obs.image.front"] == (40, 40, 3)
+    out = tmp_path / "onnx"  # and the trained checkpoint exports: prefix + expert-step graphs, parity-checked
+    assert main(["export", str(ckpts[-1].parent), "--out", str(out), "--exporter", "torchscript"]) == 0
+    assert json.loads((out / "parity.json").read_text())["passed"]
 
 
 @pytest.mark.parametrize(
