@@ -51,6 +51,13 @@ def parse_args(argv=None):
     p.add_argument(
         "--rti-warm", type=int, default=0, help="RTI tail steps after the warm start (default: RTIConfig's)"
     )
+    p.add_argument(
+        "--exec-horizon",
+        type=int,
+        default=0,
+        help="control steps between inference starts (0: the policy's Ta; 1: replan every tick, RTI-DP's "
+        "own regime, shift 1)",
+    )
     p.add_argument("--beta", type=float, default=5.0, help="RTC guidance clip")
     p.add_argument(
         "--contraction-warm", default="3,5,10,20,30", help="warm-step counts of the contraction table"
@@ -144,8 +151,10 @@ def evaluate_variant(args, name: str, family: str) -> dict:
         n_episodes=args.episodes,
         workers=args.workers,
         executor="realtime",
-        realtime=SimRealtimeConfig(RealtimeConfig(merge=merge), latency=latency),
-        out_dir=Path(args.out) / f"{Path(ckpt).parent.parent.name}_{name}",
+        realtime=SimRealtimeConfig(
+            RealtimeConfig(merge=merge, exec_horizon=args.exec_horizon), latency=latency
+        ),
+        out_dir=Path(args.out) / f"{Path(ckpt).parent.parent.name}_{name}_s{args.exec_horizon}",
         progress=True,
     )
     agg = rep["aggregate"]
@@ -155,6 +164,7 @@ def evaluate_variant(args, name: str, family: str) -> dict:
         "merge": merge,
         "latency_s": float(lat or 0),
         "runtime_kwargs": rk,
+        "exec_horizon": args.exec_horizon,  # 0: the policy's Ta
         "checkpoint": str(ckpt),
         "mean_score": agg["mean_score"],
         "success_rate": agg["success_rate"],
@@ -181,7 +191,8 @@ def write_results(path: Path, rows: list[dict], info: dict) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {"runs": []}
 
     def key(x: dict) -> tuple:  # one row per variant, checkpoint and runtime settings (e.g. RTI's grid)
-        return x["variant"], x["checkpoint"], json.dumps(x.get("runtime_kwargs") or {}, sort_keys=True)
+        rk = json.dumps(x.get("runtime_kwargs") or {}, sort_keys=True)
+        return x["variant"], x["checkpoint"], rk, x.get("exec_horizon", 0), x.get("n_episodes")
 
     for r in rows:
         r["run"] = info
@@ -193,8 +204,12 @@ def write_results(path: Path, rows: list[dict], info: dict) -> None:
 
 def _variant_label(r: dict) -> str:
     rk = r.get("runtime_kwargs") or {}
+    s = r.get("exec_horizon", 0)
+    every = "" if not s else (", every tick" if s == 1 else f", every {s} steps")
     if r.get("merge") == "rti" and rk:
-        return f"{r['variant']} ({rk['sampler']}:{rk['num_steps']}, {rk['n_warm_steps']} warm)"
+        return f"{r['variant']} ({rk['sampler']}:{rk['num_steps']}, {rk['n_warm_steps']} warm{every})"
+    if every:
+        return f"{r['variant']} ({every[2:]})"
     if r.get("merge") == "rtc" and "beta" in rk:
         return f"{r['variant']} (beta {rk['beta']:g})"
     if r.get("variant") == "student":

@@ -101,6 +101,29 @@ def test_killed_collect_keeps_finished_episodes_and_resume_completes_it(tmp_path
     assert content(out)["ends"] == reference["ends"]
 
 
+def test_resume_after_a_kill_between_seed_and_episode_reruns_that_seed(tmp_path, reference):
+    """The writer records an episode's seed before appending it; a SIGKILL between the two leaves one
+    seed (and its attempt) more than the committed episodes. --resume must rerun that attempt.
+
+    Was: the attempt counter kept it, so the resumed run skipped that seed and the store differed from
+    the uninterrupted run's (seen once in CI under load: seeds 20, 21, 23, ...). The real kill above hits
+    this window only by chance; here the store is left in exactly that state."""
+    out = tmp_path / "demos.zarr"
+    assert subprocess.run(collect_cmd(out, "--episodes", "2"), env=env()).returncode == 0  # the last wins
+    with EpisodeStore.open(out, mode="a") as s:
+        collect = dict(s.attrs["collect"])
+        done = collect["progress"]["pick_place"]
+        assert done == {"attempts": 2, "seeds": [SEED, SEED + 1]}
+        # what record() writes just before the third episode's append
+        collect["progress"] = {"pick_place": {"attempts": 3, "seeds": [SEED, SEED + 1, SEED + 2]}}
+        s.root.attrs.update({"collect": collect})
+    assert subprocess.run(collect_cmd(out, "--resume"), env=env()).returncode == 0
+    got = content(out)
+    assert got["seeds"] == reference["seeds"]
+    assert got["ends"] == reference["ends"]
+    np.testing.assert_array_equal(got["action"], reference["action"])
+
+
 def test_killed_collect_overwrite_keeps_the_old_store(tmp_path, reference, capsys):
     out = tmp_path / "demos.zarr"
     assert main(["collect", "--task", "pick_place", "--episodes", "1", "--seed", "3", "--out", str(out)]) == 0

@@ -695,3 +695,31 @@ def test_manifest_paths_are_confined_and_shapes_checked(diffusion_export, tmp_pa
     }.get(case, "outside the export directory")
     with pytest.raises(VlaflowError, match=want):
         OnnxPolicy(d)
+
+
+def test_bench_latency_rti_every_tick_row_is_named_and_scored_through_the_realtime_executor(diffusion_export):
+    """``--rti-warm 3 --rti-exec-horizon 1``: the RTI rows say their settings, time 3 network evaluations
+    per call after the first (eager and ONNX Runtime), and ask the score for the real-time executor."""
+    from vlaflow.deploy.bench import LatencyBench, bench_latency
+
+    _, _, _, ckpt = diffusion_export
+    calls = []
+
+    def score(factory, episodes, workers, max_steps, **realtime):
+        rt = factory()
+        calls.append((type(rt).__name__, rt.rti.n_warm_steps, realtime))
+        return {"mean_score": 0.5, "success_rate": 0.25, "episodes": episodes}
+
+    name = "RTI 3 warm, every tick"
+    cfg = LatencyBench(str(ckpt), variants=(("ddim", 4),), rti=True, rti_warm=3, rti_exec_horizon=1,
+                       episodes=2, workers=0, max_steps=8, repeats=4, step_repeats=2,
+                       score_only=(f"{name}/torch-eager", f"{name}/onnxruntime"))  # fmt: skip
+    rows = {(r["variant"], r["runtime"]): r for r in bench_latency(cfg, score=score)["rows"]}
+    eager, ort = (
+        rows[("RTI 3 warm, every tick", "torch-eager")],
+        rows[("RTI 3 warm, every tick", "onnxruntime")],
+    )
+    assert eager["nfe"] == ort["nfe"] == (100 + 3 * 3) / 4  # the timed calls: one full, then warm starts
+    want = {"merge": "rti", "exec_horizon": 1}
+    assert calls == [("RTIRuntime", 3, want), ("OnnxRTIPolicy", 3, want)]
+    assert rows[("DDIM-4", "torch-eager")]["mean_score"] is None  # not in score_only

@@ -178,6 +178,41 @@ def test_rti_is_deterministic_per_seed():
     assert all(np.array_equal(x, y) for x, y in zip(*outs, strict=True))
 
 
+@pytest.mark.parametrize("warm", [2, 3])
+def test_rti_every_tick_through_the_executor_replans_each_step_with_shift_one(warm):
+    """RTI-DP's own regime: the executor replans at every control step (exec_horizon 1); each call after
+    the first runs only ``warm`` network evaluations, warm-started from the previous chunk shifted by 1,
+    and every emitted action is the first action of the chunk planned on that tick's observation."""
+    from vlaflow.deploy.executor import RealtimeConfig
+    from vlaflow.sim.realtime import SimClockExecutor, SimRealtimeConfig
+
+    rt = RTIRuntime(_policy("diffusion"), RTIConfig(sampler="ddpm", num_steps=100, n_warm_steps=warm))
+    rt.reset(seed=0)
+    shifts, chunks = [], []
+
+    def infer(obs, shift=None, delay=None):
+        shifts.append(shift)
+        res = rt.infer(obs, shift=shift)
+        chunks.append(res.actions)
+        return res
+
+    cfg = SimRealtimeConfig(RealtimeConfig(merge="rti", exec_horizon=1), latency="fixed:0")
+    ex = SimClockExecutor(infer, rt.config, cfg)
+    n = 12
+    emitted = [ex.act({"obs.state": _obs(t)["obs.state"][-1]}, t) for t in range(n)]  # one step each
+    st = ex.stats()
+    assert st["inferences"] == n and st["ticks"] == n and st["underruns"] == 0
+    assert rt.nfe_history == [100] + [warm] * (n - 1)
+    assert (
+        st["nfe_first"] == 100
+        and st["nfe_after_first_max"] == warm
+        and st["nfe_total"] == 100 + warm * (n - 1)
+    )
+    assert shifts == [0] + [1] * (n - 1)
+    for t in range(n):
+        np.testing.assert_allclose(emitted[t], chunks[t][0], rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- RTC maths
 def test_soft_mask_shape():
     w = soft_mask(10, 2, 3)

@@ -11,14 +11,29 @@ from typing import Any
 
 from vlaflow.atomic import OVERWRITE_HELP, fresh_directory
 from vlaflow.deploy.bench import SAMPLERS, LatencyBench, bench_latency, latency_markdown
+from vlaflow.deploy.executor import RealtimeConfig
 from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.sim.evaluate import evaluate
+from vlaflow.sim.realtime import SimRealtimeConfig
 
 
-def pusht_score(factory: Callable[[], Any], episodes: int, workers: int, max_steps: int | None) -> dict:
-    """The bench's ``score``: mean score and success rate of ``factory`` on PushT seeds 100000.."""
+def pusht_score(
+    factory: Callable[[], Any],
+    episodes: int,
+    workers: int,
+    max_steps: int | None,
+    merge: str | None = None,
+    exec_horizon: int = 0,
+) -> dict:
+    """The bench's ``score``: mean score and success rate of ``factory`` on PushT seeds 100000..; with
+    ``merge`` through the real-time executor on the sim clock (zero latency), replanning every
+    ``exec_horizon`` control steps."""
+    kw: dict[str, Any] = {}
+    if merge:
+        rt = RealtimeConfig(merge=merge, exec_horizon=exec_horizon)
+        kw = {"executor": "realtime", "realtime": SimRealtimeConfig(rt)}
     rep = evaluate(
-        factory, task="pusht", n_episodes=episodes, workers=workers, max_steps=max_steps, progress=False
+        factory, task="pusht", n_episodes=episodes, workers=workers, max_steps=max_steps, progress=False, **kw
     )
     if rep["errors"]:
         first = rep["errors"][0]["error"].strip().splitlines()[0]
@@ -54,7 +69,23 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runtimes", default="torch-eager,onnxruntime", help="comma list of torch-eager, onnxruntime"
     )
-    p.add_argument("--rti", action="store_true", help="add RTI-DP (vlaflow.deploy.rti, eager)")
+    p.add_argument(
+        "--rti", action="store_true", help="add RTI-DP rows (vlaflow.deploy.rti, eager and ONNX Runtime)"
+    )
+    p.add_argument(
+        "--rti-warm",
+        type=int,
+        default=0,
+        help="RTI reverse steps after the warm start (default: RTIConfig's, 20 on a 100-step grid; the "
+        "paper's PushT setting is 3)",
+    )
+    p.add_argument(
+        "--rti-exec-horizon",
+        type=int,
+        default=0,
+        help="score RTI replanning every S control steps through the real-time executor (1: every tick, "
+        "RTI-DP's own regime); default: plain chunking every Ta",
+    )
     p.add_argument(
         "--onestep", default="", help="one-step consistency student checkpoint(s) to add (comma list)"
     )
@@ -99,7 +130,9 @@ def run_bench(args: argparse.Namespace) -> int:
         onnx=args.onnx or None,
         variants=_parse_variants(args.variants),
         runtimes=_comma_list(args.runtimes),
-        rti=args.rti,
+        rti=args.rti or bool(args.rti_warm or args.rti_exec_horizon),
+        rti_warm=args.rti_warm,
+        rti_exec_horizon=args.rti_exec_horizon,
         onestep=tuple(c for c in args.onestep.split(",") if c),
         ebt=args.ebt or None,
         episodes=args.episodes,

@@ -33,19 +33,34 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from vlaflow.deploy.rti_config import RTIConfig
 from vlaflow.errors import ConfigError
 
 RUNTIMES = ("torch-eager", "onnxruntime")
 SAMPLERS = ("ddpm", "ddim", "euler", "heun")
 
-# score(factory, episodes, workers, max_steps) -> {"mean_score", "success_rate", "episodes"}: the closed-loop
-# PushT score of a zero-argument runtime factory. The CLI builds it on vlaflow.sim.evaluate; deploy/ never
-# imports the simulator.
-ScoreFn = Callable[[Callable[[], Any], int, int, "int | None"], dict]
+# score(factory, episodes, workers, max_steps, **realtime) -> {"mean_score", "success_rate", "episodes"}:
+# the closed-loop PushT score of a zero-argument runtime factory; ``realtime`` (merge=, exec_horizon=) asks
+# for the real-time executor (RTI replanning every s control steps) instead of plain chunking. The CLI
+# builds it on vlaflow.sim.evaluate; deploy/ never imports the simulator.
+ScoreFn = Callable[..., dict]
+
+
+def rti_label(rti: RTIConfig, exec_horizon: int, spec_ta: int) -> tuple[str, dict | None]:
+    """The RTI row's name and the real-time settings its score needs (None: plain chunking, s = Ta).
+
+    ``RTI`` is RTIConfig's defaults scored with plain chunking (the table's row since the first release);
+    other settings are named, e.g. ``RTI 3 warm, every tick`` for RTI-DP's own regime (replan each control
+    step from the previous chunk shifted by 1)."""
+    parts = [] if rti.n_warm_steps == RTIConfig().n_warm_steps else [f"{rti.n_warm_steps} warm"]
+    s = exec_horizon if exec_horizon and exec_horizon != spec_ta else 0
+    if s:
+        parts.append("every tick" if s == 1 else f"every {s} steps")
+    label = "RTI" + (" " + ", ".join(parts) if parts else "")
+    return label, ({"merge": "rti", "exec_horizon": s} if s else None)
 
 
 @dataclass(frozen=True)
@@ -56,7 +71,9 @@ class LatencyBench:
     onnx: str | None = None  # an existing `vlaflow export` of checkpoint; None: export to a temporary dir
     variants: tuple[tuple[str, int], ...] = ()  # (sampler, steps) rows; (): default_variants(policy)
     runtimes: tuple[str, ...] = RUNTIMES  # which of RUNTIMES to time
-    rti: bool = False  # add RTI-DP rows (RTIConfig's defaults)
+    rti: bool = False  # add RTI-DP rows (RTIConfig's defaults, or the two fields below)
+    rti_warm: int = 0  # RTI reverse steps after the warm start (0: RTIConfig's default)
+    rti_exec_horizon: int = 0  # score RTI replanning every s control steps (1: every tick); 0: every Ta
     onestep: tuple[str, ...] = ()  # one-step consistency student checkpoints to add
     ebt: str | None = None  # an EBT checkpoint to add
     episodes: int = 50  # PushT episodes per scored row
@@ -75,6 +92,8 @@ class LatencyBench:
         bad = [r for r in self.runtimes if r not in RUNTIMES]
         if bad or not self.runtimes:
             raise ConfigError(f"--runtimes must be a comma list of {RUNTIMES}, got {bad or self.runtimes}")
+        if self.rti_warm < 0 or self.rti_exec_horizon < 0:
+            raise ConfigError("--rti-warm and --rti-exec-horizon must be >= 0 (0: the defaults)")
         for name in ("episodes", "repeats", "step_repeats", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -239,8 +258,6 @@ def _bench(cfg: LatencyBench, score: ScoreFn | None, scratch: Callable[[], Path]
         print(f"exporting {ckpt} -> {onnx_dir} (parity-checked) ...", file=sys.stderr)
         checked = list(variants)
         if cfg.rti:
-            from vlaflow.deploy.rti import RTIConfig
-
             r = RTIConfig()
             checked += [(r.sampler, r.num_steps)] if (r.sampler, r.num_steps) not in checked else []
         opts = ExportOptions(samplers=tuple(checked), n_parity_obs=1)
@@ -262,7 +279,7 @@ def _bench(cfg: LatencyBench, score: ScoreFn | None, scratch: Callable[[], Path]
     rows, samples = [], {}
     load_before = [round(v, 2) for v in os.getloadavg()]
 
-    def add(variant, runtime, nfe, ms, factory, report=None):
+    def add(variant, runtime, nfe, ms, factory, report=None, realtime=None):
         row = {"variant": variant, "runtime": runtime, "nfe": nfe, **_percentiles(ms)}
         row.update({"mean_score": None, "success_rate": None, "episodes": 0, "score_source": None})
         reused = _reuse_report(report, episodes) if report else None
@@ -278,7 +295,7 @@ def _bench(cfg: LatencyBench, score: ScoreFn | None, scratch: Callable[[], Path]
             and (not cfg.score_only or f"{variant}/{runtime}" in cfg.score_only)
         ):
             print(f"scoring {variant} / {runtime} on {episodes} PushT episodes ...", file=sys.stderr)
-            row.update(score(factory, episodes, cfg.workers, cfg.max_steps))
+            row.update(score(factory, episodes, cfg.workers, cfg.max_steps, **(realtime or {})))
             row["score_source"] = "this run"
         rows.append(row)
         samples[f"{variant} / {runtime}"] = ms
@@ -308,10 +325,12 @@ def _bench(cfg: LatencyBench, score: ScoreFn | None, scratch: Callable[[], Path]
             )
             add(name, "onnxruntime", op.last_nfe, ms, fac)
     if cfg.rti:
-        from vlaflow.deploy.rti import RTIRuntime, load_rti_policy
+        from vlaflow.deploy.rti import RTIRuntime, load_rti_policy  # torch
 
-        rt = RTIRuntime(policy)
+        rt = RTIRuntime(policy, RTIConfig(n_warm_steps=cfg.rti_warm))
         rt.reset(seed=0)
+        label, realtime = rti_label(rt.rti, cfg.rti_exec_horizon, spec_ta=policy.config.n_action_steps)
+        warm_kw = {"n_warm_steps": rt.rti.n_warm_steps}
         nfes: list[int] = []
 
         def rti_call(rt=rt, nfes=nfes):
@@ -319,7 +338,8 @@ def _bench(cfg: LatencyBench, score: ScoreFn | None, scratch: Callable[[], Path]
             nfes.append(rt.last_nfe)
 
         ms = time_calls(rti_call, cfg.repeats, warmup=0)  # the first (full) call is part of the distribution
-        add("RTI", "torch-eager", float(np.mean(nfes)), ms, functools.partial(load_rti_policy, str(ckpt)))
+        fac = functools.partial(load_rti_policy, str(ckpt), **warm_kw)
+        add(label, "torch-eager", float(np.mean(nfes)), ms, fac, realtime=realtime)
         if "onnxruntime" in cfg.runtimes:
             from vlaflow.deploy.onnx_rti import OnnxRTIPolicy, load_onnx_rti_policy
 
@@ -330,7 +350,7 @@ def _bench(cfg: LatencyBench, score: ScoreFn | None, scratch: Callable[[], Path]
             orti = OnnxRTIPolicy(onnx_dir, threads=cfg.threads, **kw)
             ms = time_calls(lambda: orti.infer(obs), cfg.repeats, warmup=0)
             fac = functools.partial(load_onnx_rti_policy, str(onnx_dir), threads=cfg.threads, **kw)
-            add("RTI", "onnxruntime", float(np.mean(orti.nfe_history)), ms, fac)
+            add(label, "onnxruntime", float(np.mean(orti.nfe_history)), ms, fac, realtime=realtime)
     students = list(cfg.onestep)
     extras = [("one-step" if len(students) == 1 else f"one-step {Path(c).name}", c) for c in students] + [
         ("EBT", cfg.ebt)

@@ -14,6 +14,7 @@ from typing import Any
 
 import vlaflow.keys as K
 from vlaflow.errors import ConfigError
+from vlaflow.interfaces import RuntimeSpec
 
 NORM_MODES = ("minmax", "meanstd", "quantile", "identity")
 IMAGE_BACKBONES = ("resnet18", "efficientnet_lite0", "mobilenet_v2")
@@ -288,6 +289,26 @@ class PolicyConfig:
             if not K.is_image(k):
                 modes[k] = self.normalization.get(k, "minmax")
         return {k: m for k, m in modes.items() if m != "identity"}
+
+    def runtime_spec(self, horizon: int | None = None, **extra: Any) -> RuntimeSpec:
+        """The runtime contract of a policy with this config (what executors, the harness and exports read):
+        ``extra`` holds family, sampler and step count, then the family's own entries (``**extra``).
+        ``horizon`` overrides the emitted chunk length (an imported LeRobot policy drops To - 1 rows)."""
+        return RuntimeSpec(
+            n_obs_steps=self.n_obs_steps,
+            horizon=self.horizon if horizon is None else int(horizon),
+            n_action_steps=self.n_action_steps,
+            obs_shapes={k: tuple(v) for k, v in self.obs_shapes.items()},
+            action_dim=self.action_dim,
+            fps=self.fps,
+            task=self.tasks[0] if self.tasks else "",
+            extra={
+                "family": self.family,
+                "sampler": self.sampler,
+                "num_inference_steps": self.num_inference_steps,
+                **extra,
+            },
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_jsonable(self)

@@ -187,22 +187,11 @@ class DenoisingPolicy(DenoisingModel):
         self.head = make_head(config.net, self.target_shape, cond_dim, n_tokens)
         # network rows before the current step (an imported LeRobot policy: To - 1), dropped after sampling
         self.action_offset = int(getattr(config, "action_offset", 0))
-        self.spec = RuntimeSpec(
-            n_obs_steps=config.n_obs_steps,
+        self.spec = config.runtime_spec(
             horizon=config.horizon - self.action_offset,
-            n_action_steps=config.n_action_steps,
-            obs_shapes={k: tuple(v) for k, v in config.obs_shapes.items()},
-            action_dim=config.action_dim,
-            fps=config.fps,
-            task=config.tasks[0] if config.tasks else "",
-            extra={
-                "family": config.family,
-                "sampler": config.sampler,
-                "num_inference_steps": config.num_inference_steps,
-                "parameterization": self.parameterization,
-                "language": lang.enabled,
-                **({"action_offset": self.action_offset} if self.action_offset else {}),
-            },
+            parameterization=self.parameterization,
+            language=lang.enabled,
+            **({"action_offset": self.action_offset} if self.action_offset else {}),
         )
 
     # -- observations ------------------------------------------------------------------------------

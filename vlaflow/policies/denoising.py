@@ -82,7 +82,36 @@ def make_head(net: NetConfig, target_shape: tuple[int, ...], cond_dim: int, n_to
     )
 
 
-class DenoisingModel(nn.Module):
+class GenerativeModule(nn.Module):
+    """What every sampled model shares: ``sample`` is ``generate(...).actions``; its device; its size.
+
+    A subclass defines ``generate(obs, noise, sampler, num_steps, generator, record_chain=False)``.
+    """
+
+    def generate(self, obs: dict[str, Any], noise=None, sampler=None, num_steps=None, generator=None,
+                 record_chain: bool = False) -> Generation:  # fmt: skip
+        raise NotImplementedError
+
+    def sample(
+        self,
+        obs: dict[str, Any],
+        noise: Tensor | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples (B, *S) in raw units (a policy: action chunks (B, H, Da)); deterministic given noise."""
+        return self.generate(obs, noise, sampler, num_steps, generator).actions
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+class DenoisingModel(GenerativeModule):
     """Normalizer + condition encoder + head + Gaussian path over one target key; see the module doc."""
 
     parameterization: str = ""  # native prediction: "eps" | "velocity" | "x0"
@@ -133,10 +162,6 @@ class DenoisingModel(nn.Module):
         self.normalizer = normalizer
         self.mask_key = mask_key
         self.path = self.make_path()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def normalize_target(self, x: Tensor) -> Tensor:
         return (
@@ -253,17 +278,3 @@ class DenoisingModel(nn.Module):
             **({"sampler_options": sampler_options} if sampler_options else {}),
         )
         return Generation(actions=self.unnormalize_target(res.x0), nfe=res.nfe, chain=res.steps)
-
-    def sample(
-        self,
-        obs: dict[str, Any],
-        noise: Tensor | None = None,
-        sampler: str | None = None,
-        num_steps: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Samples (B, *S) in raw units (a policy: action chunks (B, H, Da))."""
-        return self.generate(obs, noise, sampler, num_steps, generator).actions
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

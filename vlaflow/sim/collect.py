@@ -340,7 +340,12 @@ def _resume_progress(store, tasks: list[str], settings: dict) -> dict[str, dict]
                 f"collect --resume: {store.path} holds {committed} episodes of {name} but records "
                 f"{len(entry['seeds'])} seeds; it cannot be continued without repeating seeds"
             )
-        log[name] = {"attempts": int(entry["attempts"]), "seeds": list(entry["seeds"][:committed])}
+        attempts = int(entry["attempts"])
+        if committed < len(entry["seeds"]):
+            # killed between recording a seed and committing its episode: that attempt runs again (seed
+            # ``seed + attempts``), so the resumed store holds the seeds an uninterrupted run stores
+            attempts = int(entry["seeds"][committed]) - int(settings["seed"])
+        log[name] = {"attempts": attempts, "seeds": list(entry["seeds"][:committed])}
     return log
 
 

@@ -32,15 +32,15 @@ from torch import Tensor, nn
 import vlaflow.keys as K
 from vlaflow.data.normalize import Normalizer
 from vlaflow.errors import VlaflowError
-from vlaflow.interfaces import RuntimeSpec
 from vlaflow.policies.compose import default_reference, mix_predictions, parent_clip
 from vlaflow.policies.composed.config import PARENT_FAMILIES, ComposedConfig
 from vlaflow.policies.contract import Generation, check_stats
+from vlaflow.policies.denoising import GenerativeModule
 from vlaflow.policies.path import GaussianPath
 from vlaflow.policies.samplers import SampleResult, sample_loop
 
 
-class ComposedPolicy(nn.Module):
+class ComposedPolicy(GenerativeModule):
     config_class = ComposedConfig
     config: ComposedConfig
     text_encoder = None  # language conditioning lives in the parents (each appends its own token)
@@ -65,30 +65,14 @@ class ComposedPolicy(nn.Module):
         self.reference = config.reference_index
         self._clips = [parent_clip(p) for p in parents]
         self._cond_shapes = [(int(p.n_cond_tokens), int(p.cond_dim)) for p in parents]  # (Nc_i, Fc_i)
-        self.spec = RuntimeSpec(
-            n_obs_steps=config.n_obs_steps,
-            horizon=config.horizon,
-            n_action_steps=config.n_action_steps,
-            obs_shapes={k: tuple(v) for k, v in config.obs_shapes.items()},
-            action_dim=config.action_dim,
-            fps=config.fps,
-            task=config.tasks[0] if config.tasks else "",
-            extra={
-                "family": "composed",
-                "weights": list(config.weights),
-                "parents": [p.config.family for p in parents],
-                "sampler": config.sampler,
-                "num_inference_steps": config.num_inference_steps,
-                "parameterization": self.parameterization,
-                "language": any(p.text_encoder is not None for p in parents),
-            },
+        self.spec = config.runtime_spec(
+            weights=list(config.weights),
+            parents=[p.config.family for p in parents],
+            parameterization=self.parameterization,
+            language=any(p.text_encoder is not None for p in parents),
         )
 
     # -- the contract's attributes ---------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
     @property
     def path(self) -> GaussianPath:
         return self.parents[self.reference].path
@@ -100,9 +84,6 @@ class ComposedPolicy(nn.Module):
     def sampler_kwargs(self, sampler: str) -> dict[str, Any]:
         """The reference parent's options for ``sampler`` (eta, x0 clipping of the mix)."""
         return self.parents[self.reference].sampler_kwargs(sampler)
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     # -- conditioning ----------------------------------------------------------------------------------
     @property
@@ -195,17 +176,6 @@ class ComposedPolicy(nn.Module):
         """Composite action chunks (B, H, Da) in raw units, their cost (NFE) and, optionally, the chain."""
         res = self.denoise(self.encode(obs), noise, sampler, num_steps, generator, return_chain=record_chain)
         return Generation(actions=self.unnormalize_action(res.x0), nfe=res.nfe, chain=res.steps)
-
-    def sample(
-        self,
-        obs: dict[str, Any],
-        noise: Tensor | None = None,
-        sampler: str | None = None,
-        num_steps: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Composite action chunks (B, H, Da) in raw units; deterministic given ``noise``."""
-        return self.generate(obs, noise, sampler, num_steps, generator).actions
 
     def compute_loss(self, batch):
         raise VlaflowError(

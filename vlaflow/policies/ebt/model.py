@@ -28,8 +28,8 @@ from torch import Tensor, nn
 import vlaflow.keys as K
 from vlaflow.data.normalize import Normalizer
 from vlaflow.errors import VlaflowError
-from vlaflow.interfaces import RuntimeSpec
 from vlaflow.policies.contract import DenoisingPolicy, Generation, check_stats
+from vlaflow.policies.denoising import GenerativeModule
 from vlaflow.policies.ebt.config import EBTConfig
 from vlaflow.policies.nets.encoders import ObsEncoder
 
@@ -99,7 +99,7 @@ def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-class EBTPolicy(nn.Module):
+class EBTPolicy(GenerativeModule):
     """Energy transformer + encoders + normalizer; actions by gradient descent on the energy."""
 
     config_class = EBTConfig
@@ -130,25 +130,7 @@ class EBTPolicy(nn.Module):
         replay = torch.zeros(config.replay_size, config.horizon, config.action_dim)
         self.register_buffer("replay", replay, persistent=False)
         self._replay_count = 0
-        self.spec = RuntimeSpec(
-            n_obs_steps=config.n_obs_steps,
-            horizon=config.horizon,
-            n_action_steps=config.n_action_steps,
-            obs_shapes={k: tuple(v) for k, v in config.obs_shapes.items()},
-            action_dim=config.action_dim,
-            fps=config.fps,
-            task=config.tasks[0] if config.tasks else "",
-            extra={
-                "family": "ebt",
-                "sampler": config.sampler,
-                "num_inference_steps": config.num_inference_steps,
-                "language": config.encoder.language.enabled,
-            },
-        )
-
-    @property
-    def device(self) -> torch.device:
-        return self.raw_alpha.device
+        self.spec = config.runtime_spec(language=config.encoder.language.enabled)
 
     @property
     def alpha(self) -> Tensor:
@@ -367,17 +349,3 @@ class EBTPolicy(nn.Module):
         """Actions with the descent's cost (steps of the slowest row) and final energy (B,)."""
         actions, kept = self.sample_with_energy(obs, noise, sampler, num_steps, generator)
         return Generation(actions=actions, nfe=int(kept.steps_used.max()), extras={"energy": kept.energy})
-
-    def sample(
-        self,
-        obs: dict[str, Any],
-        noise: Tensor | None = None,
-        sampler: str | None = None,
-        num_steps: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Action chunks (B, H, Da) in raw action units; deterministic given ``noise``."""
-        return self.sample_with_energy(obs, noise, sampler, num_steps, generator)[0]
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -18,12 +18,12 @@ from torch import Tensor, nn
 
 from vlaflow.errors import VlaflowError
 from vlaflow.interfaces import RuntimeSpec
-from vlaflow.policies.denoising import Generation
+from vlaflow.policies.denoising import Generation, GenerativeModule
 from vlaflow.policies.steered.actor import NoiseActor
 from vlaflow.policies.steered.config import SteeredConfig
 
 
-class SteeredPolicy(nn.Module):
+class SteeredPolicy(GenerativeModule):
     config_class = SteeredConfig
     config: SteeredConfig
     text_encoder = None  # the base's own, if any, lives under base.*
@@ -54,13 +54,6 @@ class SteeredPolicy(nn.Module):
         cfg = SteeredConfig.of(base.config, width, actor.bound)
         return cls(cfg, {}, base, actor)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
     def steer(self, cond: Tensor) -> Tensor:
         """The actor's deterministic noise (B, H, Da) for the base's condition ``cond``."""
         w, _ = self.actor(cond.flatten(1), deterministic=True)
@@ -86,9 +79,6 @@ class SteeredPolicy(nn.Module):
             cond, noise=self.steer(cond), sampler=sampler, num_steps=num_steps, return_chain=record_chain
         )
         return Generation(actions=self.base.unnormalize_target(res.x0), nfe=res.nfe, chain=res.steps)
-
-    def sample(self, obs: dict[str, Any], noise: Tensor | None = None, **kwargs) -> Tensor:
-        return self.generate(obs, noise, **kwargs).actions
 
     def compute_loss(self, batch):
         raise VlaflowError("a steered policy is trained by `vlaflow refine --algo dsrl`, not by imitation")
