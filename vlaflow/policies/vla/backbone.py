@@ -322,10 +322,12 @@ class PrefixBackbone(nn.Module):
                 # bilinear without antialiasing, as LeRobot's SmolVLA (and exportable to ONNX)
                 x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
             x = (x / 255.0 - self.pixel_mean.view(1, 3, 1, 1)) / self.pixel_std.view(1, 3, 1, 1)
-            if hasattr(self.vlm, "text_model"):  # Idefics3 / SmolVLM take (N, images per sample, 3, s, s)
-                out = self.vlm.get_image_features(x[:, None]).pooler_output
-                feats = torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
-                return feats.reshape(x.shape[0], -1, feats.shape[-1])
+            if hasattr(self.vlm, "text_model"):
+                # Idefics3 / SmolVLM: vision tower + pixel-shuffle connector = get_image_features without
+                # its padding-image removal and patch-mask unfold (every frame here is a real, full image);
+                # the same features, and a graph torch.export takes without data-dependent shapes
+                h = self.vlm.vision_model(pixel_values=x).last_hidden_state
+                return self.vlm.connector(h)  # (N, T, d)
             return self.vlm.get_image_features(x).pooler_output  # (N, T, d)
         feat = self._trunk_map(x)  # (N, C, h', w')
         if tuple(feat.shape[-2:]) != self.grid:

@@ -28,7 +28,6 @@ from torch import Tensor
 
 import vlaflow.keys as K
 from vlaflow.data.normalize import Normalizer
-from vlaflow.interfaces import RuntimeSpec
 from vlaflow.policies.contract import check_stats, obs_window_tensors, task_texts
 from vlaflow.policies.denoising import DenoisingModel
 from vlaflow.policies.diffusion.model import DiffusionFamily
@@ -69,22 +68,8 @@ class VLAPolicy(DenoisingModel):
             expert_width(config, bb.width),
             config.expert_mlp_ratio,
         )
-        self.spec = RuntimeSpec(
-            n_obs_steps=config.n_obs_steps,
-            horizon=config.horizon,
-            n_action_steps=config.n_action_steps,
-            obs_shapes={k: tuple(v) for k, v in config.obs_shapes.items()},
-            action_dim=config.action_dim,
-            fps=config.fps,
-            task=config.tasks[0] if config.tasks else "",
-            extra={
-                "family": config.family,
-                "sampler": config.sampler,
-                "num_inference_steps": config.num_inference_steps,
-                "parameterization": self.parameterization,
-                "language": True,
-                "backbone": config.backbone,
-            },
+        self.spec = config.runtime_spec(
+            parameterization=self.parameterization, language=True, backbone=config.backbone
         )
 
     # -- family hooks: the flow or the diffusion recipe ----------------------------------------------
