@@ -272,7 +272,7 @@ LOWDIM = {"obs.state": (4,), "obs.keypoint": (3, 2)}
 SHAPE = dict(horizon=H, n_action_steps=4, action_dim=DA)
 
 
-def _family_case(family):
+def _family_case(family, tmp_path=None):
     """A tiny config of ``family`` from its defaults (only sizes changed) and its expected NFE per chunk."""
     from vlaflow.policies.composed.config import ComposedConfig
     from vlaflow.policies.consistency.config import ConsistencyConfig
@@ -301,6 +301,25 @@ def _family_case(family):
         from vlaflow.policies.steered.config import SteeredConfig
 
         return SteeredConfig.of(_family_case("diffusion")[0], width=16, bound=1.5), 3
+    if family == "vla":  # a tiny random Llama prefix transformer + a tiny ResNet trunk for the image tokens
+        from vla_fixtures import save_tiny_llama
+
+        from vlaflow.policies.vla.config import VLAConfig
+
+        trunk = EncoderConfig(
+            image_backbone="resnet18", image_base_width=8, norm_group_size=4, crop_shape=None
+        )
+        cfg = VLAConfig(
+            backbone_path=str(save_tiny_llama(tmp_path / "tiny_llama")),
+            obs_shapes={"obs.state": (4,), "obs.image.front": (40, 40, 3)},
+            tasks=TASKS,
+            max_text_tokens=8,
+            expert_width=16,
+            encoder=trunk,
+            num_inference_steps=3,
+            **SHAPE,
+        )
+        return cfg, 3
     return None, None
 
 
@@ -312,7 +331,7 @@ def test_every_registered_family_keeps_the_contract(family, tmp_path):
     """
     from vlaflow.policies.contract import DenoisingPolicyContract
 
-    cfg, nfe = _family_case(family)
+    cfg, nfe = _family_case(family, tmp_path)
     assert cfg is not None, f"registered family {family!r} has no tiny case in _family_case"
     _, stats = _case("diffusion-unet")
     torch.manual_seed(0)

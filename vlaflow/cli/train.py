@@ -143,7 +143,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--family",
-        choices=["diffusion", "flow", "ebt"],
+        choices=["diffusion", "flow", "ebt", "vla"],
         help="train this policy family on your own --data without a preset: observation keys, shapes, "
         "action dim and fps come from the store, a tenth of the episodes is held out and scored "
         "(validation loss, action errors, eval/step_N/actions.png) instead of sim rollouts",
@@ -212,7 +212,7 @@ def resolve_run_config(
     else:
         raise ConfigError(
             "--preset, --config or --family is required (or --resume with an --out that holds "
-            "run_config.json); --family diffusion|flow|ebt trains on your own --data without a preset"
+            "run_config.json); --family diffusion|flow|ebt|vla trains on your own --data without a preset"
         )
     if family and cfg.family != family:
         raise ConfigError(

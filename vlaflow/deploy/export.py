@@ -15,6 +15,11 @@ What goes where (Nc condition tokens of width Fc, To obs steps, H chunk, Da acti
 - Language: the instruction encoder (a transformers BERT) is not exported. The projected language token of
   every instruction the policy knows (``config.tasks`` and its default task) is computed at export time and
   stored in the manifest; the runtime appends it to ``cond`` and names the known instructions for any other.
+- VLA (VLM-prefix) policies: ``encoder.onnx`` is the *prefix graph*: the obs inputs plus the instruction's
+  ``text_ids`` / ``text_mask`` (1, T) int64 -> ``cond`` (1, P, Fc), the per-layer KV cache of the prefix;
+  ``denoiser.onnx`` is the *expert step graph* ``(x_t, t, cond) -> pred`` taking that cache as an input.
+  The tokenizer is not exported: the token ids of every instruction the policy knows are in the manifest
+  (``prefix_text``), like the language tokens above.
 - Composed (GPC) policies: ``parents/<i>/`` holds a complete export of parent i (its encoder and denoiser
   graphs, manifest and parity report); the composite's manifest has no graphs of its own but a
   ``composition`` entry (weights, reference, mixing space, per parent its directory, clip and whether it
@@ -51,7 +56,8 @@ EXPORTERS = ("dynamo", "torchscript")
 UNROLLABLE = ("ddim", "euler", "onestep")
 # Families with encode + predict(x_t, t, cond) on a Gaussian path (composed: one export per parent, mixed
 # on the host). EBT samples by gradient descent on an energy (a backward pass per step): not exported here.
-EXPORTABLE_FAMILIES = ("diffusion", "flow", "consistency", "composed")
+EXPORTABLE_FAMILIES = ("diffusion", "flow", "consistency", "composed", "vla")
+TEXT_INPUTS = ("text_ids", "text_mask")  # a VLA prefix graph's instruction inputs (1, T) int64
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,15 @@ def _modules():
         def forward(self, *xs):
             return self.enc(dict(zip(self.keys, xs, strict=True)))  # (1, To, Fc)
 
+    class PrefixGraph(nn.Module):  # a VLA policy's prefix: obs + instruction ids -> KV cache
+        def __init__(self, policy, keys: list[str]):
+            super().__init__()
+            self.policy, self.keys = policy, keys
+
+        def forward(self, *xs):
+            window = dict(zip(self.keys, xs[: len(self.keys)], strict=True))
+            return self.policy.encode_window(window, xs[-2], xs[-1])  # (1, P, Fc)
+
     class DenoiserGraph(nn.Module):
         def __init__(self, policy):
             super().__init__()
@@ -116,7 +131,7 @@ def _modules():
             with torch.no_grad():
                 return self.policy.denoise(cond, noise=noise, sampler=self.sampler, num_steps=self.steps).x0
 
-    return EncoderGraph, DenoiserGraph, UnrolledGraph
+    return EncoderGraph, DenoiserGraph, UnrolledGraph, PrefixGraph
 
 
 def _export_graph(module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opts) -> None:
@@ -358,8 +373,9 @@ def _export_graphs(policy, tmp: Path, opts: ExportOptions, unrolled_sampler: str
     import torch
 
     cfg = policy.config
-    EncoderGraph, DenoiserGraph, UnrolledGraph = _modules()
+    EncoderGraph, DenoiserGraph, UnrolledGraph, PrefixGraph = _modules()
     enc_inputs = _enc_inputs(policy)
+    vla = cfg.family == "vla"
     rng = np.random.default_rng(opts.seed)
     dummy = tuple(
         torch.from_numpy(
@@ -369,10 +385,25 @@ def _export_graphs(policy, tmp: Path, opts: ExportOptions, unrolled_sampler: str
         )
         for e in enc_inputs
     )
+    names = [e["name"] for e in enc_inputs]
+    prefix_text = None
     with torch.no_grad():
-        enc_mod = EncoderGraph(policy, [e["key"] for e in enc_inputs]).eval()
-        _export_graph(enc_mod, dummy, tmp / "encoder.onnx", [e["name"] for e in enc_inputs], ["cond"], opts)
-        cond = torch.randn(1, policy.n_cond_tokens, policy.cond_dim)  # (1, Nc, Fc)
+        if vla:
+            prefix_text = policy.instruction_tokens()
+            if not prefix_text:
+                raise VlaflowError(
+                    "a VLA policy without config.tasks cannot be exported: the tokenizer is not exported, so "
+                    "the instructions must be known at export time"
+                )
+            ids, mask = (torch.tensor([v], dtype=torch.long) for v in next(iter(prefix_text.values())))
+            enc_mod = PrefixGraph(policy, [e["key"] for e in enc_inputs]).eval()
+            dummy = (*dummy, ids, mask)
+            _export_graph(enc_mod, dummy, tmp / "encoder.onnx", [*names, *TEXT_INPUTS], ["cond"], opts)
+            cond = enc_mod(*dummy)  # (1, P, Fc): the real cache layout (its validity column included)
+        else:
+            enc_mod = EncoderGraph(policy, [e["key"] for e in enc_inputs]).eval()
+            _export_graph(enc_mod, dummy, tmp / "encoder.onnx", names, ["cond"], opts)
+            cond = torch.randn(1, policy.n_cond_tokens, policy.cond_dim)  # (1, Nc, Fc)
         x = torch.randn(1, cfg.horizon, cfg.action_dim)
         t0 = torch.tensor(_timesteps(policy, cfg.sampler, cfg.num_inference_steps)[:1])
         _export_graph(
@@ -385,13 +416,16 @@ def _export_graphs(policy, tmp: Path, opts: ExportOptions, unrolled_sampler: str
             traced = dataclasses.replace(opts, exporter="torchscript")
             _export_graph(unr, (cond, x), tmp / "unrolled.onnx", ["cond", "noise"], ["x0"], traced)
     part = {
-        "cond": {"n_tokens": int(policy.n_cond_tokens), "dim": int(policy.cond_dim)},
+        "cond": {"n_tokens": int(cond.shape[1]), "dim": int(cond.shape[2])},
         "language": {"tokens": _language_tokens(policy)} if policy.text_encoder is not None else None,
         "graphs": {
             "encoder": {"file": "encoder.onnx", "inputs": enc_inputs, "outputs": ["cond"]},
             "denoiser": {"file": "denoiser.onnx", "inputs": ["x_t", "t", "cond"], "outputs": ["pred"]},
         },
     }
+    if prefix_text is not None:
+        part["prefix_text"] = {"tokens": {t: {"ids": i, "mask": m} for t, (i, m) in prefix_text.items()}}
+        part["graphs"]["encoder"]["text_inputs"] = list(TEXT_INPUTS)
     if opts.unrolled_steps:
         part["graphs"]["unrolled"] = {
             "file": "unrolled.onnx",

@@ -185,8 +185,20 @@ class OnnxPolicy:
                     f"{self.directory}: {MANIFEST} gives encoder input {e['key']!r} shape {e['shape']}, "
                     f"its spec {want}"
                 )
+        # a VLA prefix graph also reads the instruction's token ids and mask (1, T), from the manifest
+        text = {t: v for t, v in (m.get("prefix_text") or {}).get("tokens", {}).items()}
+        self.prefix_text = {
+            t: (np.asarray([v["ids"]], np.int64), np.asarray([v["mask"]], np.int64)) for t, v in text.items()
+        } or None
+        text_shapes = {}
+        if self.prefix_text is not None:
+            n_text = len(next(iter(text.values()))["ids"])
+            text_shapes = {n: [1, n_text] for n in graphs["encoder"].get("text_inputs", ())}
         expected = {
-            "encoder": {e["name"]: e["shape"] for e in graphs.get("encoder", {}).get("inputs", [])},
+            "encoder": {
+                **{e["name"]: e["shape"] for e in graphs.get("encoder", {}).get("inputs", [])},
+                **text_shapes,
+            },
             "denoiser": {"x_t": [1, horizon, da], "t": [1], "cond": cond_shape},
             "unrolled": {"cond": cond_shape, "noise": [1, horizon, da]},
         }
@@ -280,7 +292,16 @@ class OnnxPolicy:
                 if e["normalize"]:
                     x = self.normalizer.normalize(k, x).astype(np.float32)
             feed[e["name"]] = np.ascontiguousarray(x[None])
-        cond = self.encoder.run(None, feed)[0]  # (1, To, Fc)
+        if self.prefix_text is not None:  # VLA: the instruction as token ids (the tokenizer stays home)
+            text = str(obs.get(K.TASK) or spec.task)
+            if text not in self.prefix_text:
+                raise VlaflowError(
+                    f"instruction {text!r} was not known at export time (the tokenizer is not exported); "
+                    f"known: {sorted(self.prefix_text)}"
+                )
+            names = self.manifest["graphs"]["encoder"]["text_inputs"]
+            feed.update(zip(names, self.prefix_text[text], strict=True))
+        cond = self.encoder.run(None, feed)[0]  # (1, To, Fc); VLA: the prefix KV cache (1, P, Fc)
         if self.lang_tokens is not None:
             text = str(obs.get(K.TASK) or spec.task)
             if text not in self.lang_tokens:

@@ -1,5 +1,6 @@
 """Generative action policies: one contract (encode / predict / samplers over a Gaussian path), two
-families (``diffusion``, ``flow``), shared nets, checkpoints and the runtime behind ``vlaflow.load_policy``.
+families (``diffusion``, ``flow``; ``vla``: the VLM-prefix policy), shared nets, checkpoints and the
+runtime behind ``vlaflow.load_policy``.
 
 Exports load on first use, so importing a submodule does not build every family.
 """
@@ -21,6 +22,8 @@ _EXPORTS = {
     "FlowConfig": "vlaflow.policies.flow.config",
     "DiffusionPolicy": "vlaflow.policies.diffusion.model",
     "FlowPolicy": "vlaflow.policies.flow.model",
+    "VLAConfig": "vlaflow.policies.vla.config",
+    "VLAPolicy": "vlaflow.policies.vla.model",
     "DenoisingPolicy": "vlaflow.policies.contract",
     "PolicyConfig": "vlaflow.policies.base_config",
     "EncoderConfig": "vlaflow.policies.base_config",

@@ -5,6 +5,8 @@
     DIR/normalizer.json    Normalizer.to_dict() (modes + statistics)
     DIR/extra.safetensors  optional tensors (the trainer's optimizer / EMA state)
     DIR/text_encoder/      tokenizer + architecture of a user-given local text model (weights are above)
+    DIR/backbone/          a VLA policy's backbone: tokenizer, architecture, vocabulary fingerprint (weights
+                           are in model.safetensors)
 
 Written into a temporary sibling directory and renamed into place, so a crash never leaves a
 half-written checkpoint under ``DIR``.
@@ -15,7 +17,9 @@ Loading treats a checkpoint as untrusted input (it may come from anyone):
   architecture files (``.json``, ``.txt``, ``.model``), never weights of its own (they are in
   ``model.safetensors``) and never pickles;
 * no path from the config is followed outside ``DIR``: a language model's ``pretrained_path`` is rebound
-  to ``DIR/text_encoder`` (a config naming a text model without that directory is refused), entries may
+  to ``DIR/text_encoder`` (a config naming a text model without that directory is refused), a VLA
+  policy's ``backbone_path`` to ``DIR/backbone`` (same files rule; its vocabulary is checked against the
+  fingerprint recorded there), entries may
   not be links leading out of ``DIR``; other paths in a config (a distilled student's ``teacher``, a GPC
   search's table) are provenance and never opened;
 * a config asking for an absurd network is refused before any weight is allocated: the policy is first
@@ -41,8 +45,10 @@ from vlaflow.atomic import atomic_directory
 from vlaflow.errors import VlaflowError
 from vlaflow.policies.composed.config import PARENT_FAMILIES
 from vlaflow.policies.registry import build_policy, policy_config_from_dict
+from vlaflow.policies.vla.backbone import BACKBONE_FILE_SUFFIXES
 
 TEXT_ENCODER_DIR = "text_encoder"
+BACKBONE_DIR = "backbone"
 TEXT_ENCODER_SUFFIXES = (".json", ".txt", ".model")  # tokenizer + architecture files: no code, no pickle
 MAX_PARAMS_ENV = "VLAFLOW_MAX_PARAMS"
 DEFAULT_MAX_PARAMS = 1_000_000_000  # 4 GB of float32 weights; vlaflow's policies are < 100M
@@ -122,6 +128,9 @@ def write_checkpoint_files(
     if text is not None and text.pretrained_path:
         # A user's local text model: keep its tokenizer and architecture inside the checkpoint.
         text.save_architecture(directory / TEXT_ENCODER_DIR)
+    save_backbone = getattr(policy, "save_backbone_files", None)
+    if save_backbone is not None:  # a VLA policy: its backbone's tokenizer + architecture
+        save_backbone(directory / BACKBONE_DIR)
     if extra_tensors:
         save_file(_tensors_for_save(extra_tensors), str(directory / EXTRA_FILE))
     share_files(directory)
@@ -149,17 +158,20 @@ def _confined(d: Path, p: Path, what: str) -> Path:
     return p
 
 
-def _check_text_encoder_dir(d: Path) -> Path:
-    te = _confined(d, d / TEXT_ENCODER_DIR, TEXT_ENCODER_DIR)
-    for f in sorted(te.rglob("*")):
-        _confined(d, f, "an entry of text_encoder/")
-        if f.is_file() and f.suffix not in TEXT_ENCODER_SUFFIXES:
+def _check_files_dir(
+    d: Path, name: str, suffixes: tuple[str, ...] = TEXT_ENCODER_SUFFIXES, what: str = "the text model"
+) -> Path:
+    """``d/name``, holding only tokenizer / architecture files (``suffixes``), nothing leading outside."""
+    sub = _confined(d, d / name, name)
+    for f in sorted(sub.rglob("*")):
+        _confined(d, f, f"an entry of {name}/")
+        if f.is_file() and f.suffix not in suffixes:
             raise VlaflowError(
-                f"{f}: a checkpoint's {TEXT_ENCODER_DIR}/ holds only tokenizer and architecture files "
-                f"({', '.join(TEXT_ENCODER_SUFFIXES)}); the text model's weights are in {MODEL_FILE}. "
+                f"{f}: a checkpoint's {name}/ holds only tokenizer and architecture files "
+                f"({', '.join(suffixes)}); {what}'s weights are in {MODEL_FILE}. "
                 "Refused (weights or pickles here would be loaded by transformers)"
             )
-    return te
+    return sub
 
 
 def max_params_limit(max_params: int | None = None) -> int:
@@ -245,9 +257,18 @@ def load_checkpoint(
                 f"{d}: the config names a text model at {cfg.encoder.language.pretrained_path!r}, but the "
                 f"checkpoint has no {TEXT_ENCODER_DIR}/; paths outside a checkpoint are never followed"
             )
-        te = _check_text_encoder_dir(d)
+        te = _check_files_dir(d, TEXT_ENCODER_DIR)
         lang = dataclasses.replace(cfg.encoder.language, pretrained_path=str(te))
         build_cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, language=lang))
+    if any(f.name == "backbone_path" for f in dataclasses.fields(cfg)):
+        # a VLA policy: its backbone is rebuilt from the checkpoint's own copy (never cfg.backbone_path)
+        if not (d / BACKBONE_DIR).is_dir():
+            raise VlaflowError(
+                f"{d}: a {cfg.family} policy checkpoint needs its {BACKBONE_DIR}/ (the backbone's tokenizer "
+                "and architecture); paths outside a checkpoint are never followed"
+            )
+        bdir = _check_files_dir(d, BACKBONE_DIR, BACKBONE_FILE_SUFFIXES, "the backbone")
+        build_cfg = dataclasses.replace(build_cfg, backbone_path=str(bdir))
     limit = max_params_limit(max_params)
     n_params = estimate_parameters(build_cfg, stats)
     if n_params > limit:

@@ -46,6 +46,8 @@ __all__ = [
     "Generation",
     "batch_obs",
     "check_stats",
+    "obs_window_tensors",
+    "task_texts",
 ]
 
 
@@ -94,6 +96,69 @@ def check_stats(config: PolicyConfig, stats: dict) -> None:
                 )
 
 
+def obs_window_tensors(
+    cfg: PolicyConfig, normalizer: Normalizer, device: torch.device, obs: dict[str, Any]
+) -> dict[str, Tensor]:
+    """Check keys/shapes (one error naming the shape got and the one expected), keep the last To steps,
+    normalize low-dim keys; images stay uint8."""
+    out = {}
+    # a training batch may carry a frozen trunk's cached maps in place of the images
+    cached = {k for k in cfg.obs_shapes if K.is_image(k) and k not in obs and cached_feature_key(k) in obs}
+    for k in cached:
+        out[cached_feature_key(k)] = torch.as_tensor(obs[cached_feature_key(k)], device=device)[
+            :, -cfg.n_obs_steps :
+        ]
+    missing = [k for k in cfg.obs_shapes if k not in obs and k not in cached]
+    if missing:
+        raise VlaflowError(
+            f"observation is missing key(s) {missing} the policy needs; it has {sorted(map(str, obs))}"
+        )
+    for k, shape in cfg.obs_shapes.items():
+        if k in cached:
+            continue
+        x = torch.as_tensor(obs[k], device=device)
+        if x.dim() != 2 + len(shape) or tuple(x.shape[2:]) != tuple(shape) or x.shape[1] < cfg.n_obs_steps:
+            raise VlaflowError(
+                f"observation {k!r} has shape {tuple(x.shape)}, expected (B, To>={cfg.n_obs_steps}, "
+                f"{', '.join(map(str, shape))})"
+            )
+        x = x[:, -cfg.n_obs_steps :]
+        if K.is_image(k):
+            if x.dtype != torch.uint8:
+                raise VlaflowError(f"image {k!r} must be uint8 (0..255), got {x.dtype}")
+        else:
+            x = x.float()
+            if k in normalizer.modes:
+                x = normalizer.normalize(k, x)
+        out[k] = x
+    return out
+
+
+def task_texts(cfg: PolicyConfig, default_task: str, obs: dict[str, Any], batch_size: int) -> list[str]:
+    """Each row's instruction: ``obs["task"]``, else ``config.tasks[task_index]``, else ``default_task``."""
+    if K.TASK in obs:
+        task = obs[K.TASK]
+        texts = [task] * batch_size if isinstance(task, str) else [str(s) for s in task]
+    elif K.TASK_INDEX in obs:
+        if not cfg.tasks:
+            raise VlaflowError(
+                "batch has task_index but config.tasks is empty; set tasks from WindowSampler.tasks"
+            )
+        idx = torch.as_tensor(obs[K.TASK_INDEX]).reshape(-1).tolist()
+        n = len(cfg.tasks)
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise VlaflowError(f"task_index values {bad[:5]} out of range for {n} tasks in config.tasks")
+        texts = [cfg.tasks[i] for i in idx]
+    elif default_task:
+        texts = [default_task] * batch_size
+    else:
+        raise VlaflowError("a language-conditioned policy needs obs['task'] (str or list) or 'task_index'")
+    if len(texts) != batch_size:
+        raise VlaflowError(f"got {len(texts)} task strings for a batch of {batch_size}")
+    return texts
+
+
 class DenoisingPolicy(DenoisingModel):
     """A :class:`DenoisingModel` whose target is the action chunk (H, Da) and whose condition is the
     observation window (state / image encoders, optional language); families supply the path hooks."""
@@ -132,68 +197,10 @@ class DenoisingPolicy(DenoisingModel):
     # -- observations ------------------------------------------------------------------------------
     def _obs_window(self, obs: dict[str, Any]) -> dict[str, Tensor]:
         """Check keys/shapes, keep the last To steps, normalize low-dim keys."""
-        cfg, out = self.config, {}
-        # a training batch may carry a frozen trunk's cached maps in place of the images
-        cached = {
-            k for k in cfg.obs_shapes if K.is_image(k) and k not in obs and cached_feature_key(k) in obs
-        }
-        for k in cached:
-            out[cached_feature_key(k)] = torch.as_tensor(obs[cached_feature_key(k)], device=self.device)[
-                :, -cfg.n_obs_steps :
-            ]
-        missing = [k for k in cfg.obs_shapes if k not in obs and k not in cached]
-        if missing:
-            raise VlaflowError(
-                f"observation is missing key(s) {missing} the policy needs; it has {sorted(map(str, obs))}"
-            )
-        for k, shape in cfg.obs_shapes.items():
-            if k in cached:
-                continue
-            x = torch.as_tensor(obs[k], device=self.device)
-            if (
-                x.dim() != 2 + len(shape)
-                or tuple(x.shape[2:]) != tuple(shape)
-                or x.shape[1] < cfg.n_obs_steps
-            ):
-                raise VlaflowError(
-                    f"observation {k!r} has shape {tuple(x.shape)}, expected (B, To>={cfg.n_obs_steps}, "
-                    f"{', '.join(map(str, shape))})"
-                )
-            x = x[:, -cfg.n_obs_steps :]
-            if K.is_image(k):
-                if x.dtype != torch.uint8:
-                    raise VlaflowError(f"image {k!r} must be uint8 (0..255), got {x.dtype}")
-            else:
-                x = x.float()
-                if k in self.normalizer.modes:
-                    x = self.normalizer.normalize(k, x)
-            out[k] = x
-        return out
+        return obs_window_tensors(self.config, self.normalizer, self.device, obs)
 
     def _task_texts(self, obs: dict[str, Any], batch_size: int) -> list[str]:
-        if K.TASK in obs:
-            task = obs[K.TASK]
-            texts = [task] * batch_size if isinstance(task, str) else [str(s) for s in task]
-        elif K.TASK_INDEX in obs:
-            if not self.config.tasks:
-                raise VlaflowError(
-                    "batch has task_index but config.tasks is empty; set tasks from WindowSampler.tasks"
-                )
-            idx = torch.as_tensor(obs[K.TASK_INDEX]).reshape(-1).tolist()
-            n = len(self.config.tasks)
-            bad = [i for i in idx if not 0 <= i < n]
-            if bad:
-                raise VlaflowError(f"task_index values {bad[:5]} out of range for {n} tasks in config.tasks")
-            texts = [self.config.tasks[i] for i in idx]
-        elif self.spec.task:
-            texts = [self.spec.task] * batch_size
-        else:
-            raise VlaflowError(
-                "a language-conditioned policy needs obs['task'] (str or list) or 'task_index'"
-            )
-        if len(texts) != batch_size:
-            raise VlaflowError(f"got {len(texts)} task strings for a batch of {batch_size}")
-        return texts
+        return task_texts(self.config, self.spec.task, obs, batch_size)
 
     def encode(self, obs: dict[str, Any]) -> Tensor:
         """Raw obs (B, To, ...) -> condition tokens (B, Nc, Fc)."""

@@ -21,6 +21,7 @@ from vlaflow.policies.ebt.model import EBTPolicy
 from vlaflow.policies.flow.model import FlowPolicy
 from vlaflow.policies.steered.config import SteeredConfig
 from vlaflow.policies.steered.model import SteeredPolicy
+from vlaflow.policies.vla.model import VLAPolicy
 
 POLICY_FAMILIES: dict[str, type] = {
     "diffusion": DiffusionPolicy,
@@ -29,6 +30,7 @@ POLICY_FAMILIES: dict[str, type] = {
     "ebt": EBTPolicy,  # energy transformer, actions by gradient descent on the energy
     "composed": ComposedPolicy,  # GPC mix of denoising parents, built by `vlaflow compose`
     "steered": SteeredPolicy,  # frozen denoiser + DSRL noise actor, written by `vlaflow refine --algo dsrl`
+    "vla": VLAPolicy,  # VLM-prefix policy (pi0 / SmolVLA): prefix KV cache + action expert
 }
 
 

@@ -1,13 +1,15 @@
 """Training on your own data without a task preset: a run config inferred from the store's schema.
 
-``vlaflow train --family diffusion|flow|ebt --data STORE --out RUN`` builds its config here:
+``vlaflow train --family diffusion|flow|ebt|vla --data STORE --out RUN`` builds its config here:
 
 * observation keys: every ``obs.*`` key of the store that the family's observation encoder can take --
   low-dim numeric keys (concatenated, any per-step shape up to :data:`MAX_LOWDIM` values) and cameras
   ``obs.image.<camera>`` stored as uint8 (h, w, 3) (ResNet-18 GN + spatial softmax, random crop of 90%);
   the shapes, the action dimension and the fps are the store's, so the checkpoint's match the store;
 * the network: the family's PushT low-dim preset (a U-Net of 64/128/256 channels for diffusion and flow,
-  the 3-layer energy transformer for EBT), sized for CPU minutes;
+  the 3-layer energy transformer for EBT), sized for CPU minutes; ``vla``: the VLM-prefix policy's
+  defaults (the assembled SmolLM2-135M + frozen EfficientNet-Lite0 backbone, frozen, To = 1), conditioned
+  on the store's episode instructions (``policy.backbone=vlm policy.backbone_path=DIR`` for a local VLM);
 * no sim evaluation: a tenth of the episodes (at least one) is held out and scored by
   :mod:`vlaflow.train.validation` (validation loss and action errors, a plot) every ``train.eval_every``
   steps and at the end.
@@ -27,7 +29,7 @@ from vlaflow.errors import ConfigError
 from vlaflow.train.config import RunConfig
 from vlaflow.train.presets import PRESET_DATA, _build
 
-FAMILIES = ("diffusion", "flow", "ebt")
+FAMILIES = ("diffusion", "flow", "ebt", "vla")
 MAX_LOWDIM = 1024  # more values per step than this is not a state vector (an image or a point cloud?)
 
 _START = {"diffusion": "pusht_lowdim_diffusion", "flow": "pusht_lowdim_flow", "ebt": "pusht_lowdim_ebt"}
@@ -42,6 +44,7 @@ _TRAIN = {
     "eval_episodes": 1,
 }
 _TRAIN_EBT = {**_TRAIN, "lr": 3e-4, "warmup_steps": 200}  # the EBT preset's (second-order steps)
+_TRAIN_VLA = {**_TRAIN, "lr": 1e-4, "batch_size": 16}  # a 135M-parameter prefix per sample: small batches
 
 
 def why_not_encodable(key: str, spec) -> str | None:
@@ -113,27 +116,26 @@ def own_data_config(family: str, store, where: str) -> RunConfig:
     if family not in FAMILIES:
         raise ConfigError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
     keys = infer_obs_keys(store, where, family)
-    start = PRESET_DATA[_START[family]]
-    policy = {k: v for k, v in start["policy"].items()}
+    policy = {k: v for k, v in PRESET_DATA[_START[family]]["policy"].items()} if family in _START else {}
     policy["obs_shapes"] = {k: list(store.keys[k].shape) for k in keys}
     policy["action_dim"] = int(store.keys[K.ACTION].shape[-1])
     if store.fps:
         policy["fps"] = float(store.fps)
     images = [k for k in keys if K.is_image(k)]
-    if images:
+    if images and family != "vla":  # (the VLA prefix takes whole frames through its own image path)
         h, w = (min(store.keys[k].shape[i] for k in images) for i in (0, 1))
         policy["encoder"] = {
             **policy.get("encoder", {}),
             "image_backbone": "resnet18",
             "crop_shape": [int(round(0.9 * h)), int(round(0.9 * w))],
         }
-    windows = {"n_obs_steps": 2, "horizon": 16, "n_action_steps": 8}
+    windows = {"n_obs_steps": 1 if family == "vla" else 2, "horizon": 16, "n_action_steps": 8}
     policy.update(windows)
     d = {
         "about": f"{family} on {where} (keys and shapes from the store, held-out validation)",
         "family": family,
         "policy": policy,
-        "train": _TRAIN_EBT if family == "ebt" else _TRAIN,
+        "train": {"ebt": _TRAIN_EBT, "vla": _TRAIN_VLA}.get(family, _TRAIN),
         "data": {"obs_keys": keys, **windows, "val_ratio": 0.1},
         "eval": {"task": ""},
     }

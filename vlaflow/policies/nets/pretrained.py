@@ -85,6 +85,11 @@ def weights_from_checkpoint():
         _WEIGHTS_FROM_CHECKPOINT.reset(token)
 
 
+def weights_from_checkpoint_active() -> bool:
+    """True while a checkpoint rebuilds its policy (pretrained weights then come from model.safetensors)."""
+    return _WEIGHTS_FROM_CHECKPOINT.get()
+
+
 def cache_dir() -> Path:
     """Where converted weights and feature caches live: $VLAFLOW_CACHE or ~/.cache/vlaflow."""
     return Path(os.environ.get("VLAFLOW_CACHE") or Path.home() / ".cache" / "vlaflow").expanduser()
