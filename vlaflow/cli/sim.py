@@ -158,8 +158,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
         default="pusht",
-        help=f"task ({', '.join(t for t in TASKS if not t.startswith('mw:'))}, mw:<name>) or task set "
-        f"({', '.join(TASK_SETS)})",
+        help=f"task ({', '.join(t for t in TASKS if not t.startswith('mw:'))}, mw:<name>), task set "
+        f"({', '.join(TASK_SETS)}) or wm:WM_CKPT (in imagination: the world model's task, real resets as "
+        "starts)",
     )
     parser.add_argument("--policy", required=True, help="checkpoint directory, 'replay:STORE' or 'random'")
     parser.add_argument(

@@ -1,0 +1,162 @@
+"""Imagination through the normal harness: ``vlaflow eval --task wm:WM_CKPT``, bad requests named, flags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlaflow.errors import VlaflowError
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+
+
+def human_episodes(n: int):
+    """The first ``n`` PushT human demos as (states, actions) from the shared zarr."""
+    import zarr
+    from conftest import shared
+
+    g = zarr.open_group(str(shared("pusht_cchi_v7", "pusht_cchi_v7_replay.zarr")), mode="r")
+    ends = np.asarray(g["meta/episode_ends"][:n])
+    state = np.asarray(g["data/state"][: ends[-1]], np.float32)
+    action = np.asarray(g["data/action"][: ends[-1]], np.float32)
+    starts = np.concatenate([[0], ends[:-1]])
+    return [(state[a:b], action[a:b]) for a, b in zip(starts, ends, strict=True)]
+
+
+def tiny_pusht_wm(tmp_path: Path, n_eps: int = 60, steps: int = 300) -> Path:
+    from vlaflow.policies.base_config import MLPConfig, NetConfig
+    from vlaflow.world_models.checkpoint import save_world_model
+    from vlaflow.world_models.config import PRESETS
+    from vlaflow.world_models.data import train_world_model, transition_windows
+
+    net = NetConfig(kind="mlp", mlp=MLPConfig(width=64, n_blocks=1, step_embed_dim=16))
+    cfg = PRESETS["pusht_lowdim"].replace(net=net, n_bins=21)
+    win = transition_windows(human_episodes(n_eps), cfg.n_obs_steps, 1)
+    wm, _ = train_world_model(cfg, win, steps=steps, batch_size=128, max_seconds=15)
+    return save_world_model(tmp_path / "wm", wm)
+
+
+def tiny_policy(
+    tmp_path: Path, name: str, obs_key: str = "obs.state", shape=(5,), action_dim: int = 2
+) -> Path:
+    from vlaflow.policies import DiffusionConfig, NetConfig, UNetConfig, build_policy, save_checkpoint
+
+    d = int(np.prod(shape))
+    stats = {
+        "action": {
+            "min": np.full(action_dim, 50.0, np.float32),
+            "max": np.full(action_dim, 450.0, np.float32),
+        },
+        obs_key: {"min": np.zeros(shape, np.float32), "max": np.full(shape, 512.0, np.float32)},
+    }
+    for v in stats.values():
+        v["mean"], v["std"] = (v["min"] + v["max"]) / 2, (v["max"] - v["min"]) / 4
+    net = NetConfig(
+        kind="unet", unet=UNetConfig(down_dims=(8, 16), kernel_size=3, n_groups=4, step_embed_dim=8)
+    )
+    pcfg = DiffusionConfig(
+        obs_shapes={obs_key: tuple(shape)},
+        action_dim=action_dim,
+        horizon=8,
+        n_action_steps=4,
+        net=net,
+        fps=10.0,
+        num_inference_steps=4,
+    )
+    assert d > 0
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / name, build_policy(pcfg, stats))
+
+
+@pytest.fixture(scope="module")
+def wm_dir(tmp_path_factory):
+    pytest.importorskip("gym_pusht")
+    return tiny_pusht_wm(tmp_path_factory.mktemp("wm"))
+
+
+def _eval(args, timeout=180):
+    return subprocess.run(
+        [sys.executable, "-m", "vlaflow.cli", "eval", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+    )
+
+
+def test_eval_task_wm_runs_a_policy_in_imagination_through_the_cli_and_says_so(wm_dir, tmp_path):
+    pol = tiny_policy(tmp_path, "pol")
+    out = tmp_path / "ev"
+    args = ["--task", f"wm:{wm_dir}", "--policy", pol, "--episodes", 3, "--seed", 100000, "--workers", 0]
+    res = _eval([*args, "--max-steps", 24, "--videos", 1, "--quiet", "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "IMAGINED by world model" in res.stdout
+    rep = json.loads((out / "report.json").read_text())
+    im = rep["imagined"]
+    assert im["world_model"] == str(wm_dir) and im["task"] == "pusht" and im["reward"] == "coverage"
+    assert im["real_env_steps"] == 0
+    assert [e["seed"] for e in rep["episodes"]] == [100000, 100001, 100002]
+    assert all(1 <= e["length"] <= 24 and 0 <= e["max_reward"] <= 1 for e in rep["episodes"])
+    flags = [e["metrics"]["imagined_invalid"] for e in rep["episodes"]]
+    assert im["n_invalid_episodes"] == sum(f > 0 for f in flags)
+    assert rep["aggregate"]["n_episodes"] == 3 and not rep["errors"]
+    # the video is the scene drawn from the predicted states with PushT's own renderer
+    import av
+
+    (video,) = rep["videos"]
+    with av.open(str(out / video)) as c:
+        n_frames = sum(1 for _ in c.decode(video=0))
+    assert n_frames == rep["episodes"][0]["length"] + 1
+
+
+def test_imagined_episodes_start_from_the_real_resets_and_are_reproducible(wm_dir):
+    from vlaflow.sim.tasks import make_env
+
+    env, real = make_env(f"wm:{wm_dir}"), make_env("pusht")
+    try:
+        obs, info = env.reset(seed=100007)
+        robs, _ = real.reset(seed=100007)
+        assert info["imagined"] and np.array_equal(obs["obs.state"], robs["obs.state"])
+        assert set(obs) == {"obs.state"} and env.task_spec.extra["imagined"]["task"] == "pusht"
+        acts = np.tile(robs["obs.state"][:2] + 20, (6, 1))
+        first = [env.step(a)[0]["obs.state"] for a in acts]
+        env.reset(seed=100007)
+        again = [env.step(a)[0]["obs.state"] for a in acts]
+        assert np.array_equal(np.stack(first), np.stack(again))  # the episode seed fixes the sampler noise
+        assert not np.array_equal(first[-1], robs["obs.state"])  # it moved in imagination
+        assert env.real_resets == 2
+    finally:
+        env.close()
+        real.close()
+
+
+def test_a_world_model_asked_for_what_it_was_not_trained_on_says_what_it_has(wm_dir, tmp_path):
+    from vlaflow.sim.imagined import ImaginedTaskEnv
+
+    with pytest.raises(VlaflowError, match="trained on task 'pusht', not 'lift'"):
+        ImaginedTaskEnv(str(wm_dir), task="lift")
+    with pytest.raises(VlaflowError, match=r"predicts 'obs.state' \(5,\) only .*'image'"):
+        ImaginedTaskEnv(str(wm_dir), obs_mode="image")
+    with pytest.raises(VlaflowError, match="no success classifier"):
+        ImaginedTaskEnv(str(wm_dir), reward="classifier")
+    kp = tiny_policy(tmp_path, "kp", "obs.keypoint", (9, 2))
+    res = _eval(
+        ["--task", f"wm:{wm_dir}", "--policy", kp, "--episodes", 1, "--workers", 0, "--out", tmp_path / "e1"]
+    )
+    assert res.returncode != 0
+    assert "obs.keypoint is not provided" in res.stderr and "task provides: obs.state (5,)" in res.stderr
+    a3 = tiny_policy(tmp_path, "a3", action_dim=3)
+    res = _eval(
+        ["--task", f"wm:{wm_dir}", "--policy", a3, "--episodes", 1, "--workers", 0, "--out", tmp_path / "e2"]
+    )
+    assert res.returncode != 0 and "action dim: policy gives 3, task expects 2" in res.stderr
+    res = _eval(["--task", f"wm:{tmp_path}", "--policy", "random", "--episodes", 1, "--out", tmp_path / "e3"])
+    assert res.returncode != 0 and "not a world-model checkpoint" in res.stderr
