@@ -160,3 +160,23 @@ def test_a_world_model_asked_for_what_it_was_not_trained_on_says_what_it_has(wm_
     assert res.returncode != 0 and "action dim: policy gives 3, task expects 2" in res.stderr
     res = _eval(["--task", f"wm:{tmp_path}", "--policy", "random", "--episodes", 1, "--out", tmp_path / "e3"])
     assert res.returncode != 0 and "not a world-model checkpoint" in res.stderr
+
+
+def test_imagined_episodes_leaving_the_data_range_end_flagged_and_the_report_counts_them(wm_dir, tmp_path):
+    """A margin of -0.45 keeps the middle tenth of the data range: every first imagined step leaves it."""
+    out = tmp_path / "ev"
+    args = ["--task", f"wm:{wm_dir}", "--policy", "random", "--episodes", 3, "--workers", 0, "--quiet"]
+    res = _eval([*args, "--max-steps", 30, "--videos", 0, "--wm-range-margin", -0.45, "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["imagined"]["n_invalid_episodes"] == 3 and rep["imagined"]["range_margin"] == -0.45
+    assert all(e["length"] == 1 and e["metrics"]["imagined_invalid"] == 1.0 for e in rep["episodes"])
+    assert all(e["max_reward"] == 0.0 for e in rep["episodes"])  # the bad step earned nothing
+    assert "(3 invalid episode(s))" in res.stdout
+    # the default margin on the same seeds: the episodes run on (the flag is not always set)
+    res = _eval([*args, "--max-steps", 30, "--videos", 0, "--out", tmp_path / "ev2"])
+    rep = json.loads((tmp_path / "ev2" / "report.json").read_text())
+    assert res.returncode == 0 and rep["imagined"]["n_invalid_episodes"] < 3
+    res = _eval(["--task", "pusht", "--policy", "random", "--episodes", 1, "--wm-range-margin", 0.2,
+                 "--out", tmp_path / "ev3"])  # fmt: skip
+    assert res.returncode != 0 and "are for --task wm:WM_CKPT" in res.stderr
