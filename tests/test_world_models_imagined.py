@@ -180,3 +180,96 @@ def test_imagined_episodes_leaving_the_data_range_end_flagged_and_the_report_cou
     res = _eval(["--task", "pusht", "--policy", "random", "--episodes", 1, "--wm-range-margin", 0.2,
                  "--out", tmp_path / "ev3"])  # fmt: skip
     assert res.returncode != 0 and "are for --task wm:WM_CKPT" in res.stderr
+
+
+# -- the success classifier head --------------------------------------------------------------------------
+CENTRE, RADIUS = np.array([256.0, 256.0]), 25.0  # the toy's success region: the block within 25 px of it
+
+
+def region_store(path, n_eps: int = 60, length: int = 30, seed: int = 0):
+    """PushT-shaped 5-d toy episodes: a success drives the block into the region and keeps it there for the
+    last 10 steps; a failure keeps it more than 60 px away. Episode success flags as the store records."""
+    from vlaflow.data.store import EpisodeStore, KeySpec
+
+    rng = np.random.default_rng(seed)
+    states, actions, flags = [], [], []
+    for i in range(n_eps):
+        ok = i % 2 == 0
+        s = np.zeros((length, 5))
+        s[:, :2] = rng.uniform(50, 450, (length, 2))
+        s[:, 4] = rng.uniform(0, 2 * np.pi, length)
+        if ok:
+            start = rng.uniform(100, 400, 2)
+            end = CENTRE + rng.uniform(-0.6, 0.6, 2) * RADIUS
+            w = np.clip(np.arange(length) / (length - 10), 0, 1)[:, None]
+            s[:, 2:4] = (1 - w) * start + w * end
+        else:
+            ang, r = rng.uniform(0, 2 * np.pi, length), rng.uniform(60, 150, length)
+            s[:, 2:4] = CENTRE + np.stack([r * np.cos(ang), r * np.sin(ang)], 1)
+        states.append(s)
+        actions.append(rng.uniform(50, 450, (length, 2)))
+        flags.append(ok)
+    keys = {"obs.state": KeySpec("float32", (5,)), "action": KeySpec("float32", (2,))}
+    with EpisodeStore.create(path, keys, fps=10) as st:
+        data = {"obs.state": np.concatenate(states), "action": np.concatenate(actions)}
+        st.append_episodes(
+            {k: v.astype(np.float32) for k, v in data.items()}, [length] * n_eps, successes=flags
+        )
+    return path
+
+
+def test_success_classifier_from_store_flags_separates_the_known_region(tmp_path):
+    from vlaflow.world_models.data import success_labels
+    from vlaflow.world_models.reward import auroc, train_success_classifier
+
+    store = region_store(tmp_path / "r.zarr")
+    x, y = success_labels(store, "obs.state", tail=10)
+    assert y.sum() == 30 * 10 and len(y) == 30 * 10 + 30 * 10 + 30 * 30  # tails, early parts, failures
+    assert (np.linalg.norm(x[y > 0, 2:4] - CENTRE, axis=1) < RADIUS).all()
+    clf = train_success_classifier(x, y, steps=600)
+    rng = np.random.default_rng(1)  # fresh states over the whole arena, labelled by the known region
+    test = np.concatenate([rng.uniform(50, 450, (4000, 2)), rng.uniform(100, 400, (4000, 2))], 1)
+    test = np.concatenate([test, rng.uniform(0, 2 * np.pi, (4000, 1))], 1)
+    truth = np.linalg.norm(test[:, 2:4] - CENTRE, axis=1) < RADIUS
+    p, _ = clf.reward(test)
+    assert truth.sum() > 20 and auroc(p, truth) > 0.9, auroc(p, truth)
+    assert auroc(-p, truth) < 0.1 and auroc(np.zeros(10), np.arange(10) < 5) == 0.5  # the metric itself
+    with pytest.raises(VlaflowError, match="no per-step key 'reward'"):
+        success_labels(store, "obs.state", key="reward")
+
+
+def test_train_wm_records_the_classifier_reward_and_imagination_uses_it(tmp_path):
+    pytest.importorskip("gym_pusht")
+    from vlaflow.sim.imagined import ImaginedTaskEnv
+    from vlaflow.world_models.checkpoint import imagined_reward, load_success_classifier
+
+    store = region_store(tmp_path / "r.zarr", n_eps=40)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vlaflow.cli", "train-wm", "--data", store, "--out", run, "--steps", 30]
+    cmd += [
+        "--holdout",
+        10,
+        "--batch-size",
+        64,
+        "--no-progress",
+        "--success-classifier",
+        "--success-steps",
+        300,
+    ]
+    out = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=ENV, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rec = json.loads((run / "world_model.json").read_text())["imagined_reward"]
+    assert rec["reward"] == "classifier" and rec["classifier"]["heldout_auroc"] > 0.9
+    ckpt = run / "checkpoints" / "last"
+    clf, meta = load_success_classifier(ckpt)
+    assert meta["reward"] == "classifier" and meta["n_train_positive"] == 15 * 10
+    name, fn = imagined_reward(ckpt, "pusht")
+    assert name == "classifier"
+    inside, outside = np.array([[100, 100, 256, 256, 1.0]]), np.array([[100, 100, 150, 380, 1.0]])
+    assert fn(inside)[0][0] > 0.5 > fn(outside)[0][0]
+    assert imagined_reward(ckpt, "pusht", "coverage")[0] == "coverage"  # the task's own is still there
+    env = ImaginedTaskEnv(str(ckpt))
+    try:
+        assert env.task_spec.extra["imagined"]["reward"] == "classifier"
+    finally:
+        env.close()

@@ -34,6 +34,63 @@ def episodes_from_store(
     return out
 
 
+def success_labels(
+    path: str | os.PathLike,
+    obs_key: str,
+    *,
+    episodes: Sequence[int] | None = None,
+    tail: int = 10,
+    key: str | None = None,
+    threshold: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, Do) states and (N,) 0/1 labels for the success classifier, from a store.
+
+    With ``key`` (a per-step reward or success array in the store): label = value >= ``threshold``, every
+    step. Without: the store's episode success flags (World4RL's labelling of whole episodes): the last
+    ``tail`` states of a successful episode are 1, every state of an unsuccessful episode is 0, and the
+    states of a successful episode before its last ``2 * tail`` steps are 0 too (not yet a success); the
+    ``tail`` states between are left out (the boundary is not known per step). Episodes of unknown success
+    are left out."""
+    if tail < 1:
+        raise VlaflowError(f"tail must be >= 1, got {tail}")
+    xs, ys = [], []
+    with EpisodeStore.open(path) as store:
+        idx = range(store.n_episodes) if episodes is None else episodes
+        if key is not None and key not in store.keys:
+            raise VlaflowError(
+                f"{path}: no per-step key {key!r} for success labels; it has {sorted(store.keys)}"
+            )
+        for i in idx:
+            ep = store.get_episode(int(i), [obs_key] + ([key] if key else []))
+            s = np.asarray(ep[obs_key], np.float32)
+            if key is not None:
+                xs.append(s)
+                ys.append(np.asarray(ep[key], np.float64).reshape(len(s), -1)[:, 0] >= threshold)
+                continue
+            ok = store.episode_meta(int(i))["success"]
+            if ok is None:
+                continue
+            if not ok:
+                xs.append(s)
+                ys.append(np.zeros(len(s), bool))
+                continue
+            early = s[: max(len(s) - 2 * tail, 0)]
+            xs += [s[-tail:], early]
+            ys += [np.ones(len(s[-tail:]), bool), np.zeros(len(early), bool)]
+    if not xs:
+        raise VlaflowError(
+            f"{path}: no episode has a success flag (a raw diffusion_policy store has none); give a per-step "
+            "key (reward or success) instead"
+        )
+    x, y = np.concatenate(xs), np.concatenate(ys).astype(np.float32)
+    if y.min() == y.max():
+        raise VlaflowError(
+            f"{path}: success labels are all {int(y[0])} ({len(y)} states); the classifier needs both "
+            "successful and unsuccessful states"
+        )
+    return x, y
+
+
 def episode_starts(episodes: Sequence[Episode]) -> np.ndarray:
     """(E, Do) the first observation of every episode: where imagined episodes start."""
     return np.stack([s[0] for s, _ in episodes]).astype(np.float32)

@@ -158,3 +158,20 @@ def train_success_classifier(
         loss.backward()
         opt.step()
     return clf.eval()
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > a random negative), ties counted half."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    allv = np.concatenate([pos, neg])[order]
+    # average ranks over ties
+    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ranks[order] = first[inv] + (counts[inv] + 1) / 2
+    r_pos = ranks[: len(pos)].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
