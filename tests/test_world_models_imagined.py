@@ -273,3 +273,36 @@ def test_train_wm_records_the_classifier_reward_and_imagination_uses_it(tmp_path
         assert env.task_spec.extra["imagined"]["reward"] == "classifier"
     finally:
         env.close()
+
+
+# -- vlaflow imagine: the video and the error plot ---------------------------------------------------------
+def test_imagine_writes_the_side_by_side_mp4_and_the_error_plot(wm_dir, tmp_path):
+    import av
+
+    pol = tiny_policy(tmp_path, "pol")
+    out = tmp_path / "im"
+    cmd = [sys.executable, "-m", "vlaflow.cli", "imagine", "--world-model", wm_dir, "--policy", pol]
+    cmd += ["--task", "pusht", "--seed", 100003, "--max-steps", 20, "--out", out]
+    res = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=ENV, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((out / "imagine.json").read_text())
+    assert s["n_frames"] == max(s["real"]["length"], s["imagined"]["length"]) + 1
+    with av.open(str(out / "imagine.mp4")) as c:
+        stream = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+        assert stream.codec_context.name == "h264"
+    assert len(frames) == s["n_frames"] and frames[0].shape[1] > 1.9 * frames[0].shape[0]  # two scenes
+    h = frames[0].shape[0]
+    left, right = frames[0][:, :h].astype(float), frames[0][:, -h:].astype(float)
+    assert np.abs(left - right).mean() < 3  # the same real start on both sides (up to H.264)
+    png = (out / "error_vs_horizon.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    ol = s["open_loop_error"]
+    assert set(ol) == {"block_px", "angle_rad", "agent_px"} and len(ol["agent_px"]) == s["real"]["length"]
+    assert all(np.isfinite(v).all() for v in ol.values())
+    # the world model's task only
+    cmd[cmd.index("pusht")] = "lift"
+    res = subprocess.run(
+        list(map(str, cmd[:-1] + [tmp_path / "im2"])), capture_output=True, text=True, env=ENV
+    )
+    assert res.returncode != 0 and "trained on task 'pusht', not 'lift'" in res.stderr

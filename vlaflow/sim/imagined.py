@@ -24,12 +24,17 @@ return None, so no video).
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from vlaflow.deploy.sync_chunk import SyncChunkExecutor
 from vlaflow.errors import VlaflowError
+from vlaflow.sim.policies import build_policy, check_compatible, describe_policy, reset_policy
 from vlaflow.sim.tasks import WM_PREFIX, make_env
+from vlaflow.sim.video import write_mp4
 from vlaflow.world_models.checkpoint import imagined_reward, load_world_model
 from vlaflow.world_models.env import WorldModelEnv
 
@@ -169,3 +174,171 @@ def make_imagined(
             f"--task {name}: {ckpt} is not a world-model checkpoint directory (no config.json)"
         )
     return ImaginedTaskEnv(ckpt, obs_mode, render_size, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+# task -> named groups of state dims for the error plot: position groups are L2 in the state's units,
+# angle groups the wrapped absolute error (rad)
+ERROR_GROUPS = {"pusht": {"block_px": (2, 3), "angle_rad": (4,), "agent_px": (0, 1)}}
+
+
+def _error_groups(task: str, obs_dim: int, angle_dims: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    if task in ERROR_GROUPS:
+        return ERROR_GROUPS[task]
+    groups = {"state_l2": tuple(d for d in range(obs_dim) if d not in angle_dims)}
+    return {**groups, "angle_rad": tuple(angle_dims)} if angle_dims else groups
+
+
+def state_errors(pred: np.ndarray, true: np.ndarray, groups: dict, angle_dims) -> dict[str, list[float]]:
+    """Per step errors (T,) of predicted vs true states (T, Do) for each group of dims."""
+    out = {}
+    for name, dims in groups.items():
+        d = pred[:, list(dims)] - true[:, list(dims)]
+        if set(dims) <= set(angle_dims):
+            out[name] = np.abs((d + np.pi) % (2 * np.pi) - np.pi).mean(1).tolist()
+        else:
+            out[name] = np.linalg.norm(d, axis=1).tolist()
+    return out
+
+
+def _rollout(env, policy, seed: int, max_steps: int) -> dict:
+    """One closed-loop episode of ``policy`` in ``env`` (sim or imagined): states, actions, frames."""
+
+    reset_policy(policy, seed)
+    ex = SyncChunkExecutor(policy.infer, policy.config)
+    obs, _ = env.reset(seed=seed)
+    states, actions, frames = [obs["obs.state"]], [], [env.render()]
+    success = invalid = False
+    for t in range(max_steps):
+        a = ex.act(obs, t)
+        obs, _, terminated, truncated, info = env.step(a)
+        states.append(obs["obs.state"])
+        actions.append(np.asarray(a, np.float32))
+        frames.append(env.render())
+        success = success or bool(info.get("success"))
+        invalid = invalid or bool(info.get("invalid"))
+        if terminated or truncated:
+            break
+    return {
+        "states": np.asarray(states, np.float64),
+        "actions": np.asarray(actions, np.float32),
+        "frames": frames,
+        "success": success,
+        "invalid": invalid,
+    }
+
+
+def _side_by_side(left: list, right: list) -> list[np.ndarray]:
+    """Frames of two episodes next to each other (the shorter one holds its last frame), 8 px apart."""
+    n = max(len(left), len(right))
+    out = []
+    for i in range(n):
+        a, b = np.asarray(left[min(i, len(left) - 1)]), np.asarray(right[min(i, len(right) - 1)])
+        h = max(a.shape[0], b.shape[0])
+        pad = [np.pad(x, ((0, h - x.shape[0]), (0, 0), (0, 0)), constant_values=255) for x in (a, b)]
+        gap = np.full((h, 8, 3), 255, np.uint8)
+        out.append(np.concatenate([pad[0], gap, pad[1]], 1).astype(np.uint8))
+    return out
+
+
+def _error_plot(path: Path, open_loop: dict, closed_loop: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(open_loop), figsize=(4.2 * len(open_loop), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], open_loop, strict=True):
+        k = np.arange(1, len(open_loop[name]) + 1)
+        ax.plot(k, open_loop[name], label="open loop on the real actions")
+        kc = np.arange(1, len(closed_loop[name]) + 1)
+        ax.plot(kc, closed_loop[name], "--", label="closed loop: imagined vs real episode")
+        ax.set_xlabel("horizon k (steps)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def imagine(
+    world_model: str,
+    policy,
+    task: str,
+    seed: int,
+    out_dir: str | Path,
+    *,
+    max_steps: int | None = None,
+    device: str = "cpu",
+) -> dict:
+    """The policy from the real start of ``task`` at ``seed``: once in the real sim, once in the world model.
+
+    Writes ``OUT/imagine.mp4`` (H.264: left the real sim, right the imagined episode, both drawn by the
+    task's own renderer, the imagined one from its predicted states), ``OUT/error_vs_horizon.png`` (the
+    world model's open-loop error on the real episode's actions, and the closed-loop gap between the two
+    episodes, against the horizon) and ``OUT/imagine.json`` (the numbers). Returns the JSON's content.
+    """
+
+    out = Path(out_dir)
+    imag = ImaginedTaskEnv(world_model, task=task, device=device)
+    real = make_env(task, obs_mode="lowdim")
+    try:
+        pol = build_policy(policy, imag.task_spec, device=device)
+        check_compatible(pol.config, imag.task_spec, describe_policy(policy))
+        if imag.render() is None:
+            raise VlaflowError(
+                f"task {task!r} has no renderer of a predicted state (have: {list(STATE_RENDERERS)})"
+            )
+        steps = max_steps or real.task_spec.max_steps
+        real_run = _rollout(real, pol, seed, steps)
+        imag_run = _rollout(imag, pol, seed, steps)
+        wm = imag.venv.model
+        cfg = wm.config
+        t_real = len(real_run["actions"])
+        window = np.repeat(real_run["states"][:1], cfg.n_obs_steps, 0)[None].astype(np.float32)
+        gen = torch.Generator().manual_seed(int(seed))
+        acts = torch.from_numpy(real_run["actions"][None])
+        pred = wm.rollout(torch.from_numpy(window), acts, generator=gen)[0].cpu().numpy().astype(np.float64)
+        groups = _error_groups(cfg.task, cfg.obs_dim, cfg.angle_dims)
+        open_loop = state_errors(pred, real_run["states"][1 : t_real + 1], groups, cfg.angle_dims)
+        n = min(len(imag_run["states"]), len(real_run["states"])) - 1
+        closed = state_errors(
+            imag_run["states"][1 : n + 1], real_run["states"][1 : n + 1], groups, cfg.angle_dims
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        video = write_mp4(
+            out / "imagine.mp4", _side_by_side(real_run["frames"], imag_run["frames"]), real.task_spec.fps
+        )
+        plot = out / "error_vs_horizon.png"
+        _error_plot(
+            plot,
+            open_loop,
+            closed,
+            f"{Path(world_model).name} on {task} seed {seed}: {describe_policy(policy)}",
+        )
+    finally:
+        imag.close()
+        real.close()
+    summary = {
+        "world_model": str(world_model),
+        "policy": describe_policy(policy),
+        "task": task,
+        "seed": int(seed),
+        "video": str(video),
+        "video_layout": "left: real sim, right: imagined (scene drawn from the predicted state)",
+        "n_frames": max(len(real_run["frames"]), len(imag_run["frames"])),
+        "plot": str(plot),
+        "real": {"length": t_real, "success": real_run["success"]},
+        "imagined": {
+            "length": len(imag_run["actions"]),
+            "success": imag_run["success"],
+            "invalid": imag_run["invalid"],
+            "reward": imag.reward_name,
+        },
+        "open_loop_error": open_loop,
+        "closed_loop_gap": closed,
+    }
+    (out / "imagine.json").write_text(json.dumps(summary, indent=1))
+    return summary
