@@ -12,8 +12,11 @@ own predictions fed back) and compared with the recorded state at step k: agent 
 position error (px), block angle error (rad, wrapped). The diffusion model's rollout is one sample per step
 (3 Euler steps), not a mean.
 
-    nice -n 10 env PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/world_model_pusht.py --seconds 200 \
-        --models wm,mlp,ensemble
+    nice -n 10 env PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/world_model_pusht.py --seconds 240 \
+        --clock cpu --models wm,mlp,ensemble
+
+(``--clock cpu``: every model gets the same CPU seconds of this 1-thread process, whatever else runs on
+the machine; with ``--clock wall`` a shared machine's load changes the steps each model gets.)
 
 Writes benchmarks/results/world_model.json (+ .md). Short trainings on a shared 2-core CPU (wall-time
 budgets, so the machine's load enters): a measurement, not a converged comparison; image models are not run.
@@ -173,15 +176,15 @@ class MeanOf(nn.Module):
         return mean
 
 
-def train_mlp(mlp, win, seconds, batch=256, lr=1e-3, seed=0, members: int = 0):
-    """Adam on ``mlp.loss`` for ``seconds`` of wall time; ``members`` > 0: each member its own batch."""
+def train_mlp(mlp, win, seconds, batch=256, lr=1e-3, seed=0, members: int = 0, clock=time.monotonic):
+    """Adam on ``mlp.loss`` for ``seconds`` of ``clock``; ``members`` > 0: each member its own batch."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     o, a, nx = (torch.from_numpy(win[k]) for k in ("obs", "act", "next"))
     tgt = mlp.norm.normalize(mlp.cfg.target_key, mlp.wm_like.target_from(o, nx))
     opt = torch.optim.AdamW(mlp.parameters(), lr=lr, weight_decay=1e-6)
-    t0, steps = time.monotonic(), 0
-    while time.monotonic() - t0 < seconds and steps < 200_000:
+    t0, steps = clock(), 0
+    while clock() - t0 < seconds and steps < 200_000:
         idx = torch.from_numpy(rng.integers(0, len(o), (members, batch) if members else batch))
         loss = mlp.loss(o[idx], a[idx], tgt[idx])
         opt.zero_grad()
@@ -238,7 +241,13 @@ def _baseline_config(model) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=120.0, help="training wall time per model")
+    ap.add_argument("--seconds", type=float, default=120.0, help="training time per model (see --clock)")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="budget in wall seconds or in this process's CPU seconds (1 thread: unaffected by other load)",
+    )
     ap.add_argument("--holdout", type=int, default=20)
     ap.add_argument("--action-encoding", default="two_hot", choices=["two_hot", "continuous"])
     ap.add_argument("--n-future", type=int, default=1, help="Tf of the world model (the MLP is Tf = 1)")
@@ -256,21 +265,22 @@ def main() -> int:
     cfg = PRESETS["pusht_lowdim"].replace(action_encoding=args.action_encoding, n_future=args.n_future)
     todo = set(args.models.split(","))
     win = transition_windows(train_eps, cfg.n_obs_steps, cfg.n_future)
-    t0 = time.monotonic()
+    clock = time.process_time if args.clock == "cpu" else time.monotonic
+    t0 = clock()
     wm, hist = train_world_model(
-        cfg, win, steps=10**6, batch_size=256, lr=1e-3, max_seconds=args.seconds, log_every=500
+        cfg, win, steps=10**6, batch_size=256, lr=1e-3, max_seconds=args.seconds, log_every=500, clock=clock
     )
-    wm_s, wm_steps = time.monotonic() - t0, hist[-1]["step"] + 1
+    wm_s, wm_steps = clock() - t0, hist[-1]["step"] + 1
     tag = f"diffusion_wm_{args.action_encoding}" + (f"_tf{cfg.n_future}" if cfg.n_future > 1 else "")
     runs = [(tag, wm, wm_steps)] if "wm" in todo else []
     if "mlp" in todo and cfg.n_future == 1:
-        mlp, mlp_steps = train_mlp(MLPTransition(wm), win, args.seconds)
+        mlp, mlp_steps = train_mlp(MLPTransition(wm), win, args.seconds, clock=clock)
         runs.append(("mlp_deterministic", mlp, mlp_steps))
     if "ensemble" in todo and cfg.n_future == 1:
         n_mlp = sum(p.numel() for p in MLPTransition(wm).parameters())
         width = ensemble_width(wm, n_mlp, args.members)
         ens, ens_steps = train_mlp(
-            GaussianEnsemble(wm, args.members, width), win, args.seconds, members=args.members
+            GaussianEnsemble(wm, args.members, width), win, args.seconds, members=args.members, clock=clock
         )
         runs.append((f"gaussian_ensemble{args.members}_mean", ens, ens_steps))
         ts1 = GaussianEnsemble(wm, args.members, width, mode="ts1")
@@ -294,6 +304,7 @@ def main() -> int:
                 "model": name,
                 "train_seconds": round(wm_s if name.startswith("diffusion") else args.seconds, 1),
                 "train_steps": int(steps),
+                "train_clock": args.clock,
                 "n_params": sum(p.numel() for p in model.parameters()),
                 "n_train_windows": int(len(win["obs"])),
                 "n_heldout_episodes": len(held),
@@ -311,7 +322,7 @@ def main() -> int:
         "",
         "Held-out = last 20 human episodes; rollouts from every 10th step on recorded actions; mean errors.",
         "",
-        "| model | train s / steps | params | "
+        f"| model | train {args.clock} s / steps | params | "
         + " | ".join(f"k={k} block px / angle rad / agent px" for k in KS)
         + " |",
         "|---|---|---|" + "---|" * len(KS),
