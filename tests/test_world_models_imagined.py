@@ -108,6 +108,13 @@ def test_eval_task_wm_runs_a_policy_in_imagination_through_the_cli_and_says_so(w
     flags = [e["metrics"]["imagined_invalid"] for e in rep["episodes"]]
     assert im["n_invalid_episodes"] == sum(f > 0 for f in flags)
     assert rep["aggregate"]["n_episodes"] == 3 and not rep["errors"]
+    # an imagined episode is a function of its seed: the same in a spawned worker as in this process
+    res = _eval(
+        [*args[:-2], "--workers", 1, "--max-steps", 24, "--videos", 0, "--quiet", "--out", tmp_path / "w1"]
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = json.loads((tmp_path / "w1" / "report.json").read_text())["episodes"]
+    assert again == [{k: v for k, v in e.items() if k != "video"} for e in rep["episodes"]]
     # the video is the scene drawn from the predicted states with PushT's own renderer
     import av
 
