@@ -39,12 +39,13 @@ from vlaflow.world_models.checkpoint import imagined_reward, load_world_model
 from vlaflow.world_models.env import WorldModelEnv
 
 
-def _render_pusht_state(env, state: np.ndarray) -> np.ndarray:
+def _render_pusht_state(env, state: np.ndarray, action: np.ndarray | None) -> np.ndarray:
     env.reset(options={"reset_to_state": np.asarray(state, np.float64)})
+    env._last_action = None if action is None else np.asarray(action, np.float64)  # gym-pusht's target cross
     return env.render()
 
 
-# task -> draw(real env, state) -> frame: the task's own renderer fed a predicted state
+# task -> draw(real env, state, last action or None) -> frame: the task's own renderer fed a predicted state
 STATE_RENDERERS = {"pusht": _render_pusht_state}
 
 
@@ -121,6 +122,7 @@ class ImaginedTaskEnv:
         self.real_resets = 0  # real env resets (starts); the real env is never stepped
         self._unc: list[float] = []
         self._state = np.zeros(cfg.obs_dim, np.float32)
+        self._action: np.ndarray | None = None
 
     @property
     def state(self) -> np.ndarray:
@@ -135,12 +137,12 @@ class ImaginedTaskEnv:
             start = real_obs[self.obs_key]
         obs = self.venv.reset([0], starts=np.asarray(start, np.float32)[None], noise_seed=seed or 0)
         self._state = obs[self.obs_key][0, -1]
-        self._unc = []
+        self._unc, self._action = [], None
         return {self.obs_key: self._state.copy()}, {"success": False, "imagined": True}
 
     def step(self, action):
-        action = np.asarray(action, np.float32).reshape(1, 1, -1)
-        obs, reward, done, success = self.venv.step(action)
+        self._action = np.asarray(action, np.float32).reshape(-1)
+        obs, reward, done, success = self.venv.step(self._action.reshape(1, 1, -1))
         info = self.venv.last_info
         self._state = obs[self.obs_key][0, -1]
         self._unc.append(float(info["uncertainty"][0]))
@@ -152,7 +154,7 @@ class ImaginedTaskEnv:
 
     def render(self):
         draw = STATE_RENDERERS.get(self.imagined["task"])
-        return None if draw is None else draw(self.real, self._state)
+        return None if draw is None else draw(self.real, self._state, self._action)
 
     def episode_metrics(self) -> dict[str, float]:
         return {
