@@ -132,7 +132,10 @@ def test_imagined_episodes_start_from_the_real_resets_and_are_reproducible(wm_di
         obs, info = env.reset(seed=100007)
         robs, _ = real.reset(seed=100007)
         assert info["imagined"] and np.array_equal(obs["obs.state"], robs["obs.state"])
-        assert set(obs) == {"obs.state"} and env.task_spec.extra["imagined"]["task"] == "pusht"
+        assert set(obs) == {"obs.state", "obs.keypoint", "obs.agent_pos"}
+        assert np.allclose(obs["obs.keypoint"], robs["obs.keypoint"], atol=1e-3)  # as the sim computes them
+        assert np.array_equal(obs["obs.agent_pos"], robs["obs.agent_pos"])
+        assert env.task_spec.extra["imagined"]["task"] == "pusht"
         acts = np.tile(robs["obs.state"][:2] + 20, (6, 1))
         first = [env.step(a)[0]["obs.state"] for a in acts]
         env.reset(seed=100007)
@@ -154,12 +157,17 @@ def test_a_world_model_asked_for_what_it_was_not_trained_on_says_what_it_has(wm_
         ImaginedTaskEnv(str(wm_dir), obs_mode="image")
     with pytest.raises(VlaflowError, match="no success classifier"):
         ImaginedTaskEnv(str(wm_dir), reward="classifier")
-    kp = tiny_policy(tmp_path, "kp", "obs.keypoint", (9, 2))
+    kp = tiny_policy(tmp_path, "kp", "obs.keypoint", (9, 2))  # keypoints: computed from the predicted state
+    res = _eval(["--task", f"wm:{wm_dir}", "--policy", kp, "--episodes", 1, "--workers", 0, "--max-steps", 8,
+                 "--videos", 0, "--out", tmp_path / "e0"])  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "e0" / "report.json").read_text())["episodes"][0]["length"] >= 1
+    nc = tiny_policy(tmp_path, "nc", "obs.n_contacts", (1,))  # the contact count is no function of the state
     res = _eval(
-        ["--task", f"wm:{wm_dir}", "--policy", kp, "--episodes", 1, "--workers", 0, "--out", tmp_path / "e1"]
+        ["--task", f"wm:{wm_dir}", "--policy", nc, "--episodes", 1, "--workers", 0, "--out", tmp_path / "e1"]
     )
-    assert res.returncode != 0
-    assert "obs.keypoint is not provided" in res.stderr and "task provides: obs.state (5,)" in res.stderr
+    assert res.returncode != 0 and "obs.n_contacts is not provided" in res.stderr
+    assert "task provides: obs.state (5,), obs.keypoint (9, 2), obs.agent_pos (2,)" in res.stderr
     a3 = tiny_policy(tmp_path, "a3", action_dim=3)
     res = _eval(
         ["--task", f"wm:{wm_dir}", "--policy", a3, "--episodes", 1, "--workers", 0, "--out", tmp_path / "e2"]

@@ -14,8 +14,9 @@ model's success classifier (``classifier``); by default the one its checkpoint r
 An imagined step that is NaN or leaves the training data's range by ``range_margin`` ends the episode
 (``truncated``, ``info["invalid"]``); ``episode_metrics()`` carries ``imagined_invalid`` (0 / 1) and the
 sampler spread, so the report counts invalid episodes (``report["imagined"]["n_invalid_episodes"]``).
-``task_spec`` is the real task's, with only the world model's observation key (a policy reading other
-keys is refused by :func:`vlaflow.sim.policies.check_compatible`, which lists what the world model has) and
+``task_spec`` is the real task's, with the world model's observation key and the task's keys that are
+functions of it (:data:`DERIVED_KEYS`; PushT: ``obs.keypoint``, ``obs.agent_pos``); a policy reading any
+other key is refused by :func:`vlaflow.sim.policies.check_compatible`, which lists what there is; and
 ``extra["imagined"]`` describing the model. ``render()`` draws the scene of the predicted state with the real
 task's own renderer (PushT: the state placed in the real env and drawn; tasks without a state renderer
 return None, so no video).
@@ -33,6 +34,7 @@ import torch
 from vlaflow.deploy.sync_chunk import SyncChunkExecutor
 from vlaflow.errors import VlaflowError
 from vlaflow.sim.policies import build_policy, check_compatible, describe_policy, reset_policy
+from vlaflow.sim.pusht import keypoints_from_state
 from vlaflow.sim.tasks import WM_PREFIX, make_env
 from vlaflow.sim.video import write_mp4
 from vlaflow.world_models.checkpoint import imagined_reward, load_world_model
@@ -47,6 +49,18 @@ def _render_pusht_state(env, state: np.ndarray, action: np.ndarray | None) -> np
 
 # task -> draw(real env, state, last action or None) -> frame: the task's own renderer fed a predicted state
 STATE_RENDERERS = {"pusht": _render_pusht_state}
+
+
+def _pusht_derived(state: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "obs.keypoint": keypoints_from_state(state).astype(np.float32),
+        "obs.agent_pos": np.asarray(state[:2], np.float32),
+    }
+
+
+# task -> state -> the task's other observation keys that are functions of the state (PushT: the block's
+# keypoints and the agent position, as the sim computes them), so policies reading them run in imagination
+DERIVED_KEYS = {"pusht": _pusht_derived}
 
 
 class ImaginedTaskEnv:
@@ -104,6 +118,9 @@ class ImaginedTaskEnv:
             terminate_on_success=True,
         )
         self.obs_key = cfg.obs_key
+        self._derive = DERIVED_KEYS.get(cfg.task) if cfg.obs_key == "obs.state" else None
+        derived = self._derive(np.zeros(cfg.obs_dim, np.float32)) if self._derive else {}
+        keys = [cfg.obs_key, *derived]
         self.imagined = {
             "world_model": self.checkpoint,
             "task": cfg.task,
@@ -112,11 +129,12 @@ class ImaginedTaskEnv:
             "range_margin": range_margin,
             "num_inference_steps": cfg.num_inference_steps,
             "starts": f"real {cfg.task} env resets with the episode seeds",
+            "keys": keys,
         }
         self.task_spec = dataclasses.replace(
             spec,
-            obs_shapes={cfg.obs_key: (cfg.obs_dim,)},
-            obs_dtypes={cfg.obs_key: "float32"},
+            obs_shapes={k: tuple(spec.obs_shapes[k]) for k in keys},
+            obs_dtypes=dict.fromkeys(keys, "float32"),
             extra={**spec.extra, "imagined": self.imagined},
         )
         self.real_resets = 0  # real env resets (starts); the real env is never stepped
@@ -138,7 +156,7 @@ class ImaginedTaskEnv:
         obs = self.venv.reset([0], starts=np.asarray(start, np.float32)[None], noise_seed=seed or 0)
         self._state = obs[self.obs_key][0, -1]
         self._unc, self._action = [], None
-        return {self.obs_key: self._state.copy()}, {"success": False, "imagined": True}
+        return self._observation(), {"success": False, "imagined": True}
 
     def step(self, action):
         self._action = np.asarray(action, np.float32).reshape(-1)
@@ -150,7 +168,11 @@ class ImaginedTaskEnv:
         info_out = {"success": bool(success[0]), "invalid": invalid, "uncertainty": self._unc[-1]}
         terminated = bool(success[0])
         truncated = bool(done[0]) and not terminated
-        return {self.obs_key: self._state.copy()}, float(reward[0]), terminated, truncated, info_out
+        return self._observation(), float(reward[0]), terminated, truncated, info_out
+
+    def _observation(self) -> dict[str, np.ndarray]:
+        obs = {self.obs_key: self._state.copy()}
+        return {**obs, **self._derive(self._state)} if self._derive else obs
 
     def render(self):
         draw = STATE_RENDERERS.get(self.imagined["task"])
