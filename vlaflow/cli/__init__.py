@@ -54,6 +54,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "vlaflow.cli.train_wm",
         "train a diffusion world model (EDM, two-hot actions) on an episode store",
     ),
+    "imagine": (
+        "vlaflow.cli.imagine",
+        "a policy's imagined episode (world model) beside its real one: mp4 + error-vs-horizon plot",
+    ),
     "distill": ("vlaflow.cli.distill", "distill a one-step consistency head from a teacher checkpoint"),
     "export": (
         "vlaflow.cli.export",

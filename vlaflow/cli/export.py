@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from vlaflow.atomic import OVERWRITE_HELP, check_destination
@@ -64,6 +65,8 @@ def run_export(args: argparse.Namespace) -> int:
         tol_chunk=args.tol_chunk,
         min_cosine=args.min_cosine,
     )
+    if _is_world_model(args.checkpoint):
+        return _export_world_model(args)
     policy = load_checkpoint(args.checkpoint)
     if policy.config.family == "steered":
         raise VlaflowError(
@@ -78,4 +81,37 @@ def run_export(args: argparse.Namespace) -> int:
             f"  (tol {row['tol']:.0e})"
         )
     print(f"parity report: {Path(args.out) / PARITY}")
+    return 0
+
+
+def _is_world_model(checkpoint: str) -> bool:
+    cfg = Path(checkpoint) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("format") == "vlaflow.world_model"
+
+
+def _export_world_model(args: argparse.Namespace) -> int:
+    """A world-model checkpoint (vlaflow train-wm): its per-step denoiser graph, parity-checked."""
+    # here, not at the top (as load_checkpoint above): `vlaflow export --help` stays torch-free
+    from vlaflow.world_models.checkpoint import load_world_model
+    from vlaflow.world_models.export import export_world_model
+
+    man = export_world_model(
+        load_world_model(args.checkpoint),
+        args.out,
+        opset=args.opset,
+        exporter=args.exporter,
+        n_parity=args.parity_obs,
+        tol_step=args.tol_step,
+        tol_next=args.tol_chunk,
+        min_cosine=args.min_cosine,
+        overwrite=args.overwrite,
+        source=str(args.checkpoint),
+    )
+    par = man["parity"]
+    print(f"exported world model {args.checkpoint} -> {args.out} ({args.exporter}, opset {args.opset})")
+    print(
+        f"  denoiser step  max-abs {par['step_max_abs']:.2e}  min-cosine {par['step_min_cosine']:.7f}\n"
+        f"  next state     max-abs {par['next_max_abs_normalized']:.2e} (normalized)  "
+        f"min-cosine {par['next_min_cosine']:.7f}"
+    )
     return 0

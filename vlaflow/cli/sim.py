@@ -16,7 +16,7 @@ from vlaflow.sim.collect import collect
 from vlaflow.sim.evaluate import DEFAULT_EPISODES, DEFAULT_START_SEED, OBS_MODE_CHOICES, evaluate
 from vlaflow.sim.harness import format_summary
 from vlaflow.sim.multitask import format_table
-from vlaflow.sim.tasks import TASK_SETS, TASKS, is_task_set
+from vlaflow.sim.tasks import TASK_SETS, TASKS, WM_PREFIX, is_task_set
 from vlaflow.sim.teleop import ARM_TASKS, InputSource, JoystickSource, KeyboardSource, ScriptedKeys, teleop
 
 # ----------------------------------------------------------------------------- collect
@@ -158,8 +158,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
         default="pusht",
-        help=f"task ({', '.join(t for t in TASKS if not t.startswith('mw:'))}, mw:<name>) or task set "
-        f"({', '.join(TASK_SETS)})",
+        help=f"task ({', '.join(t for t in TASKS if not t.startswith('mw:'))}, mw:<name>), task set "
+        f"({', '.join(TASK_SETS)}) or wm:WM_CKPT (in imagination: the world model's task, real resets as "
+        "starts)",
     )
     parser.add_argument("--policy", required=True, help="checkpoint directory, 'replay:STORE' or 'random'")
     parser.add_argument(
@@ -203,6 +204,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--obs-mode", default="auto", choices=OBS_MODE_CHOICES, help="observation variant")
     parser.add_argument("--max-steps", type=int, default=None, help="override the task's step limit")
     parser.add_argument("--device", default="cpu", help="torch device for checkpoint policies")
+    parser.add_argument(
+        "--wm-reward",
+        default=None,
+        choices=["coverage", "classifier"],
+        help="--task wm:...: the imagined reward (default: the one the world-model checkpoint records)",
+    )
+    parser.add_argument(
+        "--wm-range-margin",
+        type=float,
+        default=None,
+        help="--task wm:...: an imagined state beyond the training data's range by this fraction of it ends "
+        "the episode as invalid (default 0.1)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -287,6 +301,14 @@ def _policy_sources(policy: str) -> dict[str, str]:
     return {f"--policy {policy}": policy}
 
 
+def _imagined_kwargs(args: argparse.Namespace) -> dict:
+    kw = {"reward": args.wm_reward, "range_margin": args.wm_range_margin}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if kw and not args.task.startswith(WM_PREFIX):
+        raise VlaflowError(f"--wm-reward / --wm-range-margin are for --task wm:WM_CKPT, not {args.task!r}")
+    return kw
+
+
 def _evaluate(args: argparse.Namespace, out: Path, n_episodes: int | None, videos: int) -> dict:
     return evaluate(
         args.policy,
@@ -302,4 +324,5 @@ def _evaluate(args: argparse.Namespace, out: Path, n_episodes: int | None, video
         progress=not args.quiet,
         instruction=args.instruction,
         allow_unseen_tasks=args.allow_unseen_tasks,
+        env_kwargs=_imagined_kwargs(args) or None,
     )

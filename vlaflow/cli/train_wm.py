@@ -5,6 +5,11 @@ transition windows, batches a pure function of (seed, step) as behaviour cloning
 ``curves.png`` and atomic checkpoints come from the loop. ``RUN/checkpoints/last`` loads with
 :func:`vlaflow.world_models.load_world_model`. The last ``--holdout`` episodes are left out of training and
 scored at the end (one-step and open-loop 8-step error), written to ``RUN/world_model.json``.
+
+``--success-classifier`` also trains the success classifier head (World4RL's reward) on the store's states
+labelled by its episode success flags (or a per-step ``--success-key``), scores its AUROC on the held-out
+episodes, and puts it into ``RUN/checkpoints/last`` with the imagined reward choice (``--reward``, default
+``classifier`` when trained, else ``coverage``); both are recorded in ``RUN/world_model.json``.
 """
 
 from __future__ import annotations
@@ -23,9 +28,17 @@ import vlaflow.train.schedule as S
 from vlaflow.errors import VlaflowError
 from vlaflow.train.loop import LoopConfig, RunMeta, TrainingLoop
 from vlaflow.train.objective import Objective
+from vlaflow.world_models.checkpoint import load_world_model, save_success_classifier
 from vlaflow.world_models.config import PRESETS
-from vlaflow.world_models.data import batch_of, episodes_from_store, fit_normalizer, transition_windows
+from vlaflow.world_models.data import (
+    batch_of,
+    episodes_from_store,
+    fit_normalizer,
+    success_labels,
+    transition_windows,
+)
 from vlaflow.world_models.model import DiffusionWorldModel
+from vlaflow.world_models.reward import auroc, train_success_classifier
 
 
 class WorldModelObjective(Objective):
@@ -61,6 +74,23 @@ def add_train_wm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--success-classifier",
+        action="store_true",
+        help="also train the success classifier head on the store's success flags (or --success-key)",
+    )
+    p.add_argument(
+        "--success-tail", type=int, default=10, help="last steps of a successful episode labelled 1"
+    )
+    p.add_argument("--success-key", default=None, help="per-step reward/success key for labels instead")
+    p.add_argument("--success-threshold", type=float, default=1.0, help="label = success-key value >= this")
+    p.add_argument("--success-steps", type=int, default=1000, help="classifier training steps")
+    p.add_argument(
+        "--reward",
+        default=None,
+        choices=["coverage", "classifier"],
+        help="the imagined env's default reward recorded in the checkpoint (default: classifier if trained)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -82,6 +112,32 @@ def heldout_errors(model: DiffusionWorldModel, episodes, horizon: int = 8, seed:
         err = (roll - torch.from_numpy(np.stack([s[h] for s, _ in long_eps]))).abs().mean(0)
         out.update({f"open_loop_{h}_mae_dim{i}": float(v) for i, v in enumerate(err)})
     return out
+
+
+def train_classifier_head(args: argparse.Namespace, obs_key: str, n_eps: int, ckpt) -> dict:
+    """The success classifier on the training episodes' labelled states, AUROC on the held-out ones; saved
+    into ``ckpt`` with the reward choice. Returns its record."""
+    n_train = n_eps - args.holdout
+    kw = {"tail": args.success_tail, "key": args.success_key, "threshold": args.success_threshold}
+    x, y = success_labels(args.data, obs_key, episodes=range(n_train), **kw)
+    clf = train_success_classifier(x, y, steps=args.success_steps, seed=args.seed)
+    info = {
+        "labels": f"per-step {args.success_key} >= {args.success_threshold}"
+        if args.success_key
+        else f"episode success flags, last {args.success_tail} steps of a success = 1",
+        "n_train_states": int(len(y)),
+        "n_train_positive": int(y.sum()),
+        "train_auroc": auroc(clf.reward(x)[0], y),
+    }
+    try:
+        hx, hy = success_labels(args.data, obs_key, episodes=range(n_train, n_eps), **kw)
+        info.update(heldout_auroc=auroc(clf.reward(hx)[0], hy), n_heldout_states=int(len(hy)))
+    except VlaflowError as e:  # held-out episodes with one class only (or no flags): no held-out AUROC
+        info["heldout_auroc"] = None
+        info["heldout_note"] = str(e)
+    choice = args.reward or "classifier"
+    save_success_classifier(ckpt, clf, info, reward=choice)
+    return {"reward": choice, "classifier": info, "checkpoint": str(ckpt)}
 
 
 def run_train_wm(args: argparse.Namespace) -> int:
@@ -137,9 +193,12 @@ def run_train_wm(args: argparse.Namespace) -> int:
     )
     loop = TrainingLoop(loop_cfg, args.out, resume=args.resume)
     res = loop.run(WorldModelObjective(model, windows, args.batch_size, args.seed), meta=meta)
-    from vlaflow.world_models.checkpoint import load_world_model
-
     trained = load_world_model(res.last_ckpt)
+    reward = {"reward": args.reward or "coverage"}
+    if args.success_classifier:
+        reward = train_classifier_head(args, cfg.obs_key, len(eps), res.last_ckpt)
+    elif args.reward == "classifier":
+        raise VlaflowError("--reward classifier needs --success-classifier")
     summary = {
         "steps": res.step,
         "stopped": res.stopped,
@@ -148,6 +207,7 @@ def run_train_wm(args: argparse.Namespace) -> int:
         "n_heldout_episodes": len(held),
         "checkpoint": str(res.last_ckpt),
         "heldout": heldout_errors(trained, held) if held else {},
+        "imagined_reward": reward,
     }
     (Path(args.out) / "world_model.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

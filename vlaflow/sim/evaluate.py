@@ -13,6 +13,10 @@ Task sets run task by task in one worker pool, with a per-task table in the summ
     vlaflow eval --task mw:mt10 --policy CKPT --episodes-per-task 50 --workers 2 --out DIR \
         [--instruction "open the drawer"] [--allow-unseen-tasks]
 
+An imagined task ``--task wm:WM_CKPT`` (:mod:`vlaflow.sim.imagined`) evaluates the policy inside a world
+model, started from the real task's resets with the same seeds; the report's ``imagined`` entry says so
+(model, reward, number of episodes ended as invalid: NaN or out of the data range).
+
 Meta-World seeds from 100000 on (the default) draw held-out goal/object positions
 (:mod:`vlaflow.sim.metaworld_tasks`); each episode's ``goal_split`` says which positions it used.
 """
@@ -306,6 +310,15 @@ def evaluate(
         "aggregate": aggregate(episodes, time.perf_counter() - t0, replay=replay),
         "videos": [e["video"] for e in episodes if "video" in e],
     }
+    imagined = task_spec.extra.get("imagined")
+    if imagined is not None:  # a world model's imagination, not the simulator (vlaflow.sim.imagined)
+        report["imagined"] = {
+            **imagined,
+            "n_invalid_episodes": sum(
+                e.get("metrics", {}).get("imagined_invalid", 0.0) > 0 for e in episodes
+            ),
+            "real_env_steps": 0,
+        }
     if multi:
         report["tasks"] = list(tasks)
         report["episodes_per_task"] = len(seeds)

@@ -101,7 +101,9 @@ class EvalSetup:
 
 def _video_path(setup: EvalSetup, job: EpisodeJob) -> Path:
     tag = f"ep{job.replay_episode:04d}" if job.replay_episode is not None else f"seed{job.seed}"
-    task = (job.task or setup.task).replace(":", "_")  # "mw:reach" -> "mw_reach"
+    # "mw:reach" -> "mw_reach"; an imagined task "wm:RUN/checkpoints/last" -> "wm_last" (no path in a name)
+    task = job.task or setup.task
+    task = task.split(":", 1)[0] + "_" + Path(task.split(":", 1)[1]).name if ":" in task else task
     return Path(setup.video_dir) / f"{task}_{job.index:03d}_{tag}.mp4"
 
 
@@ -501,6 +503,11 @@ def format_summary(report: dict) -> str:
     )
     if a.get("replay_within_1px") is not None:
         line += f", replay within 1 px {100 * a['replay_within_1px']:.1f}%"
+    if report.get("imagined"):
+        im = report["imagined"]
+        line += (
+            f", IMAGINED by world model {im['world_model']} ({im['n_invalid_episodes']} invalid episode(s))"
+        )
     if report.get("errors"):
         line += f", {len(report['errors'])} failed episode(s)"
     return line + f", {a['wall_s']:.1f} s"

@@ -4,7 +4,8 @@ Every task env is a ``gymnasium.Env`` whose observations are dicts keyed as in t
 (``obs.state``, ``obs.image.<camera>``, ...), and which carries a :class:`TaskSpec` as ``env.task_spec``.
 ``info["success"]`` is the task's success test at every step. Tasks are listed once in :data:`TASKS`;
 named groups of tasks (Meta-World's benchmarks, the instruction probe) in :data:`TASK_SETS`, which
-``vlaflow collect`` and ``vlaflow eval`` run task by task.
+``vlaflow collect`` and ``vlaflow eval`` run task by task. ``wm:WM_CHECKPOINT`` names the imagined task of
+a world-model checkpoint (:mod:`vlaflow.sim.imagined`: its task seen through the frozen model).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def _unknown(name: str) -> VlaflowError:
     )
 
 
+WM_PREFIX = "wm:"  # wm:CHECKPOINT, an imagined task (vlaflow.sim.imagined)
+
+
 def is_task_set(name: str) -> bool:
     return name in TASK_SETS
 
@@ -55,7 +59,7 @@ def expand_tasks(name: str) -> tuple[str, ...]:
     """The tasks ``name`` stands for: a set's members, or the task itself; unknown names list the tasks."""
     if name in TASK_SETS:
         return TASK_SETS[name]
-    if name in TASKS:
+    if name in TASKS or name.startswith(WM_PREFIX):
         return (name,)
     raise _unknown(name)
 
@@ -66,6 +70,8 @@ def make_env(name: str, **kwargs):
         raise VlaflowError(
             f"{name!r} is a task set ({', '.join(TASK_SETS[name])}); build one of its tasks at a time"
         )
+    if name.startswith(WM_PREFIX):
+        return importlib.import_module("vlaflow.sim.imagined").make_imagined(name, **kwargs)
     if name not in TASKS:
         raise _unknown(name)
     module_name, factory, *arg = TASKS[name].split(":")

@@ -5,6 +5,12 @@
     DIR/model.safetensors  the module's state dict
     DIR/normalizer.json    Normalizer.to_dict()
     (DIR/train_state.*     the training loop's resume state, when written by ``vlaflow train-wm``)
+    (DIR/success_classifier.safetensors + .json   the success classifier head and the reward choice,
+                           when trained: :func:`save_success_classifier`)
+
+The imagined env's reward (:func:`imagined_reward`) is ``coverage`` (the task's own, from the predicted state)
+or ``classifier`` (the success classifier's p(success | state)); by default the one the checkpoint records
+(``success_classifier.json``'s ``reward``; ``coverage`` when there is no classifier).
 
 Written by :func:`vlaflow.policies.checkpoint.write_checkpoint_files` (the model declares its
 ``checkpoint_format``), so the one training loop's checkpoints of a world model load here.
@@ -18,16 +24,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vlaflow.data.normalize import Normalizer
 from vlaflow.errors import VlaflowError
 from vlaflow.policies.checkpoint import check_counts, save_checkpoint
 from vlaflow.world_models.config import WorldModelConfig
 from vlaflow.world_models.model import DiffusionWorldModel
+from vlaflow.world_models.reward import RewardFn, SuccessClassifier, task_reward
 
 FORMAT, VERSION = DiffusionWorldModel.checkpoint_format, 1
 CONFIG_FILE, MODEL_FILE, NORMALIZER_FILE = "config.json", "model.safetensors", "normalizer.json"
+CLASSIFIER_FILE, CLASSIFIER_META = "success_classifier.safetensors", "success_classifier.json"
+REWARDS = ("coverage", "classifier")  # the imagined env's reward choices
 
 
 def save_world_model(
@@ -70,3 +79,60 @@ def load_world_model(directory: str | os.PathLike, device: str | torch.device = 
             f"unexpected {res.unexpected_keys[:5]}"
         )
     return model.to(device).eval()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_success_classifier(
+    directory: str | os.PathLike, clf: SuccessClassifier, info: dict, reward: str = "classifier"
+) -> None:
+    """Put the success classifier head into the world-model checkpoint ``directory`` (beside its files) and
+    record ``reward`` as the checkpoint's default imagined reward; ``info`` (data, AUROC, ...) is kept."""
+    d = Path(directory)
+    read_world_model_meta(d)
+    if reward not in REWARDS:
+        raise VlaflowError(f"reward must be one of {REWARDS}, got {reward!r}")
+    meta = {"reward": reward, "obs_dim": clf.obs_dim, "width": clf.width, **info}
+    state = {k: v.detach().contiguous() for k, v in clf.state_dict().items()}
+    _write_atomic(d / CLASSIFIER_FILE, lambda p: save_file(state, str(p)))
+    _write_atomic(d / CLASSIFIER_META, lambda p: p.write_text(json.dumps(meta, indent=2)))
+
+
+def load_success_classifier(directory: str | os.PathLike) -> tuple[SuccessClassifier, dict] | None:
+    """The checkpoint's success classifier and its record, or None when it has none."""
+    d = Path(directory)
+    if not (d / CLASSIFIER_META).is_file():
+        return None
+    meta = json.loads((d / CLASSIFIER_META).read_text())
+    state = load_file(str(d / CLASSIFIER_FILE))
+    for k, v in state.items():
+        if not bool(torch.isfinite(v).all()):
+            raise VlaflowError(f"{d / CLASSIFIER_FILE}: weight {k} has NaN/inf values; refused")
+    dim = int(meta["obs_dim"])
+    clf = SuccessClassifier(dim, np.zeros(dim), np.ones(dim), width=int(meta["width"]))
+    clf.load_state_dict(state)
+    return clf.eval(), meta
+
+
+def imagined_reward(
+    directory: str | os.PathLike, task: str, choice: str | None = None
+) -> tuple[str, RewardFn]:
+    """(name, reward function of predicted states) for the imagined env of the checkpoint at ``directory``:
+    ``choice`` "coverage" (the task's own), "classifier" (its success classifier) or None (as recorded)."""
+    found = load_success_classifier(directory)
+    if choice is None:
+        choice = found[1].get("reward", "classifier") if found is not None else "coverage"
+    if choice not in REWARDS:
+        raise VlaflowError(f"imagined reward must be one of {REWARDS}, got {choice!r}")
+    if choice == "coverage":
+        return choice, task_reward(task)
+    if found is None:
+        raise VlaflowError(
+            f"world model {directory} has no success classifier (train one: vlaflow train-wm "
+            "--success-classifier); its reward can be 'coverage' only"
+        )
+    return choice, found[0].reward

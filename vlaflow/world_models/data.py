@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,63 @@ def episodes_from_store(
             ep = store.get_episode(int(i), [obs_key, action_key])
             out.append((np.asarray(ep[obs_key], np.float32), np.asarray(ep[action_key], np.float32)))
     return out
+
+
+def success_labels(
+    path: str | os.PathLike,
+    obs_key: str,
+    *,
+    episodes: Sequence[int] | None = None,
+    tail: int = 10,
+    key: str | None = None,
+    threshold: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, Do) states and (N,) 0/1 labels for the success classifier, from a store.
+
+    With ``key`` (a per-step reward or success array in the store): label = value >= ``threshold``, every
+    step. Without: the store's episode success flags (World4RL's labelling of whole episodes): the last
+    ``tail`` states of a successful episode are 1, every state of an unsuccessful episode is 0, and the
+    states of a successful episode before its last ``2 * tail`` steps are 0 too (not yet a success); the
+    ``tail`` states between are left out (the boundary is not known per step). Episodes of unknown success
+    are left out."""
+    if tail < 1:
+        raise VlaflowError(f"tail must be >= 1, got {tail}")
+    xs, ys = [], []
+    with EpisodeStore.open(path) as store:
+        idx = range(store.n_episodes) if episodes is None else episodes
+        if key is not None and key not in store.keys:
+            raise VlaflowError(
+                f"{path}: no per-step key {key!r} for success labels; it has {sorted(store.keys)}"
+            )
+        for i in idx:
+            ep = store.get_episode(int(i), [obs_key] + ([key] if key else []))
+            s = np.asarray(ep[obs_key], np.float32)
+            if key is not None:
+                xs.append(s)
+                ys.append(np.asarray(ep[key], np.float64).reshape(len(s), -1)[:, 0] >= threshold)
+                continue
+            ok = store.episode_meta(int(i))["success"]
+            if ok is None:
+                continue
+            if not ok:
+                xs.append(s)
+                ys.append(np.zeros(len(s), bool))
+                continue
+            early = s[: max(len(s) - 2 * tail, 0)]
+            xs += [s[-tail:], early]
+            ys += [np.ones(len(s[-tail:]), bool), np.zeros(len(early), bool)]
+    if not xs:
+        raise VlaflowError(
+            f"{path}: no episode has a success flag (a raw diffusion_policy store has none); give a per-step "
+            "key (reward or success) instead"
+        )
+    x, y = np.concatenate(xs), np.concatenate(ys).astype(np.float32)
+    if y.min() == y.max():
+        raise VlaflowError(
+            f"{path}: success labels are all {int(y[0])} ({len(y)} states); the classifier needs both "
+            "successful and unsuccessful states"
+        )
+    return x, y
 
 
 def episode_starts(episodes: Sequence[Episode]) -> np.ndarray:
@@ -101,11 +158,14 @@ def train_world_model(
     lr: float = 1e-3,
     seed: int = 0,
     max_seconds: float = 300.0,
+    clock: Callable[[], float] = time.monotonic,
     model: DiffusionWorldModel | None = None,
     log_every: int = 0,
 ) -> tuple[DiffusionWorldModel, list[dict]]:
     """Adam on the EDM loss for ``steps`` minibatches or ``max_seconds``, whichever comes first (bounded by
-    design: long runs belong to ``vlaflow train-wm``). Returns the model (eval mode) and the loss curve."""
+    design: long runs belong to ``vlaflow train-wm``); ``clock`` measures them (``time.process_time``: this
+    process's CPU seconds, a budget other processes' load does not shrink). Returns the model (eval mode) and
+    the loss curve."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = model or DiffusionWorldModel(cfg, fit_normalizer(cfg, windows))
@@ -113,7 +173,7 @@ def train_world_model(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr * 0.05)
     n = len(windows["obs"])
-    hist, t0 = [], time.monotonic()
+    hist, t0 = [], clock()
     for step in range(steps):
         loss, metrics = model.compute_loss(batch_of(cfg, windows, rng.integers(0, n, batch_size)))
         if not torch.isfinite(loss):
@@ -124,9 +184,9 @@ def train_world_model(
         opt.step()
         sched.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
-            hist.append({"step": step, "loss": metrics["loss"], "seconds": time.monotonic() - t0})
-        if time.monotonic() - t0 > max_seconds:
+            hist.append({"step": step, "loss": metrics["loss"], "seconds": clock() - t0})
+        if clock() - t0 > max_seconds:
             if log_every:
-                hist.append({"step": step, "loss": metrics["loss"], "seconds": time.monotonic() - t0})
+                hist.append({"step": step, "loss": metrics["loss"], "seconds": clock() - t0})
             break
     return model.eval(), hist

@@ -21,15 +21,14 @@ touched); ``imagined_steps`` counts the model's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from vlaflow.errors import VlaflowError
 from vlaflow.world_models.model import DiffusionWorldModel
-
-RewardFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (N, Do) states -> reward, success (N,)
+from vlaflow.world_models.reward import RewardFn
 
 
 class WorldModelEnv:
@@ -85,10 +84,24 @@ class WorldModelEnv:
     def _obs(self) -> dict[str, np.ndarray]:
         return {self.obs_key: self._hist[:, -self.to :].copy()}
 
-    def reset(self, seeds: Sequence[int]) -> dict[str, np.ndarray]:
+    def reset(
+        self, seeds: Sequence[int], starts: np.ndarray | None = None, noise_seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Start the N episodes from ``starts`` (N, Do) when given (e.g. real env resets with these seeds),
+        else from ``self.starts[seed % E]``; ``noise_seed`` re-seeds the sampler's noise (None: runs on)."""
         if len(seeds) != self.n_envs:
             raise VlaflowError(f"reset needs {self.n_envs} seeds, got {len(seeds)}")
-        first = self.starts[np.asarray(seeds, np.int64) % len(self.starts)]  # (N, Do)
+        if starts is None:
+            first = self.starts[np.asarray(seeds, np.int64) % len(self.starts)]  # (N, Do)
+        else:
+            first = np.asarray(starts, np.float32)
+            if first.shape != (self.n_envs, self.cfg.obs_dim):
+                raise VlaflowError(
+                    f"starts must be ({self.n_envs}, {self.cfg.obs_dim}) observations of {self.obs_key!r}, "
+                    f"got {first.shape}"
+                )
+        if noise_seed is not None:
+            self._gen.manual_seed(int(noise_seed))
         self._hist[:] = first[:, None, :]
         self.done[:] = False
         self.success[:] = False

@@ -16,10 +16,15 @@ shapely computation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from vlaflow.errors import VlaflowError
+
+RewardFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (N, Do) states -> reward, success (N,)
 
 PUSHT_GOAL = (256.0, 256.0, math.pi / 4)
 PUSHT_SUCCESS_COVERAGE = 0.95
@@ -96,11 +101,26 @@ def pusht_reward(states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(cov / PUSHT_SUCCESS_COVERAGE, 0.0, 1.0), cov > PUSHT_SUCCESS_COVERAGE
 
 
+# the task's own reward computed from a predicted state (the imagined env's reward "coverage")
+TASK_REWARDS: dict[str, RewardFn] = {"pusht": pusht_reward}
+
+
+def task_reward(task: str) -> RewardFn:
+    """The task's own reward from predicted states; a task without one says which tasks have one."""
+    if task not in TASK_REWARDS:
+        raise VlaflowError(
+            f"no reward from predicted states is defined for task {task!r} (defined for: "
+            f"{', '.join(TASK_REWARDS)}); use a success classifier (reward 'classifier') instead"
+        )
+    return TASK_REWARDS[task]
+
+
 class SuccessClassifier(nn.Module):
     """p(success | state): an MLP on mean/std-normalized states (World4RL's learned reward)."""
 
     def __init__(self, obs_dim: int, mean: np.ndarray, std: np.ndarray, width: int = 128):
         super().__init__()
+        self.obs_dim, self.width = obs_dim, width
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(np.maximum(std, 1e-6), dtype=torch.float32))
         self.net = nn.Sequential(
@@ -138,3 +158,20 @@ def train_success_classifier(
         loss.backward()
         opt.step()
     return clf.eval()
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > a random negative), ties counted half."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    allv = np.concatenate([pos, neg])[order]
+    # average ranks over ties
+    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ranks[order] = first[inv] + (counts[inv] + 1) / 2
+    r_pos = ranks[: len(pos)].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
