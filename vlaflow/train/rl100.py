@@ -152,8 +152,10 @@ def copy_store(src: str | Path, dest: Path, keep: set[str], reward_fn: Callable[
 def episode_transitions(ep: dict, policy, reward: str, stride: int = 1) -> dict[str, np.ndarray]:
     """Chunk-level transitions of one stored episode at decisions t = 0, stride, 2 stride, ...: the obs
     window, the H-step chunk from t (normalized, the last action repeated past the end), the reward of the
-    Ta executed steps, the window at t + Ta and done (the episode ended there by success). Any step can
-    start a chunk, so stride 1 (< Ta) gives Ta times the transitions of the same chunk-level MDP."""
+    Ta executed steps, the window at t + Ta and done (the chunk reaches the first success, where the sim
+    ends an episode; stored steps after it are left out; an episode that never succeeds is cut by its
+    step limit, not done). Any step can start a chunk, so stride 1 (< Ta) gives Ta times the transitions
+    of the same chunk-level MDP."""
     pc = policy.config
     keys, to, h, ta = tuple(pc.obs_shapes), int(pc.n_obs_steps), int(pc.horizon), int(pc.n_action_steps)
     act = np.asarray(ep[K.ACTION], np.float32)
@@ -165,6 +167,9 @@ def episode_transitions(ep: dict, policy, reward: str, stride: int = 1) -> dict[
         if len(hit):
             step_r[hit[0]] = 1.0
     d = np.arange(0, n, stride or ta)
+    if len(hit):  # the sim ends an episode at its first success: later stored steps are not in the MDP
+        d = d[d <= hit[0]]
+        step_r[hit[0] + 1 :] = 0.0
 
     def window(t):
         rows = np.clip(t[:, None] + np.arange(-to + 1, 1), 0, n - 1)
@@ -174,8 +179,7 @@ def episode_transitions(ep: dict, policy, reward: str, stride: int = 1) -> dict[
     with torch.no_grad():
         a_n = policy.normalize_target(torch.from_numpy(a)).flatten(1).numpy()
     r = np.array([step_r[t : t + ta].sum() for t in d], np.float32)
-    end = d + ta >= n
-    done = end & (len(hit) > 0)
+    done = (d + ta > hit[0]) if len(hit) else np.zeros(len(d), bool)
     return {
         "s": flat_obs(window(d), keys).numpy(),
         "a": a_n,
