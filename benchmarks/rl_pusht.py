@@ -35,6 +35,10 @@ class OutOfTime(Exception):
     pass
 
 
+class Done(Exception):
+    """The requested parts are done (``--clipfrac-only``)."""
+
+
 def vlaflow(deadline: float, *args: str) -> subprocess.CompletedProcess:
     left = deadline - time.time()
     if left < 30:
@@ -47,15 +51,21 @@ def vlaflow(deadline: float, *args: str) -> subprocess.CompletedProcess:
         raise OutOfTime(" ".join(args[:2])) from e
 
 
-def evaluate(deadline: float, policy: str, out: Path, episodes: int) -> dict:
+def evaluate(deadline: float, policy: str, out: Path, episodes: int, reuse: str = "") -> dict:
+    """Held-out evaluation of ``policy`` (or the report of an earlier ``vlaflow eval`` of it in ``reuse``)."""
     t0 = time.time()
-    ev = vlaflow(
-        deadline, "eval", "--task", "pusht", "--policy", policy, "--episodes", str(episodes),
-        "--workers", "2", "--out", str(out), "--quiet",
-    )  # fmt: skip
-    if ev.returncode:
-        raise RuntimeError(ev.stderr[-3000:])
+    if reuse:
+        out = Path(reuse)
+    else:
+        ev = vlaflow(
+            deadline, "eval", "--task", "pusht", "--policy", policy, "--episodes", str(episodes),
+            "--workers", "2", "--out", str(out), "--quiet",
+        )  # fmt: skip
+        if ev.returncode:
+            raise RuntimeError(ev.stderr[-3000:])
     rep = json.loads((out / "report.json").read_text())
+    if reuse and (rep["aggregate"]["n_episodes"] != episodes or Path(rep["policy"]) != Path(policy)):
+        raise RuntimeError(f"{reuse}: not {episodes} episodes of {policy}: {rep['policy']}")
     agg, eps = rep["aggregate"], sorted(rep["episodes"], key=lambda e: e["seed"])
     first = eps[:50]
     return {
@@ -66,7 +76,8 @@ def evaluate(deadline: float, policy: str, out: Path, episodes: int) -> dict:
         "first50_success": sum(bool(e["success"]) for e in first) / max(len(first), 1),
         "first50_score": sum(min(e["max_reward"], 1.0) for e in first) / max(len(first), 1),
         "seeds": [eps[0]["seed"], eps[-1]["seed"]] if eps else None,
-        "wall_s": round(time.time() - t0, 1),
+        "wall_s": agg.get("wall_s") if reuse else round(time.time() - t0, 1),
+        "reused_report": str(out / "report.json") if reuse else None,
     }
 
 
@@ -106,8 +117,10 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=40.0, help="bound on the whole benchmark")
     ap.add_argument("--episodes", type=int, default=200)
     ap.add_argument("--clipfrac", action="store_true", help="also measure DPPO's clip fractions")
+    ap.add_argument("--clipfrac-only", action="store_true", help="only DPPO's clip fractions (no rl100)")
     ap.add_argument("--note", default="", help="what the policy is")
     ap.add_argument("--results", default=str(RESULTS), help="where rl.json / rl.md go")
+    ap.add_argument("--before", default="", help="reuse this `vlaflow eval --out` of --policy (same seeds)")
     ap.add_argument("overrides", nargs="*", help="refine FIELD=VALUE settings of the rl100 run")
     a = ap.parse_args()
     out = Path(a.out)
@@ -117,14 +130,19 @@ def main() -> int:
     row: dict = {"algo": "rl100 (offline iterations only)", "policy": a.policy, "policy_note": a.note}
     row.update({"data": a.data, "overrides": a.overrides, "seeds": SEEDS, "complete": False})
     try:
-        row["before"] = evaluate(deadline, a.policy, out / "before", a.episodes)
+        if a.clipfrac_only:
+            row["algo"] = "dppo clip-fraction probe (one iteration per setting; no success measured)"
+            row["dppo_clipfrac"] = clipfracs(deadline, a.policy, out)
+            raise Done
+        row["before"] = evaluate(deadline, a.policy, out / "before", a.episodes, a.before)
         if a.clipfrac:
             row["dppo_clipfrac"] = clipfracs(deadline, a.policy, out)
         run = out / "rl100"
         t1 = time.time()
         try:
+            reserve = max(60 * 0.25 * a.minutes, 1.3 * float(row["before"]["wall_s"] or 0))
             rf = vlaflow(
-                deadline - 60 * 0.25 * a.minutes,  # leave a quarter of the budget for the evaluation after
+                deadline - reserve,  # leave the evaluation after the time the one before took (+30 %)
                 "refine", "--policy", a.policy, "--algo", "rl100", "--data", a.data, "--out", str(run),
                 "progress=false", "eval_episodes=0", "final_episodes=0", *a.overrides,
             )  # fmt: skip
@@ -142,6 +160,8 @@ def main() -> int:
         row["after_policy"] = after
         if after != a.policy:
             row["after"] = evaluate(deadline, after, out / "after", a.episodes)
+        row["complete"] = True
+    except Done:
         row["complete"] = True
     except OutOfTime as e:
         row["stopped"] = f"time bound of {a.minutes} min reached during {e}"
