@@ -69,7 +69,11 @@ class RL100Config:
 
     iterations: int = 3  # offline iterations (critic -> ppo -> gate -> collect -> bc)
     online_iterations: int = 0  # a final online DPPO stage of this many rollout iterations (0 = none)
-    reward: str = "success"  # "success": 1 at the step the task first succeeds; "task": the env's reward
+    # "task": the env's per-step reward; "success": 1 at the step the task first succeeds. Not "success" by
+    # default: none of the 206 episodes of the PushT demo store (pusht_cchi_v7_replay) reaches coverage
+    # 0.95 by the sim's reward of its states (their maxima are ~0.87-0.92), so the demos alone would give
+    # the critic no reward at all
+    reward: str = "task"
     gamma: float = 0.99  # per env step; a chunk decision discounts gamma^Ta
     expectile: float = 0.7  # IQL's expectile (RL-100: 0.7)
     stride: int = 1  # a chunk transition starts every `stride` stored steps (0 = every Ta: disjoint chunks)
