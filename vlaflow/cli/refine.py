@@ -1,9 +1,11 @@
-"""``vlaflow refine --policy CKPT --task pusht --algo dppo|dsrl --out RUN [field=value ...]``: RL refinement.
+"""``vlaflow refine --policy CKPT --task pusht --algo dppo|dsrl|rl100 --out RUN [field=value ...]``: RL.
 
 The run (objective on the one training loop, curves, checkpoint selection) is
 :func:`vlaflow.train.refine.refine`; this module builds what needs the simulators: the vectorized rollout
 envs (:class:`vlaflow.sim.rollout.SubprocChunkEnv`, training seeds 0..99,999) and the held-out evaluator
 (seeds 100000..). ``--resume`` continues RUN from ``checkpoints/last`` with the config it recorded.
+``--algo rl100 --data STORE`` runs RL-100's offline iterations (:mod:`vlaflow.train.rl100`) on a copy of
+STORE, collecting with a recording vectorized env; ``--resume`` continues at the stage it recorded.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="the imitation policy checkpoint to refine (diffusion or flow)")
     parser.add_argument("--task", default=None, help="sim task with a reward/success signal (default pusht)")
     parser.add_argument(
-        "--algo", default=None, choices=("dppo", "dsrl", "world4rl"), help="algorithm (default dppo)"
+        "--algo", default=None, choices=("dppo", "dsrl", "world4rl", "rl100"), help="algorithm (default dppo)"
+    )
+    parser.add_argument(
+        "--online-iterations",
+        type=int,
+        default=None,
+        help="rl100: a final online DPPO stage of this many iterations (= rl100.online_iterations)",
     )
     parser.add_argument("--world-model", default="", help="world4rl: world-model checkpoint (train-wm)")
     parser.add_argument(
@@ -28,7 +36,11 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="run directory (checkpoints/, log.csv, rl_curves.png)")
     parser.add_argument("--resume", action="store_true", help="continue RUN from checkpoints/last")
-    parser.add_argument("--data", default="", help="demo store for the BC regularizer (dppo.bc_coef > 0)")
+    parser.add_argument(
+        "--data",
+        default="",
+        help="demo store: rl100's demonstrations (the run works on a copy), or dppo's BC regularizer data",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
         "overrides",
@@ -49,6 +61,7 @@ def _load_config(args) -> tuple:
         rec = json.loads(saved.read_text())
         cfg = refine_config_from_dict(rec["refine"])
         policy = args.policy or rec["policy"]
+        args.data = args.data or rec.get("data", "")
     else:
         if not args.policy:
             raise ConfigError("--policy CKPT is required (the checkpoint to refine)")
@@ -58,7 +71,12 @@ def _load_config(args) -> tuple:
     wm = {k: v for k, v in (("world_model", args.world_model), ("wm_starts", args.starts)) if v}
     if args.algo or wm:
         cfg = dataclasses.replace(cfg, **({"algo": args.algo} if args.algo else {}), **wm)
-    return apply_overrides(cfg, args.overrides), policy
+    cfg = apply_overrides(cfg, args.overrides)
+    if args.online_iterations is not None:
+        cfg = dataclasses.replace(
+            cfg, rl100=dataclasses.replace(cfg.rl100, online_iterations=args.online_iterations)
+        )
+    return cfg, policy
 
 
 def run_refine(args: argparse.Namespace) -> int:
@@ -85,6 +103,8 @@ def run_refine(args: argparse.Namespace) -> int:
         check_compatible(policy.spec, env.task_spec, "being refined")
     finally:
         env.close()
+    if cfg.algo == "rl100":
+        return _run_rl100(args, cfg, policy_path, policy)
     bc_batch = None
     if cfg.algo == "dppo" and cfg.dppo.bc_coef > 0:
         bc_batch = _bc_source(policy, args.data, cfg)
@@ -141,6 +161,69 @@ def run_refine(args: argparse.Namespace) -> int:
         }
         (Path(args.out) / "world4rl.json").write_text(json.dumps(summary["world4rl"], indent=1))
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _run_rl100(args, cfg, policy_path: str, policy) -> int:
+    """RL-100's offline iterations (and the optional online DPPO stage) with the sim parts built here."""
+    import functools
+
+    import numpy as np
+
+    from vlaflow.cli.train import RolloutEvaluator
+    from vlaflow.policies.checkpoint import load_checkpoint
+    from vlaflow.sim.rollout import SubprocChunkEnv, stored_step_rewards
+    from vlaflow.sim.tasks import make_env
+    from vlaflow.train.config import EvalConfig
+    from vlaflow.train.refine import refine
+    from vlaflow.train.rl100 import RL100Run, preflight
+
+    preflight(cfg, policy, args.out, args.data, args.resume)  # before any sim process starts
+    env = make_env(cfg.task)
+    try:
+        record_keys = set(env.task_spec.obs_shapes)
+    finally:
+        env.close()
+    ev_cfg = EvalConfig(task=cfg.task, seed_start=100_000, n_workers=cfg.eval_workers)
+    evaluator = (
+        RolloutEvaluator(ev_cfg, progress=False) if (cfg.eval_episodes or cfg.final_episodes) else None
+    )
+    pc, rc = policy.config, cfg.rl100
+    env_args = (cfg.task, rc.n_envs, tuple(pc.obs_shapes), pc.n_obs_steps)
+
+    def online(ckpt: str, out_dir, resume: bool) -> dict:
+        ocfg = dataclasses.replace(cfg, algo="dppo", iterations=rc.online_iterations)
+        holder: dict = {}
+        with SubprocChunkEnv(*env_args[:1], ocfg.dppo.n_envs, *env_args[2:], workers=cfg.env_workers) as ov:
+            res = refine(
+                ocfg,
+                load_checkpoint(ckpt, device=cfg.device),
+                ckpt,
+                out_dir,
+                ov,
+                evaluate=evaluator,
+                resume=resume,
+                on_objective=lambda o: holder.__setitem__("obj", o),
+            )
+        best = res.best_ckpt or res.last_ckpt
+        return {"ckpt": str(best), "env_steps": int(holder["obj"].env_steps), "steps": res.step}
+
+    venv = SubprocChunkEnv(*env_args, workers=cfg.env_workers, max_steps=rc.max_steps, record=True)
+    with venv:
+        run = RL100Run(
+            cfg,
+            policy_path,
+            args.data,
+            args.out,
+            venv=venv,
+            reward_fn=functools.partial(stored_step_rewards, cfg.task),
+            record_keys=record_keys,
+            evaluate=evaluator,
+            online=online,
+            resume=args.resume,
+        )
+        summary = run.run()
+    print(json.dumps(summary, indent=1, default=lambda v: float(v) if isinstance(v, np.floating) else str(v)))
     return 0
 
 

@@ -28,6 +28,10 @@ from vlaflow.policies.samplers import gaussian_log_prob, reverse_step
 
 DIFFUSION_SAMPLERS = ("ddim", "ddpm")
 FLOW_SAMPLERS = ("euler", "heun")
+# How a denoising step's Gaussian is scored: "sum" over the whole chunk's H x Da dims (the exact
+# log-density), or "mean_executed": the mean per-dimension log-density over the Ta executed actions (a
+# tempered density whose ratio moves ~H x Da / (Ta x Da_exec) times less per update, see rl/README.md)
+LOGPROBS = ("sum", "mean_executed")
 
 
 @dataclass(frozen=True)
@@ -80,14 +84,20 @@ class Chain:
     finetune_last: int
     options: dict[str, Any]  # reverse_step keywords (eta, min_std, noise_std, noise_clip, clip_x0)
     learned_std: bool
+    logprob: str = "sum"  # one of LOGPROBS
+    executed: int = 0  # Ta: the executed actions "mean_executed" scores (0 = the whole chunk)
 
     @property
     def flow(self) -> bool:
         return self.sampler in FLOW_SAMPLERS
 
 
-def resolve_chain(policy, cfg: ChainConfig) -> Chain:
-    """The chain ``policy`` samples under ``cfg``; refuses a deterministic one naming the sampler options."""
+def resolve_chain(policy, cfg: ChainConfig, logprob: str = "sum", executed: int = 0) -> Chain:
+    """The chain ``policy`` samples under ``cfg``; refuses a deterministic one naming the sampler options.
+
+    ``logprob`` / ``executed``: how each step is scored (:data:`LOGPROBS`; ``executed`` = Ta)."""
+    if logprob not in LOGPROBS:
+        raise ConfigError(f"logprob must be one of {LOGPROBS}, got {logprob!r}")
     sampler = cfg.sampler or getattr(policy.config, "sampler", "")
     k = cfg.num_steps or int(policy.config.num_inference_steps)
     if sampler in FLOW_SAMPLERS:
@@ -101,7 +111,21 @@ def resolve_chain(policy, cfg: ChainConfig) -> Chain:
     if kp > k:
         raise ConfigError(f"chain.finetune_last={kp} exceeds the chain's {k} steps")
     keep = ("eta", "min_std", "noise_std", "noise_clip", "clip_x0")
-    return Chain(sampler, k, kp, {n: settings[n] for n in keep if n in settings}, cfg.learn_noise_std)
+    opts = {n: settings[n] for n in keep if n in settings}
+    return Chain(sampler, k, kp, opts, cfg.learn_noise_std, logprob, int(executed))
+
+
+def step_log_prob(chain: Chain, x: Tensor, mean: Tensor, std) -> Tensor:
+    """(B,) the score of one recorded step under ``chain.logprob``: the Gaussian log-density summed over
+    the chunk ("sum"), or its mean per dimension over the first ``chain.executed`` actions."""
+    min_std = chain.options.get("min_std", 0)
+    if chain.logprob == "sum":
+        return gaussian_log_prob(x, mean, std, min_std)
+    ta = chain.executed or x.shape[1]
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+    s = (s.view(-1, *([1] * (x.dim() - 1))) if s.dim() == 1 else s).expand_as(x)
+    lp = gaussian_log_prob(x[:, :ta], mean[:, :ta], s[:, :ta], min_std)
+    return lp / float(x[:, :ta].flatten(1).shape[1])
 
 
 def _step(policy, chain: Chain, cond, x, t, t_next, generator, draw, noise_std=None):
@@ -157,7 +181,7 @@ def sample_chain(
             rec["x_next"].append(st.x_next)
             rec["t"].append(ts[i])
             rec["t_next"].append(ts[i + 1])
-            rec["logp"].append(gaussian_log_prob(st.x_next, st.mean, st.std, chain.options.get("min_std", 0)))
+            rec["logp"].append(step_log_prob(chain, st.x_next, st.mean, st.std))
         x = st.x_next
     out = {k: torch.stack(v, dim=1 if k in ("x_t", "x_next", "logp") else 0) for k, v in rec.items()}
     return x, out
@@ -183,7 +207,5 @@ def rescore(
         actor, chain, cond_k, flat, t.reshape(-1), tn.reshape(-1), None, False, 0.0 if learned else None
     )
     std = noise_scale() if learned else st.std
-    lp = gaussian_log_prob(
-        x_next.reshape(b * kp, *x_next.shape[2:]), st.mean, std, chain.options.get("min_std", 0)
-    )
+    lp = step_log_prob(chain, x_next.reshape(b * kp, *x_next.shape[2:]), st.mean, std)
     return lp.view(b, kp)

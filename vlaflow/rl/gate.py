@@ -6,6 +6,10 @@ An ensemble of small MLP dynamics models predicts ``(s' - s, r)`` from ``(s, a)`
 rolled out in each member from the same real start states for ``horizon`` decisions and scored by its
 discounted imagined return plus ``gamma^H V(s_H)`` (V: the IQL critic's value net, or none). The score is
 the mean over members minus ``disagreement_coef`` times their spread (uncertain imagined gains do not pass).
+With ``uncertainty_coef`` > 0 each imagined reward is also lowered by that times the members' disagreement
+on that very step (MOPO's penalty: the mean over outputs of the std across members of their standardized
+predictions at the same (s, a)), which is what keeps a policy acting far from the data from scoring on
+the models' extrapolation: the spread of the members' *mean* returns averages that out over the starts.
 :func:`gate` accepts the candidate only when its score beats the current policy's by ``margin``. The
 diffusion world model of the next issue replaces the ensemble behind the same ``predict`` signature.
 """
@@ -92,9 +96,11 @@ def imagined_score(
     gamma: float,
     value: Callable[[Tensor], Tensor] | None = None,
     disagreement_coef: float = 1.0,
+    uncertainty_coef: float = 0.0,
 ) -> tuple[float, float]:
     """(score, spread): mean over members of the imagined discounted return (+ gamma^H V(s_H)) from
-    ``starts``, minus ``disagreement_coef`` x the members' standard deviation of that return."""
+    ``starts``, minus ``disagreement_coef`` x the members' standard deviation of that return; with
+    ``uncertainty_coef``, every imagined reward first lowered by that x the members' per-step disagreement."""
     e = len(model.models)
     s = starts.unsqueeze(0).expand(e, *starts.shape).clone()  # (E, B, Ds): each member its own rollout
     ret = torch.zeros(e, starts.shape[0])
@@ -104,6 +110,8 @@ def imagined_score(
         for i in range(e):
             a = policy(s[i])
             ns, r = model.predict(s[i], a)
+            if uncertainty_coef > 0:  # std over members of the standardized predictions at (s_i, a)
+                r = r - uncertainty_coef * model(s[i], a).std(0).mean(-1)
             nxt[i], ret[i] = ns[i], ret[i] + disc * r[i]
         s = nxt
         disc *= gamma
@@ -133,9 +141,16 @@ def gate(
     value: Callable[[Tensor], Tensor] | None = None,
     margin: float = 0.0,
     disagreement_coef: float = 1.0,
+    uncertainty_coef: float = 0.0,
 ) -> GateResult:
     """Accept ``candidate`` iff its imagined score beats ``current``'s by more than ``margin``."""
-    kw = {"horizon": horizon, "gamma": gamma, "value": value, "disagreement_coef": disagreement_coef}
+    kw = {
+        "horizon": horizon,
+        "gamma": gamma,
+        "value": value,
+        "disagreement_coef": disagreement_coef,
+        "uncertainty_coef": uncertainty_coef,
+    }
     cand, _ = imagined_score(candidate, model, starts, **kw)
     cur, _ = imagined_score(current, model, starts, **kw)
     return GateResult(cand > cur + margin, cand, cur, margin)

@@ -6,6 +6,12 @@ start, as :class:`~vlaflow.deploy.sync_chunk.SyncChunkExecutor` does); the paren
 once, a worker executes Ta steps per env and sends back the windows, the summed task reward, done and
 success. Inference stays in the parent, batched across all N envs. Only tasks that declare a reward and a
 success signal (:data:`REWARD_TASKS`, checked against the env's ``task_spec.extra``) are accepted.
+
+With ``record=True`` every env also records its episodes step by step -- every observation key the env
+returns (the store schema's obs keys), the executed action, the reward and the episode's success -- and
+:meth:`SubprocChunkEnv.take_episodes` hands over the finished ones (for an episode store: RL-100 merges
+its policy's rollouts into a copy of the demonstrations). An episode cut by a ``reset`` before it ended is
+dropped, not recorded as finished.
 """
 
 from __future__ import annotations
@@ -24,6 +30,21 @@ from vlaflow.sim.harness import WORKER_THREAD_ENV, _environ, _short_tb
 REWARD_TASKS: dict[str, str] = {"pusht": "clip(coverage / 0.95, 0, 1) per step; success: coverage > 0.95"}
 
 
+def stored_step_rewards(task: str, episode: dict[str, np.ndarray]) -> np.ndarray:
+    """(T,) the reward the sim gave each step of a stored episode (demonstrations record none), from its
+    states: PushT's step t is scored on the state after its action (row t + 1; the last row repeats)."""
+    check_reward_task(task)
+    if "obs.state" not in episode:
+        raise VlaflowError(
+            f"{task} rewards of stored steps need 'obs.state'; the episode has {sorted(episode)}"
+        )
+    # (torch-free module: the rollout workers import it; the reward module imports torch)
+    from vlaflow.world_models.reward import pusht_reward
+
+    r, _ = pusht_reward(episode["obs.state"])
+    return np.concatenate([r[1:], r[-1:]]).astype(np.float32)
+
+
 def check_reward_task(task: str) -> None:
     """Refuse a task without a reward/success signal, listing the tasks that have one."""
     if task not in REWARD_TASKS:
@@ -36,17 +57,36 @@ def check_reward_task(task: str) -> None:
 class _Slot:
     """One env and its obs window inside a worker."""
 
-    def __init__(self, env, keys: Sequence[str], to: int, max_steps: int):
+    def __init__(self, env, keys: Sequence[str], to: int, max_steps: int, record: bool = False):
         self.env, self.keys, self.to, self.max_steps = env, tuple(keys), to, max_steps
         self.window: deque = deque(maxlen=to)
         self.done, self.success, self.t = True, False, 0
+        self.record = record
+        self.rec: dict | None = None  # the episode being recorded
+        self.finished: list[dict] = []  # recorded episodes that ended, until taken
 
-    def reset(self, seed: int) -> dict:
-        obs, _ = self.env.reset(seed=int(seed))
+    def reset(self, seed: int, state=None) -> dict:
+        options = None if state is None else {"reset_to_state": np.asarray(state, np.float64)}
+        obs, _ = self.env.reset(seed=int(seed), options=options)
         self.window.clear()
         self.window.extend([{k: obs[k] for k in self.keys}] * self.to)
         self.done, self.success, self.t = False, False, 0
+        if self.record:
+            self.rec = {"seed": int(seed), "obs": [obs], "action": [], "reward": []}
         return self.obs()
+
+    def _finish(self) -> None:
+        rec, self.rec = self.rec, None
+        obs = {k: np.stack([o[k] for o in rec["obs"]]) for k in rec["obs"][0]}
+        self.finished.append(
+            {
+                "seed": rec["seed"],
+                "obs": obs,
+                "action": np.asarray(rec["action"], np.float32),
+                "reward": np.asarray(rec["reward"], np.float32),
+                "success": bool(self.success),
+            }
+        )
 
     def obs(self) -> dict:
         return {k: np.stack([o[k] for o in self.window]) for k in self.keys}
@@ -60,19 +100,26 @@ class _Slot:
                 total += float(r)
                 self.window.append({k: obs[k] for k in self.keys})
                 self.success = self.success or bool(info.get("success", False))
-                if terminated or truncated or self.t >= self.max_steps:
-                    self.done = True
+                self.done = bool(terminated or truncated or self.t >= self.max_steps)
+                if self.rec is not None:  # obs[i] is what action[i] was chosen from
+                    self.rec["action"].append(a)
+                    self.rec["reward"].append(float(r))
+                    if self.done:
+                        self._finish()
+                    else:
+                        self.rec["obs"].append(obs)
+                if self.done:
                     break
         return self.obs(), total, self.done, self.success, self.t - t0
 
 
-def _worker(conn, task, env_kwargs, keys, to, max_steps, n) -> None:
+def _worker(conn, task, env_kwargs, keys, to, max_steps, n, record=False) -> None:
     try:
         from vlaflow.sim.tasks import make_env
 
         envs = [make_env(task, **env_kwargs) for _ in range(n)]
         spec = envs[0].task_spec
-        slots = [_Slot(e, keys, to, max_steps or spec.max_steps) for e in envs]
+        slots = [_Slot(e, keys, to, max_steps or spec.max_steps, record) for e in envs]
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
         conn.send(("ready", {"extra": dict(spec.extra), "max_steps": spec.max_steps}))
@@ -86,7 +133,12 @@ def _worker(conn, task, env_kwargs, keys, to, max_steps, n) -> None:
         kind, payload = msg
         try:
             if kind == "reset":
-                conn.send(("ok", [s.reset(seed) for s, seed in zip(slots, payload, strict=True)]))
+                conn.send(("ok", [s.reset(*job) for s, job in zip(slots, payload, strict=True)]))
+            elif kind == "take":
+                taken = [ep for s in slots for ep in s.finished]
+                for s in slots:
+                    s.finished = []
+                conn.send(("ok", taken))
             else:
                 conn.send(("ok", [s.step(c) for s, c in zip(slots, payload, strict=True)]))
         except Exception as e:
@@ -109,12 +161,13 @@ class SubprocChunkEnv:
         max_steps: int = 0,
         env_kwargs: dict | None = None,
         start_method: str = "spawn",
+        record: bool = False,
     ):
         check_reward_task(task)
         if n_envs < 1 or workers < 1:
             raise VlaflowError(f"need n_envs >= 1 and workers >= 1, got {n_envs}, {workers}")
         workers = min(workers, n_envs)
-        self.n_envs, self.task = n_envs, task
+        self.n_envs, self.task, self.record = n_envs, task, record
         self.keys = tuple(obs_keys)
         ctx = mp.get_context(start_method)
         sizes = [n_envs // workers + (i < n_envs % workers) for i in range(workers)]
@@ -125,7 +178,7 @@ class SubprocChunkEnv:
                 parent, child = ctx.Pipe()
                 p = ctx.Process(
                     target=_worker,
-                    args=(child, task, env_kwargs, self.keys, n_obs_steps, max_steps, n),
+                    args=(child, task, env_kwargs, self.keys, n_obs_steps, max_steps, n, record),
                     daemon=True,
                 )
                 p.start()
@@ -160,10 +213,13 @@ class SubprocChunkEnv:
     def _stack(self, windows: list[dict]) -> dict[str, np.ndarray]:
         return {k: np.stack([w[k] for w in windows]).astype(np.float32) for k in self.keys}
 
-    def reset(self, seeds: Sequence[int]) -> dict[str, np.ndarray]:
-        if len(seeds) != self.n_envs:
-            raise VlaflowError(f"reset needs {self.n_envs} seeds, got {len(seeds)}")
-        return self._stack(self._scatter("reset", list(seeds)))
+    def reset(self, seeds: Sequence[int], states: Sequence | None = None) -> dict[str, np.ndarray]:
+        """Start N episodes with ``seeds``; ``states`` (N task states, optional) sets each env's initial
+        state instead (the task's ``reset_to_state`` option: PushT's agent x, y, block x, y, angle)."""
+        if len(seeds) != self.n_envs or (states is not None and len(states) != self.n_envs):
+            raise VlaflowError(f"reset needs {self.n_envs} seeds (and states), got {len(seeds)}")
+        jobs = list(zip(seeds, states if states is not None else [None] * self.n_envs, strict=True))
+        return self._stack(self._scatter("reset", jobs))
 
     def step(self, chunks: np.ndarray):
         chunks = np.asarray(chunks, dtype=np.float64)
@@ -174,6 +230,15 @@ class SubprocChunkEnv:
         success = np.array([r[3] for r in res], bool)
         self.env_steps += sum(r[4] for r in res)
         return obs, reward, done, success
+
+    def take_episodes(self) -> list[dict]:
+        """The recorded episodes that ended since the last call (``record=True``), in env order: each
+        {"seed", "obs": {key: (T, ...)}, "action": (T, Da) float32, "reward": (T,) float32, "success"}."""
+        if not self.record:
+            raise VlaflowError("take_episodes needs SubprocChunkEnv(..., record=True)")
+        for c in self._conns:
+            c.send(("take", None))
+        return [ep for c in self._conns for ep in self._recv(c)]
 
     def close(self) -> None:
         for c in self._conns:

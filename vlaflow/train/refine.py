@@ -24,8 +24,10 @@ from vlaflow.train.config import parse_value
 from vlaflow.train.loop import LoopConfig, RunMeta, TrainingLoop, TrainResult
 from vlaflow.train.objectives.dppo import DPPO, DPPOConfig
 from vlaflow.train.objectives.dsrl import DSRLConfig, DSRLObjective
+from vlaflow.train.rl100 import RL100Config, rl100_config_from_dict
 
-ALGOS = ("dppo", "dsrl", "world4rl")  # world4rl: DPPO with rollouts in a frozen world model
+# world4rl: DPPO with rollouts in a frozen world model; rl100: the offline loop of vlaflow.train.rl100
+ALGOS = ("dppo", "dsrl", "world4rl", "rl100")
 WM_REWARDS = ("coverage",)  # the learned success classifier is not wired into refine yet
 
 
@@ -33,7 +35,7 @@ WM_REWARDS = ("coverage",)  # the learned success classifier is not wired into r
 class RefineConfig:
     """One ``vlaflow refine`` run; ``field=value`` overrides address it with dots (``dppo.chain.min_std``)."""
 
-    algo: str = "dppo"  # dppo | dsrl | world4rl (DPPO in the imagined env, 0 real env steps)
+    algo: str = "dppo"  # dppo | dsrl | world4rl (DPPO in the imagined env, 0 real env steps) | rl100
     task: str = "pusht"  # sim task with a reward/success signal
     iterations: int = 20  # rollout iterations (dppo) / env-collection rounds (dsrl)
     max_minutes: float = 0.0  # stop after this much training wall time (0 = iterations only)
@@ -56,6 +58,7 @@ class RefineConfig:
     wm_samples: int = 2  # world4rl: samples per imagined step for the uncertainty signal
     dppo: DPPOConfig = field(default_factory=DPPOConfig)
     dsrl: DSRLConfig = field(default_factory=DSRLConfig)
+    rl100: RL100Config = field(default_factory=RL100Config)
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -77,6 +80,8 @@ class RefineConfig:
 
     @property
     def n_envs(self) -> int:
+        if self.algo == "rl100":
+            return self.rl100.n_envs
         return self.dppo.n_envs if self.on_policy else self.dsrl.n_envs
 
     @property
@@ -137,7 +142,8 @@ def refine_config_from_dict(d: dict) -> RefineConfig:
     dppo = dict(d.pop("dppo", {}))
     dppo["chain"] = ChainConfig(**dppo.get("chain", {}))
     dsrl = DSRLConfig(**d.pop("dsrl", {}))
-    return RefineConfig(**d, dppo=DPPOConfig(**dppo), dsrl=dsrl)
+    rl100 = rl100_config_from_dict(d.pop("rl100", {}))
+    return RefineConfig(**d, dppo=DPPOConfig(**dppo), dsrl=dsrl, rl100=rl100)
 
 
 def refine(

@@ -6,7 +6,8 @@
 
 - :mod:`~vlaflow.train.objectives.dppo` -- PPO over the denoising chain in sim (``vlaflow refine``)
 - :mod:`~vlaflow.train.objectives.dsrl` -- SAC on the initial noise of a frozen denoiser (``vlaflow refine``)
+- :mod:`~vlaflow.train.objectives.rl100` -- RL-100's offline stage: the IQL critic, then PPO over the chain
+  on store windows (``vlaflow refine --algo rl100``; the driver is :mod:`vlaflow.train.rl100`)
 
-RL-100's offline stage and the world-model loss come here next; the loop's docstring
-(:mod:`vlaflow.train.loop`) sketches how each plugs in.
+The loop's docstring (:mod:`vlaflow.train.loop`) sketches how each plugs in.
 """

@@ -27,12 +27,20 @@ import torch
 from torch import Tensor, nn
 
 from vlaflow.errors import ConfigError, VlaflowError
-from vlaflow.rl.chain import ChainConfig, NoiseScale, rescore, resolve_chain
+from vlaflow.rl.chain import LOGPROBS, ChainConfig, NoiseScale, rescore, resolve_chain
 from vlaflow.rl.iql import mlp
 from vlaflow.rl.ppo import normalize_advantages, ppo_clip_loss, value_loss
 from vlaflow.rl.returns import chunk_discount, discounted_returns_to_date, gae, merge_moments
 from vlaflow.rl.rollout import ChunkVecEnv, collect, episode_stats, train_seeds
 from vlaflow.train.objective import Objective
+
+REWARDS = ("task", "success")
+
+
+def success_rewards(success: Tensor) -> Tensor:
+    """(T, N) success-so-far flags -> (T, N) sparse rewards: 1 at the decision where success first holds."""
+    before = torch.zeros_like(success[:1])
+    return (success & ~torch.cat([before, success[:-1]])).float()
 
 
 class NonFiniteRL(VlaflowError):
@@ -61,6 +69,11 @@ class DPPOConfig:
     bc_coef: float = 0.0  # weight of a behaviour-cloning term on demo windows (needs --data)
     target_kl: float = 0.0  # skip the rest of an iteration's updates above this approx KL (0 = never)
     seed_offset: int = 0  # first training seed of iteration 0 (seeds wrap inside 0..99,999)
+    # how a denoising step is scored: "mean_executed" (mean per-dim log-density over the Ta executed
+    # actions) or "sum" (over the whole H x Da chunk: the exact density, whose PPO ratio moved so much
+    # per update that clip=0.01 clipped nearly every sample; see rl/README.md)
+    logprob: str = "mean_executed"
+    reward: str = "task"  # "task": the env's per-step reward summed per chunk; "success": 1 when it succeeds
     chain: ChainConfig = field(default_factory=ChainConfig)  # how the chain samples (K', min_std, ...)
 
     def __post_init__(self):
@@ -74,6 +87,10 @@ class DPPOConfig:
             )
         if self.clip <= 0:
             raise ConfigError(f"dppo.clip must be > 0, got {self.clip}")
+        if self.logprob not in LOGPROBS:
+            raise ConfigError(f"dppo.logprob must be one of {LOGPROBS}, got {self.logprob!r}")
+        if self.reward not in REWARDS:
+            raise ConfigError(f"dppo.reward must be one of {REWARDS}, got {self.reward!r}")
 
     @property
     def steps_per_iteration(self) -> int:
@@ -94,6 +111,21 @@ class ValueNet(nn.Module):
 _BUFFER_KEYS = ("x_t", "x_next", "logp", "adv", "ret")
 
 
+def minibatch(buffer: dict[str, Tensor], j: int, n_minibatches: int, seed: int) -> dict[str, Tensor]:
+    """Minibatch ``j`` of a PPO buffer: pass ``j // n_minibatches`` is a permutation seeded by (seed, pass),
+    cut in ``n_minibatches`` parts; the chain's times ``t`` / ``t_next`` (K',) are shared by every row."""
+    n = len(buffer["adv"])
+    epoch, part = divmod(j, n_minibatches)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    size = math.ceil(n / n_minibatches)
+    idx = perm[part * size : (part + 1) * size]
+    if len(idx) == 0:
+        idx = perm[:size]
+    mb = {k: v[idx] for k, v in buffer.items() if k not in ("t", "t_next")}
+    mb["t"], mb["t_next"] = buffer["t"], buffer["t_next"]
+    return mb
+
+
 class DPPO(Objective):
     prefetch = "none"  # rollouts need this very step's weights
 
@@ -109,7 +141,7 @@ class DPPO(Objective):
         self.cfg, self.venv, self.seed, self.bc_batch = cfg, venv, int(seed), bc_batch
         if cfg.bc_coef > 0 and bc_batch is None:
             raise ConfigError("dppo.bc_coef > 0 needs demonstration windows (--data STORE)")
-        self.chain = resolve_chain(policy, cfg.chain)
+        self.chain = resolve_chain(policy, cfg.chain, cfg.logprob, int(policy.config.n_action_steps))
         self.frozen = copy.deepcopy(policy).eval().requires_grad_(False)  # the first K - K' steps
         modules: dict[str, nn.Module] = {"actor": policy}
         cond_dim = policy.n_cond_tokens * policy.cond_dim
@@ -170,7 +202,8 @@ class DPPO(Objective):
             actor.train(was)
         self.env_steps += getattr(self.venv, "env_steps", 0) - steps0
         gamma = chunk_discount(c.gamma, self.ta)
-        rewards = roll["reward"] * c.reward_scale
+        base = roll["reward"] if c.reward == "task" else success_rewards(roll["success"]) * roll["alive"]
+        rewards = base * c.reward_scale
         if c.reward_norm:
             rewards = rewards / self._return_std(rewards, roll["done"], roll["alive"], gamma)
         adv, ret = gae(
@@ -210,18 +243,7 @@ class DPPO(Objective):
         return max(math.sqrt(m2 / n), 1e-2)
 
     def _minibatch(self, j: int) -> dict[str, Tensor]:
-        c = self.cfg
-        n = len(self.buffer["adv"])
-        epoch, part = divmod(j, c.n_minibatches)
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.iteration * 101 + epoch)
-        perm = torch.randperm(n, generator=g)
-        size = math.ceil(n / c.n_minibatches)
-        idx = perm[part * size : (part + 1) * size]
-        if len(idx) == 0:
-            idx = perm[:size]
-        mb = {k: v[idx] for k, v in self.buffer.items() if k not in ("t", "t_next")}
-        mb["t"], mb["t_next"] = self.buffer["t"], self.buffer["t_next"]
-        return mb
+        return minibatch(self.buffer, j, self.cfg.n_minibatches, self.seed * 7919 + self.iteration * 101)
 
     def batch(self, step: int) -> dict[str, Any]:
         spi = self.cfg.steps_per_iteration

@@ -1,0 +1,236 @@
+"""RL-100's offline iterations on PushT low-dim from an imitation checkpoint, success before / after.
+
+    nice -n 10 python benchmarks/rl_pusht.py --policy /work/base/diffusion/checkpoints/last \\
+        --data /work/base/pusht.zarr --out /tmp/rl_pusht --minutes 40 [--clipfrac] [rl100.FIELD=VALUE ...]
+
+1. ``vlaflow eval`` of the policy on the 200 held-out seeds 100000..100199 (the paper's 50 are the first 50).
+2. Optionally (``--clipfrac``) one DPPO iteration each with ``dppo.logprob=sum`` at lr 1e-4 and
+   ``mean_executed`` at lr 1e-4 and 3e-5, clip 0.01: the PPO clip fraction of the iteration's last update.
+3. ``vlaflow refine --algo rl100`` (training seeds 20000..; a copy of the store) for as many of its
+   iterations as fit the time left; its per-iteration rows (gate estimates, accepted, env steps, wall).
+4. ``vlaflow eval`` of the result on the same 200 seeds.
+
+Everything is bounded by ``--minutes`` (each step gets the time left). Appends one row to
+``benchmarks/results/rl.json`` (command, machine, versions beside the numbers) and rewrites ``rl.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _meta import append_rows, run_info  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEEDS = "100000..100199 (held out; RL-100 collects on 20000.., DPPO on 0..)"
+
+
+class OutOfTime(Exception):
+    pass
+
+
+class Done(Exception):
+    """The requested parts are done (``--clipfrac-only``)."""
+
+
+def vlaflow(deadline: float, *args: str) -> subprocess.CompletedProcess:
+    left = deadline - time.time()
+    if left < 30:
+        raise OutOfTime(" ".join(args[:2]))
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "vlaflow.cli", *args], capture_output=True, text=True, timeout=left
+        )
+    except subprocess.TimeoutExpired as e:
+        raise OutOfTime(" ".join(args[:2])) from e
+
+
+def evaluate(deadline: float, policy: str, out: Path, episodes: int, reuse: str = "") -> dict:
+    """Held-out evaluation of ``policy`` (or the report of an earlier ``vlaflow eval`` of it in ``reuse``)."""
+    t0 = time.time()
+    if reuse:
+        out = Path(reuse)
+    else:
+        ev = vlaflow(
+            deadline, "eval", "--task", "pusht", "--policy", policy, "--episodes", str(episodes),
+            "--workers", "2", "--out", str(out), "--quiet",
+        )  # fmt: skip
+        if ev.returncode:
+            raise RuntimeError(ev.stderr[-3000:])
+    rep = json.loads((out / "report.json").read_text())
+    if reuse and (rep["aggregate"]["n_episodes"] != episodes or Path(rep["policy"]) != Path(policy)):
+        raise RuntimeError(f"{reuse}: not {episodes} episodes of {policy}: {rep['policy']}")
+    agg, eps = rep["aggregate"], sorted(rep["episodes"], key=lambda e: e["seed"])
+    first = eps[:50]
+    return {
+        "score": agg["mean_score"],
+        "success_rate": agg["success_rate"],
+        "success_ci95": agg.get("success_ci95"),
+        "n_episodes": agg["n_episodes"],
+        "first50_success": sum(bool(e["success"]) for e in first) / max(len(first), 1),
+        "first50_score": sum(min(e["max_reward"], 1.0) for e in first) / max(len(first), 1),
+        "seeds": [eps[0]["seed"], eps[-1]["seed"]] if eps else None,
+        "wall_s": agg.get("wall_s") if reuse else round(time.time() - t0, 1),
+        "reused_report": str(out / "report.json") if reuse else None,
+    }
+
+
+def clipfracs(deadline: float, policy: str, out: Path) -> list[dict]:
+    rows = []
+    for logprob, lr in (("sum", 1e-4), ("mean_executed", 1e-4), ("mean_executed", 3e-5)):
+        run = out / f"dppo_{logprob}_{lr:g}"
+        rf = vlaflow(
+            deadline, "refine", "--policy", policy, "--algo", "dppo", "--out", str(run), "iterations=1",
+            f"lr={lr}", f"dppo.logprob={logprob}", "dppo.clip=0.01", "eval_episodes=0", "final_episodes=0",
+            "progress=false",
+        )  # fmt: skip
+        if rf.returncode:
+            raise RuntimeError(rf.stderr[-3000:])
+        with open(run / "log.csv", newline="") as f:
+            train = [r for r in csv.DictReader(f) if r["kind"] == "train"]
+        last = train[-1]  # refine logs one row per iteration: the metrics of its last update
+        rows.append(
+            {
+                "logprob": logprob,
+                "lr": lr,
+                "clip": 0.01,
+                "updates": int(float(last["step"])),
+                "clipfrac_last_update": float(last["clipfrac"]),
+                "approx_kl_last_update": float(last["approx_kl"]),
+                "env_steps": float(last["env_steps"]),
+            }
+        )
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--policy", required=True)
+    ap.add_argument("--data", required=True, help="the demonstrations the policy was trained on")
+    ap.add_argument("--out", required=True, help="scratch directory (must not exist)")
+    ap.add_argument("--minutes", type=float, default=40.0, help="bound on the whole benchmark")
+    ap.add_argument("--episodes", type=int, default=200)
+    ap.add_argument("--clipfrac", action="store_true", help="also measure DPPO's clip fractions")
+    ap.add_argument("--clipfrac-only", action="store_true", help="only DPPO's clip fractions (no rl100)")
+    ap.add_argument("--note", default="", help="what the policy is")
+    ap.add_argument("--results", default=str(RESULTS), help="where rl.json / rl.md go")
+    ap.add_argument("--before", default="", help="reuse this `vlaflow eval --out` of --policy (same seeds)")
+    ap.add_argument("overrides", nargs="*", help="refine FIELD=VALUE settings of the rl100 run")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True)
+    t0 = time.time()
+    deadline = t0 + 60 * a.minutes
+    row: dict = {"algo": "rl100 (offline iterations only)", "policy": a.policy, "policy_note": a.note}
+    row.update({"data": a.data, "overrides": a.overrides, "seeds": SEEDS, "complete": False})
+    try:
+        if a.clipfrac_only:
+            row["algo"] = "dppo clip-fraction probe (one iteration per setting; no success measured)"
+            row["dppo_clipfrac"] = clipfracs(deadline, a.policy, out)
+            raise Done
+        row["before"] = evaluate(deadline, a.policy, out / "before", a.episodes, a.before)
+        if a.clipfrac:
+            row["dppo_clipfrac"] = clipfracs(deadline, a.policy, out)
+        run = out / "rl100"
+        t1 = time.time()
+        try:
+            reserve = max(60 * 0.25 * a.minutes, 1.3 * float(row["before"]["wall_s"] or 0))
+            rf = vlaflow(
+                deadline - reserve,  # leave the evaluation after the time the one before took (+30 %)
+                "refine", "--policy", a.policy, "--algo", "rl100", "--data", a.data, "--out", str(run),
+                "progress=false", "eval_episodes=0", "final_episodes=0", *a.overrides,
+            )  # fmt: skip
+            if rf.returncode:
+                raise RuntimeError(rf.stderr[-3000:])
+            row["rl100_finished"] = True
+        except OutOfTime:
+            row["rl100_finished"] = False  # killed at the time bound: the iterations done so far count
+        row["rl100_wall_s"] = round(time.time() - t1, 1)
+        log = run / "rl100_log.jsonl"
+        row["iterations"] = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+        state = json.loads((run / "rl100_state.json").read_text())
+        row["env_steps"] = state["env_steps"]
+        after = str(run / "final") if (run / "final").exists() else state["current"]
+        row["after_policy"] = after
+        if after != a.policy:
+            row["after"] = evaluate(deadline, after, out / "after", a.episodes)
+        row["complete"] = True
+    except Done:
+        row["complete"] = True
+    except OutOfTime as e:
+        row["stopped"] = f"time bound of {a.minutes} min reached during {e}"
+    row["total_wall_s"] = round(time.time() - t0, 1)
+    row.update(run_info())
+    res = Path(a.results)
+    append_rows(res / "rl.json", [row])
+    write_md(json.loads((res / "rl.json").read_text()), res / "rl.md")
+    print(json.dumps({k: row.get(k) for k in ("before", "after", "env_steps", "total_wall_s")}, indent=1))
+    return 0
+
+
+def _pct(ev: dict | None, key: str = "success_rate") -> str:
+    if not ev:
+        return "-"
+    ci = ev.get("success_ci95") if key == "success_rate" else None
+    s = f"{100 * ev[key]:.1f}%"
+    return s + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def write_md(rows: list[dict], path: Path) -> None:
+    lines = [
+        "# RL refinement on PushT low-dim (benchmarks/rl_pusht.py)",
+        "",
+        "Held-out seeds 100000..100199 (200 episodes, 300 steps; first 50 = the paper's), success =",
+        "max coverage > 0.95 (95% interval), score = mean max clip(coverage / 0.95). Every row's command,",
+        "machine and versions are in rl.json.",
+        "",
+        "| when | algo | policy | success before | after | first-50 before / after | score before / after "
+        "| iterations (accepted) | env steps | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b, af = r.get("before"), r.get("after")
+        its = r.get("iterations", [])
+        acc = sum(bool(i.get("accepted")) for i in its)
+        f50 = f"{_pct(b, 'first50_success')} / {_pct(af, 'first50_success')}"
+        sc = f"{b['score']:.3f}" if b else "-"
+        sc += f" / {af['score']:.3f}" if af else " / -"
+        lines.append(
+            f"| {r['when']} | {r['algo']} | {r['policy']} | {_pct(b)} | {_pct(af)} | {f50} | {sc} | "
+            f"{len(its)} ({acc}) | {r.get('env_steps', '-')} | {r['total_wall_s']} |"
+        )
+    for r in rows:
+        if r.get("iterations"):
+            head = (
+                "| it | gate cand / current | accepted | collected success | env steps total | wall s total |"
+            )
+            lines += ["", f"Per iteration ({r['when']}):", "", head, "|---|---|---|---|---|---|"]
+            for i in r["iterations"]:
+                col = i.get("collected") or {}
+                lines.append(
+                    f"| {i['iteration']} | {i['gate_candidate']:.3f} / {i['gate_current']:.3f} | "
+                    f"{i['accepted']} | {col.get('success', '-')} | {i['env_steps_total']} | "
+                    f"{i['wall_s_total']} |"
+                )
+        if r.get("dppo_clipfrac"):
+            head = "| logprob | lr | updates | clipfrac (last update) | approx KL (last update) |"
+            lines += ["", f"DPPO clip fraction at clip 0.01, one iteration ({r['when']}):", ""]
+            lines += [head, "|---|---|---|---|---|"]
+            for c in r["dppo_clipfrac"]:
+                lines.append(
+                    f"| {c['logprob']} | {c['lr']:g} | {c['updates']} | {c['clipfrac_last_update']:.3f} | "
+                    f"{c['approx_kl_last_update']:.2e} |"
+                )
+        if r.get("stopped"):
+            lines += ["", f"Note ({r['when']}): {r['stopped']}."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
