@@ -48,7 +48,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "refine": (
         "vlaflow.cli.refine",
-        "RL refinement of a policy checkpoint in sim (DPPO over the denoising chain, DSRL noise steering)",
+        "RL refinement of a policy checkpoint: DPPO over the denoising chain, DSRL noise steering, the "
+        "RL-100 offline loop (rl100), PPO inside a world model (world4rl)",
     ),
     "train-wm": (
         "vlaflow.cli.train_wm",
