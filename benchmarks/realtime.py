@@ -214,6 +214,8 @@ def _variant_label(r: dict) -> str:
         return f"{r['variant']} (beta {rk['beta']:g})"
     if r.get("variant") == "student":
         return f"student `{Path(r['checkpoint']).name}`"
+    if r.get("merge") in ("switch", "ensemble") and rk.get("sampler"):
+        return f"{r['variant']} ({rk['sampler']}:{rk.get('num_steps', '')}{every})"
     return r["variant"]
 
 
