@@ -112,10 +112,10 @@ def cap_workers(workers: int, n_jobs: int) -> int:
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
-    import vlaflow
-
-    out = {"vlaflow": vlaflow.__version__, "python": sys.version.split()[0]}
+    # the installed distribution's version (pyproject's), not an import of the root package (a layer edge)
+    out = {"python": sys.version.split()[0]}
     for pkg in (
+        "vlaflow",
         "numpy",
         "gymnasium",
         "gym-pusht",
