@@ -1,13 +1,17 @@
-"""RL-100's offline iterations on PushT low-dim from an imitation checkpoint, success before / after.
+"""RL refinement on PushT low-dim from an imitation checkpoint, success before / after on held-out seeds.
 
     nice -n 10 python benchmarks/rl_pusht.py --policy /work/base/diffusion/checkpoints/last \\
-        --data /work/base/pusht.zarr --out /tmp/rl_pusht --minutes 40 [--clipfrac] [rl100.FIELD=VALUE ...]
+        --data /work/base/pusht.zarr --out /tmp/rl_pusht --minutes 40 [--algo rl100|dsrl|dppo] \\
+        [--clipfrac] [FIELD=VALUE ...]
 
 1. ``vlaflow eval`` of the policy on the 200 held-out seeds 100000..100199 (the paper's 50 are the first 50).
 2. Optionally (``--clipfrac``) one DPPO iteration each with ``dppo.logprob=sum`` at lr 1e-4 and
    ``mean_executed`` at lr 1e-4 and 3e-5, clip 0.01: the PPO clip fraction of the iteration's last update.
-3. ``vlaflow refine --algo rl100`` (training seeds 20000..; a copy of the store) for as many of its
-   iterations as fit the time left; its per-iteration rows (gate estimates, accepted, env steps, wall).
+3. ``vlaflow refine --algo ALGO`` on training seeds only (rl100 collects on 20000.., DSRL on 50000..,
+   DPPO on 0..): rl100 for as many iterations as fit the time left (its per-iteration rows: gate
+   estimates, accepted, env steps, wall); dsrl / dppo for ``--rl-minutes`` of training wall time, with no
+   held-out evaluation during the run, so nothing is selected on the evaluation seeds: the result is
+   ``checkpoints/last``.
 4. ``vlaflow eval`` of the result on the same 200 seeds.
 
 Everything is bounded by ``--minutes`` (each step gets the time left). Appends one row to
@@ -36,7 +40,7 @@ class OutOfTime(Exception):
 
 
 class Done(Exception):
-    """The requested parts are done (``--clipfrac-only``)."""
+    """The requested parts are done (``--clipfrac-only``, or a dsrl / dppo run evaluated)."""
 
 
 def vlaflow(deadline: float, *args: str) -> subprocess.CompletedProcess:
@@ -109,6 +113,32 @@ def clipfracs(deadline: float, policy: str, out: Path) -> list[dict]:
     return rows
 
 
+def online(deadline: float, a, row: dict, out: Path) -> None:
+    """``vlaflow refine --algo dsrl|dppo`` for ``--rl-minutes``, then the held-out evaluation of ``last``."""
+    run = out / a.algo
+    t1 = time.time()
+    rf = vlaflow(
+        deadline - 1.3 * float(row["before"]["wall_s"] or 0),
+        "refine", "--policy", a.policy, "--algo", a.algo, "--out", str(run), "iterations=100000",
+        f"max_minutes={a.rl_minutes}", "eval_every=0", "eval_episodes=0", "final_episodes=0",
+        "progress=false", *a.overrides,
+    )  # fmt: skip
+    if rf.returncode:
+        raise RuntimeError(rf.stderr[-3000:])
+    row["rl_wall_s"] = round(time.time() - t1, 1)
+    with open(run / "log.csv", newline="") as f:
+        train = [r for r in csv.DictReader(f) if r["kind"] == "train"]
+    row["env_steps"] = int(float(train[-1]["env_steps"])) if train else 0
+    row["updates"] = int(float(train[-1]["step"])) if train else 0
+    row["curve"] = [
+        {k: r.get(k) for k in ("step", "elapsed_s", "env_steps", "rollout_success", "rollout_return")}
+        for r in train
+    ]
+    row["curves_png"] = str(run / "rl_curves.png")
+    row["after_policy"] = str(run / "checkpoints" / "last")
+    row["after"] = evaluate(deadline, row["after_policy"], out / "after", a.episodes)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--policy", required=True)
@@ -121,13 +151,16 @@ def main() -> int:
     ap.add_argument("--note", default="", help="what the policy is")
     ap.add_argument("--results", default=str(RESULTS), help="where rl.json / rl.md go")
     ap.add_argument("--before", default="", help="reuse this `vlaflow eval --out` of --policy (same seeds)")
-    ap.add_argument("overrides", nargs="*", help="refine FIELD=VALUE settings of the rl100 run")
+    ap.add_argument("--algo", default="rl100", choices=("rl100", "dsrl", "dppo"))
+    ap.add_argument("--rl-minutes", type=float, default=30.0, help="dsrl / dppo: training wall time")
+    ap.add_argument("overrides", nargs="*", help="refine FIELD=VALUE settings of the RL run")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True)
     t0 = time.time()
     deadline = t0 + 60 * a.minutes
-    row: dict = {"algo": "rl100 (offline iterations only)", "policy": a.policy, "policy_note": a.note}
+    algo = {"rl100": "rl100 (offline iterations only)"}.get(a.algo, a.algo)
+    row: dict = {"algo": algo, "policy": a.policy, "policy_note": a.note}
     row.update({"data": a.data, "overrides": a.overrides, "seeds": SEEDS, "complete": False})
     try:
         if a.clipfrac_only:
@@ -137,6 +170,9 @@ def main() -> int:
         row["before"] = evaluate(deadline, a.policy, out / "before", a.episodes, a.before)
         if a.clipfrac:
             row["dppo_clipfrac"] = clipfracs(deadline, a.policy, out)
+        if a.algo != "rl100":
+            online(deadline, a, row, out)
+            raise Done
         run = out / "rl100"
         t1 = time.time()
         try:
@@ -191,7 +227,7 @@ def write_md(rows: list[dict], path: Path) -> None:
         "machine and versions are in rl.json.",
         "",
         "| when | algo | policy | success before | after | first-50 before / after | score before / after "
-        "| iterations (accepted) | env steps | wall s |",
+        "| iterations (accepted) / updates | env steps | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -199,11 +235,13 @@ def write_md(rows: list[dict], path: Path) -> None:
         its = r.get("iterations", [])
         acc = sum(bool(i.get("accepted")) for i in its)
         f50 = f"{_pct(b, 'first50_success')} / {_pct(af, 'first50_success')}"
+        done_col = f"{r['updates']} updates" if "updates" in r else f"{len(its)} ({acc})"
         sc = f"{b['score']:.3f}" if b else "-"
         sc += f" / {af['score']:.3f}" if af else " / -"
         lines.append(
             f"| {r['when']} | {r['algo']} | {r['policy']} | {_pct(b)} | {_pct(af)} | {f50} | {sc} | "
-            f"{len(its)} ({acc}) | {r.get('env_steps', '-')} | {r['total_wall_s']} |"
+            f"{done_col} | "
+            f"{r.get('env_steps', '-')} | {r['total_wall_s']} |"
         )
     for r in rows:
         if r.get("iterations"):

@@ -404,6 +404,52 @@ def test_dsrl_sac_actor_finds_the_known_best_noise_region():
     assert time.time() - t0 < 30
 
 
+class ScriptedVec:
+    """A ChunkVecEnv whose env i pays 0.5 per executed step and succeeds (ending) at decision ``at[i]``."""
+
+    max_steps = 12
+
+    def __init__(self, at):
+        self.at, self.n, self.env_steps = list(at), len(at), 0
+
+    def _obs(self):
+        return {"obs.state": np.zeros((self.n, 2, 5), np.float32)}
+
+    def reset(self, seeds):
+        self.t, self.done = 0, np.zeros(self.n, bool)
+        return self._obs()
+
+    def step(self, chunks):
+        self.t += 1
+        alive = ~self.done
+        success = np.array([self.t >= a for a in self.at]) & alive
+        reward = np.where(alive, 0.5 * len(chunks[0]), 0.0)
+        self.env_steps += int(alive.sum()) * len(chunks[0])
+        self.done = self.done | success | (self.t * 4 >= self.max_steps)
+        return self._obs(), reward, self.done.copy(), success
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("reward", ["task", "success"])
+def test_dsrl_success_reward_pays_one_at_the_first_success_only(reward):
+    """PushT ends an episode at success, so a summed task reward pays near-misses that keep pushing more than
+    an early success; ``dsrl.reward=success`` stores 1 at the succeeding decision and 0 elsewhere."""
+    from vlaflow.train.objectives.dsrl import DSRLConfig, DSRLObjective
+
+    pol = tiny_policy()
+    obj = DSRLObjective(pol, ScriptedVec([1, 99]), DSRLConfig(n_envs=2, width=16, reward=reward), seed=0)
+    obj._collect()
+    r = obj.replay.data["reward"][: obj.replay.n]
+    # decisions stored (alive): env0 at decision 0 only (it succeeds there), env1 at decisions 0, 1, 2
+    if reward == "success":
+        assert r.tolist() == [1.0, 0.0, 0.0, 0.0]
+    else:
+        assert r.tolist() == [2.0, 2.0, 2.0, 2.0]
+    assert obj.last_stats["rollout_success"] == 0.5 and obj.last_stats["rollout_return"] == 4.0
+
+
 def test_refine_dsrl_runs_end_to_end_with_the_steered_policy_evaluated(ckpt, tmp_path):
     run = tmp_path / "dsrl"
     args = [

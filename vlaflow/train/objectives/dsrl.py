@@ -33,6 +33,7 @@ from vlaflow.rl.dsrl import SAC, ReplayBuffer, polyak
 from vlaflow.rl.returns import chunk_discount
 from vlaflow.rl.rollout import ChunkVecEnv, obs_to_torch, train_seeds
 from vlaflow.train.objective import Objective
+from vlaflow.train.objectives.dppo import REWARDS
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class DSRLConfig:
     width: int = 256  # actor / critic MLP width
     critic_lr_scale: float = 3.0  # critic (and temperature) lr = lr x this
     seed_offset: int = 50_000  # first training seed (DPPO starts at 0: disjoint by default)
+    # "task": the env's per-step reward summed per chunk; "success": 1 at the decision where the episode
+    # succeeds. PushT ends an episode at success, so the summed task reward of an episode that stops at
+    # 0.94 coverage and keeps pushing exceeds that of one that succeeds early: "task" pays for near-misses
+    reward: str = "task"
 
     def __post_init__(self):
         for name in ("n_envs", "updates_per_round", "batch_size", "buffer"):
@@ -58,6 +63,8 @@ class DSRLConfig:
                 raise ConfigError(f"dsrl.{name} must be >= 1, got {getattr(self, name)}")
         if self.bound <= 0:
             raise ConfigError(f"dsrl.bound must be > 0, got {self.bound}")
+        if self.reward not in REWARDS:
+            raise ConfigError(f"dsrl.reward must be one of {REWARDS}, got {self.reward!r}")
 
 
 class SteeredRuntime:
@@ -138,11 +145,14 @@ class DSRLObjective(Objective):
             obs, reward, done, success = self.venv.step(acts)
             nfeat = pol.encode(obs_to_torch(obs, pol.device)).flatten(1)
             keep = torch.from_numpy(alive)
+            learn = reward  # "success": alive and succeeded now = the first success (it ends the episode)
+            if self.cfg.reward == "success":
+                learn = (np.asarray(success, bool) & alive).astype(np.float64)
             if keep.any():
                 self.replay.add(
                     obs=feat[keep],
                     w=w[keep],
-                    reward=torch.from_numpy(reward.astype(np.float32))[keep],
+                    reward=torch.from_numpy(learn.astype(np.float32))[keep],
                     next_obs=nfeat[keep],
                     done=torch.from_numpy(done)[keep],
                 )
