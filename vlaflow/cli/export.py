@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vlaflow.atomic import OVERWRITE_HELP, check_destination
 from vlaflow.deploy.export import EXPORTERS, PARITY, ExportOptions, export_policy
-from vlaflow.errors import ConfigError, VlaflowError
+from vlaflow.errors import ConfigError
 
 
 def _parse_samplers(text: str) -> tuple[tuple[str, int], ...]:
@@ -23,7 +23,10 @@ def _parse_samplers(text: str) -> tuple[tuple[str, int], ...]:
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="policy checkpoint directory (diffusion or flow)")
+    parser.add_argument(
+        "checkpoint",
+        help="policy checkpoint directory (diffusion, flow, consistency, composed, vla, or steered by DSRL)",
+    )
     parser.add_argument(
         "--out",
         required=True,
@@ -68,11 +71,6 @@ def run_export(args: argparse.Namespace) -> int:
     if _is_world_model(args.checkpoint):
         return _export_world_model(args)
     policy = load_checkpoint(args.checkpoint)
-    if policy.config.family == "steered":
-        raise VlaflowError(
-            f"{args.checkpoint}: a steered (DSRL-refined) policy; ONNX export of its noise actor is not "
-            "supported yet (export the base policy: the checkpoint `vlaflow refine` started from)"
-        )
     report = export_policy(policy, args.out, opts, source=str(args.checkpoint))
     print(f"exported {args.checkpoint} -> {args.out} ({opts.exporter}, opset {opts.opset})")
     for row in report["summary"]:

@@ -28,6 +28,13 @@ What goes where (Nc condition tokens of width Fc, To obs steps, H chunk, Da acti
 - ``manifest.json`` : graphs + io names, To/H/Ta/obs shapes, path, sampler, steps, normalizer statistics,
   language tokens. ``parity.json``: max-abs and cosine per denoiser step and per chunk against PyTorch for
   fixed noise and several random observations. JSON only, no pickle.
+- Steered (DSRL-refined) policies: the frozen base policy's export as above (encoder, denoiser, optional
+  unrolled graph, the base's manifest fields and parity rows) plus ``noise_actor.onnx``: ``cond
+  (1, Nc, Fc) -> noise (1, H, Da)``, the actor's deterministic noise ``bound * tanh(mean)``. The manifest's
+  ``family`` is ``steered`` (``base_family`` names the base) and its ``steering`` entry names the graph; the
+  runtime feeds that noise to the base's sampler loop (or unrolled graph) in place of a Gaussian draw.
+  ``parity.json`` adds the actor graph (same cond) and the whole steered chunk (ONNX encoder -> ONNX actor
+  noise -> ONNX denoising) against PyTorch (``base.encode`` -> ``actor`` -> ``base.denoise``).
 
 A parity failure (thresholds ``--tol-step``, ``--tol-chunk``, ``--min-cosine``) fails the export and leaves
 no DIR: everything is written to a temporary sibling directory and renamed into place only when it passed.
@@ -54,7 +61,8 @@ MANIFEST, PARITY = "manifest.json", "parity.json"
 UNROLLABLE = ("ddim", "euler", "onestep")
 # Families with encode + predict(x_t, t, cond) on a Gaussian path (composed: one export per parent, mixed
 # on the host). EBT samples by gradient descent on an energy (a backward pass per step): not exported here.
-EXPORTABLE_FAMILIES = ("diffusion", "flow", "consistency", "composed", "vla")
+# Steered: the base's graphs + the DSRL noise actor's graph.
+EXPORTABLE_FAMILIES = ("diffusion", "flow", "consistency", "composed", "vla", "steered")
 TEXT_INPUTS = ("text_ids", "text_mask")  # a VLA prefix graph's instruction inputs (1, T) int64
 
 
@@ -130,6 +138,21 @@ def _modules():
                 return self.policy.denoise(cond, noise=noise, sampler=self.sampler, num_steps=self.steps).x0
 
     return EncoderGraph, DenoiserGraph, UnrolledGraph, PrefixGraph
+
+
+def _actor_graph(policy):
+    """A steered policy's noise actor as a graph: cond (1, Nc, Fc) -> its deterministic noise (1, H, Da)."""
+    from torch import nn
+
+    class NoiseActorGraph(nn.Module):
+        def __init__(self, steered):
+            super().__init__()
+            self.steered = steered
+
+        def forward(self, cond):
+            return self.steered.steer(cond)  # (1, H, Da): bound * tanh(mean), the log-density unused
+
+    return NoiseActorGraph(policy).eval()
 
 
 def _export_graph(module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opts) -> None:
@@ -222,7 +245,7 @@ def export_policy(
     runtime mixes their predictions on the host, and the composite's parity is checked per step (the mixed
     prediction) and per chunk like any policy's.
     """
-    from vlaflow.deploy.parity import check_parity
+    from vlaflow.deploy.parity import check_parity, check_steered_parity
 
     opts = opts or ExportOptions()
     dest = Path(out)
@@ -231,9 +254,11 @@ def export_policy(
     family = getattr(policy.config, "family", "")
     if family not in EXPORTABLE_FAMILIES:
         raise VlaflowError(f"cannot export a {family!r} policy; exportable families: {EXPORTABLE_FAMILIES}")
+    steered = policy.cpu().eval() if family == "steered" else None
+    # a steered policy's graphs (all but the actor's), manifest fields and parity rows are its frozen base's
+    policy = steered.base if steered is not None else policy.cpu().eval()
     if policy.path.kind not in ("vp", "flow"):
         raise VlaflowError(f"cannot export path {policy.path.kind!r}")
-    policy = policy.cpu().eval()
     cfg = policy.config
     samplers = opts.samplers or default_samplers(policy)
     unrolled_sampler = ""
@@ -255,10 +280,14 @@ def export_policy(
             manifest.update(_export_parents(policy, tmp, opts, source))
         else:
             manifest.update(_export_graphs(policy, tmp, opts, unrolled_sampler))
+        if steered is not None:
+            _add_noise_actor(steered, tmp, manifest, opts)
         for g in manifest["graphs"].values():
             g["ops"] = graph_ops(tmp / g["file"])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         report = check_parity(policy.eval(), tmp, samplers, opts)
+        if steered is not None:
+            check_steered_parity(steered, tmp, opts, report)
         if family == "composed":
             report["parents"] = [
                 {"dir": e["dir"], **json.loads((tmp / e["dir"] / PARITY).read_text())}
@@ -372,6 +401,26 @@ def _export_graphs(policy, tmp: Path, opts: ExportOptions, unrolled_sampler: str
             "exporter": "torchscript",
         }
     return part
+
+
+def _add_noise_actor(steered, tmp: Path, manifest: dict, opts: ExportOptions) -> None:
+    """``noise_actor.onnx`` of a steered policy into ``tmp``; the manifest (the base's) says it is steered."""
+    import torch
+
+    base = steered.base
+    cond = torch.randn(1, manifest["cond"]["n_tokens"], manifest["cond"]["dim"])  # (1, Nc, Fc)
+    with torch.no_grad():
+        _export_graph(_actor_graph(steered), (cond,), tmp / "noise_actor.onnx", ["cond"], ["noise"], opts)
+    manifest["family"] = "steered"
+    manifest["base_family"] = base.config.family
+    manifest["spec"]["extra"] = dict(steered.spec.extra)  # family steered, base_family, bound
+    manifest["graphs"]["noise_actor"] = {"file": "noise_actor.onnx", "inputs": ["cond"], "outputs": ["noise"]}
+    manifest["steering"] = {
+        "graph": "noise_actor",
+        "noise_shape": [1, *map(int, base.target_shape)],  # (1, H, Da)
+        "bound": float(steered.actor.bound),
+        "deterministic": True,  # the actor's mean through the bound, as SteeredPolicy and SteeredRuntime
+    }
 
 
 def _export_parents(policy, tmp: Path, opts: ExportOptions, source: str) -> dict:

@@ -7,7 +7,8 @@ repeated), binarized on ``gripper_dims`` only under ``gripper_mode="clip"``, pla
 leaves ``n_warm_steps`` steps as ``alpha(t0) x`` ("place") or ``alpha(t0) x + sigma(t0) eps`` with one
 fixed eps per episode ("noised"), then only those steps with the fresh observation. The export must have
 checked the sampler (``vlaflow export --samplers ddpm:100,...``; diffusion exports check DDPM over the full
-grid by default). Works on every export ``OnnxPolicy`` runs, composed policies included.
+grid by default). Works on every export ``OnnxPolicy`` runs, composed policies included; not on a steered
+(DSRL) export, whose noise actor chooses the initial noise that RTI replaces (refused, as in PyTorch).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from vlaflow.deploy import np_sampling as nps
-from vlaflow.deploy.onnx_runtime import OnnxPolicy
+from vlaflow.deploy.onnx_runtime import OnnxPolicy, read_manifest
 from vlaflow.deploy.rti_config import RTIConfig
 from vlaflow.errors import ConfigError
 from vlaflow.interfaces import InferResult, RuntimeSpec
@@ -65,6 +66,12 @@ class OnnxRTIPolicy:
         if r.sampler not in nps.SAMPLERS:
             raise ConfigError(
                 f"the ONNX runtime's samplers are {nps.SAMPLERS}, got RTI sampler {r.sampler!r}"
+            )
+        if read_manifest(directory).get("steering") is not None:
+            raise ConfigError(
+                f"{directory}: a steered (DSRL-refined) export chooses each chunk's initial noise with its "
+                "noise actor; RTI-DP replaces that noise by the previous chunk, so it does not apply "
+                "(run it with the plain runtime: merge 'switch' or 'ensemble')"
             )
         self.base = OnnxPolicy(
             directory,

@@ -17,6 +17,12 @@ array like ``ComposedPolicy.encode``, ``predict`` runs the active parents' denoi
 and mixes them on the host (:mod:`vlaflow.deploy.np_compose`); the sampler loop, RTI and the harness see
 one policy.
 
+A steered (DSRL-refined) export is its base's export plus ``noise_actor.onnx`` (manifest ``steering``): the
+initial noise of each chunk is the actor's deterministic ``cond -> noise`` instead of a Gaussian draw, and
+the base's sampler loop (or unrolled graph) denoises it, as ``SteeredPolicy`` does in PyTorch. The
+generator below then only feeds a stochastic sampler's per-step noise (DDPM). RTI-DP does not apply
+(:class:`~vlaflow.deploy.onnx_rti.OnnxRTIPolicy` refuses it): it replaces the initial noise.
+
 Noise comes from ``numpy.random.default_rng(seed)`` (re-seeded by ``reset(seed)``): the same seed gives the
 same actions here, but not the same as PyTorch's generator (parity is checked with shared noise at export).
 """
@@ -201,6 +207,7 @@ class OnnxPolicy:
             },
             "denoiser": {"x_t": [1, horizon, da], "t": [1], "cond": cond_shape},
             "unrolled": {"cond": cond_shape, "noise": [1, horizon, da]},
+            "noise_actor": {"cond": cond_shape},
         }
 
         def session(name):
@@ -226,7 +233,7 @@ class OnnxPolicy:
             self._cond_sizes = [
                 int(q.manifest["cond"]["n_tokens"]) * int(q.manifest["cond"]["dim"]) for q in self.parents
             ]
-            self.encoder = self.denoiser = self.unrolled = None
+            self.encoder = self.denoiser = self.unrolled = self.noise_actor = None
             self.enc_inputs, self.lang_tokens = [], None
         else:
             self.encoder, self.denoiser = session("encoder"), session("denoiser")
@@ -234,6 +241,13 @@ class OnnxPolicy:
             self.unrolled = (
                 session("unrolled") if "unrolled" in graphs and use_unrolled is not False else None
             )
+            steering = m.get("steering")
+            self.noise_actor = session(steering["graph"]) if steering is not None else None
+            if steering is not None and list(steering.get("noise_shape", [])) != [1, horizon, da]:
+                raise VlaflowError(
+                    f"{self.directory}: {MANIFEST} gives the noise actor's output shape "
+                    f"{steering.get('noise_shape')}, the spec needs {[1, horizon, da]}"
+                )
             lang = m.get("language")
             self.lang_tokens = (
                 {t: np.asarray(v, np.float32) for t, v in lang["tokens"].items()} if lang else None
@@ -267,6 +281,16 @@ class OnnxPolicy:
     @property
     def config(self) -> RuntimeSpec:
         return self._spec
+
+    @property
+    def steered(self) -> bool:
+        """A DSRL-refined export: the noise actor chooses each chunk's initial noise."""
+        return self.noise_actor is not None
+
+    @property
+    def uses_unrolled(self) -> bool:
+        """``infer`` runs the unrolled graph (it matches the sampler and steps asked for)."""
+        return self._use_unrolled
 
     def reset(self, seed: int | None = None) -> None:
         """Start of an episode; ``seed`` (or the constructor's) re-seeds the noise generator."""
@@ -385,6 +409,14 @@ class OnnxPolicy:
         self.last_nfe = nfe
         return x0
 
+    def initial_noise(self, cond: np.ndarray) -> np.ndarray:
+        """A chunk's initial noise (1, H, Da): the noise actor's for ``cond`` (steered), else N(0, I)."""
+        shape = (1, self._spec.horizon + self.action_offset, self._spec.action_dim)
+        if self.noise_actor is not None:
+            w = self.noise_actor.run(None, {"cond": np.asarray(cond, np.float32)})[0]
+            return np.asarray(w, np.float32).reshape(shape)
+        return self._rng.standard_normal(shape, dtype=np.float32)
+
     def run_unrolled(self, cond: np.ndarray, noise: np.ndarray) -> np.ndarray:
         if self.unrolled is None:
             raise VlaflowError(
@@ -406,11 +438,8 @@ class OnnxPolicy:
 
         ``shift`` / ``delay`` are accepted for the runtime interface and unused: every call samples afresh.
         """
-        spec = self._spec
         cond = self.encode(obs)
-        noise = self._rng.standard_normal(
-            (1, spec.horizon + self.action_offset, spec.action_dim), dtype=np.float32
-        )
+        noise = self.initial_noise(cond)
         x0 = self.run_unrolled(cond, noise) if self._use_unrolled else self.denoise(cond, noise)
         chunk = self.unnormalize_action(x0[0])[self.action_offset :]  # (H, Da) from the current step
         return InferResult(np.asarray(chunk, np.float32), nfe=self.last_nfe)

@@ -13,6 +13,12 @@ uniform uint8) and each checked sampler:
 A composed policy goes through the same code: its ``encode`` / ``predict`` are the packed parents'
 conditions and the mixed prediction on both sides, so ``step`` checks each parent's graphs and the host
 mixing together (each parent's own graphs are also checked alone, in its own export's report).
+
+A steered (DSRL) export is first checked as its base's export (the rows above), then by
+:func:`check_steered_parity`: ``noise_actor`` (the actor graph on PyTorch's cond vs the actor's
+deterministic noise) and ``steered chunk`` (ONNX encoder -> ONNX actor noise -> the runtime's sampler loop or
+unrolled graph, exactly what ``OnnxPolicy.infer`` runs, vs ``base.encode`` -> ``steer`` -> ``base.denoise``,
+the chain of ``SteeredRuntime``), each observation's own noise on each side.
 """
 
 from __future__ import annotations
@@ -74,6 +80,19 @@ def _torch_chain(policy, predict, cond, noise: np.ndarray, name: str, steps: int
         )
         g = torch.Generator().manual_seed(gen_seed)
         return res, [torch.randn(noise.shape, generator=g).numpy() for _ in range(steps)]
+
+
+def _judge(summary: list, failures: list, what: str, rows: list[dict], tol: float, min_cosine: float) -> None:
+    """The worst of ``rows`` into ``summary``; a failure line when over ``tol`` or under the cosine."""
+    if not rows:
+        return
+    worst = max(r["max_abs"] for r in rows)
+    cos = min(r["cosine"] for r in rows)
+    summary.append({"what": what, "max_abs": worst, "min_cosine": cos, "tol": tol})
+    if not worst <= tol:
+        failures.append(f"{what}: max-abs {worst:.3g} > {tol:g}")
+    if not cos >= min_cosine:
+        failures.append(f"{what}: cosine {cos:.7f} < {min_cosine}")
 
 
 def check_parity(policy, export_dir: str | Path, samplers, opts) -> dict:
@@ -140,15 +159,7 @@ def check_parity(policy, export_dir: str | Path, samplers, opts) -> dict:
     failures, summary = [], []
 
     def judge(what: str, rows: list[dict], tol: float) -> None:
-        if not rows:
-            return
-        worst = max(r["max_abs"] for r in rows)
-        cos = min(r["cosine"] for r in rows)
-        summary.append({"what": what, "max_abs": worst, "min_cosine": cos, "tol": tol})
-        if not worst <= tol:
-            failures.append(f"{what}: max-abs {worst:.3g} > {tol:g}")
-        if not cos >= opts.min_cosine:
-            failures.append(f"{what}: cosine {cos:.7f} < {opts.min_cosine}")
+        _judge(summary, failures, what, rows, tol, opts.min_cosine)
 
     judge("encoder", enc_rows, opts.tol_step)
     for key, rec in per_sampler.items():
@@ -170,3 +181,60 @@ def check_parity(policy, export_dir: str | Path, samplers, opts) -> dict:
         "unrolled": unrolled_rows,
         "note": "step: native prediction units; chunk: normalized action units (max_abs_raw: dataset units)",
     }
+
+
+def check_steered_parity(steered, export_dir: str | Path, opts, report: dict) -> dict:
+    """Add a steered export's rows (``noise_actor``, ``steered chunk``) to ``report`` (its base's, from
+    :func:`check_parity`) and re-judge ``passed``; returns ``report``."""
+    import torch
+
+    from vlaflow.deploy.onnx_runtime import OnnxPolicy
+
+    base = steered.base
+    ort_pol = OnnxPolicy(export_dir, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(opts.seed + 7)  # observations of their own, not the base rows' again
+    name, steps = ort_pol.sampler, ort_pol.num_steps  # the base's configured sampler: what infer runs
+    actor_rows, chunk_rows = [], []
+    for j in range(opts.n_parity_obs):
+        obs = random_obs(base, rng)
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in obs.items() if k != "task"}
+        if "task" in obs:
+            batch["task"] = [obs["task"]]
+        with torch.inference_mode():
+            cond_t = base.encode(batch)
+            w_t = steered.steer(cond_t).numpy()  # (1, H, Da)
+        actor_rows.append({"obs": j, **_metrics(ort_pol.initial_noise(cond_t.numpy()), w_t)})
+        res, step_noise = _torch_chain(
+            base,
+            lambda x, t, c=cond_t: base.predict(x, t, c),
+            cond_t,
+            w_t,
+            name,
+            steps,
+            opts.seed + 1000 * j + 7,
+        )
+        cond_o = ort_pol.encode(obs)
+        w_o = ort_pol.initial_noise(cond_o)
+        if ort_pol.uses_unrolled:
+            x0_o = ort_pol.run_unrolled(cond_o, w_o)
+        else:
+            x0_o = ort_pol.denoise(cond_o, w_o, step_noise=lambda i, _s, sn=step_noise: sn[i])
+        x0_t = res.x0.numpy()
+        chunk = {"obs": j, **_metrics(x0_o, x0_t), "noise_max_abs": float(np.max(np.abs(w_o - w_t)))}
+        chunk["max_abs_raw"] = float(
+            np.max(np.abs(ort_pol.unnormalize_action(x0_o) - ort_pol.unnormalize_action(x0_t)))
+        )
+        chunk["nfe"] = ort_pol.last_nfe
+        chunk_rows.append(chunk)
+    _judge(report["summary"], report["failures"], "noise_actor", actor_rows, opts.tol_step, opts.min_cosine)
+    what = f"steered {name}:{steps}{' unrolled' if ort_pol.uses_unrolled else ''} chunk"
+    _judge(report["summary"], report["failures"], what, chunk_rows, opts.tol_chunk, opts.min_cosine)
+    report["steered"] = {
+        "sampler": name,
+        "num_steps": steps,
+        "unrolled": ort_pol.uses_unrolled,
+        "noise_actor": actor_rows,
+        "chunks": chunk_rows,
+    }
+    report["passed"] = not report["failures"]
+    return report

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from vlaflow.errors import VlaflowError
 
-GRAPHS = ("encoder", "denoiser", "unrolled")
+GRAPHS = ("encoder", "denoiser", "unrolled", "noise_actor")  # noise_actor: a steered (DSRL) export
 
 
 def tensorrt_available() -> bool:

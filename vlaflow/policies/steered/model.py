@@ -5,7 +5,9 @@ Shapes: B batch, H chunk, Da action dim, Fo the base's flattened condition. ``in
 ``w = actor(cond.flatten(1))`` (tanh-bounded mean) and ``base.denoise(cond, noise=w)``: the same chain
 as ``vlaflow.train.objectives.dsrl.SteeredRuntime``. The checkpoint is self-contained: config.json embeds
 the base config, model.safetensors holds ``base.*`` and ``actor.*``. The noise is the actor's, so an
-explicit ``noise`` is refused (RTI-DP / RTC / ONNX export, which feed their own noise, do not apply).
+explicit ``noise`` is refused (RTI-DP / RTC, which feed their own noise, do not apply). ``vlaflow export``
+writes the base's graphs plus the actor's (``noise_actor.onnx``: cond -> w), run in this order by the ONNX
+runtime.
 """
 
 from __future__ import annotations
