@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import subprocess
 import sys
 import time
@@ -113,9 +114,23 @@ def clipfracs(deadline: float, policy: str, out: Path) -> list[dict]:
     return rows
 
 
+def zero_noise_policy(policy: str, out: Path, width: int = 256) -> str:
+    """The DSRL starting point as deployed: the steered policy whose actor is at its zero init (w = 0)."""
+    from vlaflow.policies import load_checkpoint, save_checkpoint
+    from vlaflow.policies.steered.actor import NoiseActor
+    from vlaflow.policies.steered.model import SteeredPolicy
+
+    base = load_checkpoint(policy)
+    actor = NoiseActor(base.n_cond_tokens * base.cond_dim, math.prod(base.target_shape), 1.5, width)
+    return str(save_checkpoint(out, SteeredPolicy.wrap(base, actor, width)))
+
+
 def online(deadline: float, a, row: dict, out: Path) -> None:
     """``vlaflow refine --algo dsrl|dppo`` for ``--rl-minutes``, then the held-out evaluation of ``last``."""
     run = out / a.algo
+    if a.algo == "dsrl" and a.zero_noise:
+        zero = zero_noise_policy(a.policy, out / "zero_noise")
+        row["zero_noise"] = evaluate(deadline, zero, out / "zero_noise_eval", a.episodes)
     t1 = time.time()
     rf = vlaflow(
         deadline - 1.3 * float(row["before"]["wall_s"] or 0),
@@ -152,6 +167,7 @@ def main() -> int:
     ap.add_argument("--results", default=str(RESULTS), help="where rl.json / rl.md go")
     ap.add_argument("--before", default="", help="reuse this `vlaflow eval --out` of --policy (same seeds)")
     ap.add_argument("--algo", default="rl100", choices=("rl100", "dsrl", "dppo"))
+    ap.add_argument("--zero-noise", action="store_true", help="dsrl: also evaluate w = 0 steering")
     ap.add_argument("--rl-minutes", type=float, default=30.0, help="dsrl / dppo: training wall time")
     ap.add_argument("overrides", nargs="*", help="refine FIELD=VALUE settings of the RL run")
     a = ap.parse_args()
@@ -265,6 +281,13 @@ def write_md(rows: list[dict], path: Path) -> None:
                     f"| {c['logprob']} | {c['lr']:g} | {c['updates']} | {c['clipfrac_last_update']:.3f} | "
                     f"{c['approx_kl_last_update']:.2e} |"
                 )
+        if r.get("zero_noise"):
+            z = r["zero_noise"]
+            lines += [
+                "",
+                f"DSRL's start as deployed ({r['when']}): the base denoised from w = 0 (actor at init),"
+                f" success {_pct(z)}, first 50 {_pct(z, 'first50_success')}, score {z['score']:.3f}.",
+            ]
         if r.get("stopped"):
             lines += ["", f"Note ({r['when']}): {r['stopped']}."]
     path.write_text("\n".join(lines) + "\n")
