@@ -25,9 +25,10 @@ from vlaflow.policies.steered.actor import NoiseActor, mlp
 class TwinQ(nn.Module):
     """Two Q(obs, w) heads (B,) each."""
 
-    def __init__(self, obs_dim: int, noise_dim: int, width: int = 256):
+    def __init__(self, obs_dim: int, noise_dim: int, width: int = 256, layer_norm: bool = True):
         super().__init__()
-        self.q1, self.q2 = mlp(obs_dim + noise_dim, 1, width, 2), mlp(obs_dim + noise_dim, 1, width, 2)
+        d = obs_dim + noise_dim
+        self.q1, self.q2 = mlp(d, 1, width, 2, layer_norm), mlp(d, 1, width, 2, layer_norm)
 
     def forward(self, obs: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         x = torch.cat([obs, w], -1)
@@ -37,12 +38,22 @@ class TwinQ(nn.Module):
 class SAC(nn.Module):
     """Actor, twin critics and the entropy temperature; :meth:`losses` is one SAC update's scalar loss."""
 
-    def __init__(self, obs_dim: int, noise_dim: int, bound: float = 1.5, width: int = 256, init_alpha=0.1):
+    def __init__(
+        self,
+        obs_dim: int,
+        noise_dim: int,
+        bound: float = 1.5,
+        width: int = 256,
+        init_alpha=0.1,
+        target_entropy_per_dim: float = -1.0,
+        critic_layer_norm: bool = True,
+    ):
         super().__init__()
         self.actor = NoiseActor(obs_dim, noise_dim, bound, width)
-        self.q = TwinQ(obs_dim, noise_dim, width)
+        self.q = TwinQ(obs_dim, noise_dim, width, critic_layer_norm)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(init_alpha)))
-        self.target_entropy = -float(noise_dim)
+        # SAC's usual -1 per dim; DSRL's released configs use 0 (target_ent 0.0) in the noise space
+        self.target_entropy = float(target_entropy_per_dim) * float(noise_dim)
 
     def losses(
         self,

@@ -16,12 +16,13 @@ from torch import Tensor, nn
 from vlaflow.policies.nets.unet1d import SinusoidalPosEmb
 
 
-def mish_mlp(inp: int, out: int, width: int = 256, depth: int = 2) -> nn.Sequential:
-    """``depth`` x (Linear -> Mish) -> Linear: RL's small nets (critics, values, dynamics, noise actor)."""
+def mish_mlp(inp: int, out: int, width: int = 256, depth: int = 2, layer_norm: bool = False) -> nn.Sequential:
+    """``depth`` x (Linear [-> LayerNorm] -> Mish) -> Linear: RL's small nets (critics, values, dynamics,
+    noise actor). LayerNorm in a critic bounds how far its TD bootstrap can run away (RLPD, DSRL)."""
     layers: list[nn.Module] = []
     d = inp
     for _ in range(depth):
-        layers += [nn.Linear(d, width), nn.Mish()]
+        layers += [nn.Linear(d, width), *([nn.LayerNorm(width)] if layer_norm else []), nn.Mish()]
         d = width
     layers.append(nn.Linear(d, out))
     return nn.Sequential(*layers)

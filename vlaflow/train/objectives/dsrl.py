@@ -56,6 +56,9 @@ class DSRLConfig:
     # succeeds. PushT ends an episode at success, so the summed task reward of an episode that stops at
     # 0.94 coverage and keeps pushing exceeds that of one that succeeds early: "task" pays for near-misses
     reward: str = "task"
+    reward_offset: float = 0.0  # subtracted from every stored reward (DSRL's robomimic: 1, i.e. -1 per step)
+    target_entropy_per_dim: float = -1.0  # SAC's target entropy / Dw (DSRL's configs: 0.0)
+    critic_layer_norm: bool = True  # LayerNorm in the twin critics (DSRL's use_layer_norm)
 
     def __post_init__(self):
         for name in ("n_envs", "updates_per_round", "batch_size", "buffer"):
@@ -102,7 +105,17 @@ class DSRLObjective(Objective):
         self.noise_dim = int(np.prod(policy.target_shape))
         torch.manual_seed(self.seed)
         self.module = nn.ModuleDict(
-            {"sac": SAC(obs_dim, self.noise_dim, cfg.bound, cfg.width, cfg.init_alpha)}
+            {
+                "sac": SAC(
+                    obs_dim,
+                    self.noise_dim,
+                    cfg.bound,
+                    cfg.width,
+                    cfg.init_alpha,
+                    cfg.target_entropy_per_dim,
+                    cfg.critic_layer_norm,
+                )  # fmt: skip
+            }
         )
         self.target_q = copy.deepcopy(self.module["sac"].q).requires_grad_(False)
         self.replay = ReplayBuffer(cfg.buffer)
@@ -145,16 +158,20 @@ class DSRLObjective(Objective):
             obs, reward, done, success = self.venv.step(acts)
             nfeat = pol.encode(obs_to_torch(obs, pol.device)).flatten(1)
             keep = torch.from_numpy(alive)
-            learn = reward  # "success": alive and succeeded now = the first success (it ends the episode)
+            learn, terminal = reward, done
             if self.cfg.reward == "success":
+                # alive and succeeded now = the first success, which ends the episode: the one true terminal.
+                # The step limit only truncates (the TD target bootstraps through it)
                 learn = (np.asarray(success, bool) & alive).astype(np.float64)
+                terminal = np.asarray(success, bool)
+            learn = learn - self.cfg.reward_offset
             if keep.any():
                 self.replay.add(
                     obs=feat[keep],
                     w=w[keep],
                     reward=torch.from_numpy(learn.astype(np.float32))[keep],
                     next_obs=nfeat[keep],
-                    done=torch.from_numpy(done)[keep],
+                    done=torch.from_numpy(terminal)[keep],
                 )
             ret += np.where(alive, reward, 0.0)
             succ |= success & alive
