@@ -323,11 +323,9 @@ def test_train_wm_cli_runs_on_the_loop_resumes_and_its_checkpoint_loads(tmp_path
 
 
 # -- World4RL: DPPO in imagination ----------------------------------------------------------------------
-def test_world4rl_refine_runs_dppo_in_imagination_with_zero_real_env_steps(tmp_path):
-    pytest.importorskip("gym_pusht")
-    import csv
-    import json
-    import subprocess
+def _world4rl_inputs(tmp_path):
+    """A tiny store, a world model (Tf = 4) trained 30 steps on it, a tiny untrained PushT policy (Ta = 4)
+    and the `vlaflow refine --algo world4rl` command line for them (2 iterations of 4 envs x 4 decisions)."""
     import sys
     from pathlib import Path
 
@@ -368,29 +366,76 @@ def test_world4rl_refine_runs_dppo_in_imagination_with_zero_real_env_steps(tmp_p
         str(tmp_path / "pol"),
     ]
     args += ["--world-model", str(tmp_path / "wm"), "--starts", str(store), "--out", str(tmp_path / "run")]
-    args += [
-        "iterations=2",
-        "dppo.n_envs=4",
-        "dppo.n_decisions=4",
-        "dppo.update_epochs=1",
-        "dppo.n_minibatches=2",
-    ]
-    args += [
-        "dppo.chain.finetune_last=5",
-        "eval_every=0",
-        "eval_episodes=0",
-        "final_episodes=1",
-        "eval_workers=1",
-    ]
-    args += ["progress=false", "wm_horizon=16"]
-    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
+    args += ["iterations=2", "dppo.n_envs=4", "dppo.n_decisions=4", "dppo.update_epochs=1"]
+    args += ["dppo.n_minibatches=2", "dppo.chain.finetune_last=5", "eval_every=0", "eval_episodes=0"]
+    args += ["eval_workers=1", "progress=false", "wm_horizon=16"]
+    return tmp_path / "wm", env, args
+
+
+def _train_rows(run) -> list[dict]:
+    import csv
+
+    with open(run / "log.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("kind") == "train" and r.get("env_steps")]
+
+
+def test_world4rl_refine_runs_dppo_in_imagination_with_zero_real_env_steps(tmp_path):
+    pytest.importorskip("gym_pusht")
+    import json
+    import subprocess
+
+    _, env, args = _world4rl_inputs(tmp_path)
+    out = subprocess.run([*args, "final_episodes=1"], capture_output=True, text=True, env=env, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     w4 = json.loads((tmp_path / "run" / "world4rl.json").read_text())
     assert w4["real_env_steps_during_rl"] == 0 and w4["imagined_steps"] > 0 and w4["model_calls"] > 0
-    with open(tmp_path / "run" / "log.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("kind") == "train" and r.get("env_steps")]
+    rows = _train_rows(tmp_path / "run")
     assert rows and all(float(r["env_steps"]) == 0 for r in rows)  # the counter stayed 0 through the run
     summary = json.loads(out.stdout[out.stdout.index("{") :])
     assert summary["steps"] == 4 and summary["evals"][-1]["n_episodes"] == 1  # then scored in the real sim
     assert summary["final"]["n_errors"] == 0 and 0 <= summary["final"]["score"] <= 1
     assert w4["imagined_steps"] == 2 * 4 * 4 * 4 and w4["model_calls"] == 2 * 4  # one model call per chunk
+    # no classifier in the checkpoint: the default reward is the task's coverage, and the run records it
+    rec = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert w4["reward"] == "coverage" and rec["refine"]["wm_reward"] == "coverage"
+
+
+def test_world4rl_takes_the_success_classifier_reward_and_refuses_it_naming_the_fix(tmp_path):
+    """The checkpoint records ``classifier``: world4rl's default follows it and the run records it; the
+    classifier is the reward indeed (one that says success everywhere ends every imagined episode at its
+    first step as a success: coverage never does on these states). A world model without a classifier asked
+    for one is refused naming ``vlaflow train-wm --success-classifier``, before any run is written."""
+    pytest.importorskip("gym_pusht")
+    import json
+    import shutil
+    import subprocess
+
+    from vlaflow.world_models.checkpoint import save_success_classifier
+    from vlaflow.world_models.reward import SuccessClassifier
+
+    wm_dir, env, args = _world4rl_inputs(tmp_path)
+    bare = shutil.copytree(wm_dir, tmp_path / "wm_bare")
+    clf = SuccessClassifier(5, np.full(5, 256.0), np.full(5, 100.0), width=8)
+    with torch.no_grad():
+        clf.net[-1].weight.zero_()
+        clf.net[-1].bias.fill_(10.0)  # p(success) = sigmoid(10) everywhere
+    save_success_classifier(wm_dir, clf, {"note": "always success (test)"})  # records reward=classifier
+    out = subprocess.run([*args, "final_episodes=0"], capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    w4 = json.loads((run / "world4rl.json").read_text())
+    rec = json.loads((run / "run_config.json").read_text())
+    assert w4["reward"] == "classifier" and rec["refine"]["wm_reward"] == "classifier"
+    assert w4["real_env_steps_during_rl"] == 0
+    rows = _train_rows(run)
+    assert rows and all(float(r["rollout_success"]) == 1.0 for r in rows), rows
+    assert w4["imagined_steps"] == 2 * 4 * 1  # every episode: one step, then its success ends it
+
+    i = args.index("--world-model")
+    refused = [*args[: i + 1], str(bare), *args[i + 2 :], "wm_reward=classifier", "final_episodes=0"]
+    refused[refused.index("--out") + 1] = str(tmp_path / "run2")
+    out = subprocess.run(refused, capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode != 0
+    assert f"world model {bare} has no success classifier" in out.stderr, out.stderr[-2000:]
+    assert "vlaflow train-wm --success-classifier" in out.stderr
+    assert not (tmp_path / "run2" / "checkpoints").exists()

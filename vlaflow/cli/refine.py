@@ -5,7 +5,10 @@ The run (objective on the one training loop, curves, checkpoint selection) is
 envs (:class:`vlaflow.sim.rollout.SubprocChunkEnv`, training seeds 0..99,999) and the held-out evaluator
 (seeds 100000..). ``--resume`` continues RUN from ``checkpoints/last`` with the config it recorded.
 ``--algo rl100 --data STORE`` runs RL-100's offline iterations (:mod:`vlaflow.train.rl100`) on a copy of
-STORE, collecting with a recording vectorized env; ``--resume`` continues at the stage it recorded.
+STORE, collecting with a recording vectorized env; ``--resume`` continues at the stage it recorded; with
+``rl100.gate_model=wm --world-model WM`` its gate scores policies in the frozen diffusion world model.
+``--algo world4rl`` takes its imagined reward from ``wm_reward`` (``coverage`` | ``classifier``; default the
+one the world-model checkpoint records) and records the resolved choice in the run's config.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="rl100: a final online DPPO stage of this many iterations (= rl100.online_iterations)",
     )
-    parser.add_argument("--world-model", default="", help="world4rl: world-model checkpoint (train-wm)")
+    parser.add_argument(
+        "--world-model",
+        default="",
+        help="world4rl, or rl100 with rl100.gate_model=wm: world-model checkpoint (train-wm)",
+    )
     parser.add_argument(
         "--starts", default="", help="world4rl: episode store whose episode starts begin imagined episodes"
     )
@@ -117,7 +124,8 @@ def run_refine(args: argparse.Namespace) -> int:
         else:  # the steered policy (frozen denoiser + noise actor) runs in this process
             evaluator = _SteeredEval(ev_cfg, holder)
     if cfg.algo == "world4rl":
-        venv = _imagined_env(cfg, policy)
+        venv, reward = _imagined_env(cfg, policy)
+        cfg = dataclasses.replace(cfg, wm_reward=reward)  # recorded in run_config.json as resolved
     else:
         venv = SubprocChunkEnv(
             cfg.task,
@@ -179,6 +187,19 @@ def _run_rl100(args, cfg, policy_path: str, policy) -> int:
     from vlaflow.train.rl100 import RL100Run, preflight
 
     preflight(cfg, policy, args.out, args.data, args.resume)  # before any sim process starts
+    gate_dynamics = None
+    if cfg.rl100.gate_model == "wm":
+        from vlaflow.world_models.gate import world_model_gate
+
+        gate_dynamics = world_model_gate(
+            cfg.world_model,
+            task=cfg.task,
+            reward=cfg.rl100.reward,
+            n_samples=cfg.rl100.gate_models,
+            seed=cfg.seed,
+            device=cfg.device,
+        )
+        gate_dynamics(policy)  # refuse a model of another task / key / action dim now, not at the gate
     env = make_env(cfg.task)
     try:
         record_keys = set(env.task_spec.obs_shapes)
@@ -221,6 +242,7 @@ def _run_rl100(args, cfg, policy_path: str, policy) -> int:
             evaluate=evaluator,
             online=online,
             resume=args.resume,
+            gate_dynamics=gate_dynamics,
         )
         summary = run.run()
     print(json.dumps(summary, indent=1, default=lambda v: float(v) if isinstance(v, np.floating) else str(v)))
@@ -228,36 +250,37 @@ def _run_rl100(args, cfg, policy_path: str, policy) -> int:
 
 
 def _imagined_env(cfg, policy):
-    """The frozen world model as the rollout env, started from the store's recorded episode starts."""
-    from vlaflow.world_models.checkpoint import load_world_model
+    """(the frozen world model as the rollout env, started from the store's recorded episode starts; the
+    name of its reward: ``cfg.wm_reward``, or the checkpoint's recorded choice when empty)."""
+    from vlaflow.world_models.checkpoint import imagined_reward, load_world_model
     from vlaflow.world_models.data import episode_starts, episodes_from_store
     from vlaflow.world_models.env import WorldModelEnv
-    from vlaflow.world_models.reward import pusht_reward
 
     wm = load_world_model(cfg.world_model, device=cfg.device)
-    if wm.config.task != cfg.task:
-        raise VlaflowError(f"{cfg.world_model}: a world model of task {wm.config.task!r}, not {cfg.task!r}")
-    keys = tuple(policy.config.obs_shapes)
-    if keys != (wm.config.obs_key,):
-        raise VlaflowError(
-            f"the policy reads {keys}; the world model {cfg.world_model} predicts only {wm.config.obs_key!r}"
-        )
-    if cfg.task != "pusht":
-        raise VlaflowError(
-            f"world4rl's reward from predicted states is defined for pusht only, not {cfg.task!r}"
-        )
+    pc = policy.config
+    wm.config.check_fits(
+        cfg.world_model,
+        task=cfg.task,
+        obs_shapes={k: tuple(v) for k, v in pc.obs_shapes.items()},
+        action_dim=int(pc.action_dim),
+        user="the policy",
+    )
+    # coverage: the task's own reward from the predicted state (refused for a task without one, naming the
+    # tasks that have one); classifier: refused, naming the fix, when the checkpoint has none
+    reward, reward_fn = imagined_reward(cfg.world_model, cfg.task, cfg.wm_reward or None)
     starts = episode_starts(episodes_from_store(cfg.wm_starts, wm.config.obs_key, wm.config.action_key))
-    return WorldModelEnv(
+    venv = WorldModelEnv(
         wm,
         starts,
         cfg.n_envs,
         policy.config.n_obs_steps,
-        pusht_reward,
+        reward_fn,
         max_steps=cfg.wm_horizon,
         n_samples=cfg.wm_samples,
         uncertainty_penalty=cfg.wm_uncertainty_penalty,
         seed=cfg.seed,
     )
+    return venv, reward
 
 
 class _SteeredEval:

@@ -10,14 +10,19 @@ With ``uncertainty_coef`` > 0 each imagined reward is also lowered by that times
 on that very step (MOPO's penalty: the mean over outputs of the std across members of their standardized
 predictions at the same (s, a)), which is what keeps a policy acting far from the data from scoring on
 the models' extrapolation: the spread of the members' *mean* returns averages that out over the starts.
-:func:`gate` accepts the candidate only when its score beats the current policy's by ``margin``. The
-diffusion world model of the next issue replaces the ensemble behind the same ``predict`` signature.
+:func:`gate` accepts the candidate only when its score beats the current policy's by ``margin``.
+
+The model is anything with the ensemble's :class:`GateModel` signature: the diffusion world model stands
+behind it (:class:`vlaflow.world_models.gate.WorldModelDynamics`, ``rl100.gate_model=wm``; its E samples are
+the members). A model that samples (has ``reset_noise``) is re-seeded at the start of every score, so the
+candidate and the current policy are scored on the same model noise, as on the same policy-chain noise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +30,16 @@ from torch import Tensor, nn
 from vlaflow.rl.iql import mlp
 
 PolicyFn = Callable[[Tensor], Tensor]  # (B, Ds) -> (B, Da')
+
+
+class GateModel(Protocol):
+    """What the gate needs of a model: E members, their predictions and their standardized outputs."""
+
+    models: Sequence  # one entry per member (E = len)
+
+    def predict(self, s: Tensor, a: Tensor) -> tuple[Tensor, Tensor]: ...  # (E, B, Ds), (E, B)
+
+    def __call__(self, s: Tensor, a: Tensor) -> Tensor: ...  # (E, B, Ds + 1) standardized
 
 
 class DynamicsEnsemble(nn.Module):
@@ -90,7 +105,7 @@ def fit_dynamics(
 @torch.no_grad()
 def imagined_score(
     policy: PolicyFn,
-    model: DynamicsEnsemble,
+    model: GateModel,
     starts: Tensor,
     horizon: int,
     gamma: float,
@@ -102,6 +117,9 @@ def imagined_score(
     ``starts``, minus ``disagreement_coef`` x the members' standard deviation of that return; with
     ``uncertainty_coef``, every imagined reward first lowered by that x the members' per-step disagreement."""
     e = len(model.models)
+    reset = getattr(model, "reset_noise", None)
+    if reset is not None:  # a sampling model: every policy scored on the same model noise
+        reset()
     s = starts.unsqueeze(0).expand(e, *starts.shape).clone()  # (E, B, Ds): each member its own rollout
     ret = torch.zeros(e, starts.shape[0])
     disc = 1.0
@@ -133,7 +151,7 @@ class GateResult:
 def gate(
     candidate: PolicyFn,
     current: PolicyFn,
-    model: DynamicsEnsemble,
+    model: GateModel,
     starts: Tensor,
     *,
     horizon: int = 20,

@@ -28,7 +28,9 @@ from vlaflow.train.rl100 import RL100Config, rl100_config_from_dict
 
 # world4rl: DPPO with rollouts in a frozen world model; rl100: the offline loop of vlaflow.train.rl100
 ALGOS = ("dppo", "dsrl", "world4rl", "rl100")
-WM_REWARDS = ("coverage",)  # the learned success classifier is not wired into refine yet
+# world4rl's imagined reward (as vlaflow.world_models.checkpoint.REWARDS): the task's own from the predicted
+# state, or the world model's success classifier (World4RL's); "" = the one the checkpoint records
+WM_REWARDS = ("coverage", "classifier")
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,11 @@ class RefineConfig:
     threads: int = 1  # torch intra-op threads
     device: str = "cpu"
     progress: bool = True
-    world_model: str = ""  # world4rl: the world-model checkpoint (vlaflow train-wm)
+    world_model: str = ""  # world4rl, rl100 with rl100.gate_model=wm: the world-model checkpoint (train-wm)
     wm_starts: str = ""  # world4rl: episode store whose episode starts begin the imagined episodes
-    wm_reward: str = "coverage"  # world4rl: "coverage" (the task's reward from the predicted state)
+    # world4rl: "coverage" (the task's reward from the predicted state) | "classifier" (the checkpoint's
+    # success classifier) | "" (the one the checkpoint records); the run records the resolved choice
+    wm_reward: str = ""
     wm_horizon: int = 300  # world4rl: imagined episode step cap
     wm_uncertainty_penalty: float = 0.0  # world4rl: reward -= penalty * sampler spread (conservative)
     wm_samples: int = 2  # world4rl: samples per imagined step for the uncertainty signal
@@ -71,8 +75,12 @@ class RefineConfig:
 
         if self.algo == "world4rl" and not (self.world_model and self.wm_starts):
             raise ConfigError("algo=world4rl needs world_model=WM_CKPT and wm_starts=STORE (--world-model)")
-        if self.wm_reward not in WM_REWARDS:
-            raise ConfigError(f"wm_reward must be one of {WM_REWARDS}, got {self.wm_reward!r}")
+        if self.wm_reward not in ("", *WM_REWARDS):
+            raise ConfigError(
+                f"wm_reward must be one of {WM_REWARDS} (or empty: the checkpoint's), got {self.wm_reward!r}"
+            )
+        if self.algo == "rl100" and self.rl100.gate_model == "wm" and not self.world_model:
+            raise ConfigError("rl100.gate_model=wm needs world_model=WM_CKPT (--world-model)")
 
     @property
     def on_policy(self) -> bool:

@@ -9,7 +9,9 @@ Iteration i, each stage a resumable unit recorded in ``RUN/rl100_state.json``:
    every step, a small lr (:class:`~vlaflow.train.objectives.rl100.OfflinePPO`, ``RUN/iter_NNN/ppo``):
    the *candidate*.
 3. ``gate`` -- the offline policy-evaluation gate (:mod:`vlaflow.rl.gate`): an ensemble of MLP dynamics
-   models fit on the same transitions rolls both policies out from real states, + the critic's V at the
+   models fit on the same transitions (``rl100.gate_model=ensemble``), or the frozen diffusion world model
+   at ``world_model`` (``wm``: its samples are the members; the caller builds it, this layer does not import
+   world models), rolls both policies out from real states, + the critic's V at the
    horizon; the candidate is accepted only if its estimate beats the current policy's. With held-out
    evaluation on, both policies' sim scores are measured too, and the Spearman rank agreement of the gate's
    estimates with them (over every policy scored so far) is logged.
@@ -60,6 +62,7 @@ from vlaflow.train.state import copy_checkpoint
 
 REWARD_KEY = "reward"  # the per-step reward the store copy holds (computed for demos, recorded for rollouts)
 REWARDS = ("success", "task")
+GATE_MODELS = ("ensemble", "wm")  # the gate's model: MLP dynamics ensemble | the diffusion world model
 STAGES = ("critic", "ppo", "gate", "collect", "bc")
 
 
@@ -90,7 +93,8 @@ class RL100Config:
     clip: float = 0.01  # PPO ratio clip per denoising step
     gamma_denoise: float = 0.99  # denoising discount of the per-step terms
     logprob: str = "mean_executed"  # how a denoising step is scored (rl.chain.LOGPROBS)
-    gate_models: int = 5  # dynamics ensemble members
+    gate_model: str = "ensemble"  # "ensemble" (fit each iteration) | "wm" (the frozen model at world_model)
+    gate_models: int = 5  # dynamics ensemble members (gate_model=wm: world-model samples per step)
     gate_width: int = 128
     gate_steps: int = 1000  # dynamics fitting steps
     gate_horizon: int = 5  # imagined decisions (+ gamma^H V at the end)
@@ -110,6 +114,8 @@ class RL100Config:
     def __post_init__(self):
         if self.reward not in REWARDS:
             raise ConfigError(f"rl100.reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.gate_model not in GATE_MODELS:
+            raise ConfigError(f"rl100.gate_model must be one of {GATE_MODELS}, got {self.gate_model!r}")
         if self.logprob not in LOGPROBS:
             raise ConfigError(f"rl100.logprob must be one of {LOGPROBS}, got {self.logprob!r}")
         for name in ("iterations", "critic_steps", "ppo_rounds", "ppo_windows", "update_epochs", "n_envs"):
@@ -261,12 +267,17 @@ class RL100Run:
         evaluate: Evaluate | None = None,
         online: Callable[[str, Path, bool], dict] | None = None,
         resume: bool = False,
+        gate_dynamics: Callable[..., object] | None = None,
     ):
         self.cfg, self.rc = cfg, cfg.rl100
         self.out = Path(out)
         self.state_file = self.out / "rl100_state.json"
         self.log_file = self.out / "rl100_log.jsonl"
         self.venv, self.reward_fn, self.evaluate, self.online = venv, reward_fn, evaluate, online
+        # gate_model=wm: (policy, seed=) -> the world model's gate model (vlaflow.world_models.gate)
+        self.gate_dynamics = gate_dynamics
+        if self.rc.gate_model == "wm" and gate_dynamics is None:
+            raise ConfigError("rl100.gate_model=wm needs the world model's gate model (world_model=WM_CKPT)")
         self.store_path = self.out / "store.zarr"
         self._gate_fit: tuple | None = None  # (iteration, transitions, dynamics, its loss, critic)
         if resume:
@@ -424,12 +435,7 @@ class RL100Run:
         cand = load_checkpoint(candidate).eval()
         if self._gate_fit is None or self._gate_fit[0] != i:  # one dynamics fit per iteration
             data = store_transitions(self.store_path, cur, rc.reward, rc.stride)
-            torch.manual_seed(self.cfg.seed + i)
-            model = DynamicsEnsemble(data["s"].shape[1], data["a"].shape[1], rc.gate_models, rc.gate_width)
-            loss = fit_dynamics(
-                model, data["s"], data["a"], data["s2"], data["r"], rc.gate_steps, seed=self.cfg.seed + i
-            )
-            self._gate_fit = (i, data, model, loss, self._load_critic(i, cur))
+            self._gate_fit = (i, data, *self._gate_model(i, cur, data), self._load_critic(i, cur))
         _, data, model, loss, critic = self._gate_fit
         g = torch.Generator().manual_seed(self.cfg.seed * 31 + i)
         starts = data["s"][torch.randint(0, len(data["s"]), (rc.gate_starts,), generator=g)]
@@ -450,7 +456,24 @@ class RL100Run:
             "candidate": res.candidate,
             "current": res.current,
             "dynamics_loss": loss,
+            "gate_model": rc.gate_model,
         }
+
+    def _gate_model(self, i: int, cur, data: dict) -> tuple:
+        """(the gate's model, its dynamics loss): the ensemble fit on ``data`` (its last training loss), or
+        the frozen world model (nothing to fit: the same standardized error on up to 512 transitions)."""
+        rc, seed = self.rc, self.cfg.seed + i
+        torch.manual_seed(seed)
+        if rc.gate_model == "wm":
+            model = self.gate_dynamics(cur, seed=seed)
+            model.set_stats(data["s"], data["a"], data["s2"], data["r"])
+            sub = torch.randperm(len(data["s"]))[:512]
+            model.reset_noise()
+            return model, float(model.loss(*(data[k][sub] for k in ("s", "a", "s2", "r"))))
+        model = DynamicsEnsemble(data["s"].shape[1], data["a"].shape[1], rc.gate_models, rc.gate_width)
+        return model, fit_dynamics(
+            model, data["s"], data["a"], data["s2"], data["r"], rc.gate_steps, seed=seed
+        )
 
     def _gate(self, i: int) -> None:
         t0 = time.perf_counter()
@@ -563,6 +586,7 @@ class RL100Run:
             "gate_candidate": g["candidate"],
             "gate_current": g["current"],
             "accepted": g["accept"],
+            "gate_model": g.get("gate_model", "ensemble"),
             "dynamics_loss": g["dynamics_loss"],
             "candidate_score": cand["score"] if cand else None,
             "candidate_success": cand["success_rate"] if cand else None,

@@ -11,6 +11,7 @@ Above ``vlaflow.rl`` and ``vlaflow.policies`` (whose denoising contract and samp
 - :mod:`~vlaflow.world_models.checkpoint` -- save / load (JSON + safetensors)
 - :mod:`~vlaflow.world_models.reward`     -- PushT coverage from a state (no sim), success classifier
 - :mod:`~vlaflow.world_models.env`        -- WorldModelEnv behind the RL's ChunkVecEnv protocol
+- :mod:`~vlaflow.world_models.gate`       -- WorldModelDynamics: the model as RL-100's gate model
 """
 
 from vlaflow.world_models.checkpoint import load_world_model, save_world_model

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlaflow.errors import ConfigError
+from vlaflow.errors import ConfigError, VlaflowError
 from vlaflow.policies.base_config import MLPConfig, NetConfig, _to_jsonable, dataclass_from_dict
 
 ACTION_ENCODINGS = ("two_hot", "continuous")
@@ -69,6 +69,32 @@ class WorldModelConfig:
     def next_key(self) -> str:
         """The batch key of the Tf next observations (B, Tf, Do) a training batch carries."""
         return "next." + self.obs_key
+
+    def check_fits(
+        self,
+        where: str,
+        *,
+        task: str,
+        obs_shapes: dict[str, tuple[int, ...]] | None = None,
+        action_dim: int = 0,
+        user: str = "the policy",
+    ) -> None:
+        """Refuse a use (``user``) of another task, observation keys or action dimension than this model was
+        trained on (``obs_shapes`` None: the task only); the error names what the model has (``where``: its
+        checkpoint)."""
+        if self.task != task:
+            raise VlaflowError(f"world model {where} was trained on task {self.task!r}, not {task!r}")
+        if obs_shapes is None:
+            return
+        keys = tuple(obs_shapes)
+        if keys != (self.obs_key,):
+            raise VlaflowError(f"{user} reads {keys}; the world model {where} predicts only {self.obs_key!r}")
+        if tuple(obs_shapes[self.obs_key]) != (self.obs_dim,) or action_dim != self.action_dim:
+            raise VlaflowError(
+                f"world model {where} has {self.obs_key!r} {(self.obs_dim,)} and action dim "
+                f"{self.action_dim}; {user} has {self.obs_key!r} {tuple(obs_shapes[self.obs_key])} and "
+                f"action dim {action_dim}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_jsonable(self)
