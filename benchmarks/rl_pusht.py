@@ -83,7 +83,38 @@ def evaluate(deadline: float, policy: str, out: Path, episodes: int, reuse: str 
         "seeds": [eps[0]["seed"], eps[-1]["seed"]] if eps else None,
         "wall_s": agg.get("wall_s") if reuse else round(time.time() - t0, 1),
         "reused_report": str(out / "report.json") if reuse else None,
+        "per_seed": per_seed(rep),
     }
+
+
+def per_seed(rep: dict) -> str:
+    """The report's successes in seed order as a 0/1 string (for the paired test between rows)."""
+    return "".join("1" if e["success"] else "0" for e in sorted(rep["episodes"], key=lambda e: e["seed"]))
+
+
+def mcnemar(x: str, y: str) -> tuple[int, int, float]:
+    """Paired test on the same seeds: (x only, y only, exact two-sided McNemar p)."""
+    n10 = sum(a == "1" and b == "0" for a, b in zip(x, y, strict=True))
+    n01 = sum(a == "0" and b == "1" for a, b in zip(x, y, strict=True))
+    n, k = n10 + n01, min(n10, n01)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return n10, n01, p
+
+
+def annotate(results: Path, when: str, reports: list[str]) -> None:
+    """Add ``per_seed`` to the evaluations of row ``when`` from their saved reports (``name=DIR``)."""
+    rows = json.loads((results / "rl.json").read_text())
+    row = next(r for r in rows if r["when"] == when)
+    for item in reports:
+        name, d = item.split("=", 1)
+        rep = json.loads((Path(d) / "report.json").read_text())
+        if len(rep["episodes"]) != row[name]["n_episodes"]:
+            raise SystemExit(
+                f"{d}: {len(rep['episodes'])} episodes, the row's {name} has {row[name]['n_episodes']}"
+            )
+        row[name]["per_seed"] = per_seed(rep)
+    (results / "rl.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_md(rows, results / "rl.md")
 
 
 def clipfracs(deadline: float, policy: str, out: Path) -> list[dict]:
@@ -156,9 +187,9 @@ def online(deadline: float, a, row: dict, out: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--policy", required=True)
-    ap.add_argument("--data", required=True, help="the demonstrations the policy was trained on")
-    ap.add_argument("--out", required=True, help="scratch directory (must not exist)")
+    ap.add_argument("--policy", default="")
+    ap.add_argument("--data", default="", help="the demonstrations the policy was trained on")
+    ap.add_argument("--out", default="", help="scratch directory (must not exist)")
     ap.add_argument("--minutes", type=float, default=40.0, help="bound on the whole benchmark")
     ap.add_argument("--episodes", type=int, default=200)
     ap.add_argument("--clipfrac", action="store_true", help="also measure DPPO's clip fractions")
@@ -166,11 +197,18 @@ def main() -> int:
     ap.add_argument("--note", default="", help="what the policy is")
     ap.add_argument("--results", default=str(RESULTS), help="where rl.json / rl.md go")
     ap.add_argument("--before", default="", help="reuse this `vlaflow eval --out` of --policy (same seeds)")
+    ap.add_argument("--annotate", default="", help="only add per-seed successes to the row of this time")
+    ap.add_argument("--report", action="append", default=[], help="with --annotate: NAME=EVAL_DIR")
     ap.add_argument("--algo", default="rl100", choices=("rl100", "dsrl", "dppo"))
     ap.add_argument("--zero-noise", action="store_true", help="dsrl: also evaluate w = 0 steering")
     ap.add_argument("--rl-minutes", type=float, default=30.0, help="dsrl / dppo: training wall time")
     ap.add_argument("overrides", nargs="*", help="refine FIELD=VALUE settings of the RL run")
     a = ap.parse_args()
+    if a.annotate:
+        annotate(Path(a.results), a.annotate, a.report)
+        return 0
+    if not (a.policy and a.data and a.out):
+        ap.error("--policy, --data and --out are required (unless --annotate)")
     out = Path(a.out)
     out.mkdir(parents=True)
     t0 = time.time()
@@ -281,6 +319,17 @@ def write_md(rows: list[dict], path: Path) -> None:
                     f"| {c['logprob']} | {c['lr']:g} | {c['updates']} | {c['clipfrac_last_update']:.3f} | "
                     f"{c['approx_kl_last_update']:.2e} |"
                 )
+        paired = [("after", "before"), ("after", "zero_noise")]
+        pairs = [
+            (x, y) for x, y in paired if (r.get(x) or {}).get("per_seed") and (r.get(y) or {}).get("per_seed")
+        ]
+        for x, y in pairs:
+            n10, n01, p = mcnemar(r[x]["per_seed"], r[y]["per_seed"])
+            lines += [
+                "",
+                f"Paired on the same seeds ({r['when']}, {x} vs {y}): {n10} seeds succeed only {x}, "
+                f"{n01} only {y}; exact McNemar p = {p:.3g}.",
+            ]
         if r.get("zero_noise"):
             z = r["zero_noise"]
             lines += [
