@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from test_accel import Regression
 
 from vlaflow.train.loop import LoopConfig, TrainingLoop
+from vlaflow.train.process import end_process
 
 
 class Sharded(Regression):
@@ -35,11 +36,7 @@ def main() -> None:
     loop.run(obj)
     if loop.process.main:
         save_file({k: v.detach().contiguous() for k, v in obj.module.state_dict().items()}, out)
-    if loop.process.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    end_process()  # as `vlaflow` does after every command: no rank aborts in interpreter shutdown
 
 
 if __name__ == "__main__":

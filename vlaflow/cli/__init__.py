@@ -143,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     getattr(module, f"add_{fn}_arguments")(parser)
     args = parser.parse_args(rest)
+    ok = False
     try:
-        return int(getattr(module, f"run_{fn}")(args) or 0)
+        rc = int(getattr(module, f"run_{fn}")(args) or 0)
+        ok = rc == 0
+        return rc
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
     except KeyboardInterrupt:
@@ -155,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ModuleNotFoundError as e:
         return _missing_torch(name, e)
+    finally:
+        if "torch.distributed" in sys.modules:  # a rank under torchrun: leave its group cleanly
+            from vlaflow.train.process import end_process
+
+            end_process(barrier=ok)
 
 
 def _missing_torch(name: str, e: ModuleNotFoundError) -> int:
