@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("gym_pusht")
 
+from rl_fixtures import scramble_  # noqa: E402
 from test_rl_refine import cli, env, tiny_policy  # noqa: E402
 
 torch.set_num_threads(1)
@@ -156,13 +157,7 @@ def test_the_gate_rejects_a_corrupted_policy_and_accepts_the_unchanged_one_over_
         reward_fn=lambda ep: stored_step_rewards("pusht", ep), record_keys={"obs.state"},
     )  # fmt: skip
     run._critic(0)
-    bad = load_checkpoint(trained)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in bad.parameters():  # scrambled: shuffled entries plus noise of the weights' own scale
-            flat = p.view(-1)
-            flat.copy_(flat[torch.randperm(flat.numel(), generator=g)])
-            p.add_(torch.randn(p.shape, generator=g) * (p.std() if p.numel() > 1 else 1.0))
+    bad = scramble_(load_checkpoint(trained))  # shuffled entries plus noise of the weights' own scale
     corrupted = str(save_checkpoint(tmp_path / "corrupted", bad))
     rejected = run.gate_estimates(0, corrupted, str(trained))
     assert not rejected["accept"] and rejected["candidate"] < rejected["current"], rejected

@@ -22,6 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("gym_pusht")
 
+from rl_fixtures import tiny_pusht_policy  # noqa: E402
+
 from vlaflow.errors import VlaflowError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,21 +31,7 @@ torch.set_num_threads(1)
 
 
 def tiny_policy(family: str = "diffusion"):
-    from vlaflow.policies import DiffusionConfig, FlowConfig, NetConfig, UNetConfig, build_policy
-
-    stats = {
-        "action": {"min": np.full(2, 50.0, np.float32), "max": np.full(2, 450.0, np.float32)},
-        "obs.state": {"min": np.zeros(5, np.float32), "max": np.full(5, 512.0, np.float32)},
-    }
-    for v in stats.values():
-        v["mean"], v["std"] = (v["min"] + v["max"]) / 2, (v["max"] - v["min"]) / 4
-    net = NetConfig(
-        kind="unet", unet=UNetConfig(down_dims=(8, 16), kernel_size=3, n_groups=4, step_embed_dim=8)
-    )
-    cls = DiffusionConfig if family == "diffusion" else FlowConfig
-    cfg = cls(obs_shapes={"obs.state": (5,)}, action_dim=2, horizon=8, n_action_steps=4, net=net, fps=10.0)
-    torch.manual_seed(0)
-    return build_policy(cfg, stats)
+    return tiny_pusht_policy(family)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from rl_fixtures import tiny_pusht_policy  # noqa: E402
+
 from vlaflow.deploy.export import ExportOptions, export_policy  # noqa: E402
 from vlaflow.deploy.onnx_runtime import OnnxPolicy  # noqa: E402
 from vlaflow.errors import ConfigError  # noqa: E402
@@ -30,23 +32,8 @@ SCALE = 200.0  # raw action units per normalized unit: actions span [50, 450] ->
 def tiny_steered(family: str, tmp_path):
     """A tiny base (as tests/test_rl_refine.tiny_policy, deterministic 4-step sampler) steered by an actor
     with random last-layer weights, saved and reloaded as a `steered` checkpoint; (ckpt dir, policy)."""
-    from vlaflow.policies import DiffusionConfig, FlowConfig, NetConfig, UNetConfig, build_policy
-
-    stats = {
-        "action": {"min": np.full(2, 50.0, np.float32), "max": np.full(2, 450.0, np.float32)},
-        "obs.state": {"min": np.zeros(5, np.float32), "max": np.full(5, 512.0, np.float32)},
-    }
-    for v in stats.values():
-        v["mean"], v["std"] = (v["min"] + v["max"]) / 2, (v["max"] - v["min"]) / 4
-    net = NetConfig(
-        kind="unet", unet=UNetConfig(down_dims=(8, 16), kernel_size=3, n_groups=4, step_embed_dim=8)
-    )
-    cls = DiffusionConfig if family == "diffusion" else FlowConfig
     sampler = "ddim" if family == "diffusion" else "euler"
-    cfg = cls(obs_shapes={"obs.state": (5,)}, action_dim=2, horizon=8, n_action_steps=4, net=net, fps=10.0,
-              sampler=sampler, num_inference_steps=4)  # fmt: skip
-    torch.manual_seed(0)
-    base = build_policy(cfg, stats).eval()
+    base = tiny_pusht_policy(family, sampler=sampler, num_inference_steps=4).eval()
     actor = NoiseActor(base.n_cond_tokens * base.cond_dim, int(np.prod(base.target_shape)), 1.5, width=32)
     torch.nn.init.normal_(actor.body[-1].weight, std=0.5)  # away from the zero init: w clearly != 0
     torch.nn.init.normal_(actor.body[-1].bias, std=0.5)

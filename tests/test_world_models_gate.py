@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("gym_pusht")
 
+from rl_fixtures import scramble_  # noqa: E402
 from test_rl100 import bc_policy, make_demo, tiny_args  # noqa: E402
 from test_rl_refine import cli, env, tiny_policy  # noqa: E402
 
@@ -185,13 +186,7 @@ def test_rl100_gate_with_the_world_model_rejects_a_corrupted_policy_and_ties_a_p
     assert same["candidate"] == same["current"], same  # the same noise for both: an exact tie
     # margin -1e-6 <= 0: an unchanged policy passes a negative margin, and (strict >) not a zero one
     assert same["accept"] and not same["candidate"] > same["current"] + 0.0
-    bad = load_checkpoint(trained)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in bad.parameters():  # scrambled as in test_rl100's ensemble gate test
-            flat = p.view(-1)
-            flat.copy_(flat[torch.randperm(flat.numel(), generator=g)])
-            p.add_(torch.randn(p.shape, generator=g) * (p.std() if p.numel() > 1 else 1.0))
+    bad = scramble_(load_checkpoint(trained))  # shuffled entries plus noise of the weights' own scale
     corrupted = str(save_checkpoint(tmp_path / "corrupted", bad))
     rejected = run.gate_estimates(0, corrupted, str(trained))
     assert not rejected["accept"] and rejected["candidate"] < rejected["current"], rejected

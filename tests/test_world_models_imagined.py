@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rl_fixtures import tiny_pusht_policy
 
 from vlaflow.errors import VlaflowError
 
@@ -47,33 +48,10 @@ def tiny_pusht_wm(tmp_path: Path, n_eps: int = 60, steps: int = 300) -> Path:
 def tiny_policy(
     tmp_path: Path, name: str, obs_key: str = "obs.state", shape=(5,), action_dim: int = 2
 ) -> Path:
-    from vlaflow.policies import DiffusionConfig, NetConfig, UNetConfig, build_policy, save_checkpoint
+    from vlaflow.policies import save_checkpoint
 
-    d = int(np.prod(shape))
-    stats = {
-        "action": {
-            "min": np.full(action_dim, 50.0, np.float32),
-            "max": np.full(action_dim, 450.0, np.float32),
-        },
-        obs_key: {"min": np.zeros(shape, np.float32), "max": np.full(shape, 512.0, np.float32)},
-    }
-    for v in stats.values():
-        v["mean"], v["std"] = (v["min"] + v["max"]) / 2, (v["max"] - v["min"]) / 4
-    net = NetConfig(
-        kind="unet", unet=UNetConfig(down_dims=(8, 16), kernel_size=3, n_groups=4, step_embed_dim=8)
-    )
-    pcfg = DiffusionConfig(
-        obs_shapes={obs_key: tuple(shape)},
-        action_dim=action_dim,
-        horizon=8,
-        n_action_steps=4,
-        net=net,
-        fps=10.0,
-        num_inference_steps=4,
-    )
-    assert d > 0
-    torch.manual_seed(0)
-    return save_checkpoint(tmp_path / name, build_policy(pcfg, stats))
+    pol = tiny_pusht_policy("diffusion", obs_key, tuple(shape), action_dim, num_inference_steps=4)
+    return save_checkpoint(tmp_path / name, pol)
 
 
 @pytest.fixture(scope="module")
