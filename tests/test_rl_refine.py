@@ -351,7 +351,6 @@ def test_dsrl_sac_actor_finds_the_known_best_noise_region():
 
     from vlaflow.rl.dsrl import SAC, ReplayBuffer, polyak
 
-    t0 = time.time()
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     w_star = torch.tensor([0.9, -0.7])
@@ -389,7 +388,6 @@ def test_dsrl_sac_actor_finds_the_known_best_noise_region():
     hit = float((reward(w_det) > 0.5).float().mean())
     assert hit > 0.9, (hit, w_det.mean(0))
     assert float(w_det.abs().max()) <= 1.5  # the bound holds
-    assert time.time() - t0 < 30
 
 
 class ScriptedVec:
