@@ -67,6 +67,9 @@ def main() -> int:
     ap.add_argument("--policy", action="append", required=True, help="NAME=CKPT[=REAL_EVAL_DIR]")
     ap.add_argument("--out", required=True, help="scratch directory (must not exist)")
     ap.add_argument("--episodes", type=int, default=200)
+    ap.add_argument(
+        "--imagined-episodes", type=int, default=0, help="episodes in imagination (0: --episodes)"
+    )
     ap.add_argument("--seed", type=int, default=100000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--note", default="", help="what the world model is (data, training)")
@@ -90,7 +93,8 @@ def main() -> int:
             real = summary(rep)
         else:
             real = run_eval("pusht", ckpt, out / f"real_{name}", a.episodes, a.seed, a.workers)
-        imag = run_eval(f"wm:{a.world_model}", ckpt, out / f"wm_{name}", a.episodes, a.seed, a.workers)
+        n_imag = a.imagined_episodes or a.episodes  # the first n_imag of the same seeds
+        imag = run_eval(f"wm:{a.world_model}", ckpt, out / f"wm_{name}", n_imag, a.seed, a.workers)
         rows.append({"name": name, "policy": ckpt, "real": real, "imagined": imag})
         print(json.dumps({"name": name, "real": real["success_rate"], "imagined": imag["success_rate"]}))
     rs = [r["real"]["success_rate"] for r in rows]
@@ -100,6 +104,7 @@ def main() -> int:
         "world_model": a.world_model,
         "world_model_note": a.note,
         "episodes": a.episodes,
+        "imagined_episodes": a.imagined_episodes or a.episodes,
         "seeds": f"{a.seed}..{a.seed + a.episodes - 1}",
         "policies": rows,
         "spearman_success": spearman(rs, ims) if len(rows) > 2 else None,
@@ -122,7 +127,8 @@ def write_md(row: dict, path: Path) -> None:
         "",
         f"World model {row['world_model']} ({row['world_model_note'] or 'see world_model.json'}).",
         f"Each policy on the held-out seeds {row['seeds']}: real PushT success vs success in imagination",
-        "from the same seeds' real resets (the world model's recorded reward head judges success).",
+        f"from the same seeds' real resets (the first {row['imagined_episodes']}; the world model's recorded",
+        "reward head judges success).",
         "",
         "| policy | real success (95% CI) | imagined success (95% CI) | real score | imagined score |",
         "|---|---|---|---|---|",
