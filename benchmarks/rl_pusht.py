@@ -157,15 +157,18 @@ def zero_noise_policy(policy: str, out: Path, width: int = 256) -> str:
 
 
 def online(deadline: float, a, row: dict, out: Path) -> None:
-    """``vlaflow refine --algo dsrl|dppo`` for ``--rl-minutes``, then the held-out evaluation of ``last``."""
+    """``vlaflow refine --algo dsrl|dppo|world4rl`` for ``--rl-minutes``, then the held-out evaluation of
+    ``last`` (world4rl: PPO in the frozen ``--world-model``, starts from ``--data``'s episode starts; its
+    count of real env steps during RL is kept)."""
     run = out / a.algo
     if a.algo == "dsrl" and a.zero_noise:
         zero = zero_noise_policy(a.policy, out / "zero_noise")
         row["zero_noise"] = evaluate(deadline, zero, out / "zero_noise_eval", a.episodes)
     t1 = time.time()
+    wm = ["--world-model", a.world_model, "--starts", a.data] if a.algo == "world4rl" else []
     rf = vlaflow(
         deadline - 1.3 * float(row["before"]["wall_s"] or 0),
-        "refine", "--policy", a.policy, "--algo", a.algo, "--out", str(run), "iterations=100000",
+        "refine", "--policy", a.policy, "--algo", a.algo, "--out", str(run), *wm, "iterations=100000",
         f"max_minutes={a.rl_minutes}", "eval_every=0", "eval_episodes=0", "final_episodes=0",
         "progress=false", *a.overrides,
     )  # fmt: skip
@@ -181,6 +184,9 @@ def online(deadline: float, a, row: dict, out: Path) -> None:
         for r in train
     ]
     row["curves_png"] = str(run / "rl_curves.png")
+    if a.algo == "world4rl":
+        row["world4rl"] = json.loads((run / "world4rl.json").read_text())
+        row["env_steps"] = row["world4rl"]["real_env_steps_during_rl"]  # real steps; imagined ones apart
     row["after_policy"] = str(run / "checkpoints" / "last")
     row["after"] = evaluate(deadline, row["after_policy"], out / "after", a.episodes)
 
@@ -199,9 +205,10 @@ def main() -> int:
     ap.add_argument("--before", default="", help="reuse this `vlaflow eval --out` of --policy (same seeds)")
     ap.add_argument("--annotate", default="", help="only add per-seed successes to the row of this time")
     ap.add_argument("--report", action="append", default=[], help="with --annotate: NAME=EVAL_DIR")
-    ap.add_argument("--algo", default="rl100", choices=("rl100", "dsrl", "dppo"))
+    ap.add_argument("--algo", default="rl100", choices=("rl100", "dsrl", "dppo", "world4rl"))
+    ap.add_argument("--world-model", default="", help="world4rl: the frozen world-model checkpoint")
     ap.add_argument("--zero-noise", action="store_true", help="dsrl: also evaluate w = 0 steering")
-    ap.add_argument("--rl-minutes", type=float, default=30.0, help="dsrl / dppo: training wall time")
+    ap.add_argument("--rl-minutes", type=float, default=30.0, help="dsrl / dppo / world4rl: RL wall time")
     ap.add_argument("overrides", nargs="*", help="refine FIELD=VALUE settings of the RL run")
     a = ap.parse_args()
     if a.annotate:
@@ -209,6 +216,8 @@ def main() -> int:
         return 0
     if not (a.policy and a.data and a.out):
         ap.error("--policy, --data and --out are required (unless --annotate)")
+    if (a.algo == "world4rl") != bool(a.world_model):
+        ap.error("--world-model goes with --algo world4rl (and world4rl needs one)")
     out = Path(a.out)
     out.mkdir(parents=True)
     t0 = time.time()

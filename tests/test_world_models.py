@@ -327,7 +327,7 @@ def test_train_wm_cli_runs_on_the_loop_resumes_and_its_checkpoint_loads(tmp_path
 
 
 # -- World4RL: DPPO in imagination ----------------------------------------------------------------------
-def _world4rl_inputs(tmp_path):
+def _world4rl_inputs(tmp_path, policy=None):
     """A tiny store, a world model (Tf = 4) trained 30 steps on it, a tiny untrained PushT policy (Ta = 4)
     and the `vlaflow refine --algo world4rl` command line for them (2 iterations of 4 envs x 4 decisions)."""
     import sys
@@ -343,7 +343,7 @@ def _world4rl_inputs(tmp_path):
     win = transition_windows(episodes_from_store(store, "obs.state", "action"), 2, 4)
     wm, _ = train_world_model(cfg, win, steps=30, batch_size=64, max_seconds=20)
     save_world_model(tmp_path / "wm", wm)
-    save_checkpoint(tmp_path / "pol", tiny_pusht_policy("diffusion"))
+    save_checkpoint(tmp_path / "pol", policy if policy is not None else tiny_pusht_policy("diffusion"))
     root = Path(__file__).resolve().parents[1]
     env = {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     args = [
@@ -389,6 +389,33 @@ def test_world4rl_refine_runs_dppo_in_imagination_with_zero_real_env_steps(tmp_p
     # no classifier in the checkpoint: the default reward is the task's coverage, and the run records it
     rec = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert w4["reward"] == "coverage" and rec["refine"]["wm_reward"] == "coverage"
+
+
+def test_world4rl_runs_a_keypoint_policy_on_keypoints_computed_from_the_predicted_state(tmp_path):
+    """The PushT presets read obs.keypoint + obs.agent_pos, the world model predicts obs.state: the imagined
+    env computes those keys from each predicted state, as the single-episode evaluation env does (world4rl
+    refused such a policy before). A derived key of the wrong shape is refused with both shapes."""
+    pytest.importorskip("gym_pusht")
+    import json
+    import subprocess
+
+    from vlaflow.sim.imagined import derived_keys
+    from vlaflow.sim.pusht import keypoints_from_state
+
+    own, derive = derived_keys("pusht", "obs.state", 5, {"obs.keypoint": (9, 2), "obs.agent_pos": (2,)})
+    assert own == {"obs.state": (5,)}  # the model's own key; the policy's two are both derived
+    states = np.random.default_rng(0).uniform(0, 512, (3, 2, 5)).astype(np.float32)
+    got = derive(states)
+    assert set(got) == {"obs.keypoint", "obs.agent_pos"} and got["obs.keypoint"].shape == (3, 2, 9, 2)
+    np.testing.assert_allclose(got["obs.keypoint"], keypoints_from_state(states), rtol=1e-5)
+    np.testing.assert_array_equal(got["obs.agent_pos"], states[..., :2])
+    with pytest.raises(VlaflowError, match=r"'obs.keypoint' \(18,\).*\(9, 2\)"):
+        derived_keys("pusht", "obs.state", 5, {"obs.keypoint": (18,)})
+    _, env, args = _world4rl_inputs(tmp_path, tiny_pusht_policy("diffusion", "obs.keypoint", (9, 2)))
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    w4 = json.loads((tmp_path / "run" / "world4rl.json").read_text())
+    assert w4["real_env_steps_during_rl"] == 0 and w4["imagined_steps"] == 2 * 4 * 4 * 4
 
 
 def test_world4rl_takes_the_success_classifier_reward_and_refuses_it_naming_the_fix(tmp_path):

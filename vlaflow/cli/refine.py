@@ -252,18 +252,18 @@ def _run_rl100(args, cfg, policy_path: str, policy) -> int:
 def _imagined_env(cfg, policy):
     """(the frozen world model as the rollout env, started from the store's recorded episode starts; the
     name of its reward: ``cfg.wm_reward``, or the checkpoint's recorded choice when empty)."""
+    from vlaflow.sim.imagined import derived_keys
     from vlaflow.world_models.checkpoint import imagined_reward, load_world_model
     from vlaflow.world_models.data import episode_starts, episodes_from_store
     from vlaflow.world_models.env import WorldModelEnv
 
     wm = load_world_model(cfg.world_model, device=cfg.device)
-    pc = policy.config
-    wm.config.check_fits(
-        cfg.world_model,
-        task=cfg.task,
-        obs_shapes={k: tuple(v) for k, v in pc.obs_shapes.items()},
-        action_dim=int(pc.action_dim),
-        user="the policy",
+    pc, wc = policy.config, wm.config
+    wc.check_fits(cfg.world_model, task=cfg.task)
+    # keys the policy reads that are functions of the predicted state (PushT keypoints, agent position)
+    own, derive = derived_keys(cfg.task, wc.obs_key, wc.obs_dim, dict(pc.obs_shapes))
+    wc.check_fits(
+        cfg.world_model, task=cfg.task, obs_shapes=own, action_dim=int(pc.action_dim), user="the policy"
     )
     # coverage: the task's own reward from the predicted state (refused for a task without one, naming the
     # tasks that have one); classifier: refused, naming the fix, when the checkpoint has none
@@ -279,6 +279,7 @@ def _imagined_env(cfg, policy):
         n_samples=cfg.wm_samples,
         uncertainty_penalty=cfg.wm_uncertainty_penalty,
         seed=cfg.seed,
+        derive=derive,
     )
     return venv, reward
 

@@ -54,13 +54,31 @@ STATE_RENDERERS = {"pusht": _render_pusht_state}
 def _pusht_derived(state: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "obs.keypoint": keypoints_from_state(state).astype(np.float32),
-        "obs.agent_pos": np.asarray(state[:2], np.float32),
+        "obs.agent_pos": np.asarray(state[..., :2], np.float32),  # (..., 5) states, one or a batch
     }
 
 
 # task -> state -> the task's other observation keys that are functions of the state (PushT: the block's
 # keypoints and the agent position, as the sim computes them), so policies reading them run in imagination
 DERIVED_KEYS = {"pusht": _pusht_derived}
+
+
+def derived_keys(task: str, obs_key: str, obs_dim: int, obs_shapes: dict) -> tuple[dict, object]:
+    """For a world model of ``task`` predicting ``obs_key`` (``obs_dim``) and a policy reading ``obs_shapes``:
+    (the policy's keys the model must predict itself, ``derive(states) -> {key: array}`` of the others or
+    None). A derived key of another shape than the policy's is refused with both shapes."""
+    derive = DERIVED_KEYS.get(task) if obs_key == "obs.state" else None
+    shapes = {k: v.shape for k, v in derive(np.zeros(obs_dim, np.float32)).items()} if derive else {}
+    for k, v in obs_shapes.items():
+        if k in shapes and tuple(v) != tuple(shapes[k]):
+            raise VlaflowError(
+                f"the policy reads {k!r} {tuple(v)}; computed from the state it is {shapes[k]}"
+            )
+    used = [k for k in shapes if k in obs_shapes]
+    own = {k: tuple(v) for k, v in obs_shapes.items() if k not in shapes} or {obs_key: (obs_dim,)}
+    if not used:
+        return own, None
+    return own, lambda states: {k: v for k, v in derive(states).items() if k in used}
 
 
 class ImaginedTaskEnv:

@@ -15,13 +15,15 @@ An episode ends on success (when ``terminate_on_success``), at the horizon cap `
 predicted state is NaN / inf or leaves the training data's range by more than ``range_margin`` times that
 range: then ``invalid`` is set for it, the bad state is not fed back (the window keeps the last valid one)
 and that step earns no reward. ``last_info`` holds the last step's ``uncertainty`` (N,), ``invalid`` (N,)
-and the episodes' ``invalid`` flags so far. ``env_steps`` counts real env steps and stays 0 (nothing real is
-touched); ``imagined_steps`` counts the model's.
+and the episodes' ``invalid`` flags so far. ``derive`` adds observation keys that are functions of the
+predicted state (PushT's keypoints and agent position: :data:`vlaflow.sim.imagined.DERIVED_KEYS`, passed
+in by the caller, since this layer knows no simulator). ``env_steps`` counts real env steps and stays 0
+(nothing real is touched); ``imagined_steps`` counts the model's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +50,7 @@ class WorldModelEnv:
         range_margin: float = 0.1,
         terminate_on_success: bool = True,
         seed: int = 0,
+        derive: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
     ):
         cfg = model.config
         starts = np.asarray(starts, np.float32)
@@ -66,6 +69,7 @@ class WorldModelEnv:
         self.uncertainty_penalty, self.range_margin = uncertainty_penalty, range_margin
         self.terminate_on_success = terminate_on_success
         self.obs_key = cfg.obs_key
+        self.derive = derive  # (N, To, Do) windows -> the task's other keys that are functions of the state
         self.env_steps = 0  # real env steps: none, ever
         self.imagined_steps = 0  # model steps (all envs)
         self.model_calls = 0  # batched forwards of the sampler (each is num_inference_steps evaluations)
@@ -82,7 +86,8 @@ class WorldModelEnv:
         self.last_info: dict[str, np.ndarray] = {}
 
     def _obs(self) -> dict[str, np.ndarray]:
-        return {self.obs_key: self._hist[:, -self.to :].copy()}
+        w = self._hist[:, -self.to :].copy()
+        return {self.obs_key: w, **(self.derive(w) if self.derive is not None else {})}
 
     def reset(
         self, seeds: Sequence[int], starts: np.ndarray | None = None, noise_seed: int | None = None
