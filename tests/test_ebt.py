@@ -140,3 +140,53 @@ def test_two_mode_toy_lands_on_a_mode_not_the_mean():
     near_mode = ((m.abs() - 0.8).abs() < 0.25).float().mean()
     assert near_mode > 0.8, m[:20]
     assert float((m > 0).float().mean()) > 0.1 and float((m < 0).float().mean()) > 0.1  # both modes
+
+
+def test_shifted_starts_look_like_the_previous_chunk_shifted_into_the_current_window():
+    """The previous call's chunk, shifted by the s steps executed since, covers the current window's first
+    H - s steps and repeats its last action over the s new ones: the expert chunk with its last s actions
+    replaced by the one before them."""
+    pol = _policy(shift_start_prob=1.0, shift_start_std=0.0)
+    target = torch.arange(50 * H * DA, dtype=torch.float32).view(50, H, DA)
+    starts, level = pol._shifted_starts(target)
+    assert torch.equal(level, torch.zeros(50))  # the drawn noise std (0 here)
+    seen = set()
+    for row, tgt in zip(starts, target, strict=True):
+        s = int((row != tgt).any(-1).sum())  # the padded steps
+        assert 1 <= s <= pol.config.n_action_steps
+        assert torch.equal(row[: H - s], tgt[: H - s])
+        assert torch.equal(row[H - s :], tgt[H - s - 1 : H - s].expand(s, DA)), (row, tgt)
+        seen.add(s)
+    assert seen == set(range(1, pol.config.n_action_steps + 1))  # every shift 1..Ta is drawn
+
+
+@pytest.mark.parametrize("level_token", [False, True])
+def test_rti_runtime_warm_starts_an_energy_policy_and_keeps_the_mode_the_last_chunk_chose(level_token):
+    """RTI-DP's scheme on an EBT: the first call descends from noise, later calls take n_warm_steps
+    gradient steps from the shifted previous chunk. On a two-mode toy trained with shifted starts, a warm
+    start on either mode stays on it (the previous chunk carries the mode choice a 2-step descent from
+    noise cannot make)."""
+    from vlaflow.deploy.rti import RTIConfig, RTIRuntime, rti_denoise
+
+    torch.set_num_threads(1)
+
+    def bimodal(n, gen):
+        sign = torch.randint(0, 2, (n, 1, 1), generator=gen).float() * 2 - 1
+        return {"obs.state": torch.zeros(n, 2, 3), "action": sign * 0.8 * torch.ones(n, H, DA)}
+
+    pol = _policy(shift_start_prob=0.6, data_start_prob=0.2, replay_prob=0.0, level_token=level_token)
+    pol = _train(pol, bimodal, 250)
+    cond = pol.encode({"obs.state": torch.zeros(1, 2, 3)})
+    cfg = RTIConfig(n_warm_steps=2)
+    for sign in (1.0, -1.0):
+        prev = sign * 0.8 * torch.ones(1, H, DA) + 0.1 * torch.randn(1, H, DA)
+        out = rti_denoise(pol, cond, prev, 1, cfg)
+        assert out.nfe == 2
+        assert float((out.x0 - sign * 0.8).abs().max()) < 0.3, out.x0
+    rt = RTIRuntime(pol, cfg)
+    obs = {"obs.state": np.zeros((2, 3), np.float32)}
+    a = [rt.infer(obs, shift=1).actions for _ in range(3)]
+    assert rt.nfe_history == [pol.config.num_inference_steps, 2, 2]
+    assert all(x.shape == (H, DA) and np.isfinite(x).all() for x in a)
+    energy = rt.infer(obs, shift=1).extras["energy"]  # the uncertainty signal reaches the caller
+    assert isinstance(energy, float) and np.isfinite(energy)

@@ -4,6 +4,8 @@ Shapes: H chunk length, Da action dim, Ta actions executed per replan, s the shi
 since the previous chunk's first action, Ta in synchronous chunking).
 
 - First call of an episode: full denoising (the configured sampler and step count).
+- An energy policy (EBT, no time grid) runs the same scheme as descents: its own descent from noise first,
+  then ``n_warm_steps`` gradient steps from the shifted previous chunk (:func:`_energy_rti`).
 - Every later call: the previous *clean* chunk (normalized units) is shifted left by s, its last action
   repeated to pad (:func:`shift_chunk`), and placed at an intermediate time t0 of the same time grid
   (:func:`warm_start`); only the last ``n_warm_steps`` reverse steps run, with the *fresh* observation
@@ -124,6 +126,8 @@ def rti_denoise(
 
     ``prev_clean`` (B, H, Da) is the previous call's clean chunk; ``noise`` the full call's initial noise.
     """
+    if not hasattr(policy, "path"):  # an energy policy (EBT): no time grid, the warm start is a descent start
+        return _energy_rti(policy, cond, prev_clean, shift, cfg, generator, noise)
     kwargs = policy.sampler_kwargs(cfg.sampler)
     if prev_clean is None:
         return policy.denoise(
@@ -143,6 +147,20 @@ def rti_denoise(
         timesteps=ts,
         **kwargs,
     )
+
+
+def _energy_rti(policy, cond, prev_clean, shift, cfg: RTIConfig, generator, noise) -> SampleResult:
+    """RTI for an energy policy (``descend_from``): the first call is the policy's own descent from noise
+    (its sampler, step count and candidates); later calls descend ``n_warm_steps`` gradient steps from the
+    shifted previous chunk. NFE counts gradient steps (one energy forward + backward each)."""
+    if prev_clean is None:
+        res = policy.descend_from(cond, noise, generator=generator)
+    else:
+        x = binarize_dims(shift_chunk(prev_clean, shift), cfg.binarized_dims)
+        res = policy.descend_from(
+            cond, x, "descent", cfg.n_warm_steps, generator, num_candidates=1, warm=True
+        )
+    return SampleResult(x0=res.x, nfe=int(res.steps_used.max()), extras={"energy": res.energy})
 
 
 @torch.no_grad()
@@ -272,7 +290,8 @@ class RTIRuntime:
         self._counter.last_nfe = res.nfe
         self._counter.nfe_history.append(res.nfe)
         actions = self.policy.unnormalize_action(res.x0)[0].float().cpu().numpy()
-        return InferResult(actions=actions, nfe=res.nfe)
+        extras = {"energy": float(res.extras["energy"][0])} if "energy" in res.extras else {}
+        return InferResult(actions=actions, nfe=res.nfe, extras=extras)
 
 
 def load_rti_policy(path, device: str = "cpu", **rti_fields) -> RTIRuntime:

@@ -72,6 +72,7 @@ class SampleResult:
     x0: Tensor  # (B, *S) final clean sample
     steps: list[StepResult] = field(default_factory=list)  # filled when return_chain=True
     nfe: int = 0  # network evaluations
+    extras: dict = field(default_factory=dict)  # side outputs, e.g. an energy policy's final "energy" (B,)
 
 
 def _t(v) -> Tensor:

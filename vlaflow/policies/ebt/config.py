@@ -30,6 +30,17 @@ class EBTConfig(PolicyConfig):
     replay_prob: float = 0.25  # fraction of a training batch started from replayed predictions
     data_start_prob: float = 0.0  # fraction of a batch started from the expert chunk + noise (mode-seeking)
     data_start_std: float = 0.5  # max std of that noise (per sample uniform in [0, std])
+    # fraction of a batch started from the expert chunk with its last s ~ U{1..Ta} actions replaced by the
+    # one before them, plus noise U[0, shift_start_std]: the warm start the RTI runtime gives a later call
+    # (the previous chunk shifted by the s steps executed since), so a 1-2 step descent re-plans the tail
+    shift_start_prob: float = 0.0
+    shift_start_std: float = 0.3
+    # a token telling the energy the start's noise level (init_std for noise starts, the drawn std for
+    # expert + noise and shifted starts, warm_level for replayed ones and for the RTI runtime's warm starts):
+    # a time-free energy cannot tell a clean chunk from a noisy one and "denoises" a near-perfect warm
+    # start away from the data (measured: from the shifted expert chunk, one step raised the error 50x)
+    level_token: bool = False
+    warm_level: float = 0.05  # the level a warm start (shifted previous chunk) is read at
     loss_on: str = "all"  # MSE to the expert chunk after "all" steps (mean) or only the "last"
     es_tol: float = 1e-3  # early stopping: stop a sample once its energy drops by less than this
     num_candidates: int = 1  # inference: candidates per observation, the lowest final energy is kept
@@ -61,6 +72,13 @@ class EBTConfig(PolicyConfig):
         _check(0 <= self.replay_prob <= 1, f"replay_prob must be in [0, 1], got {self.replay_prob}")
         _check(0 <= self.data_start_prob <= 1, f"data_start_prob must be in [0, 1]: {self.data_start_prob}")
         _check(self.data_start_std >= 0, f"data_start_std must be >= 0, got {self.data_start_std}")
+        _check(
+            0 <= self.shift_start_prob <= 1 and self.data_start_prob + self.shift_start_prob <= 1,
+            f"shift_start_prob must be in [0, 1 - data_start_prob], got {self.shift_start_prob} "
+            f"(data_start_prob {self.data_start_prob})",
+        )
+        _check(self.shift_start_std >= 0, f"shift_start_std must be >= 0, got {self.shift_start_std}")
+        _check(self.warm_level >= 0, f"warm_level must be >= 0, got {self.warm_level}")
         _check(self.loss_on in ("all", "last"), f"loss_on must be 'all' or 'last', got {self.loss_on!r}")
         _check(self.es_tol >= 0, f"es_tol must be >= 0, got {self.es_tol}")
         _check(self.num_candidates >= 1, f"num_candidates must be >= 1, got {self.num_candidates}")

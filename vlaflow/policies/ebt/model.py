@@ -63,22 +63,26 @@ class EnergyTransformer(nn.Module):
         self.cond_in = nn.Linear(cond_dim, d)
         self.act_in = nn.Linear(action_dim, d)
         self.energy_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos = nn.Parameter(torch.randn(1, 1 + n_cond + horizon, d) * 0.02)
+        # optional token telling the energy how far from the data the descent started (its noise level)
+        self.level_in = (
+            nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d)) if cfg.level_token else None
+        )
+        n_level = 1 if cfg.level_token else 0
+        self.pos = nn.Parameter(torch.randn(1, 1 + n_level + n_cond + horizon, d) * 0.02)
         self.type_emb = nn.Parameter(torch.randn(3, d) * 0.02)  # energy / observation / action token types
         self.blocks = nn.ModuleList(_Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, 1)
 
-    def forward(self, cond: Tensor, actions: Tensor) -> Tensor:
+    def forward(self, cond: Tensor, actions: Tensor, level: Tensor | None = None) -> Tensor:
         b = actions.shape[0]
-        tokens = torch.cat(
-            [
-                (self.energy_token + self.type_emb[0]).expand(b, -1, -1),
-                self.cond_in(cond) + self.type_emb[1],
-                self.act_in(actions) + self.type_emb[2],
-            ],
-            dim=1,
-        )  # (B, 1 + Nc + H, D)
+        parts = [(self.energy_token + self.type_emb[0]).expand(b, -1, -1)]
+        if self.level_in is not None:
+            if level is None:
+                raise VlaflowError("this energy reads the start's noise level: pass level (B,)")
+            parts.append(self.level_in(level.view(b, 1, 1).to(actions.dtype)) + self.type_emb[0])
+        parts += [self.cond_in(cond) + self.type_emb[1], self.act_in(actions) + self.type_emb[2]]
+        tokens = torch.cat(parts, dim=1)  # (B, 1 [+ 1] + Nc + H, D)
         x = tokens + self.pos
         for blk in self.blocks:
             x = blk(x)
@@ -137,9 +141,10 @@ class EBTPolicy(GenerativeModule):
         """The learned descent step size, softplus(raw) > 0."""
         return F.softplus(self.raw_alpha)
 
-    def energy(self, cond: Tensor, x: Tensor) -> Tensor:
-        """Scalar energy (B,) of normalized chunks x (B, H, Da) under condition tokens (B, Nc, Fc)."""
-        return self.energy_net(cond, x)
+    def energy(self, cond: Tensor, x: Tensor, level: Tensor | None = None) -> Tensor:
+        """Scalar energy (B,) of normalized chunks x (B, H, Da) under condition tokens (B, Nc, Fc); ``level``
+        (B,): the descent's starting noise level, read only with ``level_token``."""
+        return self.energy_net(cond, x, level)
 
     # -- descent -----------------------------------------------------------------------------------
     def descend(
@@ -156,6 +161,7 @@ class EBTPolicy(GenerativeModule):
         generator: torch.Generator | None = None,
         record: bool = False,
         keep_path: bool = False,
+        level: Tensor | None = None,
     ) -> DescentResult:
         """``num_steps`` steps ``x <- x - alpha * scale * dE/dx (+ Langevin noise)`` from x_init (B, H, Da).
 
@@ -167,7 +173,7 @@ class EBTPolicy(GenerativeModule):
         scale = self.alpha * (torch.ones(b, device=x_init.device) if step_scale is None else step_scale)
         scale = scale.view(b, 1, 1)
         x = x_init if create_graph and x_init.requires_grad else x_init.detach().requires_grad_(True)
-        e = self.energy(cond, x)
+        e = self.energy(cond, x, level)
         active = torch.ones(b, dtype=torch.bool, device=x.device)
         used = torch.zeros(b, dtype=torch.long, device=x.device)
         xs, energies = ([x.detach()], [e.detach()]) if record else ([], [])
@@ -182,7 +188,7 @@ class EBTPolicy(GenerativeModule):
                 x_new = x_new.clamp(-clip, clip)
             if not create_graph:
                 x_new = x_new.detach().requires_grad_(True)
-            e_new = self.energy(cond, x_new)
+            e_new = self.energy(cond, x_new, level)
             if early_stop:
                 accept = active & (e_new < e)
                 still = accept & ((e - e_new) > tol)
@@ -193,7 +199,7 @@ class EBTPolicy(GenerativeModule):
                         e_new = torch.where(accept, e_new, e)
                     else:  # the next gradient needs E as a function of the merged leaf
                         x_new = x_new.detach().requires_grad_(True)
-                        e_new = self.energy(cond, x_new)
+                        e_new = self.energy(cond, x_new, level)
                 active = still
             else:
                 used += 1
@@ -211,7 +217,7 @@ class EBTPolicy(GenerativeModule):
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         return self.compute_loss(batch)
 
-    def _starts(self, target: Tensor) -> Tensor:
+    def _starts(self, target: Tensor) -> tuple[Tensor, Tensor]:
         """Starting chunks (B, H, Da): Gaussian noise; the first rows from the replay buffer of past
         predictions; the last rows from the expert chunk plus noise (``data_start_prob``). MSE from pure
         noise alone is minimized by the conditional *mean*; starts near each demonstrated chunk make every
@@ -219,15 +225,35 @@ class EBTPolicy(GenerativeModule):
         cfg = self.config
         b, device = target.shape[0], target.device
         x = torch.randn_like(target) * cfg.init_std
+        level = torch.full((b,), cfg.init_std, device=device)  # the noise level of each start
         n_rep = int(round(cfg.replay_prob * b)) if self._replay_count >= b else 0
         if n_rep > 0:
             idx = torch.randint(0, min(self._replay_count, cfg.replay_size), (n_rep,), device=device)
             x[:n_rep] = self.replay[idx]
+            level[:n_rep] = cfg.warm_level  # past predictions: read like a warm start
         n_data = int(round(cfg.data_start_prob * b))
         if n_data > 0:
             std = torch.rand(n_data, 1, 1, device=device) * cfg.data_start_std
             x[b - n_data :] = target[b - n_data :] + std * torch.randn_like(target[b - n_data :])
-        return x
+            level[b - n_data :] = std.view(-1)
+        n_shift = int(round(cfg.shift_start_prob * b))
+        if n_shift > 0:  # rows just before the data rows (they win over replay rows if the shares overlap)
+            rows = slice(b - n_data - n_shift, b - n_data)
+            x[rows], level[rows] = self._shifted_starts(target[rows])
+        return x, level
+
+    def _shifted_starts(self, target: Tensor) -> tuple[Tensor, Tensor]:
+        """What the RTI runtime hands a later call, built from the expert: the previous call's chunk shifted
+        by the s ~ U{1..Ta} steps executed since covers this window's first H - s steps and repeats its
+        last action over the s new ones, i.e. the expert chunk with its last s actions replaced by the one
+        before them; plus Gaussian noise of per-sample std U[0, shift_start_std]. Returns (starts, stds)."""
+        cfg = self.config
+        b, h = target.shape[:2]
+        s = torch.randint(1, cfg.n_action_steps + 1, (b, 1), device=target.device)
+        idx = torch.minimum(torch.arange(h, device=target.device).expand(b, h), h - 1 - s)  # (B, H)
+        start = torch.gather(target, 1, idx.unsqueeze(-1).expand_as(target))
+        std = torch.rand(b, 1, 1, device=target.device) * cfg.shift_start_std
+        return start + std * torch.randn_like(start), std.view(b)
 
     def _push_replay(self, x: Tensor) -> None:
         n = self.config.replay_size
@@ -256,7 +282,8 @@ class EBTPolicy(GenerativeModule):
             if cfg.randomize_step_size
             else torch.ones(b, device=self.device)
         )
-        x_init = self._starts(target.detach()).requires_grad_(True)
+        x_init, level = self._starts(target.detach())
+        x_init = x_init.requires_grad_(True)
         res = self.descend(
             cond,
             x_init,
@@ -265,6 +292,7 @@ class EBTPolicy(GenerativeModule):
             langevin_std=cfg.train_langevin_std,
             create_graph=True,
             keep_path=cfg.loss_on == "all",
+            level=level,
         )
         keep = torch.ones(b, cfg.horizon, 1, device=self.device)
         if cfg.mask_pad_loss and K.ACTION_IS_PAD in batch:
@@ -296,23 +324,43 @@ class EBTPolicy(GenerativeModule):
         num_candidates: int | None = None,
     ) -> tuple[Tensor, DescentResult]:
         """(actions (B, H, Da) raw units, the descent of the kept candidates: final energy, steps used)."""
+        # The runtime calls under inference_mode; the descent needs autograd, so leave it and copy the
+        # inputs out of inference tensors (they cannot be saved for backward).
+        with torch.inference_mode(False), torch.enable_grad():
+            obs = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in obs.items()}
+            cond = self.encode(obs)  # (B, Nc, Fc)
+        kept = self.descend_from(cond, noise, sampler, num_steps, generator, num_candidates)
+        return self.unnormalize_action(kept.x), kept
+
+    def descend_from(
+        self,
+        cond: Tensor,
+        start: Tensor | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        num_candidates: int | None = None,
+        warm: bool = False,
+    ) -> DescentResult:
+        """The inference descent in normalized units under condition tokens ``cond`` (B, Nc, Fc), from
+        ``start`` (B, H, Da) or (B, K, H, Da) (None: Gaussian noise of std ``init_std``); of K candidates
+        the lowest final energy is kept. A warm start (the RTI runtime's shifted previous chunk) is a start
+        like any other (``warm=True`` tells a ``level_token`` energy it starts at ``warm_level``, else at
+        ``init_std``). Runs with autograd on whatever the caller's grad mode."""
         cfg = self.config
         sampler = sampler or cfg.sampler
         if sampler not in cfg._SAMPLERS:
             raise VlaflowError(f"EBT samplers are {cfg._SAMPLERS}, got {sampler!r}")
         steps = num_steps or cfg.num_inference_steps
         k = num_candidates or cfg.num_candidates
-        # The runtime calls under inference_mode; the descent needs autograd, so leave it and copy the
-        # inputs out of inference tensors (they cannot be saved for backward).
         with torch.inference_mode(False), torch.enable_grad():
-            obs = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in obs.items()}
-            cond = self.encode(obs)  # (B, Nc, Fc)
+            cond = cond.clone()
             b = cond.shape[0]
             shape = (b, k, cfg.horizon, cfg.action_dim)
-            if noise is None:
+            if start is None:
                 x0 = torch.randn(shape, generator=generator, device=cond.device) * cfg.init_std
             else:
-                x0 = torch.as_tensor(noise, dtype=torch.float32, device=cond.device).clone()
+                x0 = torch.as_tensor(start, dtype=torch.float32, device=cond.device).clone()
                 if k == 1 and x0.dim() == 3:
                     x0 = x0.unsqueeze(1)
                 if tuple(x0.shape) != shape:
@@ -320,6 +368,7 @@ class EBTPolicy(GenerativeModule):
                 if generator is None and cfg.langevin_std > 0:
                     generator = torch.Generator(device=cond.device).manual_seed(0)
             cond_k = cond.repeat_interleave(k, dim=0)  # (B*K, Nc, Fc)
+            lvl = torch.full((b * k,), cfg.warm_level if warm else cfg.init_std, device=cond.device)
             res = self.descend(
                 cond_k,
                 x0.reshape(b * k, cfg.horizon, cfg.action_dim),
@@ -328,14 +377,14 @@ class EBTPolicy(GenerativeModule):
                 early_stop=sampler == "descent_es",
                 tol=cfg.es_tol,
                 generator=generator,
+                level=lvl,
             )
         e = res.energy.detach().view(b, k)
         best = e.argmin(dim=1)  # (B,)
         rows = torch.arange(b, device=best.device) * k + best
-        kept = DescentResult(
+        return DescentResult(
             x=res.x.detach()[rows], energy=res.energy.detach()[rows], steps_used=res.steps_used[rows]
         )
-        return self.unnormalize_action(kept.x), kept
 
     def generate(
         self,
