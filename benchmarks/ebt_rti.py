@@ -72,6 +72,43 @@ def auroc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float | None:
     return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
 
 
+def warm_precision(ckpt: str, data: str, episodes_from: int = 196, n_windows: int = 512) -> dict:
+    """Normalized MSE to the expert chunk on held-out windows after k gradient steps from noise and from the
+    expert chunk shifted by s (its last s actions replaced by the one before them: a perfect warm start).
+    A descent that holds good warm starts keeps the shifted-start error near the start's own."""
+    import torch
+
+    from benchmarks.ebt_pusht import heldout_windows
+    from vlaflow.policies.checkpoint import load_checkpoint
+
+    pol = load_checkpoint(ckpt)
+    cfg = pol.config
+    b = heldout_windows(pol, data, n_windows, episodes_from, 0)
+    target = pol.normalize_action(b["action"].float())
+    with torch.enable_grad():
+        cond = pol.encode({k: b[k] for k in cfg.obs_shapes})
+
+    def mse(start, steps, warm):
+        r = pol.descend_from(cond, start, "descent", steps, num_candidates=1, warm=warm)
+        return round(float(((r.x - target) ** 2).mean()), 5)
+
+    g = torch.Generator().manual_seed(0)
+    out = {
+        "from_noise": {
+            k: mse(torch.randn(target.shape, generator=g) * cfg.init_std, k, False) for k in (1, 2, 4)
+        }
+    }
+    h = cfg.horizon
+    for s in (1, 8):
+        start = target[:, torch.clamp(torch.arange(h), max=h - 1 - s)]
+        out[f"from_shifted_expert_s{s}"] = {
+            "start": round(float(((start - target) ** 2).mean()), 5),
+            **{k: mse(start, k, True) for k in (1, 2)},
+        }
+    out["windows"] = f"{len(target)} windows of episodes >= {episodes_from}"
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="EBT checkpoint directory")
@@ -83,6 +120,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="evaluation reports and energy logs")
     p.add_argument("--train-minutes", type=float, default=None, help="the checkpoint's training minutes")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument(
+        "--data", default="", help="PushT store: also measure the warm-start precision on held-out windows"
+    )
     p.add_argument("--no-append", action="store_true")
     return p.parse_args(argv)
 
@@ -97,7 +137,10 @@ def main(argv=None) -> int:
 
     info = run_info()
     rows = []
-    for n_warm in [int(x) for x in args.warm.split(",")]:
+    precision = warm_precision(args.ckpt, args.data) if args.data else None
+    if precision:
+        print(json.dumps({"warm_precision": precision}), flush=True)
+    for n_warm in [int(x) for x in args.warm.split(",")] if args.episodes > 0 else []:
         out = Path(args.out) / f"warm{n_warm}_s{args.exec_horizon}"
         if out.exists():
             raise SystemExit(f"{out} exists; choose another --out")
@@ -142,6 +185,7 @@ def main(argv=None) -> int:
                 "mean": auroc(e_mean[~ok], e_mean[ok]),
                 "max": auroc(e_max[~ok], e_max[ok]),
             },
+            "warm_precision_heldout_mse": precision,
             "train_minutes": args.train_minutes,
             "eval_minutes": round((time.perf_counter() - t0) / 60, 2),
             "checkpoint": args.ckpt,
