@@ -213,6 +213,10 @@ def test_compose_cli_smoke_on_pusht(tmp_path):
     assert run_compose(args) == 0
     table = json.loads((tmp_path / "out" / "table.json").read_text())
     assert [r["weights"] for r in table["rows"]] == [[0.0, 1.0], [0.5, 0.5]]
+    for r in table["rows"]:  # per-seed results, for paired comparisons between weights
+        assert [e["seed"] for e in r["episodes"]] == [100000]
+        assert r["success_rate"] == sum(e["success"] for e in r["episodes"]) / len(r["episodes"])
+        assert r["mean_score"] == pytest.approx(sum(e["score"] for e in r["episodes"]) / len(r["episodes"]))
     assert (tmp_path / "out" / "score_vs_weight.png").stat().st_size > 0
     rt = load_policy(tmp_path / "out" / "best")
     assert rt.config.extra["family"] == "composed"

@@ -274,6 +274,35 @@ def test_training_lowers_the_loss_and_checkpoints_hold_the_ema(store_path, tmp_p
     assert res.samples_per_s > 0
 
 
+def test_data_episodes_range_trains_on_exactly_those_episodes(store_path):
+    """data.episodes=START:STOP selects store episodes START..STOP-1 (two parents on disjoint halves), the
+    held-out split stays inside the range, the range goes into the run config, and bad ranges are refused."""
+    from vlaflow.data.store import EpisodeStore
+    from vlaflow.train.trainer import open_training_data, split_episodes_of
+
+    store = EpisodeStore.open(store_path)
+    ends = store.episode_ends
+    starts = np.concatenate([[0], ends[:-1]])
+    cfg = tiny_cfg("data.episodes=2:5")
+    assert cfg.to_dict()["data"]["episodes"] == "2:5"
+    _, ws, _ = open_training_data(cfg, store_path)
+    assert ws.rows == [(int(starts[i]), int(ends[i])) for i in (2, 3, 4)]
+    want = np.concatenate(
+        [store.get_episode(i, ["action"])["action"] for i in (2, 3, 4)]
+    )  # the rows themselves
+    np.testing.assert_array_equal(ws.data["action"], want)
+    train_eps, val_eps = split_episodes_of(tiny_cfg("data.episodes=1:6", "data.val_ratio=0.2"), store)
+    assert sorted([*train_eps, *val_eps]) == [1, 2, 3, 4, 5] and len(val_eps) == 1
+    assert list(split_episodes_of(tiny_cfg(), store)[0]) == list(range(6))  # "" = all
+    for bad in ("5:3", "3:3", "-1:2", "2", "a:b", "1:2:3"):
+        with pytest.raises(ConfigError, match="data.episodes must be a half-open range START:STOP"):
+            tiny_cfg(f"data.episodes={bad}")
+    with pytest.raises(ConfigError, match="both select episodes"):
+        tiny_cfg("data.episodes=0:3", "data.max_episodes=3")
+    with pytest.raises(ConfigError, match="reaches past the store's 6 episodes"):
+        open_training_data(tiny_cfg("data.episodes=4:7"), store_path)
+
+
 def test_missing_key_lists_what_the_dataset_has(store_path, tmp_path):
     from vlaflow.train.trainer import train
 

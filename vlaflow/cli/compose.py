@@ -5,8 +5,9 @@
 
 Two parents: ``--weights`` lists w for the first parent (the second gets 1 - w); three or more: the grid is
 every point of the simplex with step ``--grid-step``. Every candidate is scored on the same seeds through
-the sim harness. DIR gets ``table.json``, ``table.md``, ``score_vs_weight.png`` and ``best/``, a checkpoint
-directory (family "composed", parents embedded) that ``vlaflow eval --policy DIR/best`` loads.
+the sim harness. DIR gets ``table.json`` (each row with its per-seed success and score, for paired
+comparisons), ``table.md``, ``score_vs_weight.png`` and ``best/``, a checkpoint directory (family
+"composed", parents embedded) that ``vlaflow eval --policy DIR/best`` loads.
 
 The search itself (:mod:`vlaflow.policies.composed.search`) knows nothing of the simulator: this module
 hands it a ``score(weights)`` built on :func:`vlaflow.sim.evaluate.evaluate`.
@@ -137,6 +138,11 @@ def run_compose(args: argparse.Namespace) -> int:
             "success_rate": agg["success_rate"],
             "n_episodes": agg["n_episodes"],
             "n_errors": len(rep.get("errors", [])),
+            # per seed, so candidates can be compared seed by seed (paired tests; same seeds for every row)
+            "episodes": [
+                {"seed": e["seed"], "success": bool(e["success"]), "score": e["max_reward"]}
+                for e in rep["episodes"]
+            ],
         }
 
     rows = search_weights(grid, score, on_row=_print_row)

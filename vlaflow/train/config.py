@@ -106,6 +106,21 @@ class TrainConfig:
         parse_logger(self.logger)
 
 
+def episode_range(spec: str) -> tuple[int, int]:
+    """``"START:STOP"`` (``data.episodes``) as ``(start, stop)``, 0 <= start < stop; else a ConfigError."""
+    parts = spec.split(":")
+    try:
+        start, stop = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        start = stop = None
+    _check(
+        start is not None and stop is not None and 0 <= start < stop,
+        f"data.episodes must be a half-open range START:STOP of episode indices with 0 <= START < STOP "
+        f"(e.g. 0:103), got {spec!r}",
+    )
+    return start, stop
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which store keys the policy reads and how training windows are cut."""
@@ -116,6 +131,9 @@ class DataConfig:
     n_action_steps: int = 8  # Ta: actions executed per replan (evaluation and deployment)
     val_ratio: float = 0.0  # fraction of episodes held out (by episode) from training
     max_episodes: int = 0  # train on the first N episodes only (0 = all)
+    # train on episodes START..STOP-1 only, a half-open range "START:STOP" of store episode indices
+    # ("" = all; excludes max_episodes): two policies on disjoint halves of the demonstrations
+    episodes: str = ""
     # share of every batch drawn from windows at an episode's first `start_steps` steps (0 = uniform): where
     # one scene is demonstrated under several instructions, the state gives the target away after a step or
     # two, and those few windows are the only ones that teach the policy to read the instruction
@@ -134,6 +152,13 @@ class DataConfig:
         )
         _check(0 <= self.val_ratio < 1, f"data.val_ratio must be in [0, 1), got {self.val_ratio}")
         _check(self.max_episodes >= 0, f"data.max_episodes must be >= 0, got {self.max_episodes}")
+        if self.episodes:
+            episode_range(self.episodes)  # raises ConfigError on a malformed range
+            _check(
+                self.max_episodes == 0,
+                f"data.episodes={self.episodes!r} and data.max_episodes={self.max_episodes} both select "
+                "episodes: set one of them (data.episodes=0:N is data.max_episodes=N)",
+            )
         _check(
             0 <= self.start_fraction < 1, f"data.start_fraction must be in [0, 1), got {self.start_fraction}"
         )

@@ -16,7 +16,7 @@ import torch
 import vlaflow.keys as K
 import vlaflow.train.provenance as provenance
 from vlaflow.errors import ConfigError
-from vlaflow.train.config import RunConfig, upgrade_run_config_dict
+from vlaflow.train.config import RunConfig, episode_range, upgrade_run_config_dict
 from vlaflow.train.loop import (  # noqa: F401  (TrainingDiverged: part of this module's interface)
     Evaluator,
     LoopConfig,
@@ -111,11 +111,31 @@ def loop_config(cfg: RunConfig) -> LoopConfig:
     )
 
 
+def split_episodes_of(cfg: RunConfig, store, data: str = "the dataset"):
+    """(training, held-out) store episode indices: the episodes ``data.episodes`` (a range) or
+    ``data.max_episodes`` (the first N) select, split by ``data.val_ratio``."""
+    from vlaflow.data.windows import split_episodes
+
+    if cfg.data.episodes:
+        start, stop = episode_range(cfg.data.episodes)
+        if stop > store.n_episodes:
+            raise ConfigError(
+                f"{data}: data.episodes={cfg.data.episodes!r} reaches past the store's "
+                f"{store.n_episodes} episodes (indices 0..{store.n_episodes - 1})"
+            )
+    else:
+        start, stop = 0, store.n_episodes
+        if cfg.data.max_episodes:
+            stop = min(cfg.data.max_episodes, store.n_episodes)
+    train, val = split_episodes(stop - start, val_ratio=cfg.data.val_ratio, seed=cfg.train.seed)
+    return train + start, val + start
+
+
 def open_training_data(cfg: RunConfig, data: str | Path):
     """(store, WindowSampler over the training episodes, stats); a missing key lists the store's keys."""
     from vlaflow.data.normalize import compute_stats
     from vlaflow.data.store import EpisodeStore
-    from vlaflow.data.windows import WindowSampler, split_episodes
+    from vlaflow.data.windows import WindowSampler
 
     store = EpisodeStore.open(data)
     store.require_intact()  # missing chunks would read as zeros: refuse before any work
@@ -130,8 +150,7 @@ def open_training_data(cfg: RunConfig, data: str | Path):
     check_keys(store, cfg.data.obs_keys, str(data), cfg.family)
     if store.n_episodes < 1:
         raise ConfigError(f"{data}: the dataset has no finished episodes")
-    n_eps = store.n_episodes if cfg.data.max_episodes == 0 else min(cfg.data.max_episodes, store.n_episodes)
-    train_eps, _ = split_episodes(n_eps, val_ratio=cfg.data.val_ratio, seed=cfg.train.seed)
+    train_eps, _ = split_episodes_of(cfg, store, str(data))
     ws = WindowSampler(store, cfg.data.obs_keys, cfg.data.n_obs_steps, cfg.data.horizon, episodes=train_eps)
     if len(ws) == 0:
         raise ConfigError(f"{data}: no training windows (episodes shorter than To={cfg.data.n_obs_steps})")
@@ -144,12 +163,11 @@ def open_training_data(cfg: RunConfig, data: str | Path):
 def validation_windows(cfg: RunConfig, store):
     """Windows of the episodes ``data.val_ratio`` holds out (the split of :func:`open_training_data`),
     or None when nothing is held out."""
-    from vlaflow.data.windows import WindowSampler, split_episodes
+    from vlaflow.data.windows import WindowSampler
 
     if cfg.data.val_ratio <= 0:
         return None
-    n_eps = store.n_episodes if cfg.data.max_episodes == 0 else min(cfg.data.max_episodes, store.n_episodes)
-    _, val_eps = split_episodes(n_eps, val_ratio=cfg.data.val_ratio, seed=cfg.train.seed)
+    _, val_eps = split_episodes_of(cfg, store)
     if len(val_eps) == 0:
         return None
     ws = WindowSampler(store, cfg.data.obs_keys, cfg.data.n_obs_steps, cfg.data.horizon, episodes=val_eps)
