@@ -40,8 +40,7 @@ class EnergyLoggingRTI:
 
         torch.set_num_threads(1)
         self.rt = load_rti_policy(ckpt, n_warm_steps=n_warm)
-        self.log = Path(log_dir) / f"energy_{os.getpid()}.json"
-        self.by_seed: dict[str, list[float]] = {}
+        self.log = Path(log_dir) / f"energy_{os.getpid()}.txt"  # append-only: "reset SEED" / "SEED ENERGY"
         self.seed: int | None = None
 
     @property
@@ -51,13 +50,29 @@ class EnergyLoggingRTI:
     def reset(self, seed: int | None = None) -> None:
         self.rt.reset(seed)
         self.seed = seed
-        self.by_seed[str(seed)] = []
+        self._write(f"reset {seed}")  # a rerun episode (its worker died) starts its record again
 
     def infer(self, obs, **kw):
         out = self.rt.infer(obs, **kw)
-        self.by_seed.setdefault(str(self.seed), []).append(out.extras["energy"])
-        self.log.write_text(json.dumps(self.by_seed))
+        self._write(f"{self.seed} {out.extras['energy']!r}")
         return out
+
+    def _write(self, line: str) -> None:
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+
+
+def read_energies(log_dir: Path) -> dict[str, list[float]]:
+    """Each episode's per-call final energies, by seed, from the workers' logs."""
+    by_seed: dict[str, list[float]] = {}
+    for f in log_dir.glob("energy_*.txt"):
+        for line in f.read_text().splitlines():
+            a, b = line.split()
+            if a == "reset":
+                by_seed[b] = []
+            else:
+                by_seed.setdefault(a, []).append(float(b))
+    return by_seed
 
 
 def _make(ckpt: str, n_warm: int, log_dir: str) -> EnergyLoggingRTI:
@@ -157,9 +172,7 @@ def main(argv=None) -> int:
             realtime=SimRealtimeConfig(RealtimeConfig(merge="rti", exec_horizon=args.exec_horizon)),
             out_dir=out / "eval",
         )
-        energies: dict[str, list[float]] = {}
-        for f in logs.glob("energy_*.json"):
-            energies.update(json.loads(f.read_text()))
+        energies = read_energies(logs)
         eps = rep["episodes"]
         ok = np.array([e["success"] for e in eps])
         e_mean = np.array([np.mean(energies[str(e["seed"])]) for e in eps])

@@ -126,7 +126,9 @@ def rti_denoise(
 
     ``prev_clean`` (B, H, Da) is the previous call's clean chunk; ``noise`` the full call's initial noise.
     """
-    if not hasattr(policy, "path"):  # an energy policy (EBT): no time grid, the warm start is a descent start
+    if hasattr(
+        policy, "descend_from"
+    ):  # an energy policy (EBT): no time grid, the warm start is a descent start
         return _energy_rti(policy, cond, prev_clean, shift, cfg, generator, noise)
     kwargs = policy.sampler_kwargs(cfg.sampler)
     if prev_clean is None:

@@ -324,10 +324,9 @@ class EBTPolicy(GenerativeModule):
         num_candidates: int | None = None,
     ) -> tuple[Tensor, DescentResult]:
         """(actions (B, H, Da) raw units, the descent of the kept candidates: final energy, steps used)."""
-        # The runtime calls under inference_mode; the descent needs autograd, so leave it and copy the
-        # inputs out of inference tensors (they cannot be saved for backward).
-        with torch.inference_mode(False), torch.enable_grad():
-            obs = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in obs.items()}
+        # The descent needs gradients in the chunk only: no graph through the encoder. descend_from copies
+        # cond out of inference mode (the runtime calls under inference_mode).
+        with torch.no_grad():
             cond = self.encode(obs)  # (B, Nc, Fc)
         kept = self.descend_from(cond, noise, sampler, num_steps, generator, num_candidates)
         return self.unnormalize_action(kept.x), kept
