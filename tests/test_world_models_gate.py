@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 pytest.importorskip("gym_pusht")
 
-from rl_fixtures import scramble_  # noqa: E402
+from rl_fixtures import scramble_, tiny_pusht_policy  # noqa: E402
 from test_rl100 import bc_policy, make_demo, tiny_args  # noqa: E402
 from test_rl_refine import cli, env, tiny_policy  # noqa: E402
 
@@ -89,6 +89,63 @@ def test_wm_gate_model_predicts_sampled_next_windows_and_rewards_reproducibly(tm
     assert torch.equal(again[0], nxt) and torch.equal(again[1], r)
     other = make(pol, seed=8).predict(s, a)[0]
     assert not torch.allclose(other, nxt)
+
+
+def keypoint_policy():
+    """A PushT policy reading the keypoints and the agent position (our PushT presets' inputs), with the
+    same action statistics as :func:`tiny_policy`."""
+    from vlaflow.policies import DiffusionConfig, build_policy
+
+    pol = tiny_policy()
+    c = pol.config
+    stats = {
+        "action": pol.normalizer.stats["action"],
+        "obs.keypoint": {"min": np.zeros((9, 2), np.float32), "max": np.full((9, 2), 512.0, np.float32)},
+        "obs.agent_pos": {"min": np.zeros(2, np.float32), "max": np.full(2, 512.0, np.float32)},
+    }
+    for k in ("obs.keypoint", "obs.agent_pos"):
+        v = stats[k]
+        v["mean"], v["std"] = (v["min"] + v["max"]) / 2, (v["max"] - v["min"]) / 4
+    shapes = {"obs.keypoint": (9, 2), "obs.agent_pos": (2,)}
+    cfg = DiffusionConfig(obs_shapes=shapes, action_dim=2, horizon=c.horizon, n_action_steps=c.n_action_steps,
+                          net=c.net, fps=c.fps)  # fmt: skip
+    return build_policy(cfg, stats)
+
+
+def test_wm_gate_judges_a_keypoint_policy_through_the_state_recovered_from_its_keypoints(tmp_path):
+    """A policy reading PushT's keypoints + agent position (not the model's obs.state): its flat windows map
+    to states by a rigid fit of the keypoints, the model steps the states, the predictions map back. The
+    same states seen as keypoints give the same next windows (as keypoints) and the same rewards as seen as
+    states, on the same model noise."""
+    from vlaflow.sim.imagined import _pusht_derived, state_codec
+    from vlaflow.world_models.gate import world_model_gate
+
+    wm_dir = random_wm(tmp_path)
+    make = world_model_gate(str(wm_dir), task="pusht", n_samples=2, seed=3, codec_for=state_codec)
+    kp_pol, st_pol = keypoint_policy(), tiny_policy()
+    b, rng = 5, np.random.default_rng(2)
+    st = rng.uniform([20, 20, 150, 150, 0], [490, 490, 350, 350, 6.28], (b, 2, 5)).astype(np.float32)
+    obs = _pusht_derived(st.reshape(-1, 5))
+    s_kp = torch.cat(
+        [torch.from_numpy(obs[k]).reshape(b, -1) for k in ("obs.keypoint", "obs.agent_pos")], 1
+    )  # (B, To x 18 + To x 2): the policy's keys in order, each key's To steps together
+    a = torch.from_numpy(rng.uniform(-1, 1, (b, 16)).astype(np.float32))
+    dyn_kp, dyn_st = make(kp_pol), make(st_pol)
+    assert dyn_kp.codec is not None and dyn_st.codec is None and dyn_kp.ds == 40
+    nxt_kp, r_kp = dyn_kp.predict(s_kp, a)
+    nxt_st, r_st = dyn_st.predict(torch.from_numpy(st.reshape(b, 10)), a)
+    assert nxt_kp.shape == (2, b, 40) and dyn_kp(s_kp, a).shape == (2, b, 41)
+    np.testing.assert_allclose(r_kp.numpy(), r_st.numpy(), rtol=1e-4, atol=1e-4)
+    want = _pusht_derived(nxt_st.reshape(-1, 5).numpy())  # (E x B x To, ...)
+    got_kp = nxt_kp[..., :36].reshape(-1, 9, 2).numpy()
+    got_ag = nxt_kp[..., 36:].reshape(-1, 2).numpy()
+    np.testing.assert_allclose(got_kp, want["obs.keypoint"], atol=2e-2)
+    np.testing.assert_allclose(got_ag, want["obs.agent_pos"], atol=1e-4)
+    # a key the state cannot be recovered from, or a derived key of another shape: refused by name
+    with pytest.raises(VlaflowError, match=r"judges policies reading 'obs.state' alone or all of the keys"):
+        make(tiny_pusht_policy(obs_key="obs.keypoint", shape=(9, 2)))
+    with pytest.raises(VlaflowError, match=r"reads 'obs.keypoint' \(18,\); computed from the state it is"):
+        make(tiny_pusht_policy(obs_key="obs.keypoint", shape=(18,)))
 
 
 def unit_stats(dims: dict[str, int]) -> dict:

@@ -173,3 +173,15 @@ def as_infer_result(out: Any) -> InferResult:
     if isinstance(out, InferResult):
         return out
     return InferResult(actions=np.asarray(out))
+
+
+def unflat_obs(s, keys, shapes: dict[str, tuple[int, ...]], to: int) -> dict[str, Any]:
+    """Flat obs features (B, Ds) -> windows {key: (B, to, *shapes[key])}, keys concatenated in ``keys``'
+    order, each key's ``to`` steps flattened together (the layout of RL's flat observations). Slicing and
+    reshaping only: numpy arrays and torch tensors alike."""
+    out, i = {}, 0
+    for k in keys:
+        n = to * int(np.prod(shapes[k], dtype=np.int64))
+        out[k] = s[:, i : i + n].reshape(s.shape[0], to, *shapes[k])
+        i += n
+    return out

@@ -189,6 +189,7 @@ def _run_rl100(args, cfg, policy_path: str, policy) -> int:
     preflight(cfg, policy, args.out, args.data, args.resume)  # before any sim process starts
     gate_dynamics = None
     if cfg.rl100.gate_model == "wm":
+        from vlaflow.sim.imagined import state_codec
         from vlaflow.world_models.gate import world_model_gate
 
         gate_dynamics = world_model_gate(
@@ -198,6 +199,7 @@ def _run_rl100(args, cfg, policy_path: str, policy) -> int:
             n_samples=cfg.rl100.gate_models,
             seed=cfg.seed,
             device=cfg.device,
+            codec_for=state_codec,  # keypoint policies: the PushT state recovered from their keypoints
         )
         gate_dynamics(policy)  # refuse a model of another task / key / action dim now, not at the gate
     env = make_env(cfg.task)

@@ -34,7 +34,7 @@ import torch
 from vlaflow.deploy.sync_chunk import SyncChunkExecutor
 from vlaflow.errors import VlaflowError
 from vlaflow.sim.policies import build_policy, check_compatible, describe_policy, reset_policy
-from vlaflow.sim.pusht import keypoints_from_state
+from vlaflow.sim.pusht import LOCAL_KEYPOINTS, keypoints_from_state
 from vlaflow.sim.tasks import WM_PREFIX, make_env
 from vlaflow.sim.video import write_mp4
 from vlaflow.world_models.checkpoint import imagined_reward, load_world_model
@@ -58,9 +58,46 @@ def _pusht_derived(state: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def _pusht_state(obs: dict[str, np.ndarray]) -> np.ndarray:
+    """PushT states (..., 5) back from ``obs.keypoint`` (..., 9, 2) and ``obs.agent_pos`` (..., 2): the block
+    pose is the least-squares rigid fit of the T's local keypoints to the observed ones (exact on the sim's
+    keypoints), the angle taken mod 2 pi as the sim's state has it."""
+    kp = np.asarray(obs["obs.keypoint"], np.float64)
+    p = kp - kp.mean(-2, keepdims=True)
+    q = LOCAL_KEYPOINTS - LOCAL_KEYPOINTS.mean(0)
+    sin = (q[:, 0] * p[..., 1] - q[:, 1] * p[..., 0]).sum(-1)
+    cos = (q[:, 0] * p[..., 0] + q[:, 1] * p[..., 1]).sum(-1)
+    ang = np.arctan2(sin, cos)
+    c, s = np.cos(ang), np.sin(ang)
+    m = LOCAL_KEYPOINTS.mean(0)
+    xy = kp.mean(-2) - np.stack([c * m[0] - s * m[1], s * m[0] + c * m[1]], -1)
+    agent = np.asarray(obs["obs.agent_pos"], np.float64)
+    return np.concatenate([agent, xy, np.mod(ang, 2 * np.pi)[..., None]], -1).astype(np.float32)
+
+
 # task -> state -> the task's other observation keys that are functions of the state (PushT: the block's
 # keypoints and the agent position, as the sim computes them), so policies reading them run in imagination
 DERIVED_KEYS = {"pusht": _pusht_derived}
+# task -> those keys -> the state back (PushT: a rigid fit of the keypoints), so a model of the state can
+# judge a policy that reads only derived keys from the policy's own observations (the RL-100 gate)
+STATE_FROM_KEYS = {"pusht": _pusht_state}
+
+
+def state_codec(task: str, obs_key: str, obs_dim: int, obs_shapes: dict):
+    """For a world model of ``task`` predicting ``obs_key`` (``obs_dim``) and a policy reading exactly the
+    task's derived keys ``obs_shapes``: ``(to_state, from_state)`` -- the policy's observations {key: (N,
+    ...)} -> states (N, obs_dim) and back -- or None when the policy reads the model's own key (or the task
+    has no inverse). A policy reading a key that is neither is refused, naming the keys there are."""
+    if tuple(obs_shapes) == (obs_key,) or task not in STATE_FROM_KEYS or obs_key != "obs.state":
+        return None
+    _, derive = derived_keys(task, obs_key, obs_dim, obs_shapes)  # refuses a derived key of another shape
+    have = sorted(DERIVED_KEYS[task](np.zeros(obs_dim, np.float32)))
+    if derive is None or sorted(obs_shapes) != have:
+        raise VlaflowError(
+            f"the policy reads {sorted(obs_shapes)}; a world model of {obs_key!r} judges policies reading "
+            f"{obs_key!r} alone or all of the keys the state is recovered from: {have}"
+        )
+    return STATE_FROM_KEYS[task], derive
 
 
 def derived_keys(task: str, obs_key: str, obs_dim: int, obs_shapes: dict) -> tuple[dict, object]:

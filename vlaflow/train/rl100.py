@@ -50,6 +50,7 @@ import vlaflow.train.provenance as P
 from vlaflow.data.store import EpisodeStore, KeySpec, atomic_store
 from vlaflow.data.windows import WindowSampler
 from vlaflow.errors import ConfigError, VlaflowError
+from vlaflow.interfaces import unflat_obs
 from vlaflow.policies.checkpoint import load_checkpoint
 from vlaflow.rl.chain import LOGPROBS, ChainConfig, resolve_chain
 from vlaflow.rl.gate import DynamicsEnsemble, fit_dynamics, gate
@@ -57,7 +58,7 @@ from vlaflow.rl.returns import chunk_discount
 from vlaflow.rl.rollout import EVAL_SEEDS, collect
 from vlaflow.train.loop import LoopConfig, RunMeta, TrainingLoop
 from vlaflow.train.objectives.bc import BehaviourCloning
-from vlaflow.train.objectives.rl100 import IQLObjective, OfflinePPO, StandardizedCritic, flat_obs, unflat_obs
+from vlaflow.train.objectives.rl100 import IQLObjective, OfflinePPO, StandardizedCritic, flat_obs
 from vlaflow.train.state import copy_checkpoint
 
 REWARD_KEY = "reward"  # the per-step reward the store copy holds (computed for demos, recorded for rollouts)

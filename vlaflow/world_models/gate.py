@@ -1,8 +1,13 @@
 """The diffusion world model as RL-100's offline policy-evaluation gate model (``rl100.gate_model=wm``).
 
 Shapes: E samples (the gate's "members"), B start states, To the policy's obs window, Do the model's obs
-dim, Ds = To x Do the policy's flat obs features, H / Ta / Da the policy's chunk length, executed steps and
-action dim, Tf the model's steps per call.
+dim, Ds the policy's flat obs features (To x Do for a policy reading the model's key), H / Ta / Da the
+policy's chunk length, executed steps and action dim, Tf the model's steps per call.
+
+A policy that reads not the model's key but the task's keys computed from it (PushT: ``obs.keypoint`` +
+``obs.agent_pos`` for a model of ``obs.state``, the inputs of our PushT policies) is judged through a
+``codec``: its observations -> the model's states (PushT: a rigid fit of the block keypoints) before the
+model steps, the predicted states -> its observations after (as the imagined env derives them).
 
 :class:`WorldModelDynamics` stands behind :class:`vlaflow.rl.gate.DynamicsEnsemble`'s signature, so
 :func:`vlaflow.rl.gate.gate` scores candidates with it unchanged:
@@ -43,11 +48,14 @@ import torch
 from torch import Tensor
 
 from vlaflow.errors import VlaflowError
+from vlaflow.interfaces import unflat_obs
 from vlaflow.world_models.checkpoint import load_world_model
 from vlaflow.world_models.model import DiffusionWorldModel
 from vlaflow.world_models.reward import RewardFn, task_reward
 
 GATE_REWARDS = ("task", "success")  # as rl100.reward
+# (to_state, from_state): a policy's observations {key: (N, ...)} -> the model's states (N, Do), and back
+StateCodec = tuple[Callable[[dict], np.ndarray], Callable[[np.ndarray], dict]]
 
 
 class WorldModelDynamics:
@@ -66,12 +74,14 @@ class WorldModelDynamics:
         seed: int = 0,
         range_margin: float = 0.1,
         where: str = "(in memory)",
+        codec: StateCodec | None = None,
     ):
         cfg, pc = model.config, policy.config
+        shapes = {k: tuple(int(d) for d in v) for k, v in pc.obs_shapes.items()}
         cfg.check_fits(
             where,
             task=task,
-            obs_shapes={k: tuple(v) for k, v in pc.obs_shapes.items()},
+            obs_shapes={cfg.obs_key: (cfg.obs_dim,)} if codec else shapes,
             action_dim=int(pc.action_dim),
             user="the policy",
         )
@@ -91,7 +101,9 @@ class WorldModelDynamics:
         self.n_samples, self.seed = n_samples, seed
         # imagined_score reads len(model.models) as its member count: one "member" per sample
         self.models = tuple(range(n_samples))
-        self.ds = self.to * cfg.obs_dim
+        # the policy's flat window: its keys in order, each To steps (vlaflow.interfaces.unflat_obs)
+        self.keys, self.shapes, self.codec = tuple(shapes), shapes, codec
+        self.ds = self.to * sum(int(np.prod(v, dtype=np.int64)) for v in shapes.values())
         self.out_mean, self.out_std = torch.zeros(self.ds + 1), torch.ones(self.ds + 1)
         span = (model.obs_max - model.obs_min).cpu()
         self._lo, self._hi = (
@@ -102,6 +114,25 @@ class WorldModelDynamics:
         self._last: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.n_invalid = 0  # predicted states refused (NaN / out of range)
         self.model_rows = 0  # model rows sampled (each is num_inference_steps evaluations)
+
+    def _states(self, s: Tensor) -> Tensor:
+        """The policy's flat windows (B, Ds) -> the model's state windows (B, To, Do)."""
+        b, do = s.shape[0], self.cfg.obs_dim
+        if self.codec is None:
+            return s.reshape(b, self.to, do).float().cpu()
+        obs = unflat_obs(s.detach().float().cpu().numpy(), self.keys, self.shapes, self.to)
+        st = self.codec[0]({k: v.reshape(b * self.to, *self.shapes[k]) for k, v in obs.items()})
+        return torch.from_numpy(np.asarray(st, np.float32)).reshape(b, self.to, do)
+
+    def _flat(self, states: Tensor) -> Tensor:
+        """State windows (N, To, Do) -> the policy's flat windows (N, Ds)."""
+        n = states.shape[0]
+        if self.codec is None:
+            return states.reshape(n, self.ds)
+        obs = self.codec[1](states.reshape(n * self.to, -1).numpy())
+        return torch.cat(
+            [torch.from_numpy(np.asarray(obs[k], np.float32)).reshape(n, -1) for k in self.keys], 1
+        )
 
     def reset_noise(self) -> None:
         self._gen.manual_seed(self.seed)
@@ -116,7 +147,7 @@ class WorldModelDynamics:
         """Per sample: next flat window (E, B, Ds) and the chunk's reward (E, B)."""
         cfg, e, b = self.cfg, self.n_samples, s.shape[0]
         dev = self.model.device
-        win = s.reshape(b, self.to, cfg.obs_dim).float().cpu()  # (B, To, Do)
+        win = self._states(s)  # (B, To, Do)
         if self.to < cfg.n_obs_steps:  # pad with the earliest state, as an episode start is padded
             win = torch.cat([win[:, :1].expand(b, cfg.n_obs_steps - self.to, cfg.obs_dim), win], 1)
         chunk = a.reshape(b, self.h, self.da)[:, : self.ta].to(self.policy.device)
@@ -141,7 +172,7 @@ class WorldModelDynamics:
                 hist = torch.cat([hist, st[:, None]], 1)
         if self.reward == "success":
             ret = hit.float()
-        nxt_s = hist[:, -self.to :].reshape(e, b, self.ds).to(s.device)
+        nxt_s = self._flat(hist[:, -self.to :]).reshape(e, b, self.ds).to(s.device)
         ret = ret.view(e, b).to(s.device)
         self._last = (s.clone(), a.clone(), nxt_s, ret)
         return nxt_s, ret
@@ -172,12 +203,17 @@ def world_model_gate(
     seed: int = 0,
     range_margin: float = 0.1,
     device: str = "cpu",
+    codec_for: Callable[..., StateCodec | None] | None = None,
 ) -> Callable[..., WorldModelDynamics]:
     """The world model at ``checkpoint`` loaded once -> ``make(policy, seed=)``: its gate model for that
     policy (a task, observation key or action dim the model was not trained on is refused, naming what it
-    has; so is a task without a reward from predicted states)."""
+    has; so is a task without a reward from predicted states). ``codec_for(task, obs_key, obs_dim,
+    obs_shapes)``: the policy's observations <-> the model's states for a policy reading keys computed from
+    the state, or None when it reads the model's own key (the CLI passes
+    :func:`vlaflow.sim.imagined.state_codec`, which refuses keys it cannot recover the state from)."""
     wm = load_world_model(checkpoint, device=device)
-    wm.config.check_fits(str(checkpoint), task=task)
+    c = wm.config
+    c.check_fits(str(checkpoint), task=task)
     fn = task_reward(task)
 
     def make(policy, seed: int = seed) -> WorldModelDynamics:
@@ -191,6 +227,9 @@ def world_model_gate(
             seed=seed,
             range_margin=range_margin,
             where=str(checkpoint),
+            codec=codec_for(task, c.obs_key, c.obs_dim, dict(policy.config.obs_shapes))
+            if codec_for
+            else None,
         )
 
     return make

@@ -19,7 +19,6 @@ K' recorded denoising steps.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,20 +37,9 @@ from vlaflow.train.objectives.dppo import NonFiniteRL, minibatch
 
 
 def flat_obs(obs: dict[str, Tensor], keys: Sequence[str]) -> Tensor:
-    """Obs windows {key: (B, To, ...)} -> (B, Ds) features, keys in the policy's order."""
+    """Obs windows {key: (B, To, ...)} -> (B, Ds) features, keys in the policy's order (inverse:
+    :func:`vlaflow.interfaces.unflat_obs`)."""
     return torch.cat([torch.as_tensor(obs[k]).float().flatten(1) for k in keys], -1)
-
-
-def unflat_obs(
-    s: Tensor, keys: Sequence[str], shapes: dict[str, tuple[int, ...]], to: int
-) -> dict[str, Tensor]:
-    """Inverse of :func:`flat_obs` for a policy reading ``keys`` of per-step ``shapes`` over ``to`` steps."""
-    out, i = {}, 0
-    for k in keys:
-        n = to * math.prod(shapes[k])
-        out[k] = s[:, i : i + n].reshape(s.shape[0], to, *shapes[k])
-        i += n
-    return out
 
 
 class StandardizedCritic(IQLCritic):
