@@ -303,6 +303,28 @@ def test_data_episodes_range_trains_on_exactly_those_episodes(store_path):
         open_training_data(tiny_cfg("data.episodes=4:7"), store_path)
 
 
+def test_action_scale_dims_shrink_the_gripper_in_the_checkpoints_normalizer(store_path, tmp_path):
+    """data.action_scale_dims (RTI-DP's gripper "scale" remedy) trains with those action dims normalized to a
+    tenth of their range; the checkpoint's normalizer carries it, so its actions un-normalize unchanged;
+    a dim the store's actions do not have is refused before any training step."""
+    from vlaflow.data.store import EpisodeStore
+    from vlaflow.policies import load_checkpoint
+    from vlaflow.train.trainer import train
+
+    res = train(tiny_cfg("train.steps=5", "data.action_scale_dims=2"), store_path, tmp_path / "r")
+    policy = load_checkpoint(res.last_ckpt)
+    a = np.asarray(EpisodeStore.open(store_path).read("action"), np.float32)
+    n = policy.normalizer.normalize("action", a)
+    assert n[:, :2].min() == pytest.approx(-1, abs=1e-4) and n[:, :2].max() == pytest.approx(1, abs=1e-4)
+    assert n[:, 2].min() == pytest.approx(-0.1, abs=1e-4) and n[:, 2].max() == pytest.approx(0.1, abs=1e-4)
+    np.testing.assert_allclose(policy.normalizer.unnormalize("action", n), a, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ConfigError, match=r"action dims \[3\] out of range for action dim 3"):
+        train(tiny_cfg("data.action_scale_dims=3"), store_path, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="data.action_scale_factor must be > 0"):
+        tiny_cfg("data.action_scale_dims=0", "data.action_scale_factor=0")
+
+
 def test_missing_key_lists_what_the_dataset_has(store_path, tmp_path):
     from vlaflow.train.trainer import train
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from vlaflow.errors import StoreError
+from vlaflow.errors import ConfigError, StoreError
 
 MODES = ("minmax", "meanstd", "quantile", "identity")
 STAT_NAMES = ("min", "max", "mean", "std", "q01", "q99")
@@ -59,6 +59,37 @@ def compute_stats(store, keys: Iterable[str] | None = None, max_rows: int = 200_
             "q99": np.quantile(sub, 0.99, axis=0),
         }
         out[k] = {s: v.astype(np.float32) for s, v in out[k].items()}
+    return out
+
+
+def scaled_action_stats(
+    stats: Mapping, dims: Iterable[int], factor: float = 10.0, key: str = "action"
+) -> dict:
+    """A copy of ``stats`` under which the action ``dims`` normalize to 1/``factor`` of their usual range.
+
+    RTI-DP's "scale" remedy for a discrete gripper: trained so, the gripper lives in [-1/10, 1/10] of the
+    normalized space, and the few low-noise reverse steps RTI runs from a warm start can still flip it
+    (from +-1 they cannot). min/max and q01/q99 are widened ``factor``-fold about their centre, std is
+    multiplied (the mean stays), so every normalization mode scales the same way. The statistics travel in
+    the checkpoint's normalizer: inference un-normalizes with no other change.
+    """
+    if not factor > 0:
+        raise ConfigError(f"action scale factor must be > 0, got {factor}")
+    if key not in stats:
+        raise ConfigError(f"statistics have no {key!r} key; keys: {sorted(stats)}")
+    out = {k: {s: np.array(v, copy=True) for s, v in st.items()} for k, st in stats.items()}
+    a = out[key]
+    da = int(np.shape(a["min"])[-1])
+    d = [int(i) for i in dims]
+    bad = [i for i in d if not 0 <= i < da]
+    if bad:
+        raise ConfigError(f"action dims {bad} out of range for action dim {da}")
+    for lo, hi in (("min", "max"), ("q01", "q99")):
+        if lo in a and hi in a:
+            c, h = (a[lo][d] + a[hi][d]) / 2, (a[hi][d] - a[lo][d]) / 2
+            a[lo][d], a[hi][d] = c - factor * h, c + factor * h
+    if "std" in a:
+        a["std"][d] = a["std"][d] * factor
     return out
 
 

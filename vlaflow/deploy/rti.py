@@ -16,7 +16,8 @@ since the previous chunk's first action, Ta in synchronous chunking).
   with one fixed eps per episode (deterministic, keeps x_{t0} on the path's marginal scale).
 - Discrete dims (gripper): ``gripper_mode="clip"`` binarizes the warm start's gripper dims to +-1 (the
   normalized open/closed extremes); the paper's ``scale`` remedy is a *training* option: train with
-  :func:`gripper_scaled_stats` so the gripper lives in [-1/10, 1/10] and a flip stays reachable.
+  ``data.action_scale_dims=<gripper dims>`` (:func:`gripper_scaled_stats`) so the gripper lives in
+  [-1/10, 1/10] and a flip stays reachable.
 - :func:`measure_contraction` estimates the Lipschitz ratio ||f(a) - f(b)|| / ||a - b|| of the few-step
   map f over random pairs of warm starts; :func:`choose_warm_steps` picks the smallest t0 whose map
   contracts below a target (the paper's condition for the iteration to converge onto the solution).
@@ -84,31 +85,12 @@ def warm_start(
 
 
 def gripper_scaled_stats(stats: dict, dims: tuple[int, ...] | list[int], factor: float = 10.0) -> dict:
-    """Action statistics under which ``dims`` normalize to 1/``factor`` of their usual range (the paper's
-    "scale" remedy): min/max and q01/q99 are widened ``factor``-fold about their centre, std multiplied.
+    """RTI-DP's "scale" remedy: ``stats`` with the gripper ``dims`` normalized to 1/``factor`` of their range
+    (:func:`vlaflow.data.normalize.scaled_action_stats`). Training does it from the run config:
+    ``vlaflow train ... data.action_scale_dims=3`` (``data.action_scale_factor``, default 10)."""
+    from vlaflow.data.normalize import scaled_action_stats
 
-    Use at training time: ``build_policy(cfg, gripper_scaled_stats(compute_stats(store, keys), [6]))``.
-    The scaled statistics are saved in the checkpoint's normalizer, so inference un-normalizes correctly
-    with no other change; RTI's few low-noise steps can then still flip the gripper.
-    """
-    if factor <= 0:
-        raise ConfigError(f"gripper scale factor must be > 0, got {factor}")
-    if K.ACTION not in stats:
-        raise ConfigError(f"statistics have no {K.ACTION!r} key; keys: {sorted(stats)}")
-    out = {k: {s: np.array(v, dtype=np.float32, copy=True) for s, v in st.items()} for k, st in stats.items()}
-    a = out[K.ACTION]
-    da = int(np.shape(a["min"])[-1])
-    bad = [d for d in dims if not 0 <= int(d) < da]
-    if bad:
-        raise ConfigError(f"gripper dims {bad} out of range for action dim {da}")
-    d = list(dims)
-    for lo, hi in (("min", "max"), ("q01", "q99")):
-        if lo in a and hi in a:
-            c, h = (a[lo][d] + a[hi][d]) / 2, (a[hi][d] - a[lo][d]) / 2
-            a[lo][d], a[hi][d] = c - factor * h, c + factor * h
-    if "std" in a:
-        a["std"][d] = a["std"][d] * factor
-    return out
+    return scaled_action_stats(stats, dims, factor, key=K.ACTION)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -43,7 +43,10 @@ class RTIConfig:
     n_warm_steps: int = 0  # reverse steps after the warm start (0: min(20, num_steps // 2); paper: 3)
     warm_mode: str = "place"  # "place": x_t0 = alpha x_prev | "noised": + sigma eps (fixed eps)
     gripper_dims: tuple[int, ...] = ()  # action dims that are discrete (open/close)
-    gripper_mode: str = "none"  # "clip": binarize the warm start's gripper dims to +-1 | "none"
+    # "clip": binarize the warm start's gripper dims to +-1 | "none" (the default, and the better one when
+    # replanning every tick: clip discards the partial move a flip builds over successive calls; pick_place
+    # success 1% with it vs 66% without, benchmarks/results/rti_gripper.md)
+    gripper_mode: str = "none"
     seed: int = 0  # seeds the fixed warm-start eps and stochastic sampler noise (reset(seed) overrides)
 
     def __post_init__(self):

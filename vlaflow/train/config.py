@@ -139,6 +139,11 @@ class DataConfig:
     # two, and those few windows are the only ones that teach the policy to read the instruction
     start_fraction: float = 0.0
     start_steps: int = 3
+    # action dims normalized to 1/action_scale_factor of their range: RTI-DP's "scale" remedy for a
+    # discrete gripper (a few low-noise RTI steps from a warm start can flip it from +-1/10, not from +-1);
+    # the scaled statistics travel in the checkpoint's normalizer, so inference needs no other setting
+    action_scale_dims: tuple[int, ...] = ()
+    action_scale_factor: float = 10.0
 
     def __post_init__(self):
         _check(len(self.obs_keys) >= 1, "data.obs_keys must name at least one observation key")
@@ -163,6 +168,15 @@ class DataConfig:
             0 <= self.start_fraction < 1, f"data.start_fraction must be in [0, 1), got {self.start_fraction}"
         )
         _check(self.start_steps >= 1, f"data.start_steps must be >= 1, got {self.start_steps}")
+        _check(
+            self.action_scale_factor > 0,
+            f"data.action_scale_factor must be > 0, got {self.action_scale_factor}",
+        )
+        _check(
+            len(set(self.action_scale_dims)) == len(self.action_scale_dims)
+            and all(d >= 0 for d in self.action_scale_dims),
+            f"data.action_scale_dims must be distinct action dims >= 0, got {list(self.action_scale_dims)}",
+        )
 
 
 @dataclass(frozen=True)

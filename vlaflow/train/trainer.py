@@ -133,7 +133,7 @@ def split_episodes_of(cfg: RunConfig, store, data: str = "the dataset"):
 
 def open_training_data(cfg: RunConfig, data: str | Path):
     """(store, WindowSampler over the training episodes, stats); a missing key lists the store's keys."""
-    from vlaflow.data.normalize import compute_stats
+    from vlaflow.data.normalize import compute_stats, scaled_action_stats
     from vlaflow.data.store import EpisodeStore
     from vlaflow.data.windows import WindowSampler
 
@@ -157,6 +157,10 @@ def open_training_data(cfg: RunConfig, data: str | Path):
     stats = store.load_stats()
     if stats is None or any(k not in stats for k in needed):
         stats = compute_stats(store, needed)
+    if cfg.data.action_scale_dims:  # out of range for the store's action dim: a ConfigError naming it
+        stats = scaled_action_stats(
+            stats, cfg.data.action_scale_dims, cfg.data.action_scale_factor, key=K.ACTION
+        )
     return store, ws, stats
 
 
