@@ -50,7 +50,7 @@ CUTS = {
     "efficientnet_lite0": {8: ("_blocks", 4), 16: ("_blocks", 10)},
     "mobilenet_v2": {8: ("features", 6), 16: ("features", 13)},
 }
-LAMBDAS = np.logspace(-2, 5, 15)
+LAMBDAS = np.logspace(-4, 5, 19)
 
 
 def split_episodes(ends: np.ndarray, test_frac: float, val_frac: float, seed: int) -> dict[str, np.ndarray]:
@@ -254,15 +254,17 @@ def sweep_trunk(name: str, sizes, strides, data: dict, args) -> list[dict]:
 
 
 def table(rows: list[dict], baseline: float) -> str:
+    """Markdown. test px: mean Euclidean keypoint error on the test episodes; abs px: mean |dx|, |dy|."""
     lines = [
-        "| trunk | input | stride | map (C, h, w) | readout | dim | test px | val px | lambda "
-        "| trunk ms/frame |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        "| trunk | input | stride | map (C, h, w) | readout | dim | test px | test abs px | val px "
+        "| train px | lambda | trunk ms/frame |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['trunk']} | {r['size']} | {r['stride']} | {tuple(r['map'])} | {r['readout']} | {r['dim']} "
-            f"| {r['test_px']:.2f} | {r['val_px']:.2f} | {r['lambda']:g} | {r['trunk_ms_per_frame']:.2f} |"
+            f"| {r['test_px']:.2f} | {r['test_abs_px']:.2f} | {r['val_px']:.2f} | {r['train_px']:.2f} "
+            f"| {r['lambda']:g} | {r['trunk_ms_per_frame']:.2f} |"
         )
     lines.append(f"\nConstant guess (train mean keypoints): {baseline:.2f} px on the test episodes.")
     return "\n".join(lines)

@@ -203,8 +203,8 @@ class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 with the package's parameter names (``_conv_stem``, ``_blocks.i``, ``_fc``).
 
     ``stride=8`` keeps the stem and blocks 0..4 (40 channels), ``stride=16`` blocks 0..10 (112 channels),
-    ``stride=32`` all 16 blocks and the
-    1280-channel head; ``classifier=True`` adds global pooling + the 1000-way ImageNet layer.
+    ``stride=32`` all 16 blocks and the 1280-channel head; ``classifier=True`` adds global pooling + the
+    1000-way ImageNet layer.
     """
 
     def __init__(self, stride: int = 32, classifier: bool = False):
