@@ -122,6 +122,37 @@ def test_efficientnet_lite0_matches_the_package_network():
         torch.testing.assert_close(net(x), ref(x), atol=1e-4, rtol=1e-4)
 
 
+def test_stride_8_cuts_each_trunk_at_its_stride_8_stage():
+    """Output stride 8: EfficientNet-Lite0 stem + blocks 0..4 (40 ch), MobileNetV2 features.0..6 (32 ch);
+    the map is the full network's own activation at that stage (a prefix, same weights), 12x12 at 96 px."""
+    cuts = {"efficientnet_lite0": ("_blocks", 5, 40), "mobilenet_v2": ("features", 7, 32)}
+    x = _grace_hopper(96)
+    for name, (attr, n_units, channels) in cuts.items():
+        _need(P.PRETRAINED[name].package)
+        s8 = P.PretrainedTrunk(name, stride=8).eval()
+        full = P.PretrainedTrunk(name, stride=32).eval()
+        assert len(getattr(s8.net, attr)) == n_units and s8.out_channels == channels
+        seen = {}
+        unit = getattr(full.net, attr)[n_units - 1]
+        hook = unit.register_forward_hook(lambda m, i, o, seen=seen: seen.setdefault("map", o))
+        with torch.no_grad():
+            got, _ = s8(x), full(x)
+        hook.remove()
+        assert got.shape == (1, channels, 12, 12)
+        torch.testing.assert_close(got, seen["map"])
+    enc = ImageEncoder(
+        (96, 96, 3), "efficientnet_lite0", crop_shape=None, feature_stride=8, resize=(192, 192)
+    )
+    assert enc.feature_shape == (40, 24, 24)
+    assert EncoderConfig(image_backbone="mobilenet_v2", image_feature_stride=8).image_feature_stride == 8
+    with pytest.raises(ValueError, match="8, 16 or 32"):
+        P.PretrainedTrunk("mobilenet_v2", stride=4)
+    from vlaflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="8, 16 or 32"):
+        EncoderConfig(image_backbone="mobilenet_v2", image_feature_stride=4)
+
+
 def test_missing_package_names_the_install_line(monkeypatch, tmp_path):
     monkeypatch.setenv("VLAFLOW_CACHE", str(tmp_path))  # no converted weights to fall back on
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)

@@ -74,7 +74,7 @@ class EncoderConfig:
     image_backbone: str = "resnet18"
     image_finetune: str = "frozen"  # pretrained backbones: "frozen", "partial" (last stages) or "full"
     image_trainable_stages: int = 2  # "partial": how many of the trunk's last stages train
-    image_feature_stride: int = 32  # pretrained backbones: feature map at output stride 16 or 32
+    image_feature_stride: int = 32  # pretrained backbones: feature map at output stride 8, 16 or 32
     image_resize: tuple[int, int] | None = None  # resize the (cropped) image to (h, w) before the trunk
     # frozen pretrained trunk + feature cache: features of this many fixed crops per frame are cached and
     # one is drawn per sample in training (1 = the center crop only, i.e. no crop augmentation)
@@ -108,8 +108,8 @@ class EncoderConfig:
             f"encoder.image_finetune must be 'frozen', 'partial' or 'full', got {self.image_finetune!r}",
         )
         _check(
-            self.image_feature_stride in (16, 32),
-            f"encoder.image_feature_stride must be 16 or 32, got {self.image_feature_stride}",
+            self.image_feature_stride in (8, 16, 32),
+            f"encoder.image_feature_stride must be 8, 16 or 32, got {self.image_feature_stride}",
         )
         _check(
             self.feature_cache_crops >= 1,

