@@ -44,8 +44,8 @@ class RTIConfig:
     warm_mode: str = "place"  # "place": x_t0 = alpha x_prev | "noised": + sigma eps (fixed eps)
     gripper_dims: tuple[int, ...] = ()  # action dims that are discrete (open/close)
     # "clip": binarize the warm start's gripper dims to +-1 | "none" (the default, and the better one when
-    # replanning every tick: clip discards the partial move a flip builds over successive calls; pick_place
-    # success 1% with it vs 66% without, benchmarks/results/rti_gripper.md)
+    # 2-5 warm steps: clip discards the partial move a flip builds over successive calls; pick_place success
+    # 1% with it vs 70% without every tick, 0% vs 52% every Ta, benchmarks/results/rti_gripper.md)
     gripper_mode: str = "none"
     seed: int = 0  # seeds the fixed warm-start eps and stochastic sampler noise (reset(seed) overrides)
 
