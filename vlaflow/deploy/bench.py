@@ -194,7 +194,9 @@ def _plot(rows: list[dict], samples: dict, path: Path, title: str) -> None:
 def latency_markdown(result: dict) -> str:
     ps = result["per_denoiser_step"]
     lines = [
-        "# Control-step latency and PushT score per sampling variant",
+        "# Control-step latency"
+        + (" and PushT score" if any(r.get("mean_score") is not None for r in result["rows"]) else "")
+        + " per sampling variant",
         "",
         f"Checkpoint `{result['checkpoint']}`; command `{result['machine']['command']}`; "
         f"{result['machine']['when']}; threads {result['threads']} (torch.set_num_threads and ORT "
@@ -414,7 +416,7 @@ def _bench(cfg: LatencyBench, score: ScoreFn | None, scratch: Callable[[], Path]
         "onnx_dir": str(onnx_dir) if onnx_dir and not exported else None,
         "threads": cfg.threads,
         "repeats": cfg.repeats,
-        "task": "pusht",
+        "task": "pusht" if any(r.get("mean_score") is not None for r in rows) else None,  # scores' task
         "score_episodes": episodes,
         "score_seeds": "100000.." + str(100000 + episodes - 1) if episodes else None,
         "loadavg_before": load_before,
