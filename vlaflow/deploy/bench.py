@@ -195,7 +195,7 @@ def latency_markdown(result: dict) -> str:
     ps = result["per_denoiser_step"]
     lines = [
         "# Control-step latency"
-        + (" and PushT score" if any(r.get("mean_score") is not None for r in result["rows"]) else "")
+        + (" and PushT score" if result.get("task") else "")
         + " per sampling variant",
         "",
         f"Checkpoint `{result['checkpoint']}`; command `{result['machine']['command']}`; "

@@ -92,7 +92,7 @@ def state_codec(task: str, obs_key: str, obs_dim: int, obs_shapes: dict):
         return None
     _, derive = derived_keys(task, obs_key, obs_dim, obs_shapes)  # refuses a derived key of another shape
     have = sorted(DERIVED_KEYS[task](np.zeros(obs_dim, np.float32)))
-    if derive is None or sorted(obs_shapes) != have:
+    if sorted(obs_shapes) != have:  # (then derive is the task's, restricted to exactly these keys)
         raise VlaflowError(
             f"the policy reads {sorted(obs_shapes)}; a world model of {obs_key!r} judges policies reading "
             f"{obs_key!r} alone or all of the keys the state is recovered from: {have}"
