@@ -249,3 +249,45 @@ def test_narrower_unet_starts_from_a_channel_subset_of_the_teacher(store, tmp_pa
     )
     with pytest.raises(ConfigError, match="student-init teacher"):
         D.distill(out=str(tmp_path / "m"), student_net="mlp:16x1", student_init="teacher", **kw)
+
+
+def test_a_dsrl_steered_teacher_is_distilled_from_its_actors_noise(store, tmp_path):
+    """A DSRL run's checkpoint (family "steered") distills: the teacher's chunks are its base's chain from
+    the noise actor's w (the steered policy's own output, whatever noise the student is handed), and the
+    student is a plain one-step checkpoint trained toward them."""
+    import vlaflow
+    from vlaflow.data.store import EpisodeStore
+    from vlaflow.data.windows import WindowSampler
+    from vlaflow.policies import load_checkpoint
+    from vlaflow.policies.steered.actor import NoiseActor
+    from vlaflow.policies.steered.model import SteeredPolicy
+    from vlaflow.train.objectives.distill import distill, teacher_pairs
+
+    base = load_checkpoint(_teacher(store, tmp_path, "diffusion")).eval()
+    actor = NoiseActor(base.n_cond_tokens * base.cond_dim, int(np.prod(base.target_shape)), 1.5, width=32)
+    torch.nn.init.normal_(actor.body[-1].weight, std=0.5)  # a fresh actor says w = 0: move it away
+    torch.nn.init.normal_(actor.body[-1].bias, std=0.5)
+    ckpt = save_checkpoint(tmp_path / "steered", SteeredPolicy.wrap(base, actor, width=32))
+    steered = load_checkpoint(ckpt).eval()
+
+    ws = WindowSampler(EpisodeStore.open(store), list(OBS), 2, 8)
+    idx = np.arange(6)
+    a = teacher_pairs(steered.base, ws, idx, "ddim", 4, torch.Generator().manual_seed(1), steered.steer)
+    b = teacher_pairs(steered.base, ws, idx, "ddim", 4, torch.Generator().manual_seed(2), steered.steer)
+    plain = teacher_pairs(steered.base, ws, idx, "ddim", 4, torch.Generator().manual_seed(1))
+    assert not torch.allclose(a[1], b[1])  # the student's input noise is a fresh draw ...
+    torch.testing.assert_close(a[4], b[4])  # ... the target is not: the steered chunk of the window
+    with torch.no_grad():
+        own = steered.generate(a[0]).actions
+    torch.testing.assert_close(steered.base.unnormalize_target(a[4]), own, atol=1e-4, rtol=1e-4)
+    assert (a[4] - plain[4]).abs().mean() > 0.05  # not the base's chunk from the same Gaussian noise
+
+    kw = dict(
+        teacher=str(ckpt), data=str(store), minutes=0, batch_size=32, pool=256, refresh=32, progress=False
+    )
+    before = distill(out=str(tmp_path / "s0"), steps=1, **kw)
+    after = distill(out=str(tmp_path / "s1"), steps=80, lr=1e-3, **kw)
+    assert before["teacher_steered"] and after["teacher_steered"]
+    assert after["val_mean_abs_err_normalized"] < 0.5 * before["val_mean_abs_err_normalized"], (before, after)
+    rt = vlaflow.load_policy(tmp_path / "s1")
+    assert rt.policy.config.family == "consistency" and rt.policy.config.teacher_family == "diffusion"

@@ -149,10 +149,14 @@ def student_config(teacher, teacher_path: str, sampler: str, steps: int, down_di
     )
 
 
-def teacher_pairs(teacher, ws, idx, sampler: str, steps: int, generator):
+def teacher_pairs(teacher, ws, idx, sampler: str, steps: int, generator, steer=None):
     """Teacher data for windows ``idx``: obs, initial noise, one random chain state + its time, final x0.
 
-    Everything in normalized action units; (B, H, Da) tensors.
+    Everything in normalized action units; (B, H, Da) tensors. ``steer`` (a DSRL-refined teacher's
+    :meth:`~vlaflow.policies.steered.model.SteeredPolicy.steer`: cond -> the noise actor's w) starts the
+    teacher's chain from the actor's noise instead; the student's input noise stays a fresh Gaussian draw,
+    so the student learns the steered policy's chunk for the observation whatever noise it is handed (a
+    plain one-step checkpoint, no actor to deploy).
     """
     batch = ws.get_batch(idx)
     obs = {k: torch.from_numpy(v) for k, v in batch_obs(batch, teacher.config.obs_shapes).items()}
@@ -161,7 +165,8 @@ def teacher_pairs(teacher, ws, idx, sampler: str, steps: int, generator):
         b = cond.shape[0]
         noise = torch.randn((b, teacher.config.horizon, teacher.config.action_dim), generator=generator)
         ts = teacher.path.timesteps(steps)
-        res = teacher.denoise(cond, noise=noise, sampler=sampler, num_steps=steps, return_chain=True)
+        start = noise if steer is None else steer(cond)
+        res = teacher.denoise(cond, noise=start, sampler=sampler, num_steps=steps, return_chain=True)
         # chain state after step i sits at time ts[i + 1]; pick one of the intermediate ones (not the end)
         n_mid = len(res.steps) - 1
         if n_mid >= 1:
@@ -170,7 +175,7 @@ def teacher_pairs(teacher, ws, idx, sampler: str, steps: int, generator):
             mid = states[pick, torch.arange(b)]
             mid_t = ts[pick + 1]
         else:
-            mid, mid_t = noise, ts[:1].expand(b)
+            mid, mid_t = start, ts[:1].expand(b)
     return obs, noise, mid, mid_t, res.x0
 
 
@@ -375,6 +380,10 @@ def distill(
     tpol = load_checkpoint(teacher, device=device)
     for p in tpol.parameters():
         p.requires_grad_(False)
+    # a DSRL-refined teacher (family "steered"): its frozen base denoises, from the noise actor's w
+    steer = tpol.steer if tpol.config.family == "steered" else None
+    if steer is not None:
+        tpol = tpol.base
     sampler = teacher_sampler or tpol.config.sampler
     n_steps = teacher_steps or tpol.config.num_inference_steps
     cfg = student_config(tpol, teacher, sampler, n_steps, student_dims, net_spec)
@@ -395,7 +404,7 @@ def distill(
     gen = torch.Generator().manual_seed(seed)
 
     def fresh(n):  # module-level teacher_pairs looked up per call (tests count the calls)
-        return teacher_pairs(tpol, ws, rng.integers(0, len(ws), size=n), sampler, n_steps, gen)
+        return teacher_pairs(tpol, ws, rng.integers(0, len(ws), size=n), sampler, n_steps, gen, steer)
 
     # held-out check set: the student's one-step error to the teacher on fresh windows and noise
     val = fresh(256)
@@ -442,11 +451,12 @@ def distill(
         err = float((x0 - val[4].to(device)).abs().mean())
         err0 = (
             float((_teacher_onestep(tpol, val) - val[4].to(device)).abs().mean())
-            if cfg.teacher_family == "flow"
+            if cfg.teacher_family == "flow" and steer is None
             else None
         )
     summary = {
         "teacher": str(teacher),
+        "teacher_steered": steer is not None,  # a DSRL run's policy: its base's chain from the actor's w
         "teacher_sampler": sampler,
         "teacher_steps": int(n_steps),
         "student_nfe": 1,
