@@ -382,6 +382,7 @@ def distill(
         p.requires_grad_(False)
     # a DSRL-refined teacher (family "steered"): its frozen base denoises, from the noise actor's w
     steer = tpol.steer if tpol.config.family == "steered" else None
+    n_teacher_params = tpol.num_parameters()  # a steered teacher's count includes its noise actor
     if steer is not None:
         tpol = tpol.base
     sampler = teacher_sampler or tpol.config.sampler
@@ -461,7 +462,7 @@ def distill(
         "teacher_steps": int(n_steps),
         "student_nfe": 1,
         "student_parameters": student.num_parameters(),
-        "teacher_parameters": tpol.num_parameters(),
+        "teacher_parameters": n_teacher_params,
         "student_down_dims": list(cfg.net.unet.down_dims) if cfg.net.kind == "unet" else None,
         "student_net": cfg.net.kind
         if cfg.net.kind != "mlp"
