@@ -81,8 +81,8 @@ def test_vectorized_envs_sum_the_task_reward_over_each_chunk_like_a_plain_env():
 def test_a_task_without_reward_is_refused_listing_those_with_one():
     from vlaflow.sim.rollout import SubprocChunkEnv
 
-    with pytest.raises(VlaflowError, match=r"'pick_place' has no reward/success signal.*pusht \(clip"):
-        SubprocChunkEnv("pick_place", 2, ["obs.state"], 2)
+    with pytest.raises(VlaflowError, match=r"'lift' has no reward/success signal.*pusht \(clip.*pick_place"):
+        SubprocChunkEnv("lift", 2, ["obs.state"], 2)
 
 
 def test_collect_batches_inference_across_envs_and_records_the_chain():
@@ -310,7 +310,7 @@ def test_refine_cli_resumes_after_sigkill_and_its_result_loads_in_eval(ckpt, tmp
 
 def test_refine_refuses_a_task_without_reward_and_a_deterministic_chain(ckpt, tmp_path):
     out = subprocess.run(
-        cli("refine", "--policy", str(ckpt), "--task", "pick_place", "--out", str(tmp_path / "a")),
+        cli("refine", "--policy", str(ckpt), "--task", "lift", "--out", str(tmp_path / "a")),
         env=env(),
         capture_output=True,
         text=True,

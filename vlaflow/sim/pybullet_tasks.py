@@ -152,6 +152,8 @@ def pick_place_spec(obs_mode: str, cfg: PickPlaceConfig) -> TaskSpec:
             "action_names": ["dx", "dy", "dz", "gripper"],
             "action_scale_m": cfg.max_delta,
             "cameras": ["front"] if obs_mode == "image" else [],
+            "success": "the cube rests inside the tray, released (ends the episode)",
+            "reward": "1 at success, else 0",
             **cfg.extra,
         },
     )
