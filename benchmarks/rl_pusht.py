@@ -160,20 +160,25 @@ def zero_noise_policy(policy: str, out: Path, width: int = 256) -> str:
 
 def online(deadline: float, a, row: dict, out: Path) -> None:
     """``vlaflow refine --algo dsrl|dppo|world4rl`` for ``--rl-minutes``, then the held-out evaluation of
-    ``last`` (world4rl: PPO in the frozen ``--world-model``, starts from ``--data``'s episode starts; its
-    count of real env steps during RL is kept)."""
+    ``last`` (or, with ``--select-every``, of ``best`` as chosen on validation seeds 90000..). world4rl:
+    PPO in the frozen ``--world-model``, starts from ``--data``'s episode starts; its count of real env
+    steps during RL is kept."""
     run = out / a.algo
     if a.algo == "dsrl" and a.zero_noise:
         zero = zero_noise_policy(a.policy, out / "zero_noise")
         row["zero_noise"] = evaluate(deadline, zero, out / "zero_noise_eval", a.episodes, task=a.task)
     t1 = time.time()
     wm = ["--world-model", a.world_model, "--starts", a.data] if a.algo == "world4rl" else []
+    # no selection (the result is `last`), or best-of on validation seeds 90000.. (never the held-out ones)
+    select = ["eval_every=0", "eval_episodes=0"]
+    if a.select_every:
+        select = [f"eval_every={a.select_every}", f"eval_episodes={a.select_episodes}"]
+        select.append("eval_seed_start=90000")
     rf = vlaflow(
         deadline - 1.3 * float(row["before"]["wall_s"] or 0),
         "refine", "--policy", a.policy, "--task", a.task, "--algo", a.algo, "--out", str(run), *wm,
         "iterations=100000",
-        f"max_minutes={a.rl_minutes}", "eval_every=0", "eval_episodes=0", "final_episodes=0",
-        "progress=false", *a.overrides,
+        f"max_minutes={a.rl_minutes}", *select, "final_episodes=0", "progress=false", *a.overrides,
     )  # fmt: skip
     if rf.returncode:
         raise RuntimeError(rf.stderr[-3000:])
@@ -190,7 +195,13 @@ def online(deadline: float, a, row: dict, out: Path) -> None:
     if a.algo == "world4rl":
         row["world4rl"] = json.loads((run / "world4rl.json").read_text())
         row["env_steps"] = row["world4rl"]["real_env_steps_during_rl"]  # real steps; imagined ones apart
-    row["after_policy"] = str(run / "checkpoints" / "last")
+    best = run / "checkpoints" / "best"
+    row["after_policy"] = str(best if a.select_every and best.exists() else run / "checkpoints" / "last")
+    if a.select_every:
+        row["selection"] = {
+            "seeds": f"90000.. ({a.select_episodes} per evaluation, every {a.select_every} rounds)",
+            "evals": [r for r in csv.DictReader(open(run / "log.csv", newline="")) if r["kind"] == "eval"],
+        }
     row["after"] = evaluate(deadline, row["after_policy"], out / "after", a.episodes, task=a.task)
 
 
@@ -212,6 +223,11 @@ def main() -> int:
     ap.add_argument("--algo", default="rl100", choices=("rl100", "dsrl", "dppo", "world4rl"))
     ap.add_argument("--world-model", default="", help="world4rl: the frozen world-model checkpoint")
     ap.add_argument("--zero-noise", action="store_true", help="dsrl: also evaluate w = 0 steering")
+    ap.add_argument(
+        "--select-every", type=int, default=0,
+        help="dsrl / dppo: evaluate every N rounds on validation seeds 90000.. and report checkpoints/best",
+    )  # fmt: skip
+    ap.add_argument("--select-episodes", type=int, default=50, help="episodes per validation evaluation")
     ap.add_argument("--rl-minutes", type=float, default=30.0, help="dsrl / dppo / world4rl: RL wall time")
     ap.add_argument("overrides", nargs="*", help="refine FIELD=VALUE settings of the RL run")
     a = ap.parse_args()
@@ -354,6 +370,14 @@ def write_md(rows: list[dict], path: Path) -> None:
                 "",
                 f"DSRL's start as deployed ({r['when']}): the base denoised from w = 0 (actor at init),"
                 f" success {_pct(z)}, first 50 {_pct(z, 'first50_success')}, score {z['score']:.3f}.",
+            ]
+        if r.get("selection"):
+            ev = r["selection"]["evals"]
+            got = ", ".join(f"{float(e['success_rate']):.2f} @ {int(float(e['step']))}" for e in ev)
+            lines += [
+                "",
+                f"Selection ({r['when']}): `best` chosen on validation seeds {r['selection']['seeds']}, "
+                f"success @ update: {got}; the held-out row evaluates `{Path(r['after_policy']).name}`.",
             ]
         if r.get("stopped"):
             lines += ["", f"Note ({r['when']}): {r['stopped']}."]

@@ -64,7 +64,7 @@ def test_stored_pick_place_rewards_are_refused_naming_why():
         stored_step_rewards("pick_place", {"obs.state": np.zeros((5, 21), np.float32)})
 
 
-def test_refine_dsrl_on_pick_place_writes_a_steered_policy_that_evaluates_there(tmp_path):
+def test_refine_dsrl_on_pick_place_writes_a_steered_policy_evaluated_on_the_chosen_seeds(tmp_path):
     from vlaflow.policies import load_checkpoint, save_checkpoint
 
     ckpt = save_checkpoint(tmp_path / "tiny", tiny_pusht_policy(shape=(21,), action_dim=4))
@@ -73,7 +73,7 @@ def test_refine_dsrl_on_pick_place_writes_a_steered_policy_that_evaluates_there(
         "refine", "--policy", str(ckpt), "--task", "pick_place", "--algo", "dsrl", "--out", str(run),
         "iterations=2", "dsrl.n_envs=2", "dsrl.n_decisions=3", "dsrl.updates_per_round=2",
         "dsrl.batch_size=4", "dsrl.width=32", "eval_every=0", "eval_episodes=0", "final_episodes=1",
-        "env_workers=1", "progress=false",
+        "env_workers=1", "progress=false", "eval_seed_start=90000",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "vlaflow.cli", *args]
@@ -84,3 +84,4 @@ def test_refine_dsrl_on_pick_place_writes_a_steered_policy_that_evaluates_there(
     assert steered.config.family == "steered" and steered.base.config.obs_shapes == {"obs.state": (21,)}
     rep = json.loads(next(run.rglob("report.json")).read_text())
     assert rep["task"] == "pick_place" and rep["aggregate"]["n_episodes"] == 1
+    assert [e["seed"] for e in rep["episodes"]] == [90000]  # validation seeds, not the held-out 100000..

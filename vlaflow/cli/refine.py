@@ -23,7 +23,11 @@ from vlaflow.errors import ConfigError, VlaflowError
 
 def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="the imitation policy checkpoint to refine (diffusion or flow)")
-    parser.add_argument("--task", default=None, help="sim task with a reward/success signal (default pusht)")
+    parser.add_argument(
+        "--task",
+        default=None,
+        help="sim task with a reward/success signal: pusht (default) or pick_place (dppo / dsrl)",
+    )
     parser.add_argument(
         "--algo", default=None, choices=("dppo", "dsrl", "world4rl", "rl100"), help="algorithm (default dppo)"
     )
@@ -115,7 +119,7 @@ def run_refine(args: argparse.Namespace) -> int:
     bc_batch = None
     if cfg.algo == "dppo" and cfg.dppo.bc_coef > 0:
         bc_batch = _bc_source(policy, args.data, cfg)
-    ev_cfg = EvalConfig(task=cfg.task, seed_start=100_000, n_workers=cfg.eval_workers)
+    ev_cfg = EvalConfig(task=cfg.task, seed_start=cfg.eval_seed_start, n_workers=cfg.eval_workers)
     holder: dict = {}
     evaluator = None
     if cfg.eval_episodes or cfg.final_episodes:
@@ -207,7 +211,7 @@ def _run_rl100(args, cfg, policy_path: str, policy) -> int:
         record_keys = set(env.task_spec.obs_shapes)
     finally:
         env.close()
-    ev_cfg = EvalConfig(task=cfg.task, seed_start=100_000, n_workers=cfg.eval_workers)
+    ev_cfg = EvalConfig(task=cfg.task, seed_start=cfg.eval_seed_start, n_workers=cfg.eval_workers)
     evaluator = (
         RolloutEvaluator(ev_cfg, progress=False) if (cfg.eval_episodes or cfg.final_episodes) else None
     )

@@ -43,9 +43,13 @@ class RefineConfig:
     max_minutes: float = 0.0  # stop after this much training wall time (0 = iterations only)
     lr: float = 1e-4  # actor learning rate (critics: x their critic_lr_scale)
     grad_clip: float = 1.0  # max global gradient norm
-    eval_every: int = 5  # held-out evaluation every N iterations (0 = only at the end)
-    eval_episodes: int = 50  # episodes of a periodic evaluation (seeds 100000..; the paper's 50)
-    final_episodes: int = 200  # episodes of the final evaluation (seeds 100000..100199)
+    eval_every: int = 5  # evaluation every N iterations, selecting checkpoints/best (0 = only at the end)
+    eval_episodes: int = 50  # episodes of a periodic evaluation (seeds eval_seed_start..)
+    final_episodes: int = 200  # episodes of the final evaluation (seeds eval_seed_start..)
+    # first seed of every evaluation: 100000 = the held-out seeds (the paper's 50 first). A run whose best
+    # checkpoint is then reported on held-out seeds selects on validation seeds instead (e.g. 90000: in the
+    # training range, never collected by the default offsets), so the selection does not bias the report
+    eval_seed_start: int = 100_000
     eval_workers: int = 2  # evaluation worker processes
     env_workers: int = 2  # rollout worker processes
     seed: int = 0  # rollout noise, minibatch order, critic init
@@ -69,7 +73,8 @@ class RefineConfig:
             raise ConfigError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.iterations < 1 and self.max_minutes <= 0:
             raise ConfigError(f"iterations must be >= 1 (or max_minutes > 0), got {self.iterations}")
-        for name in ("eval_episodes", "final_episodes", "eval_workers", "env_workers", "threads"):
+        counts = ("eval_episodes", "final_episodes", "eval_workers", "env_workers", "threads")
+        for name in (*counts, "eval_seed_start"):
             if getattr(self, name) < 0 or (name.endswith("workers") and getattr(self, name) < 1):
                 raise ConfigError(f"{name} must be >= {1 if name.endswith('workers') else 0}")
 
