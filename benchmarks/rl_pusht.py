@@ -184,7 +184,8 @@ def online(deadline: float, a, row: dict, out: Path) -> None:
         raise RuntimeError(rf.stderr[-3000:])
     row["rl_wall_s"] = round(time.time() - t1, 1)
     with open(run / "log.csv", newline="") as f:
-        train = [r for r in csv.DictReader(f) if r["kind"] == "train"]
+        log = list(csv.DictReader(f))
+    train = [r for r in log if r["kind"] == "train"]
     row["env_steps"] = int(float(train[-1]["env_steps"])) if train else 0
     row["updates"] = int(float(train[-1]["step"])) if train else 0
     row["curve"] = [
@@ -200,7 +201,7 @@ def online(deadline: float, a, row: dict, out: Path) -> None:
     if a.select_every:
         row["selection"] = {
             "seeds": f"90000.. ({a.select_episodes} per evaluation, every {a.select_every} rounds)",
-            "evals": [r for r in csv.DictReader(open(run / "log.csv", newline="")) if r["kind"] == "eval"],
+            "evals": [r for r in log if r["kind"] == "eval"],
         }
     row["after"] = evaluate(deadline, row["after_policy"], out / "after", a.episodes, task=a.task)
 
@@ -238,13 +239,15 @@ def main() -> int:
         ap.error("--policy, --data and --out are required (unless --annotate)")
     if (a.algo == "world4rl") != bool(a.world_model):
         ap.error("--world-model goes with --algo world4rl (and world4rl needs one)")
+    if a.task != "pusht" and a.algo in ("rl100", "world4rl"):
+        ap.error(f"--task {a.task}: only dsrl / dppo rows here (rl100 and world4rl are PushT's)")
+    if a.select_every and a.algo == "rl100":
+        ap.error("--select-every is for dsrl / dppo / world4rl (rl100's gate does its own selection)")
     out = Path(a.out)
     out.mkdir(parents=True)
     t0 = time.time()
     deadline = t0 + 60 * a.minutes
     algo = {"rl100": "rl100 (offline iterations only)"}.get(a.algo, a.algo)
-    if a.task != "pusht" and a.algo in ("rl100", "world4rl"):
-        ap.error(f"--task {a.task}: only dsrl / dppo rows here (rl100 and world4rl are PushT's)")
     row: dict = {"algo": algo, "task": a.task, "policy": a.policy, "policy_note": a.note}
     row.update({"data": a.data, "overrides": a.overrides, "seeds": SEEDS, "complete": False})
     try:

@@ -29,7 +29,8 @@ from vlaflow.sim.harness import WORKER_THREAD_ENV, _environ, _short_tb
 # task -> what its per-step reward is (RL needs a reward and a success signal from the task itself)
 REWARD_TASKS: dict[str, str] = {
     "pusht": "clip(coverage / 0.95, 0, 1) per step; success: coverage > 0.95",
-    "pick_place": "1 at the step the cube rests released inside the tray (success: it ends the episode)",
+    "pick_place": "1 at the step the cube rests released inside the tray, which ends the episode (a success "
+    "read from contacts and velocities, not from the stored state)",
 }
 
 
@@ -37,19 +38,20 @@ def stored_step_rewards(task: str, episode: dict[str, np.ndarray]) -> np.ndarray
     """(T,) the reward the sim gave each step of a stored episode (demonstrations record none), from its
     states: PushT's step t is scored on the state after its action (row t + 1; the last row repeats)."""
     check_reward_task(task)
-    if task != "pusht":
+    # (torch-free module: the rollout workers import it; the reward module imports torch)
+    from vlaflow.world_models.reward import TASK_REWARDS
+
+    if task not in TASK_REWARDS:
         raise VlaflowError(
-            f"{task}'s reward is not a function of the stored state (its success reads contacts and "
-            "velocities); store the reward per step (the 'reward' key) to use its episodes offline"
+            f"no reward from stored states is defined for {task!r} (defined for: {', '.join(TASK_REWARDS)}); "
+            f"its reward: {REWARD_TASKS[task]}. Store the reward per step (the 'reward' key) to use its "
+            "episodes offline"
         )
     if "obs.state" not in episode:
         raise VlaflowError(
             f"{task} rewards of stored steps need 'obs.state'; the episode has {sorted(episode)}"
         )
-    # (torch-free module: the rollout workers import it; the reward module imports torch)
-    from vlaflow.world_models.reward import pusht_reward
-
-    r, _ = pusht_reward(episode["obs.state"])
+    r, _ = TASK_REWARDS[task](episode["obs.state"])
     return np.concatenate([r[1:], r[-1:]]).astype(np.float32)
 
 
