@@ -217,6 +217,22 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="--task wm:...: an imagined state beyond the training data's range by this fraction of it ends "
         "the episode as invalid (default 0.1)",
     )
+    parser.add_argument(
+        "--record",
+        default=None,
+        metavar="STORE",
+        help="append every evaluated episode to this episode store as it ends (observations, executed "
+        "actions, success; source policy:eval:<policy>): data for filtered imitation, DAgger or RL-100's "
+        "merge. A new store unless --record-append",
+    )
+    parser.add_argument(
+        "--record-only-success", action="store_true", help="--record: keep the successful episodes only"
+    )
+    parser.add_argument(
+        "--record-append",
+        action="store_true",
+        help="--record: append to an existing store of the same schema (e.g. a copy of the demonstrations)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -231,6 +247,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise VlaflowError(f"{args.task} is a task set: give --episodes-per-task N (episodes for each task)")
     videos = args.videos if args.videos is not None else (1 if multi else 2)
     check_policy_arg(args.policy, args.device)
+    _check_record_args(args)
     with fresh_directory(args.out, overwrite=args.overwrite, sources=_policy_sources(args.policy)) as out:
         report = _evaluate(args, out, n_episodes, videos)
     if multi:
@@ -238,6 +255,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if report.get("unseen_tasks"):
         print(f"note: evaluated on tasks the policy was not trained on: {', '.join(report['unseen_tasks'])}")
     print(f"{format_summary(report)} -> {Path(args.out) / 'report.json'}")
+    if report.get("recorded"):
+        r = report["recorded"]
+        left = f" ({r['left_out']} unsuccessful left out)" if r["only_success"] else ""
+        print(f"recorded {len(r['seeds'])} episode(s) to {r['store']}{left}")
     if report["errors"]:
         for e in report["errors"]:
             first = e["error"].strip().splitlines()[0]
@@ -293,6 +314,28 @@ def check_policy_arg(policy: str, device: str) -> None:
             raise VlaflowError(f"--device {device!r} but CUDA is not available here; use --device cpu")
 
 
+def _check_record_args(args: argparse.Namespace) -> None:
+    """--record's store: not inside --out (an --overwrite would remove it), not the policy's own files, and
+    only an existing one with --record-append -- all before any env or worker starts."""
+    if args.record is None:
+        if args.record_only_success or args.record_append:
+            raise VlaflowError("--record-only-success / --record-append need --record STORE")
+        return
+    rec, out = Path(args.record).resolve(), Path(args.out).resolve()
+    if rec == out or out in rec.parents or rec in out.parents:
+        raise VlaflowError(f"--record {args.record} must lie outside --out {args.out} (and not contain it)")
+    for label, src in _policy_sources(args.policy).items():
+        s = Path(src).resolve()
+        if rec == s or s in rec.parents:
+            raise VlaflowError(f"--record {args.record} must not be inside {label}")
+    if rec.exists() and not args.record_append:
+        raise VlaflowError(
+            f"--record {args.record} exists; pass --record-append to add episodes to it, or another path"
+        )
+    if args.record_append and rec.exists() and not (rec / "meta" / "episode_ends").exists():
+        raise VlaflowError(f"--record-append: {args.record} is not an episode store")
+
+
 def _policy_sources(policy: str) -> dict[str, str]:
     """What --out must not be, contain or lie inside: the policy's own files (checkpoint, export, store)."""
     for prefix in ("replay:", "onnx:"):
@@ -325,4 +368,7 @@ def _evaluate(args: argparse.Namespace, out: Path, n_episodes: int | None, video
         instruction=args.instruction,
         allow_unseen_tasks=args.allow_unseen_tasks,
         env_kwargs=_imagined_kwargs(args) or None,
+        record=args.record,
+        record_only_success=args.record_only_success,
+        record_append=args.record_append,
     )

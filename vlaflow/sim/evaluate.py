@@ -23,6 +23,7 @@ Meta-World seeds from 100000 on (the default) draw held-out goal/object position
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -159,6 +160,9 @@ def evaluate(
     start_method: str = "spawn",
     instruction: str | None = None,
     allow_unseen_tasks: bool = False,
+    record: str | os.PathLike | None = None,
+    record_only_success: bool = False,
+    record_append: bool = False,
 ) -> dict:
     """Evaluate ``policy`` on ``task`` by rollouts; returns the report (also written to out_dir/report.json).
 
@@ -176,6 +180,14 @@ def evaluate(
     ``instruction`` replaces every task's instruction for a language-conditioned policy (tell it another
     task in the same scene). A policy trained on some instructions is refused on tasks none of whose
     instructions it saw, unless ``allow_unseen_tasks`` (then the report lists them as ``unseen_tasks``).
+
+    ``record``: an episode store that every finished episode is appended to as it ends (each observation
+    key of the task spec, the executed action, the instruction, ``source = "policy:eval:<policy>"`` and
+    the episode's success), for filtered imitation, DAgger-style data or RL-100's merge of policy data into
+    the demonstrations. A new store unless ``record_append`` (then an existing one of the same schema, e.g.
+    a copy of the demonstrations, is appended to); ``record_only_success`` keeps successful episodes only.
+    A kill keeps every episode appended before it; the store's ``eval_record`` attribute lists each
+    recording's policy, seeds (in store order) and the number of episodes left out.
 
     ``executor``: "sync" (infer, execute chunk[0:Ta], replan) or "realtime" (the deploy executor core on the
     sim clock with simulated latency; its settings are ``realtime``, a
@@ -245,6 +257,10 @@ def evaluate(
         multitask.refuse_unseen(name, trained, unseen, tasks)
 
     replay = isinstance(policy_obj, ReplayPolicy)
+    if record is not None and replay:
+        raise ConfigError("a replay is not recorded: its episodes are already in the store it replays")
+    if (record_only_success or record_append) and record is None:
+        raise ConfigError("record_only_success / record_append need a store to record to (record=...)")
     task_spec = specs[tasks[0]]
     limit = max_steps or task_spec.max_steps
     if replay:
@@ -280,12 +296,21 @@ def evaluate(
         realtime=realtime,
         video_dir=str(out / "videos") if out is not None and videos else None,
         instruction=instruction,
+        record=record is not None,
     )
     # Reuse the already-built policy when running in-process; workers rebuild from the spec.
     local = policy_obj if (in_memory or workers == 0) else None
-    episodes, errors = run_jobs(
-        setup, jobs, workers, policy=local, progress=progress, start_method=start_method
-    )
+    rec = _recording(record, specs, mode, name, record_only_success, record_append) if record else None
+    with rec or contextlib.nullcontext() as log:
+        episodes, errors = run_jobs(
+            setup,
+            jobs,
+            workers,
+            policy=local,
+            progress=progress,
+            start_method=start_method,
+            on_episode=log["on_episode"] if log else None,
+        )
 
     spec = policy_obj.config
     report = {
@@ -326,8 +351,51 @@ def evaluate(
         report["per_task"] = multitask.per_task_report(tasks, episodes, errors, specs)
         report["aggregate"] = multitask.average(report["per_task"], episodes, time.perf_counter() - t0)
     report["aggregate"]["n_errors"] = len(errors)
+    if log:
+        report["recorded"] = {k: v for k, v in log.items() if k != "on_episode"}  # (_recording's summary)
     if out is not None:
         if multi:
             (out / "summary.md").write_text(f"# {task} | {name}\n\n{multitask.format_table(report)}\n")
         _write_json_atomic(out / "report.json", report)
     return report
+
+
+@contextlib.contextmanager
+def _recording(path, specs: dict, obs_mode: str, policy_name: str, only_success: bool, append: bool):
+    """The store ``evaluate(record=...)`` appends finished episodes to; yields a log whose ``on_episode``
+    is the harness callback (the store's schema is the first task's, checked against an appended store)."""
+    from vlaflow.sim.collect import open_destination, store_keys, task_attrs
+    from vlaflow.sim.harness import TRACE_KEY
+
+    spec = next(iter(specs.values()))
+    keys = store_keys(spec)
+    for t, sp in specs.items():
+        if store_keys(sp) != keys:
+            raise ConfigError(f"record: task {t} records another schema than {spec.name}: one store each")
+    source = f"policy:eval:{policy_name}"
+    log = {"store": str(path), "policy": policy_name, "only_success": only_success}
+    log.update(seeds=[], left_out=0)
+    attrs = {"env": task_attrs(spec, obs_mode)}
+
+    def summary() -> dict:
+        return {k: v for k, v in log.items() if k != "on_episode"}
+
+    with open_destination(str(path), keys, spec.fps, attrs, overwrite=False, resume=append) as store:
+        earlier = list(store.attrs.get("eval_record") or [])
+
+        def on_episode(job, result: dict) -> None:
+            trace = result.pop(TRACE_KEY, None)
+            if trace is None:
+                return
+            if only_success and not result["success"]:
+                log["left_out"] += 1
+                return
+            text = result.get("instruction") or specs.get(job.task or spec.name, spec).instruction
+            store.append_episode(trace, task=text, source=source, success=bool(result["success"]))
+            log["seeds"].append(int(job.seed))
+
+        log["on_episode"] = on_episode
+        try:
+            yield log
+        finally:
+            store.root.attrs.update({"eval_record": [*earlier, summary()]})

@@ -97,6 +97,12 @@ class EvalSetup:
     stop_on_success: bool = True  # end an episode at the task's termination (replays always run to the end)
     realtime: SimRealtimeConfig | None = None  # the "realtime" executor's settings (None = defaults)
     instruction: str | None = None  # instruction override for every episode (None: each task's own)
+    # keep each episode's steps (every observation key of the task spec, the executed action) in its
+    # result under TRACE_KEY, for an episode store (``vlaflow eval --record``); replays are never recorded
+    record: bool = False
+
+
+TRACE_KEY = "trace"  # result entry of a recorded episode: store key -> (T, *shape), popped before the report
 
 
 def _video_path(setup: EvalSetup, job: EpisodeJob) -> Path:
@@ -139,11 +145,15 @@ def run_episode(env, policy, job: EpisodeJob, setup: EvalSetup) -> dict:
     drift_fn = getattr(env, "replay_drift", None) if recorded is not None else None
     rewards: list[float] = []
     success, max_drift = False, 0.0
+    trace = _Trace(env) if setup.record and recorded is None else None
     try:
         if writer is not None:
             _write_frame(writer, env)
         for t in range(max_steps):
-            obs, reward, terminated, truncated, info = env.step(executor.act(obs, t))
+            action = executor.act(obs, t)
+            if trace is not None:
+                trace.add(obs, action)
+            obs, reward, terminated, truncated, info = env.step(action)
             rewards.append(float(reward))
             success = success or bool(info.get("success", False))
             if drift_fn is not None and t + 1 < max_steps:
@@ -181,7 +191,33 @@ def run_episode(env, policy, job: EpisodeJob, setup: EvalSetup) -> dict:
         path = writer.close()
         if path is not None:
             result["video"] = str(path.relative_to(Path(setup.video_dir).parent))
+    if trace is not None:
+        result[TRACE_KEY] = trace.arrays()
     return result
+
+
+class _Trace:
+    """One episode's steps as an episode store holds them: the observation the policy saw at step t (every
+    key of the task spec's ``obs_shapes``, in its dtype) and the action executed there, clipped to the
+    task's action bounds as the env applies it (``obs[t] -> action[t]``, like ``vlaflow collect``)."""
+
+    def __init__(self, env):
+        spec = env.task_spec
+        self.shapes, self.dtypes = dict(spec.obs_shapes), dict(spec.obs_dtypes)
+        self.low = np.asarray(spec.action_low, np.float32)
+        self.high = np.asarray(spec.action_high, np.float32)
+        self.steps: dict[str, list[np.ndarray]] = {k: [] for k in (*self.shapes, "action")}
+
+    def add(self, obs: dict, action) -> None:
+        missing = [k for k in self.shapes if k not in obs]
+        if missing:
+            raise VlaflowError(f"recording: the env's observation lacks {missing} of its own task spec")
+        for k in self.shapes:
+            self.steps[k].append(np.asarray(obs[k], self.dtypes[k]))
+        self.steps["action"].append(np.clip(np.asarray(action, np.float32), self.low, self.high))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.stack(v) for k, v in self.steps.items() if v}
 
 
 def _write_frame(writer, env) -> None:
@@ -333,8 +369,12 @@ def run_jobs(
     policy=None,
     progress: bool = True,
     start_method: str = "spawn",
+    on_episode: Callable[[EpisodeJob, dict], None] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Run ``jobs``; returns (episode results, errors), both in job order.
+
+    ``on_episode(job, result)`` is called in this process as each episode finishes, in completion order
+    (``evaluate`` writes recorded episodes there, so a kill keeps every finished one).
 
     ``workers == 0`` or an in-memory ``policy`` runs in this process. Otherwise ``workers`` spawned processes
     build their own env and policy from ``setup``; an exception in an episode, or a worker dying mid-episode,
@@ -347,6 +387,8 @@ def run_jobs(
     bar = tqdm(total=len(jobs), desc=f"eval {setup.task}", unit="ep", disable=not progress, leave=False)
 
     def record(job: EpisodeJob, kind: str, payload: dict) -> None:
+        if kind == "ok" and on_episode is not None:
+            on_episode(job, payload)
         (results if kind == "ok" else errors)[job.index] = payload
         bar.update(1)
         done = list(results.values())
