@@ -154,7 +154,7 @@ def test_the_gate_rejects_a_corrupted_policy_and_accepts_the_unchanged_one_over_
     cfg = apply_overrides(RefineConfig(algo="rl100"), tiny_args(**over))
     run = RL100Run(
         cfg, str(trained), str(demo), tmp_path / "run", venv=None,
-        reward_fn=lambda ep: stored_step_rewards("pusht", ep), record_keys={"obs.state"},
+        reward_fn=lambda ep, ok: stored_step_rewards("pusht", ep, ok), record_keys={"obs.state"},
     )  # fmt: skip
     run._critic(0)
     bad = scramble_(load_checkpoint(trained))  # shuffled entries plus noise of the weights' own scale

@@ -56,12 +56,29 @@ def test_pick_place_pays_one_at_the_success_that_ends_its_episode_and_nothing_be
         assert venv.env_steps == 1 + 4
 
 
-def test_stored_pick_place_rewards_are_refused_naming_why():
+def test_stored_pick_place_rewards_follow_the_success_flag_and_rl100_copies_them(tmp_path):
+    from vlaflow.data.store import EpisodeStore, KeySpec
     from vlaflow.errors import VlaflowError
     from vlaflow.sim.rollout import stored_step_rewards
+    from vlaflow.train.rl100 import REWARD_KEY, copy_store
 
-    with pytest.raises(VlaflowError, match="contacts and velocities.*'reward' key"):
-        stored_step_rewards("pick_place", {"obs.state": np.zeros((5, 21), np.float32)})
+    ep = {"obs.state": np.zeros((5, 21), np.float32), "action": np.zeros((5, 4), np.float32)}
+    assert stored_step_rewards("pick_place", ep, True).tolist() == [0, 0, 0, 0, 1]
+    assert stored_step_rewards("pick_place", ep, False).tolist() == [0] * 5
+    with pytest.raises(VlaflowError, match="success is unknown.*eval --record"):
+        stored_step_rewards("pick_place", ep, None)
+    # RL-100's copy of a store: each episode's reward from its own flag (a failure pays nothing)
+    keys = {"obs.state": KeySpec("float32", (21,)), "action": KeySpec("float32", (4,))}
+    src = EpisodeStore.create(tmp_path / "src.zarr", keys=keys, fps=10)
+    for n, ok in ((3, True), (4, False), (2, True)):
+        src.append_episode({k: np.zeros((n, *s.shape), np.float32) for k, s in keys.items()}, success=ok)
+    src.close()
+    copy_store(tmp_path / "src.zarr", tmp_path / "copy.zarr", set(keys), lambda e, ok: stored_step_rewards(
+        "pick_place", e, ok))  # fmt: skip
+    out = EpisodeStore.open(tmp_path / "copy.zarr")
+    got = [out.get_episode(i, [REWARD_KEY])[REWARD_KEY].ravel().tolist() for i in range(3)]
+    out.close()
+    assert got == [[0, 0, 1], [0, 0, 0, 0], [0, 1]]
 
 
 def test_refine_dsrl_on_pick_place_writes_a_steered_policy_evaluated_on_the_chosen_seeds(tmp_path):

@@ -229,12 +229,12 @@ def test_rl100_gate_with_the_world_model_rejects_a_corrupted_policy_and_ties_a_p
     cfg = apply_overrides(RefineConfig(algo="rl100", world_model=str(demo_wm)), tiny_args(**over))
     with pytest.raises(ConfigError, match="needs the world model's gate model"):
         RL100Run(
-            cfg, str(trained), str(demo), tmp_path / "x", venv=None, reward_fn=lambda ep: None,
+            cfg, str(trained), str(demo), tmp_path / "x", venv=None, reward_fn=lambda ep, ok: None,
             record_keys={"obs.state"},
         )  # fmt: skip
     run = RL100Run(
         cfg, str(trained), str(demo), tmp_path / "run", venv=None,
-        reward_fn=lambda ep: stored_step_rewards("pusht", ep), record_keys={"obs.state"},
+        reward_fn=lambda ep, ok: stored_step_rewards("pusht", ep, ok), record_keys={"obs.state"},
         gate_dynamics=world_model_gate(str(demo_wm), task="pusht", n_samples=3, seed=cfg.seed),
     )  # fmt: skip
     run._critic(0)

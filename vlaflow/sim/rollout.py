@@ -34,10 +34,32 @@ REWARD_TASKS: dict[str, str] = {
 }
 
 
-def stored_step_rewards(task: str, episode: dict[str, np.ndarray]) -> np.ndarray:
-    """(T,) the reward the sim gave each step of a stored episode (demonstrations record none), from its
-    states: PushT's step t is scored on the state after its action (row t + 1; the last row repeats)."""
+# tasks whose only reward is 1 at the step the task succeeds, which ends the episode: a stored episode's
+# rewards follow from its success flag, when every stored episode ends at that step (vlaflow collect,
+# eval --record and the RL rollouts all stop there)
+SUCCESS_ENDS_EPISODE = ("pick_place",)
+
+
+def stored_step_rewards(task: str, episode: dict[str, np.ndarray], success: bool | None = None) -> np.ndarray:
+    """(T,) the reward the sim gave each step of a stored episode (demonstrations record none).
+
+    From its states where the task's reward is a function of the state (PushT: step t is scored on the
+    state after its action, row t + 1; the last row repeats). For a task whose reward is 1 at the success
+    that ends the episode (:data:`SUCCESS_ENDS_EPISODE`), from the episode's ``success`` flag: 1 at its last
+    step if it succeeded, else 0 everywhere; an unknown flag is refused."""
     check_reward_task(task)
+    if task in SUCCESS_ENDS_EPISODE:
+        n = next((len(v) for v in episode.values()), 0)
+        if success is None or n == 0:
+            raise VlaflowError(
+                f"{task} rewards of a stored episode come from its success flag ({REWARD_TASKS[task]}); "
+                + ("the episode has no steps" if n == 0 else "this episode's success is unknown")
+                + ". Store the reward per step (the 'reward' key) or record episodes that say whether they "
+                "succeeded (vlaflow collect, vlaflow eval --record)"
+            )
+        r = np.zeros(n, np.float32)
+        r[-1] = float(bool(success))
+        return r
     # (torch-free module: the rollout workers import it; the reward module imports torch)
     from vlaflow.world_models.reward import TASK_REWARDS
 

@@ -138,9 +138,12 @@ def rl100_config_from_dict(d: dict) -> RL100Config:
 
 
 # ----------------------------------------------------------------------------------------- the data
-def copy_store(src: str | Path, dest: Path, keep: set[str], reward_fn: Callable[[dict], np.ndarray]) -> dict:
+def copy_store(
+    src: str | Path, dest: Path, keep: set[str], reward_fn: Callable[[dict, bool | None], np.ndarray]
+) -> dict:
     """The run's own copy of ``src``: its keys in ``keep`` (what the sim can record) plus ``reward`` per
-    step (``reward_fn(episode)`` where the source has none); episodes' task/source/success kept.
+    step (``reward_fn(episode, its success flag)`` where the source has none); episodes' task/source/success
+    kept.
     Returns {"episodes", "dropped_keys"}. ``src`` is only read."""
     store = EpisodeStore.open(src)
     try:
@@ -151,9 +154,9 @@ def copy_store(src: str | Path, dest: Path, keep: set[str], reward_fn: Callable[
         with atomic_store(dest, specs, store.fps or 10.0, attrs={"rl100_copy_of": str(src)}) as out:
             for i in range(store.n_episodes):
                 ep = store.get_episode(i, list(keys) + ([REWARD_KEY] if REWARD_KEY in store.keys else []))
-                if REWARD_KEY not in ep:
-                    ep[REWARD_KEY] = np.asarray(reward_fn(ep), np.float32).reshape(-1, 1)
                 m = store.episode_meta(i)
+                if REWARD_KEY not in ep:
+                    ep[REWARD_KEY] = np.asarray(reward_fn(ep, m["success"]), np.float32).reshape(-1, 1)
                 out.append_episode(ep, task=m["task"], source=m["source"], success=m["success"])
         return {"episodes": store.n_episodes, "dropped_keys": sorted(set(store.keys) - set(specs))}
     finally:
@@ -263,7 +266,7 @@ class RL100Run:
         out: str | Path,
         *,
         venv,
-        reward_fn: Callable[[dict], np.ndarray],
+        reward_fn: Callable[[dict, bool | None], np.ndarray],
         record_keys: set[str],
         evaluate: Evaluate | None = None,
         online: Callable[[str, Path, bool], dict] | None = None,
