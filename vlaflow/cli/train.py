@@ -309,7 +309,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- demo
 DEMO_TASK = "pick_place"
-DEMO_PRESET = "pick_place_lowdim_diffusion"
+DEMO_PRESET = "pick_place_lowdim_flow"
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -323,7 +323,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Collect scripted-expert demos, train a low-dim diffusion policy in the time left, evaluate, report."""
+    """Collect scripted-expert demos, train DEMO_PRESET (low-dim flow) in the time left, evaluate, report."""
     t0 = time.perf_counter()
     out = Path(args.out)
     if args.minutes < 3:
