@@ -301,7 +301,7 @@ def evaluate(
     # Reuse the already-built policy when running in-process; workers rebuild from the spec.
     local = policy_obj if (in_memory or workers == 0) else None
     rec = _recording(record, specs, mode, name, record_only_success, record_append) if record else None
-    with rec or contextlib.nullcontext() as log:
+    with rec or contextlib.nullcontext() as recorder:
         episodes, errors = run_jobs(
             setup,
             jobs,
@@ -309,7 +309,7 @@ def evaluate(
             policy=local,
             progress=progress,
             start_method=start_method,
-            on_episode=log["on_episode"] if log else None,
+            on_episode=recorder.on_episode if recorder else None,
         )
 
     spec = policy_obj.config
@@ -351,8 +351,8 @@ def evaluate(
         report["per_task"] = multitask.per_task_report(tasks, episodes, errors, specs)
         report["aggregate"] = multitask.average(report["per_task"], episodes, time.perf_counter() - t0)
     report["aggregate"]["n_errors"] = len(errors)
-    if log:
-        report["recorded"] = {k: v for k, v in log.items() if k != "on_episode"}  # (_recording's summary)
+    if recorder:
+        report["recorded"] = recorder.log
     if out is not None:
         if multi:
             (out / "summary.md").write_text(f"# {task} | {name}\n\n{multitask.format_table(report)}\n")
@@ -360,42 +360,45 @@ def evaluate(
     return report
 
 
+class _Recorder:
+    """Appends recorded episodes (the harness's ``TRACE_KEY`` entry) to an open store as they finish."""
+
+    def __init__(self, store, path, specs: dict, policy_name: str, only_success: bool):
+        self.store, self.specs, self.spec = store, specs, next(iter(specs.values()))
+        self.source = f"policy:eval:{policy_name}"
+        self.log = {"store": str(path), "policy": policy_name, "only_success": only_success}
+        self.log.update(seeds=[], left_out=0)
+
+    def on_episode(self, job, result: dict) -> None:
+        from vlaflow.sim.harness import TRACE_KEY
+
+        trace = result.pop(TRACE_KEY, None)
+        if trace is None:
+            return
+        if self.log["only_success"] and not result["success"]:
+            self.log["left_out"] += 1
+            return
+        text = result.get("instruction") or self.specs.get(job.task or self.spec.name, self.spec).instruction
+        self.store.append_episode(trace, task=text, source=self.source, success=bool(result["success"]))
+        self.log["seeds"].append(int(job.seed))
+
+
 @contextlib.contextmanager
 def _recording(path, specs: dict, obs_mode: str, policy_name: str, only_success: bool, append: bool):
-    """The store ``evaluate(record=...)`` appends finished episodes to; yields a log whose ``on_episode``
-    is the harness callback (the store's schema is the first task's, checked against an appended store)."""
+    """The :class:`_Recorder` of ``evaluate(record=...)`` on its store (the first task's schema, checked
+    against an appended store); its log goes to the store's ``eval_record`` attribute at the end."""
     from vlaflow.sim.collect import open_destination, store_keys, task_attrs
-    from vlaflow.sim.harness import TRACE_KEY
 
     spec = next(iter(specs.values()))
     keys = store_keys(spec)
     for t, sp in specs.items():
         if store_keys(sp) != keys:
             raise ConfigError(f"record: task {t} records another schema than {spec.name}: one store each")
-    source = f"policy:eval:{policy_name}"
-    log = {"store": str(path), "policy": policy_name, "only_success": only_success}
-    log.update(seeds=[], left_out=0)
     attrs = {"env": task_attrs(spec, obs_mode)}
-
-    def summary() -> dict:
-        return {k: v for k, v in log.items() if k != "on_episode"}
-
     with open_destination(str(path), keys, spec.fps, attrs, overwrite=False, resume=append) as store:
         earlier = list(store.attrs.get("eval_record") or [])
-
-        def on_episode(job, result: dict) -> None:
-            trace = result.pop(TRACE_KEY, None)
-            if trace is None:
-                return
-            if only_success and not result["success"]:
-                log["left_out"] += 1
-                return
-            text = result.get("instruction") or specs.get(job.task or spec.name, spec).instruction
-            store.append_episode(trace, task=text, source=source, success=bool(result["success"]))
-            log["seeds"].append(int(job.seed))
-
-        log["on_episode"] = on_episode
+        rec = _Recorder(store, path, specs, policy_name, only_success)
         try:
-            yield log
+            yield rec
         finally:
-            store.root.attrs.update({"eval_record": [*earlier, summary()]})
+            store.root.attrs.update({"eval_record": [*earlier, rec.log]})
